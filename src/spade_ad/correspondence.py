@@ -14,7 +14,6 @@ Two implementations of the same function, ``mean distance to the kappa nearest g
 
 from __future__ import annotations
 
-
 import torch
 
 DEFAULT_TILE_BYTES = 8 << 20  # one query x gallery tile of fp32 squared distances

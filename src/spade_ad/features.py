@@ -16,7 +16,7 @@ def resize_batch(images: Sequence[np.ndarray], size: int, device: torch.device) 
     """HxWx3 uint8 arrays of any sizes -> (B,3,size,size) float tensor in [0,255] (antialiased bilinear)."""
     out = []
     for img in images:
-        t = torch.from_numpy(np.ascontiguousarray(img)).to(device).permute(2, 0, 1)[None].float()
+        t = torch.from_numpy(np.require(img, np.uint8, ['C', 'W'])).to(device).permute(2, 0, 1)[None].float()
         if t.shape[-2:] != (size, size):
             t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         out.append(t)

@@ -103,6 +103,12 @@ def load_mask(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndar
     return mask
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     """Write via ``write(tmp_path)`` to a temporary file beside ``path``, then rename over it."""
     path = Path(path)
@@ -111,6 +117,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

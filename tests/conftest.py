@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+
+REPO = Path(__file__).resolve().parents[1]
+BOTTLE = REPO.parent / "shared" / "datasets" / "mvtec_ad" / "bottle"
+
+
+@pytest.fixture(scope="session")
+def bottle() -> Path:
+    if not BOTTLE.is_dir():
+        pytest.fail(f"real data missing: {BOTTLE} (the MVTec AD bottle category must sit in ../shared)")
+    return BOTTLE
+
+
+@pytest.fixture(scope="session")
+def small_train(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A few small synthetic good images on disk (fast model tests)."""
+    from spade_ad.synthetic import make_dataset
+
+    root = tmp_path_factory.mktemp("synth")
+    return make_dataset(root, n_train=8, n_test_good=2, n_test_defect=4, size=96, seed=1)
+
+
+def rng_images(n: int, size: int = 64, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]

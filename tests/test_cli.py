@@ -1,0 +1,148 @@
+"""The command line: outputs of fit / predict, and one clear line per bad input with a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from spade_ad import cli
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    old = sys.argv
+    sys.argv = ["spade-ad", *argv]
+    cli._state["debug"] = False
+    try:
+        with pytest.raises(SystemExit) as exc:
+            cli.main()
+    finally:
+        sys.argv = old
+    out, err = capsys.readouterr()
+    return int(exc.value.code or 0), out, err
+
+
+@pytest.fixture(scope="module")
+def model_dir(small_train: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("cli") / "model"
+    from spade_ad import Spade
+
+    Spade(k=3, k_image=2, image_size=64, calibration_images=3).fit(small_train / "train" / "good").save(d)
+    return d
+
+
+def test_fit_writes_a_model(small_train: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(["fit", str(small_train / "train" / "good"), "--out", str(tmp_path / "m"), "--k", "3",
+                        "--image-size", "64", "--calibration-images", "2"], capsys)
+    assert code == 0, err
+    assert {p.name for p in (tmp_path / "m").iterdir()} == {"model.json", "bank.safetensors", "index.safetensors"}
+    assert "fitted on 8 images" in " ".join(err.split())
+
+
+def test_predict_writes_outputs(model_dir: Path, small_train: Path, tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    one = small_train / "test" / "good" / "000.png"
+    code, _, err = run(["predict", str(model_dir), str(small_train / "test" / "scratch"), str(one),
+                        "--out", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+    rows = [json.loads(x) for x in (tmp_path / "o" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    for r in rows:
+        assert r["verdict"] in ("good", "defective") and len(r["neighbours"]) == 3
+        overlay = Image.open(tmp_path / "o" / r["overlay"])
+        src = Image.open(r["file"])
+        assert overlay.size == src.size
+        assert np.load(tmp_path / "o" / r["map"]).shape == (src.size[1], src.size[0])
+        assert Image.open(tmp_path / "o" / r["mask"]).size == src.size
+    assert rows[0]["overlay"] == "scratch_000_overlay.png"
+
+
+def test_predict_png16_raw_maps(model_dir: Path, small_train: Path, tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    one = small_train / "test" / "good" / "000.png"
+    code, _, err = run(["predict", str(model_dir), str(one), "--out", str(tmp_path / "o"), "--raw", "png16"], capsys)
+    assert code == 0, err
+    assert np.asarray(Image.open(tmp_path / "o" / "000_map.png")).dtype in (np.uint16, np.int32)
+
+
+def test_bad_inputs_give_one_line_and_keep_earlier_outputs(model_dir: Path, small_train: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "o"
+    good = small_train / "test" / "good" / "000.png"
+    code, _, _ = run(["predict", str(model_dir), str(good), "--out", str(out)], capsys)
+    assert code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not really a png")
+    code, _, err = run(["predict", str(model_dir), str(bad), "--out", str(out)], capsys)
+    assert code != 0
+    line = " ".join(err.split())
+    assert "broken.png: not an image file" in line and "Traceback" not in err
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert after == before  # nothing lost or half-written
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["fit", "{empty}", "--out", "{tmp}/m"], "no image files"),
+        (["fit", "{tmp}/missing", "--out", "{tmp}/m"], "folder does not exist"),
+        (["fit", "{train}", "--out", "{tmp}/m", "--backbone", "vgg"], "unknown backbone 'vgg'"),
+        (["fit", "{train}", "--out", "{tmp}/m", "--k", "0"], "k must be a positive integer"),
+        (["fit", "{train}", "--out", "{tmp}/m", "--device", "tpu"], "unknown device 'tpu'"),
+        (["fit", "{train}", "--out", "{tmp}/m", "--backbone", "wide_resnet50_2"], "--weights PATH"),
+        (["predict", "{tmp}/nomodel", "{train}", "--out", "{tmp}/o"], "model folder does not exist"),
+        (["predict", "{empty}", "{train}", "--out", "{tmp}/o"], "model.json: model file is missing"),
+        (["benchmark", "{empty}", "--out", "{tmp}/b"], "no MVTec-layout category"),
+        (["benchmark", "{root}", "--out", "{tmp}/b", "--protocol", "odd"], "unknown protocol 'odd'"),
+    ],
+)
+def test_errors(argv: list[str], message: str, small_train: Path, tmp_path: Path,
+                capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    subs = {"{empty}": str(tmp_path / "empty"), "{tmp}": str(tmp_path), "{train}": str(small_train / "train" / "good"),
+            "{root}": str(small_train)}
+    args = []
+    for a in argv:
+        for k, v in subs.items():
+            a = a.replace(k, v)
+        args.append(a)
+    code, _, err = run(args, capsys)
+    assert code != 0
+    assert message in " ".join(err.split()), err
+    assert "Traceback" not in err
+
+
+def test_unknown_option_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(["fit", "x", "--frobnicate"], capsys)
+    assert code == 2 and "frobnicate" in err
+
+
+def test_mask_of_wrong_size_in_benchmark(small_train: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    root = tmp_path / "cat"
+    shutil.copytree(small_train, root)
+    mask = root / "ground_truth" / "scratch" / "000_mask.png"
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(mask)
+    code, _, err = run(["benchmark", str(root), "--out", str(tmp_path / "b"), "--k", "2", "--image-size", "64",
+                        "--calibration-images", "0"], capsys)
+    assert code != 0
+    assert "000_mask.png: mask size 10x10 does not match its image (96x96)" in " ".join(err.split())
+
+
+def test_benchmark_writes_metrics(small_train: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(["benchmark", str(small_train), "--out", str(tmp_path / "b"), "--k", "3", "--image-size",
+                          "64", "--calibration-images", "0", "--protocol", "paper"], capsys)
+    assert code == 0, err
+    doc = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    row = doc["categories"][small_train.name]
+    assert set(row) >= {"image_auroc", "pixel_auroc", "aupro", "n_train", "n_test", "fit_seconds",
+                        "predict_seconds_per_image"}
+    assert row["n_train"] == 8 and row["n_test"] == 6 and 0 <= row["aupro"] <= 1
+    assert doc["settings"]["protocol"] == "paper" and "mean" in doc
+    assert "image AUROC" in out
