@@ -64,9 +64,7 @@ def test_masks_nonempty_with_plausible_area(default_set: Path) -> None:
 
 def test_defects_visible_in_written_images(default_set: Path) -> None:
     """Inside the mask the defect image departs from the typical good image far more than outside."""
-    goods = np.stack(
-        [_load(p).astype(np.float32) for p in sorted((default_set / "train/good").glob("*.png"))]
-    )
+    goods = np.stack([_load(p).astype(np.float32) for p in sorted((default_set / "train/good").glob("*.png"))])
     reference = np.median(goods, axis=0)
     for kind in DEFECT_KINDS:
         for path in sorted((default_set / "test" / kind).glob("*.png")):

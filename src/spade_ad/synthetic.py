@@ -165,7 +165,10 @@ def _upsampler(size: int, cell: int) -> F32:
 def _low_freq(rng: np.random.Generator, size: int, cell: int) -> F32:
     """Smooth noise with unit standard deviation and features about ``cell`` pixels large."""
     up = _upsampler(size, cell)
-    field = up @ rng.standard_normal((up.shape[1], up.shape[1]), dtype=np.float32) @ up.T
+    coarse = rng.standard_normal((up.shape[1], up.shape[1]), dtype=np.float32)
+    # Plain einsum (no ``optimize``) never calls BLAS: no thread pool to oversubscribe a busy
+    # CPU, and a fixed summation order, so the result is reproducible.
+    field = np.einsum("ik,lk->il", np.einsum("ij,jk->ik", up, coarse), up)
     return field / (float(field.std()) + 1e-6)
 
 
@@ -218,8 +221,9 @@ def render_good(rng: np.random.Generator, size: int) -> NDArray[np.uint8]:
     sy, sx = rng.uniform(-2.5, 2.5, size=2) * scale
     cos_a, sin_a = math.cos(angle), math.sin(angle)
     rot = np.array([[cos_a, -sin_a], [sin_a, cos_a]])
-    c = np.full(2, (size - 1) / 2.0)
-    offset = c - rot @ (c + np.array([sy, sx]))
+    c = (size - 1) / 2.0
+    py, px = c + sy, c + sx  # offset = c - rot @ (c + shift), written out
+    offset = np.array([c - (cos_a * py - sin_a * px), c - (sin_a * py + cos_a * px)])
     disc, ink, shade, shadow = _warp(_template(size), rot, offset)
 
     # Everything below is channel-first (3, S, S) float32, which keeps numpy's inner loops long.
@@ -333,9 +337,7 @@ def _blob(rng: np.random.Generator, img: F32) -> tuple[tuple[slice, slice], F32,
     dy, dx = yy - centre[0], xx - centre[1]
     d = np.hypot(dy, dx)
     theta = np.arctan2(dy, dx)
-    edge = radius * (
-        1.0 + (amps[:, None, None] * np.cos(ks[:, None, None] * theta + phases[:, None, None])).sum(0)
-    )
+    edge = radius * (1.0 + (amps[:, None, None] * np.cos(ks[:, None, None] * theta + phases[:, None, None])).sum(0))
     inside_dist = (edge - d).astype(np.float32)
     alpha = _cov(inside_dist)
 
