@@ -147,3 +147,25 @@ def test_grayscale_rgba_and_mixed_sizes_in_one_training_set() -> None:
     m = Spade(k=2, k_image=1, image_size=64, calibration_images=2).fit(imgs)
     res = m.predict(imgs)
     assert [x.shape for x in res.maps] == [(64, 64), (80, 50), (70, 70)]
+
+
+def test_correspondence_points_at_the_matching_place(tmp_path: Path) -> None:
+    """A test image that is a training image: each pixel matches itself (same image, same cell)."""
+    rng = np.random.default_rng(5)
+    imgs = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(4)]
+    m = Spade(k=4, k_image=1, image_size=64, calibration_images=0).fit(imgs)
+    res = m.predict([imgs[2]], keep_features=True)
+    for y, x in [(0, 0), (10, 37), (63, 63)]:
+        c = res.correspondence(0, y, x)
+        assert c.neighbour == 2 and c.level == 0 and c.distance < 0.05
+        y0, x0, y1, x1 = c.box_pixels(64, 64)
+        assert y0 <= y < y1 and x0 <= x < x1
+    assert m.explain(imgs[2], 10, 37) == res.correspondence(0, 10, 37)
+    assert m.thumbnail(2).shape == (128, 128, 3)
+    m.save(tmp_path / "m")
+    again = Spade.load(tmp_path / "m")
+    assert np.array_equal(again.thumbnail(3), m.thumbnail(3))
+    with pytest.raises(SpadeError, match="outside the image"):
+        res.correspondence(0, 64, 0)
+    with pytest.raises(SpadeError, match="keep_features"):
+        m.predict([imgs[0]]).correspondence(0, 1, 1)

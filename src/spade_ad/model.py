@@ -19,12 +19,13 @@ from .backbones import BACKBONES, FeatureExtractor, build_backbone
 from .bank import Bank, BankWriter, file_sha256
 from .correspondence import DEFAULT_TILE_BYTES, nn_distances
 from .errors import NotFittedError, SpadeError
-from .features import batches, extract, level_shapes
+from .features import batches, extract, level_shapes, resize_batch
 from .io import atomic_write, list_images, load_image, save_json, to_rgb_uint8
 from .knn import image_knn
 from .maps import combine_levels, to_original_size
 
 FORMAT_VERSION = 1
+THUMB = 128  # side of the training-image thumbnails kept in the model (for explanations)
 ImageInput = str | Path | np.ndarray
 Images = str | Path | Sequence[ImageInput]
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -61,6 +62,25 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+@dataclass(frozen=True)
+class Correspondence:
+    """Why a pixel got its score: the closest normal feature, in which training image and where."""
+
+    neighbour: int  # training image index
+    neighbour_name: str
+    level: int  # pyramid level used (0 = finest, stride 4)
+    distance: float  # feature distance at that level (the level map's value before upsampling/smoothing)
+    y_frac: float  # centre of the matched feature cell in the neighbour image, fraction of its height
+    x_frac: float  # ... and of its width
+    box_frac: tuple[float, float, float, float]  # (y0, x0, y1, x1) of the matched cell, fractions
+
+    def box_pixels(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """The matched cell as integer pixel bounds (y0, x0, y1, x1) in an image of the given size."""
+        y0, x0, y1, x1 = self.box_frac
+        return (int(y0 * height), int(x0 * width), max(int(y0 * height) + 1, round(y1 * height)),
+                max(int(x0 * width) + 1, round(x1 * width)))
+
+
 @dataclass
 class Prediction:
     """What ``Spade.predict`` returns for N images."""
@@ -73,6 +93,22 @@ class Prediction:
     image_threshold: float | None = None
     pixel_threshold: float | None = None
     train_names: list[str] = field(default_factory=list)
+    features: list[list[np.ndarray]] | None = None  # per image, per level (H*W, C); with keep_features
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) of each image
+    model: Spade | None = field(default=None, repr=False)
+
+    @property
+    def normalised_scores(self) -> np.ndarray | None:
+        """Image scores divided by the image threshold (1.0 = at the threshold)."""
+        if not self.image_threshold:
+            return None
+        return self.scores / self.image_threshold
+
+    def correspondence(self, i: int, y: int, x: int, level: int = 0) -> Correspondence:
+        """The normal feature that pixel (y, x) of image i was matched to (needs ``keep_features=True``)."""
+        if self.features is None or self.model is None:
+            raise SpadeError("correspondence needs predict(..., keep_features=True)")
+        return self.model._correspond(self.features[i][level], self.neighbours[i], self.sizes[i], y, x, level)
 
     @property
     def verdicts(self) -> np.ndarray | None:
@@ -176,17 +212,21 @@ class Spade:
         weakref.finalize(self, shutil.rmtree, workdir, True)
         writer = BankWriter(workdir / "bank.safetensors", len(items), shapes)
         globals_: list[torch.Tensor] = []
+        thumbs = np.empty((len(items), THUMB, THUMB, 3), np.uint8)
         try:
             for s, e in batches(len(items), self.batch_size):
                 arrays = [read_item(items[i], names[i]) for i in range(s, e)]
                 levels, gvec = extract(net, arrays, self.image_size, dev)
                 writer.write(s, [lv.cpu().numpy() for lv in levels])
+                small = resize_batch(arrays, THUMB, torch.device("cpu")).round().byte()
+                thumbs[s:e] = small.permute(0, 2, 3, 1).numpy()
                 globals_.append(gvec.cpu())
                 if progress:
                     progress("fit", e, len(items))
         finally:
             writer.close()
         self.global_ = torch.cat(globals_)
+        self.thumbs_ = thumbs
         self.level_shapes_ = shapes_hw
         self.train_names_ = names
         self.weights_id_ = net.weights_id
@@ -262,20 +302,30 @@ class Spade:
         images: Images,
         progress: Progress | None = None,
         pixel_threshold: float | None = None,
+        keep_features: bool = False,
     ) -> Prediction:
-        """Score ``images``: image scores, anomaly maps at each image's own size, masks, neighbours."""
+        """Score ``images``: image scores, anomaly maps at each image's own size, masks, neighbours.
+
+        ``keep_features`` keeps each image's feature pyramid so that ``result.correspondence(i, y, x)``
+        can explain any pixel.
+        """
         self._check_fitted()
         items, names = resolve_images(images)
         net = self._net()
         dev = pick_device(self.device)
         thr = self.pixel_threshold_ if pixel_threshold is None else pixel_threshold
         all_scores, all_maps, all_neigh = [], [], []
+        kept: list[list[np.ndarray]] = []
+        sizes: list[tuple[int, int]] = []
         for s, e in batches(len(items), self.batch_size):
             arrays = [read_item(items[i], names[i]) for i in range(s, e)]
             levels, gvec = extract(net, arrays, self.image_size, dev)
             scores, maps, neigh = self._score_from_features(levels, gvec)
             for b, arr in enumerate(arrays):
                 all_maps.append(to_original_size(maps[b], arr.shape[0], arr.shape[1]).cpu().numpy())
+                sizes.append((arr.shape[0], arr.shape[1]))
+                if keep_features:
+                    kept.append([lv[b].cpu().numpy() for lv in levels])
             all_scores.append(scores.cpu())
             all_neigh.append(neigh)
             if progress:
@@ -290,7 +340,51 @@ class Spade:
             image_threshold=self.image_threshold_,
             pixel_threshold=thr,
             train_names=self.train_names_,
+            features=kept if keep_features else None,
+            sizes=sizes,
+            model=self,
         )
+
+    def explain(self, image: ImageInput, y: int, x: int, level: int = 0) -> Correspondence:
+        """Which normal image, and where in it, pixel (y, x) of ``image`` was matched to."""
+        self._check_fitted()
+        res = self.predict([image], keep_features=True)
+        return res.correspondence(0, y, x, level)
+
+    def _correspond(
+        self, feats: np.ndarray, neigh: np.ndarray, size: tuple[int, int], y: int, x: int, level: int
+    ) -> Correspondence:
+        height, width = size
+        if not (0 <= y < height and 0 <= x < width):
+            raise SpadeError(f"pixel ({y}, {x}) is outside the image ({height}x{width})")
+        if not (0 <= level < len(self.level_shapes_)):
+            raise SpadeError(f"level must be in 0..{len(self.level_shapes_) - 1}, got {level}")
+        h, w = self.level_shapes_[level]
+        r = min(h - 1, int((y + 0.5) / height * h))
+        c = min(w - 1, int((x + 0.5) / width * w))
+        q = torch.from_numpy(np.asarray(feats[r * w + c], np.float64))
+        gal = torch.from_numpy(np.asarray(self.bank_.gather(level, neigh), np.float64)).reshape(-1, q.numel())
+        d = ((gal - q) ** 2).sum(1)
+        j = int(torch.argmin(d))
+        n_idx = int(neigh[j // (h * w)])
+        pos = j % (h * w)
+        rr, cc = divmod(pos, w)
+        return Correspondence(
+            neighbour=n_idx,
+            neighbour_name=self.train_names_[n_idx] if self.train_names_ else str(n_idx),
+            level=level,
+            distance=float(d[j].sqrt()),
+            y_frac=(rr + 0.5) / h,
+            x_frac=(cc + 0.5) / w,
+            box_frac=(rr / h, cc / w, (rr + 1) / h, (cc + 1) / w),
+        )
+
+    def thumbnail(self, index: int) -> np.ndarray:
+        """A small (THUMB x THUMB x 3 uint8) picture of training image ``index``, kept in the model."""
+        self._check_fitted()
+        if not (0 <= index < len(self.thumbs_)):
+            raise SpadeError(f"training image index {index} is out of range (0..{len(self.thumbs_) - 1})")
+        return np.asarray(self.thumbs_[index])
 
     def decision_function(self, images: Images) -> np.ndarray:
         """Image scores only."""
@@ -309,7 +403,9 @@ class Spade:
             atomic_write(out / "bank.safetensors", lambda tmp: shutil.copyfile(bank_src, tmp))
         atomic_write(
             out / "index.safetensors",
-            lambda tmp: save_file({"global": self.global_.float().contiguous()}, str(tmp)),
+            lambda tmp: save_file(
+                {"global": self.global_.float().contiguous(), "thumbnails": torch.from_numpy(self.thumbs_)}, str(tmp)
+            ),
         )
         header = {
             "format": "spade-ad",
@@ -317,6 +413,7 @@ class Spade:
             "package_version": __version__,
             "backbone": self.backbone,
             "weights": self.weights_id_,
+            "weights_src": None if self.weights in (None, "imagenet", "random") else str(self.weights),
             "settings": self.get_params(),
             "level_shapes": [list(s) for s in self.level_shapes_],
             "bank_dtype": "float16",
@@ -381,9 +478,10 @@ class Spade:
                 calibration_images=settings["calibration_images"],
                 false_alarm_rate=settings["false_alarm_rate"],
                 device=device,
-                weights=weights if weights is not None else _weights_arg(header["weights"]),
+                weights=weights if weights is not None else _weights_arg(header["weights"], header.get("weights_src")),
             )
             model.global_ = index["global"]
+            model.thumbs_ = index["thumbnails"].numpy()
             model.level_shapes_ = [tuple(s) for s in header["level_shapes"]]
             model.train_names_ = list(header["train_names"])
             model.weights_id_ = header["weights"]
@@ -404,5 +502,8 @@ class Spade:
         return model
 
 
-def _weights_arg(weights_id: str) -> str | None:
-    return "random" if weights_id.startswith("random") else None
+def _weights_arg(weights_id: str, source: str | None) -> str | None:
+    """How to rebuild the backbone the model was fitted with (its checksum is verified after)."""
+    if weights_id.startswith("random"):
+        return "random"
+    return source
