@@ -37,7 +37,11 @@ def test_lite0_pyramid_shapes() -> None:
 
 @pytest.mark.parametrize(
     ("name", "channels", "gdim"),
-    [("wide_resnet50_2", [256, 512, 1024], 2048), ("resnet18", [64, 128, 256], 512), ("resnet50", [256, 512, 1024], 2048)],
+    [
+        ("wide_resnet50_2", [256, 512, 1024], 2048),
+        ("resnet18", [64, 128, 256], 512),
+        ("resnet50", [256, 512, 1024], 2048),
+    ],
 )
 def test_resnet_code_paths_with_random_weights(name: str, channels: list[int], gdim: int) -> None:
     net = build_backbone(name, "random")

@@ -54,7 +54,7 @@ def test_predict_equals_brute_force_pipeline(fitted: Spade, small_train: Path) -
         assert list(res.neighbours[i]) == list(neigh)
         lmaps = []
         for li, (h, w) in enumerate(fitted.level_shapes_):
-            gal = torch.from_numpy(np.asarray(fitted.bank_.levels[li][neigh], np.float32)).reshape(-1, levels[li].shape[-1])
+            gal = torch.from_numpy(fitted.bank_.gather(li, neigh).astype(np.float32)).reshape(-1, levels[li].shape[-1])
             lmaps.append(nn_distances_reference(levels[li][0], gal, fitted.kappa).float().view(1, h, w))
         ref = to_original_size(combine_levels(lmaps, fitted.image_size, fitted.sigma)[0], *img.shape[:2]).numpy()
         rel = np.abs(res.maps[i] - ref) / np.abs(ref)

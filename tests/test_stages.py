@@ -64,10 +64,10 @@ def test_bank_streams_rows_and_is_valid_safetensors(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     shapes = [(12, 3), (4, 5)]
     full = [rng.normal(size=(7, p, c)).astype(np.float16) for p, c in shapes]
-    w = BankWriter(tmp_path / "bank.safetensors", 7, shapes)
+    w = BankWriter(tmp_path / "bank.safetensors", 7, {f"level{i}": (sh, "F16") for i, sh in enumerate(shapes)})
     for s in (4, 0):  # out of order, uneven batches (last partial batch)
         e = 7 if s == 4 else 4
-        w.write(s, [lv[s:e] for lv in full])
+        w.write(s, {f"level{i}": lv[s:e] for i, lv in enumerate(full)})
     w.close()
     loaded = load_file(str(tmp_path / "bank.safetensors"))
     for i, lv in enumerate(full):
@@ -78,8 +78,8 @@ def test_bank_streams_rows_and_is_valid_safetensors(tmp_path: Path) -> None:
 
 
 def test_truncated_bank_is_reported(tmp_path: Path) -> None:
-    w = BankWriter(tmp_path / "bank.safetensors", 3, [(10, 4)])
-    w.write(0, [np.zeros((3, 10, 4))])
+    w = BankWriter(tmp_path / "bank.safetensors", 3, {"level0": ((10, 4), "F16")})
+    w.write(0, {"level0": np.zeros((3, 10, 4))})
     w.close()
     data = (tmp_path / "bank.safetensors").read_bytes()
     (tmp_path / "bank.safetensors").write_bytes(data[:-10])

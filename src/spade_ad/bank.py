@@ -1,14 +1,16 @@
-"""The memory bank: per training image, its feature pyramid, streamed to disk during ``fit``.
+"""The memory bank: per training image, its feature pyramid (and a thumbnail), streamed to disk in ``fit``.
 
-The file is a valid safetensors file (fp16 tensors ``level0..levelL-1`` of shape (N, H*W, C)), written
-incrementally so that fitting never holds more than one batch of pyramids in memory, and read back
-through a read-only memory map so that ``predict`` touches only the retrieved neighbours.
+The file is a valid safetensors file (fp16 tensors ``level0..levelL-1`` of shape (N, H*W, C) and uint8
+``thumbnails`` (N, T, T, 3)), written incrementally so that fitting never holds more than one batch in
+memory, and read back row by row with positioned reads, so that ``predict`` reads only the retrieved
+neighbours and resident memory does not grow with the number of training images.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -16,54 +18,53 @@ import numpy as np
 
 from .errors import SpadeError
 
-_DTYPES = {"F16": np.float16, "F32": np.float32}
+_DTYPES = {"F16": np.float16, "F32": np.float32, "U8": np.uint8}
 
 
 class BankWriter:
     """Pre-sized safetensors file that rows (training images) are written into, in any order."""
 
-    def __init__(self, path: Path, n: int, shapes: list[tuple[int, int]], dtype: str = "F16") -> None:
+    def __init__(self, path: Path, n: int, tensors: dict[str, tuple[tuple[int, ...], str]]) -> None:
+        """``tensors``: name -> (per-row shape, safetensors dtype)."""
         self.path = Path(path)
         self.n = n
-        self.shapes = shapes
-        self.dtype = dtype
-        itemsize = np.dtype(_DTYPES[dtype]).itemsize
+        self.tensors = tensors
         header: dict[str, object] = {}
         offset = 0
-        self.row_bytes: list[int] = []
-        self.starts: list[int] = []
-        for i, (p, c) in enumerate(shapes):
-            size = n * p * c * itemsize
-            header[f"level{i}"] = {"dtype": dtype, "shape": [n, p, c], "data_offsets": [offset, offset + size]}
-            self.starts.append(offset)
-            self.row_bytes.append(p * c * itemsize)
-            offset += size
+        self.row_bytes: dict[str, int] = {}
+        self.starts: dict[str, int] = {}
+        for name, (shape, dtype) in tensors.items():
+            row = int(np.prod(shape)) * np.dtype(_DTYPES[dtype]).itemsize
+            header[name] = {"dtype": dtype, "shape": [n, *shape], "data_offsets": [offset, offset + n * row]}
+            self.starts[name] = offset
+            self.row_bytes[name] = row
+            offset += n * row
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         self.data_start = 8 + len(raw)
-        self.total = self.data_start + offset
         self.fh = open(self.path, "wb")
         self.fh.write(struct.pack("<Q", len(raw)))
         self.fh.write(raw)
-        self.fh.truncate(self.total)
+        self.fh.truncate(self.data_start + offset)
 
-    def write(self, index: int, levels: list[np.ndarray]) -> None:
-        """Write rows ``index .. index+B-1``; ``levels[i]`` has shape (B, H*W, C)."""
-        np_dtype = _DTYPES[self.dtype]
-        for i, arr in enumerate(levels):
-            arr = np.ascontiguousarray(arr, dtype=np_dtype)
-            if arr.shape[1:] != self.shapes[i]:
-                raise ValueError(f"level {i}: shape {arr.shape[1:]} != {self.shapes[i]}")
-            self.fh.seek(self.data_start + self.starts[i] + index * self.row_bytes[i])
+    def write(self, index: int, rows: dict[str, np.ndarray]) -> None:
+        """Write rows ``index .. index+B-1`` of each named tensor (arrays of shape (B, *row_shape))."""
+        for name, arr in rows.items():
+            shape, dtype = self.tensors[name]
+            arr = np.ascontiguousarray(arr, dtype=_DTYPES[dtype])
+            if arr.shape[1:] != tuple(shape):
+                raise ValueError(f"{name}: row shape {arr.shape[1:]} != {tuple(shape)}")
+            self.fh.seek(self.data_start + self.starts[name] + index * self.row_bytes[name])
             self.fh.write(arr.tobytes())
 
     def close(self) -> None:
         self.fh.flush()
+        os.fsync(self.fh.fileno())
         self.fh.close()
 
 
 class Bank:
-    """Read-only, memory-mapped view of a bank file."""
+    """Read-only access to a bank file by rows (positioned reads; nothing is mapped or cached)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -81,26 +82,54 @@ class Bank:
             raise SpadeError(f"{self.path}: model file is missing") from None
         except (ValueError, UnicodeDecodeError, struct.error) as exc:
             raise SpadeError(f"{self.path}: damaged feature bank ({exc})") from None
-        data_start = 8 + n_header
-        self.levels: list[np.memmap] = []
-        i = 0
-        while f"level{i}" in header:
-            meta = header[f"level{i}"]
-            start, end = meta["data_offsets"]
-            if meta["dtype"] not in _DTYPES or data_start + end > size:
-                raise SpadeError(f"{self.path}: damaged feature bank (level{i} is truncated or malformed)")
-            shape = tuple(meta["shape"])
-            self.levels.append(
-                np.memmap(self.path, dtype=_DTYPES[meta["dtype"]], mode="r", offset=data_start + start, shape=shape)
-            )
-            i += 1
-        if not self.levels:
-            raise SpadeError(f"{self.path}: damaged feature bank (no levels)")
-        self.n = int(self.levels[0].shape[0])
+        self.data_start = 8 + n_header
+        self.meta: dict[str, tuple[int, tuple[int, ...], np.dtype]] = {}
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                start, end = meta["data_offsets"]
+                dtype = np.dtype(_DTYPES[meta["dtype"]])
+                shape = tuple(int(x) for x in meta["shape"])
+            except (KeyError, TypeError, ValueError):
+                raise SpadeError(f"{self.path}: damaged feature bank ({name} is malformed)") from None
+            if self.data_start + end > size or end - start != int(np.prod(shape)) * dtype.itemsize:
+                raise SpadeError(f"{self.path}: damaged feature bank ({name} is truncated or malformed)")
+            self.meta[name] = (self.data_start + start, shape, dtype)
+        self.n_levels = sum(1 for k in self.meta if k.startswith("level"))
+        if not self.n_levels or any(f"level{i}" not in self.meta for i in range(self.n_levels)):
+            raise SpadeError(f"{self.path}: damaged feature bank (no feature levels)")
+        self.n = self.meta["level0"][1][0]
+        self._fd = os.open(self.path, os.O_RDONLY)
 
-    def gather(self, level: int, indices: np.ndarray) -> np.ndarray:
-        """Rows ``indices`` of one level as an array (B, H*W, C) in the stored dtype."""
-        return np.asarray(self.levels[level][np.asarray(indices)])
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.meta[name][1]
+
+    def rows(self, name: str, indices: np.ndarray | list[int]) -> np.ndarray:
+        """Rows ``indices`` of tensor ``name`` as an array (B, *row_shape) in the stored dtype."""
+        start, shape, dtype = self.meta[name]
+        row_shape = shape[1:]
+        row_bytes = int(np.prod(row_shape)) * dtype.itemsize
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        out = np.empty((len(idx), *row_shape), dtype)
+        buf = out.reshape(len(idx), -1).view(np.uint8)
+        for j, i in enumerate(idx):
+            if not 0 <= i < shape[0]:
+                raise IndexError(f"row {i} out of range for {name} with {shape[0]} rows")
+            data = os.pread(self._fd, row_bytes, start + int(i) * row_bytes)
+            if len(data) != row_bytes:
+                raise SpadeError(f"{self.path}: damaged feature bank (short read)")
+            buf[j] = np.frombuffer(data, np.uint8)
+        return out
+
+    def gather(self, level: int, indices: np.ndarray | list[int]) -> np.ndarray:
+        """Feature rows of one pyramid level: (B, H*W, C) fp16."""
+        return self.rows(f"level{level}", indices)
 
 
 def file_sha256(path: Path, chunk: int = 16 << 20) -> str:

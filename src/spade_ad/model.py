@@ -210,23 +210,23 @@ class Spade:
         shapes = [(h * w, c) for (h, w), c in zip(shapes_hw, net.channels, strict=True)]
         workdir = Path(tempfile.mkdtemp(prefix="spade-ad-"))
         weakref.finalize(self, shutil.rmtree, workdir, True)
-        writer = BankWriter(workdir / "bank.safetensors", len(items), shapes)
+        spec: dict[str, tuple[tuple[int, ...], str]] = {f"level{i}": (sh, "F16") for i, sh in enumerate(shapes)}
+        spec["thumbnails"] = ((THUMB, THUMB, 3), "U8")
+        writer = BankWriter(workdir / "bank.safetensors", len(items), spec)
         globals_: list[torch.Tensor] = []
-        thumbs = np.empty((len(items), THUMB, THUMB, 3), np.uint8)
         try:
             for s, e in batches(len(items), self.batch_size):
                 arrays = [read_item(items[i], names[i]) for i in range(s, e)]
                 levels, gvec = extract(net, arrays, self.image_size, dev)
-                writer.write(s, [lv.cpu().numpy() for lv in levels])
-                small = resize_batch(arrays, THUMB, torch.device("cpu")).round().byte()
-                thumbs[s:e] = small.permute(0, 2, 3, 1).numpy()
+                small = resize_batch(arrays, THUMB, torch.device("cpu")).round().byte().permute(0, 2, 3, 1)
+                rows = {f"level{i}": lv.cpu().numpy() for i, lv in enumerate(levels)}
+                writer.write(s, {**rows, "thumbnails": small.numpy()})
                 globals_.append(gvec.cpu())
                 if progress:
                     progress("fit", e, len(items))
         finally:
             writer.close()
         self.global_ = torch.cat(globals_)
-        self.thumbs_ = thumbs
         self.level_shapes_ = shapes_hw
         self.train_names_ = names
         self.weights_id_ = net.weights_id
@@ -254,7 +254,7 @@ class Spade:
         scores, maxima = [], []
         for j, i in enumerate(idx):
             s, maps, _ = self._score_from_features(
-                [torch.from_numpy(np.asarray(lv[i : i + 1], dtype=np.float32)) for lv in self.bank_.levels],
+                [torch.from_numpy(self.bank_.gather(li, [i]).astype(np.float32)) for li in range(self.bank_.n_levels)],
                 self.global_[i : i + 1],
                 exclude=torch.tensor([int(i)]),
             )
@@ -382,9 +382,9 @@ class Spade:
     def thumbnail(self, index: int) -> np.ndarray:
         """A small (THUMB x THUMB x 3 uint8) picture of training image ``index``, kept in the model."""
         self._check_fitted()
-        if not (0 <= index < len(self.thumbs_)):
-            raise SpadeError(f"training image index {index} is out of range (0..{len(self.thumbs_) - 1})")
-        return np.asarray(self.thumbs_[index])
+        if not (0 <= index < self.bank_.n):
+            raise SpadeError(f"training image index {index} is out of range (0..{self.bank_.n - 1})")
+        return self.bank_.rows("thumbnails", [index])[0]
 
     def decision_function(self, images: Images) -> np.ndarray:
         """Image scores only."""
@@ -404,7 +404,7 @@ class Spade:
         atomic_write(
             out / "index.safetensors",
             lambda tmp: save_file(
-                {"global": self.global_.float().contiguous(), "thumbnails": torch.from_numpy(self.thumbs_)}, str(tmp)
+                {"global": self.global_.float().contiguous()}, str(tmp)
             ),
         )
         header = {
@@ -481,7 +481,6 @@ class Spade:
                 weights=weights if weights is not None else _weights_arg(header["weights"], header.get("weights_src")),
             )
             model.global_ = index["global"]
-            model.thumbs_ = index["thumbnails"].numpy()
             model.level_shapes_ = [tuple(s) for s in header["level_shapes"]]
             model.train_names_ = list(header["train_names"])
             model.weights_id_ = header["weights"]
