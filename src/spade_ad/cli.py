@@ -307,6 +307,78 @@ def demo(
     )
 
 
+@app.command()
+def report(
+    data: Annotated[Path, typer.Argument(help="one MVTec-layout category folder (train/good, test/, ground_truth/)")],
+    out: Annotated[Path, typer.Option("--out", help="folder for report.html and report.json")],
+    protocol: Annotated[str, typer.Option(help="full: whole image, metrics at the mask's resolution; "
+                                          "paper: resize 256, centre-crop 224")] = "full",
+    backbone: BackboneOpt = "efficientnet_lite0",
+    k: KOpt = 50,
+    k_image: KImageOpt = 5,
+    kappa: KappaOpt = 1,
+    sigma: SigmaOpt = 4.0,
+    image_size: SizeOpt = 224,
+    device: DeviceOpt = "cpu",
+    weights: WeightsOpt = None,
+    calibration_images: CalibOpt = 16,
+    false_alarm_rate: FarOpt = 0.01,
+    model_out: Annotated[
+        Path | None, typer.Option("--model-out", help="also save the fitted model folder here (for serve)")
+    ] = None,
+) -> None:
+    """Fit and evaluate one category; write a self-contained HTML report (report.html) and report.json."""
+    from .data import PROTOCOLS, find_categories, load_mvtec_category, load_sample
+    from .evaluate import evaluate_category
+    from .report import write_report
+
+    if protocol not in PROTOCOLS:
+        raise SpadeError(f"unknown protocol {protocol!r}; use one of: {', '.join(PROTOCOLS)}")
+    cats = find_categories(data)
+    if len(cats) != 1:
+        raise SpadeError(f"{data}: holds {len(cats)} categories; report takes one category folder "
+                         f"(e.g. {cats[0]})")
+    cat = load_mvtec_category(cats[0])
+    params = _params(backbone, k, k_image, kappa, sigma, image_size, device, weights, calibration_images,
+                     false_alarm_rate)
+    with progress_bars() as cb:
+        row, model, pred, masks, labels = evaluate_category(cat, params, protocol, cb)
+    if model_out is not None:
+        model.save(model_out)
+    images = [load_sample(s, protocol)[0] for s in cat.test]
+    path = write_report(out / "report.html", row, model, pred, masks, labels, images,
+                        title=f"spade-ad report: {cat.name} (protocol {protocol})")
+    doc = json.loads(path.with_suffix(".json").read_text())
+    d = doc["decision"]
+    console.print(
+        f"image AUROC {row['image_auroc']:.4f}, pixel AUROC {row['pixel_auroc']:.4f}, AUPRO {row['aupro']:.4f}; "
+        f"calibrated image threshold {_fmt(model.image_threshold_)}: false-alarm rate on good test images "
+        f"{_fmt(d['false_alarm_rate'])}, F1 {_fmt(d['f1'])}; best F1 {_fmt(d['best_f1'])} at threshold "
+        f"{_fmt(d['best_f1_threshold'])}"
+    )
+    out_console.print(str(path), soft_wrap=True, highlight=False, markup=False)
+
+
+@app.command()
+def serve(
+    model_dir: Annotated[Path, typer.Argument(help="model folder written by fit")],
+    host: Annotated[str, typer.Option(help="address to listen on (127.0.0.1: this machine only)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="largest accepted upload, in MB")] = 20.0,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Start the web inspector: upload images, see heatmaps and masks, click a pixel to see its normal match."""
+    import uvicorn
+
+    from .server import create_app
+
+    if max_upload_mb <= 0:
+        raise SpadeError(f"--max-upload-mb must be positive, got {max_upload_mb}")
+    application = create_app(model_dir, max_upload_bytes=int(max_upload_mb * 1024 * 1024), device=device)
+    console.print(f"spade-ad inspector on http://{host}:{port}/ (API docs at /docs; Ctrl+C stops)")
+    uvicorn.run(application, host=host, port=port, log_level="info")
+
+
 def main() -> None:
     """Entry point: one clear line per error (``--debug`` for the traceback), non-zero exit."""
     try:

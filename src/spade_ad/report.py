@@ -1,0 +1,497 @@
+"""One self-contained HTML report of an evaluation: metrics, curves, histograms and every test image.
+
+Everything is embedded (PNG/JPEG as base64 data URIs, inline CSS and a few lines of inline JS), so the
+file opens from disk, offline, in any browser. Images are downscaled to at most ``max_side`` pixels
+to keep the file (and the memory used while writing it) modest.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from . import metrics
+from .io import atomic_write, load_image, save_json
+from .viz import SCALE_MAX, colour_bar, overlay
+
+__all__ = ["threshold_metrics", "write_report"]
+
+THUMB_SIDE = 256  # longest side of the per-image pictures in the report
+NEIGHBOUR_SIDE = 96  # side of the nearest-normal-image thumbnails
+N_NEIGHBOURS = 3  # nearest normal images shown per test image
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+def threshold_metrics(
+    labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray, image_threshold: float | None
+) -> dict[str, Any]:
+    """Image-level decision quality at the calibrated threshold and at the F1-maximising one.
+
+    Returns precision / recall / F1 at ``image_threshold`` (``None`` when there is no threshold or no
+    defective image), the false-alarm rate on the good images (fraction flagged), the miss rate on the
+    defective ones, the confusion counts, and the F1-maximising threshold with its F1, precision and recall.
+    """
+    y = np.asarray(labels, dtype=int)
+    s = np.asarray(scores, dtype=np.float64)
+    good, bad = y == 0, y == 1
+    out: dict[str, Any] = {
+        "image_threshold": image_threshold,
+        "n_good": int(good.sum()),
+        "n_defective": int(bad.sum()),
+    }
+    if image_threshold is not None:
+        flagged = s >= image_threshold
+        out.update(
+            true_positives=int((flagged & bad).sum()),
+            false_positives=int((flagged & good).sum()),
+            true_negatives=int((~flagged & good).sum()),
+            false_negatives=int((~flagged & bad).sum()),
+            false_alarm_rate=float(flagged[good].mean()) if good.any() else None,
+            miss_rate=float((~flagged[bad]).mean()) if bad.any() else None,
+        )
+        if bad.any():
+            p, r, f1 = metrics.precision_recall_f1(y, s, image_threshold)
+            out.update(precision=p, recall=r, f1=f1)
+        else:
+            out.update(precision=None, recall=None, f1=None)
+    else:
+        out.update(
+            true_positives=None, false_positives=None, true_negatives=None, false_negatives=None,
+            false_alarm_rate=None, miss_rate=None, precision=None, recall=None, f1=None,
+        )
+    if bad.any():
+        t_best, f1_best = metrics.best_f1_threshold(y, s)
+        p_best, r_best, _ = metrics.precision_recall_f1(y, s, t_best)
+        out.update(
+            best_f1_threshold=t_best,
+            best_f1=f1_best,
+            best_f1_precision=p_best,
+            best_f1_recall=r_best,
+            best_f1_threshold_normalised=t_best / image_threshold if image_threshold else None,
+            best_f1_false_alarm_rate=float((s[good] >= t_best).mean()) if good.any() else None,
+        )
+    else:
+        out.update(best_f1_threshold=None, best_f1=None, best_f1_precision=None, best_f1_recall=None,
+                   best_f1_threshold_normalised=None, best_f1_false_alarm_rate=None)
+    return out
+
+
+# --------------------------------------------------------------------------- pictures
+
+
+def _data_uri(array: np.ndarray, fmt: str = "JPEG") -> str:
+    buf = io.BytesIO()
+    img = Image.fromarray(array)
+    if fmt == "JPEG":
+        img.convert("RGB").save(buf, format="JPEG", quality=85)
+        mime = "image/jpeg"
+    else:
+        img.save(buf, format="PNG", optimize=True)
+        mime = "image/png"
+    return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
+
+
+def _figure(width: float, height: float) -> tuple[Any, Any]:
+    """A matplotlib figure on the Agg canvas, outside pyplot's global state (thread-safe, no display)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
+
+
+def _fig_uri(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=96, bbox_inches="tight")
+    return f"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
+
+
+def _small_size(h: int, w: int, side: int) -> tuple[int, int]:
+    s = min(1.0, side / max(h, w))
+    return max(1, round(h * s)), max(1, round(w * s))
+
+
+def _resize_rgb(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    if image.shape[:2] == hw:
+        return image
+    return np.asarray(Image.fromarray(image).resize((hw[1], hw[0]), Image.Resampling.BILINEAR))
+
+
+def _resize_map(amap: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    if amap.shape == hw:
+        return amap.astype(np.float32)
+    return np.asarray(Image.fromarray(amap.astype(np.float32), mode="F").resize((hw[1], hw[0]),
+                                                                               Image.Resampling.BILINEAR))
+
+
+def _resize_mask(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    if mask.shape == hw:
+        return mask.astype(bool)
+    # area-average then threshold at half keeps thin regions visible better than nearest neighbour
+    small = Image.fromarray(mask.astype(np.uint8) * 255).resize((hw[1], hw[0]), Image.Resampling.BOX)
+    return np.asarray(small) >= 64
+
+
+def _mask_picture(mask: np.ndarray) -> np.ndarray:
+    return np.where(mask[..., None], np.uint8(255), np.uint8(0)).repeat(3, axis=2)
+
+
+def _roc_figure(labels: np.ndarray, scores: np.ndarray, auroc: float | None) -> str | None:
+    from sklearn.metrics import roc_curve
+
+    if labels.all() or not labels.any():
+        return None
+    fpr, tpr, _ = roc_curve(labels, scores)
+    fig, ax = _figure(4.2, 3.6)
+    ax.plot(fpr, tpr, color="#c0392b", lw=2, label=f"AUROC {auroc:.4f}" if auroc is not None else None)
+    ax.plot([0, 1], [0, 1], color="#999", lw=1, ls="--")
+    ax.set(xlabel="false positive rate (good images flagged)", ylabel="true positive rate",
+           title="Image-level ROC", xlim=(0, 1), ylim=(0, 1.02))
+    if auroc is not None:
+        ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    return _fig_uri(fig)
+
+
+def _pro_figure(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], aupro: float | None) -> str | None:
+    try:
+        fpr, pro, _ = metrics.pro_curve(masks, maps)
+    except ValueError:  # no defect pixels (or no normal pixels): the curve is undefined
+        return None
+    if fpr.size > 4000:  # millions of points: plot an even subsample (curve is monotone, shape is kept)
+        keep = np.unique(np.concatenate([np.linspace(0, fpr.size - 1, 4000).round().astype(int),
+                                         [int(np.searchsorted(fpr, 0.3))]]).clip(0, fpr.size - 1))
+        fpr, pro = fpr[keep], pro[keep]
+    fig, ax = _figure(4.2, 3.6)
+    label = f"AUPRO (FPR <= 0.3) {aupro:.4f}" if aupro is not None else None
+    ax.plot(fpr, pro, color="#2471a3", lw=2, label=label)
+    ax.axvline(0.3, color="#999", lw=1, ls="--")
+    ax.set(xlabel="false positive rate (normal pixels)", ylabel="per-region overlap",
+           title="PRO curve", xlim=(0, 1), ylim=(0, 1.02))
+    if label:
+        ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    return _fig_uri(fig)
+
+
+def _histogram_figure(labels: np.ndarray, scores: np.ndarray, threshold: float | None,
+                      best: float | None) -> str:
+    fig, ax = _figure(5.2, 3.6)
+    lo, hi = float(scores.min()), float(scores.max())
+    for t in (threshold, best):
+        if t is not None:
+            lo, hi = min(lo, t), max(hi, t)
+    bins = np.linspace(lo, hi + 1e-9 * max(1.0, abs(hi)), 31)
+    if (labels == 0).any():
+        ax.hist(scores[labels == 0], bins=bins, alpha=0.6, color="#27ae60", label=f"good ({(labels == 0).sum()})")
+    if (labels == 1).any():
+        ax.hist(scores[labels == 1], bins=bins, alpha=0.6, color="#c0392b",
+                label=f"defective ({(labels == 1).sum()})")
+    if threshold is not None:
+        ax.axvline(threshold, color="black", lw=2, label=f"calibrated threshold {threshold:.4g}")
+    if best is not None:
+        ax.axvline(best, color="#8e44ad", lw=1.5, ls="--", label=f"best-F1 threshold {best:.4g}")
+    ax.set(xlabel="image anomaly score", ylabel="test images", title="Image scores")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _fig_uri(fig)
+
+
+# --------------------------------------------------------------------------- html
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.5em;color:#222;background:#fafafa}
+h1{font-size:1.5em;margin-bottom:.2em} h2{font-size:1.2em;margin-top:1.6em}
+.muted{color:#666;font-size:.9em}
+table.metrics{border-collapse:collapse;margin:.5em 0} table.metrics td,table.metrics th{border:1px solid #ccc;
+padding:3px 10px;text-align:left} table.metrics th{background:#eee}
+.figs{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start} .figs img{border:1px solid #ddd;background:#fff}
+.controls{position:sticky;top:0;background:#fafafa;padding:.5em 0;z-index:2;border-bottom:1px solid #ddd}
+.controls button{margin-right:4px;padding:4px 10px;border:1px solid #888;background:#fff;border-radius:4px;
+cursor:pointer}
+.controls button.active{background:#333;color:#fff}
+table.rows{border-collapse:collapse;width:100%} table.rows td,table.rows th{border-bottom:1px solid #ddd;padding:4px;
+vertical-align:top;text-align:left}
+table.rows img.pic{max-width:200px;max-height:200px;display:block} table.rows img.nb{width:72px;height:72px}
+.nbs{display:flex;gap:4px;flex-wrap:nowrap} .nbs figure{margin:0;font-size:.7em;width:72px;overflow:hidden}
+.verdict-defective{color:#c0392b;font-weight:bold} .verdict-good{color:#27ae60;font-weight:bold}
+.outcome{font-size:.8em;padding:1px 5px;border-radius:3px;color:#fff} .o-tp{background:#27ae60}
+.o-tn{background:#27ae60} .o-fp{background:#e67e22} .o-fn{background:#c0392b}
+.name{font-family:monospace;font-size:.85em;word-break:break-all;max-width:14em}
+"""
+
+_JS = """
+(function(){
+  var rows = Array.prototype.slice.call(document.querySelectorAll('#rows tbody tr'));
+  var body = document.querySelector('#rows tbody');
+  var filter = 'all', desc = true;
+  function show(){
+    var n = 0;
+    rows.forEach(function(r){
+      var o = r.dataset.outcome, l = r.dataset.label, ok = true;
+      if (filter === 'misses') ok = o === 'fn';
+      else if (filter === 'false-alarms') ok = o === 'fp';
+      else if (filter === 'defective') ok = l === 'defective';
+      else if (filter === 'good') ok = l === 'good';
+      r.style.display = ok ? '' : 'none'; if (ok) n++;
+    });
+    document.getElementById('shown').textContent = n + ' of ' + rows.length + ' images shown';
+  }
+  document.querySelectorAll('button[data-filter]').forEach(function(b){
+    b.addEventListener('click', function(){
+      filter = b.dataset.filter;
+      document.querySelectorAll('button[data-filter]').forEach(function(x){x.classList.toggle('active', x === b);});
+      show();
+    });
+  });
+  document.getElementById('sort').addEventListener('click', function(){
+    desc = !desc;
+    rows.sort(function(a, b){ var d = parseFloat(a.dataset.score) - parseFloat(b.dataset.score);
+                              return desc ? -d : d; });
+    rows.forEach(function(r){ body.appendChild(r); });
+    this.textContent = desc ? 'score: high to low' : 'score: low to high';
+  });
+  show();
+})();
+"""
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        if math.isnan(x):
+            return "nan"
+        return f"{x:.{digits}f}" if abs(x) >= 1e-3 or x == 0 else f"{x:.{digits}g}"
+    return html.escape(str(x))
+
+
+def _short_name(name: str, parts: int = 2) -> str:
+    p = Path(name)
+    return "/".join(p.parts[-parts:]) if len(p.parts) >= parts else name
+
+
+class _Thumbs:
+    """Nearest-normal-image thumbnails as data URIs, each encoded once."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.cache: dict[int, str | None] = {}
+
+    def get(self, index: int) -> str | None:
+        if index not in self.cache:
+            self.cache[index] = self._make(index)
+        return self.cache[index]
+
+    def _make(self, index: int) -> str | None:
+        pic: np.ndarray | None = None
+        try:
+            pic = np.asarray(self.model.thumbnail(index))
+        except Exception:  # noqa: BLE001 - older model folders have no thumbnails: use the training file
+            names = getattr(self.model, "train_names_", [])
+            try:
+                if index < len(names):
+                    pic = load_image(names[index])
+            except Exception:  # noqa: BLE001 - training file gone: show the name only
+                pic = None
+        if pic is None:
+            return None
+        hw = _small_size(pic.shape[0], pic.shape[1], NEIGHBOUR_SIDE)
+        return _data_uri(_resize_rgb(pic, hw))
+
+
+def _metrics_table(items: list[tuple[str, Any]]) -> str:
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in items)
+    return f'<table class="metrics">{rows}</table>'
+
+
+def write_report(
+    path: str | Path,
+    row: dict[str, Any],
+    model: Any,
+    pred: Any,
+    masks: Sequence[np.ndarray],
+    labels: Sequence[int],
+    images: Sequence[np.ndarray | str | Path],
+    title: str | None = None,
+    max_side: int = THUMB_SIDE,
+) -> Path:
+    """Write the HTML report to ``path`` and its numbers to ``path`` with suffix ``.json``.
+
+    ``row``, ``model``, ``pred``, ``masks``, ``labels`` are what :func:`spade_ad.evaluate.evaluate_category`
+    returns; ``images`` the test images (arrays, or paths read one at a time) in the same order.
+    The JSON holds the metrics row, the thresholds, :func:`threshold_metrics` and one entry per image.
+    """
+    path = Path(path)
+    n = len(pred.scores)
+    if not (len(masks) == len(labels) == len(images) == n):
+        raise ValueError(f"got {n} predictions, {len(masks)} masks, {len(labels)} labels, {len(images)} images")
+    y = np.asarray(labels, dtype=int)
+    scores = np.asarray(pred.scores, dtype=np.float64)
+    img_thr: float | None = model.image_threshold_
+    pix_thr: float | None = model.pixel_threshold_
+    decision = threshold_metrics(y, scores, img_thr)
+
+    # per image -----------------------------------------------------------------------------------
+    thumbs = _Thumbs(model)
+    names = list(pred.names) if pred.names else [f"image {i}" for i in range(n)]
+    order = np.argsort(-scores, kind="stable")
+    row_html: list[str] = []
+    per_image: list[dict[str, Any]] = []
+    for rank, i in enumerate(order):
+        i = int(i)
+        item = images[i]
+        img = load_image(item) if isinstance(item, (str, Path)) else np.asarray(item)
+        amap = np.asarray(pred.maps[i])
+        hw = _small_size(img.shape[0], img.shape[1], max_side)
+        small_img = _resize_rgb(img, hw)
+        small_map = _resize_map(amap, hw)
+        small_pred = small_map >= pix_thr if pix_thr is not None else None
+        over = overlay(small_img, small_map, pix_thr, small_pred)
+        label = "defective" if y[i] == 1 else "good"
+        score = float(scores[i])
+        flagged = None if img_thr is None else score >= img_thr
+        verdict = "–" if flagged is None else ("defective" if flagged else "good")
+        outcome = "" if flagged is None else {(True, 1): "tp", (True, 0): "fp", (False, 0): "tn",
+                                              (False, 1): "fn"}[(bool(flagged), int(y[i]))]
+        norm = score / img_thr if img_thr else None
+        gt = np.asarray(masks[i])
+        gt_cell = '<td class="muted">no defect</td>'
+        if y[i] == 1:
+            gt_uri = _data_uri(_mask_picture(_resize_mask(gt, hw)), "PNG")
+            gt_cell = f'<td><img class="pic" alt="ground truth" src="{gt_uri}"></td>'
+        pred_cell = '<td class="muted">no threshold</td>'
+        if small_pred is not None:
+            mask_uri = _data_uri(_mask_picture(small_pred), "PNG")
+            pred_cell = f'<td><img class="pic" alt="predicted mask" src="{mask_uri}"></td>'
+        nb_idx = [int(j) for j in np.asarray(pred.neighbours[i])[:N_NEIGHBOURS]]
+        nb_names = [pred.train_names[j] if j < len(pred.train_names) else str(j) for j in nb_idx]
+        nb_html = []
+        for j, nm in zip(nb_idx, nb_names, strict=True):
+            uri = thumbs.get(j)
+            pic = f'<img class="nb" alt="normal image {j}" src="{uri}">' if uri else ""
+            nb_html.append(f'<figure>{pic}<figcaption>{html.escape(_short_name(nm, 1))}</figcaption></figure>')
+        outcome_html = f' <span class="outcome o-{outcome}">{outcome.upper()}</span>' if outcome else ""
+        row_html.append(
+            f'<tr data-label="{label}" data-outcome="{outcome}" data-score="{score!r}">'
+            f'<td>{rank + 1}</td>'
+            f'<td class="name">{html.escape(_short_name(names[i]))}<br><span class="muted">truth: {label}</span></td>'
+            f'<td><img class="pic" alt="image" src="{_data_uri(small_img)}"></td>'
+            f'<td><img class="pic" alt="heatmap overlay" src="{_data_uri(over)}"></td>'
+            f"{pred_cell}{gt_cell}"
+            f"<td>{_fmt(score)}<br><span class=\"muted\">normalised {_fmt(norm, 3)}</span></td>"
+            f'<td><span class="verdict-{verdict}">{verdict}</span>{outcome_html}</td>'
+            f'<td><div class="nbs">{"".join(nb_html)}</div></td></tr>'
+        )
+        per_image.append({
+            "name": names[i], "label": int(y[i]), "score": score, "score_normalised": norm,
+            "verdict": None if flagged is None else verdict, "outcome": outcome or None,
+            "max_pixel_score": float(amap.max()),
+            "defect_pixels": int((amap >= pix_thr).sum()) if pix_thr is not None else None,
+            "neighbours": nb_names,
+        })
+        del img, amap
+
+    # figures -------------------------------------------------------------------------------------
+    roc = _roc_figure(y.astype(bool), scores, row.get("image_auroc"))
+    pro = _pro_figure(masks, pred.maps, row.get("aupro"))
+    hist = _histogram_figure(y, scores, img_thr, decision.get("best_f1_threshold"))
+    bar = _data_uri(colour_bar(height=200, width=70, threshold=pix_thr), "PNG")
+    figs = "".join(f'<img alt="{alt}" src="{uri}">' for alt, uri in (("ROC curve", roc), ("PRO curve", pro),
+                                                                      ("score histogram", hist)) if uri)
+
+    # good test images with any pixel over the pixel threshold
+    good_any = None
+    if pix_thr is not None and (y == 0).any():
+        good_any = float(np.mean([float(np.asarray(pred.maps[i]).max()) >= pix_thr for i in np.flatnonzero(y == 0)]))
+
+    calib = getattr(model, "calibration_", {}) or {}
+    summary = [
+        ("image AUROC", row.get("image_auroc")),
+        ("pixel AUROC", row.get("pixel_auroc")),
+        ("AUPRO (FPR ≤ 0.3)", row.get("aupro")),
+        ("training images", row.get("n_train")),
+        ("test images", row.get("n_test", n)),
+        ("fit seconds", row.get("fit_seconds")),
+        ("predict seconds / image", row.get("predict_seconds_per_image")),
+    ]
+    thresholds = [
+        ("calibration", calib.get("method", "none")),
+        ("calibration images", calib.get("n_images")),
+        ("target false-alarm rate", calib.get("false_alarm_rate")),
+        ("image threshold (calibrated)", img_thr),
+        ("pixel threshold (calibrated)", pix_thr),
+        ("false-alarm rate on good test images", decision["false_alarm_rate"]),
+        ("good test images with any flagged pixel", good_any),
+        ("miss rate on defective test images", decision["miss_rate"]),
+        ("precision at calibrated threshold", decision["precision"]),
+        ("recall at calibrated threshold", decision["recall"]),
+        ("F1 at calibrated threshold", decision["f1"]),
+        ("F1-maximising threshold", decision["best_f1_threshold"]),
+        ("… normalised (1.0 = calibrated)", decision["best_f1_threshold_normalised"]),
+        ("best F1", decision["best_f1"]),
+        ("precision / recall at best F1",
+         None if decision["best_f1"] is None
+         else f"{decision['best_f1_precision']:.4f} / {decision['best_f1_recall']:.4f}"),
+    ]
+    counts = (f"TP {decision['true_positives']}, FP {decision['false_positives']}, "
+              f"TN {decision['true_negatives']}, FN {decision['false_negatives']}" if img_thr is not None else "")
+    settings = model.get_params() if hasattr(model, "get_params") else {}
+    title = title or "spade-ad report"
+    n_fn = sum(1 for r in per_image if r["outcome"] == "fn")
+    n_fp = sum(1 for r in per_image if r["outcome"] == "fp")
+    doc = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head>
+<body>
+<h1>{html.escape(title)}</h1>
+<p class="muted">settings: {html.escape(json.dumps(settings))}</p>
+<h2>Metrics</h2>
+<div class="figs"><div>{_metrics_table(summary)}</div><div>{_metrics_table(thresholds)}
+<p class="muted">{counts}</p></div>
+<div><img alt="colour bar" src="{bar}"><p class="muted" style="max-width:18em">Heatmap colours: pixel score divided
+by the pixel threshold, on a fixed scale from 0 to {SCALE_MAX:g} (1.0 = threshold, labels show raw scores).
+Cyan outline: predicted defect region.</p></div></div>
+<h2>Curves</h2>
+<div class="figs">{figs}</div>
+<h2>Test images</h2>
+<div class="controls">
+<button data-filter="all" class="active">all ({n})</button>
+<button data-filter="misses">misses ({n_fn})</button>
+<button data-filter="false-alarms">false alarms ({n_fp})</button>
+<button data-filter="defective">defective ({int((y == 1).sum())})</button>
+<button data-filter="good">good ({int((y == 0).sum())})</button>
+&nbsp; sort: <button id="sort">score: high to low</button> &nbsp; <span id="shown" class="muted"></span>
+</div>
+<table class="rows" id="rows"><thead><tr><th>#</th><th>image</th><th></th><th>heatmap overlay</th>
+<th>predicted mask</th><th>ground truth</th><th>score</th><th>verdict</th><th>nearest normal images</th></tr></thead>
+<tbody>
+{"".join(row_html)}
+</tbody></table>
+<script>{_JS}</script>
+</body></html>
+"""
+    atomic_write(path, lambda tmp: tmp.write_text(doc, encoding="utf-8"))
+    save_json(path.with_suffix(".json"), {
+        "metrics": row,
+        "image_threshold": img_thr,
+        "pixel_threshold": pix_thr,
+        "calibration": {k: v for k, v in calib.items() if k not in ("image_scores", "map_maxima")},
+        "decision": decision,
+        "good_images_with_flagged_pixels": good_any,
+        "settings": settings,
+        "images": per_image,
+    })
+    return path

@@ -1,0 +1,362 @@
+"""The web inspector: a FastAPI app serving a small static page and a JSON API over one fitted model.
+
+``create_app(model_dir)`` builds the app; ``spade-ad serve MODEL_DIR`` runs it with uvicorn.
+
+Endpoints (all documented at ``/docs`` and ``/openapi.json``; the docs page's assets are served locally):
+
+* ``POST /predict`` - multipart upload of one image: score, normalised score, verdict, thresholds, nearest
+  normal images, the heatmap overlay and mask as base64 images, and the raw map (downsampled float32) so
+  a client can recompute masks at any threshold.
+* ``GET /explain?id=&y=&x=`` - for a recent upload (the server keeps the features of the last
+  ``cache_size`` uploads), the normal image and the patch in it that pixel (y, x) was matched to.
+* ``GET /thumbnail/{index}`` - a training image's thumbnail (PNG), ``GET /colour-bar.png``, ``GET /info``.
+
+Model calls are serialised by a lock (the model's caches are not re-entrant); decoding, drawing and
+encoding run outside it, in FastAPI's thread pool.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, Field
+
+from . import __version__
+from .errors import SpadeError
+from .io import to_rgb_uint8
+from .model import Prediction, Spade
+from .viz import SCALE_MAX, colour_bar, overlay
+
+__all__ = ["create_app", "decode_image"]
+
+STATIC_DIR = Path(__file__).parent / "static"
+DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
+MAX_PIXELS = 50_000_000  # larger images are refused (memory), whatever their file size
+MAP_SIDE = 256  # the raw map sent to clients is downsampled to at most this many pixels a side
+OVERLAY_SIDE = 768  # the overlay picture is downsampled to at most this many pixels a side
+N_NEIGHBOURS = 5  # nearest normal images listed per prediction
+COLOUR_SCALE = f"map / pixel_threshold on a fixed scale [0, {SCALE_MAX:g}] (inferno); 1.0 = at the pixel threshold"
+
+
+class Neighbour(BaseModel):
+    index: int = Field(description="training image index")
+    name: str = Field(description="training image file name")
+    thumbnail_url: str
+
+
+class RawMap(BaseModel):
+    width: int
+    height: int
+    dtype: str = Field("float32-le", description="little-endian float32, row-major")
+    data: str = Field(description="base64 of the raw anomaly map (not normalised), downsampled")
+
+
+class PredictResponse(BaseModel):
+    id: str = Field(description="key for /explain; the server keeps the last few uploads")
+    filename: str
+    width: int
+    height: int
+    score: float = Field(description="image anomaly score")
+    normalised_score: float | None = Field(description="score / image threshold (1.0 = at the threshold)")
+    verdict: str | None = Field(description="'defective' (score >= image threshold) or 'good'")
+    image_threshold: float | None
+    pixel_threshold: float | None
+    max_pixel_score: float
+    defect_fraction: float | None = Field(description="fraction of pixels at or over the pixel threshold")
+    neighbours: list[Neighbour] = Field(description="nearest normal training images, nearest first")
+    overlay: str = Field(description="data URI (JPEG): the image blended with its heatmap, fixed colour scale")
+    mask: str | None = Field(description="data URI (PNG): mask at the pixel threshold, at the image's resolution")
+    map: RawMap
+    colour_scale: str = COLOUR_SCALE
+
+
+class ExplainResponse(BaseModel):
+    id: str
+    y: int
+    x: int
+    neighbour: int = Field(description="training image index of the matched normal feature")
+    neighbour_name: str
+    level: int = Field(description="feature pyramid level (0 = finest)")
+    distance: float = Field(description="feature distance to the matched normal feature")
+    y_frac: float = Field(description="centre of the matched patch, fraction of the normal image's height")
+    x_frac: float
+    box_frac: list[float] = Field(description="matched patch (y0, x0, y1, x1) as fractions of the normal image")
+    thumbnail_url: str
+    pixel_score: float = Field(description="anomaly map value near (y, x)")
+    pixel_score_normalised: float | None
+
+
+class InfoResponse(BaseModel):
+    version: str
+    backbone: str
+    n_train: int
+    k: int
+    image_size: int
+    image_threshold: float | None
+    pixel_threshold: float | None
+    calibration: dict[str, Any]
+    max_upload_bytes: int
+    scale_max: float
+    colour_scale: str
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+
+
+@dataclass
+class _Entry:
+    pred: Prediction  # one image, features kept, maps dropped
+    small_map: np.ndarray  # map at <= MAP_SIDE, for the pixel score at a clicked point
+
+
+def decode_image(data: bytes, name: str = "upload", max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Uploaded bytes -> HxWx3 uint8, or a SpadeError with one clear line."""
+    if not data:
+        raise SpadeError(f"{name}: the file is empty")
+    try:
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if w * h > max_pixels:
+            raise SpadeError(f"{name}: image is too large ({w}x{h} pixels; at most {max_pixels:,} pixels)")
+        img.load()
+    except UnidentifiedImageError:
+        raise SpadeError(f"{name}: not an image file (cannot identify its format)") from None
+    except Image.DecompressionBombError as exc:
+        raise SpadeError(f"{name}: image is too large ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise SpadeError(f"{name}: corrupt or truncated image ({exc})") from None
+    return to_rgb_uint8(img, name)
+
+
+def _small_hw(h: int, w: int, side: int) -> tuple[int, int]:
+    s = min(1.0, side / max(h, w))
+    return max(1, round(h * s)), max(1, round(w * s))
+
+
+def _resize_map(amap: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    if amap.shape == hw:
+        return amap.astype(np.float32)
+    img = Image.fromarray(amap.astype(np.float32), mode="F").resize((hw[1], hw[0]), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.float32)
+
+
+def _data_uri(img: Image.Image, fmt: str) -> str:
+    buf = io.BytesIO()
+    if fmt == "JPEG":
+        img.save(buf, format="JPEG", quality=90)
+        mime = "image/jpeg"
+    else:
+        img.save(buf, format="PNG")
+        mime = "image/png"
+    return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class _TooLarge(HTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"upload is too large (more than {limit / 1048576:.3g} MB; the server accepts at most "
+                              f"{limit:,} bytes)")
+
+
+class _LimitBody:
+    """ASGI middleware: refuse request bodies over ``limit`` bytes (by Content-Length, or while streaming)."""
+
+    def __init__(self, app: Any, limit: int, file_limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.file_limit = file_limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            err = _TooLarge(self.file_limit)
+            await JSONResponse({"detail": err.detail}, status_code=413)(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message.get("type") == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge(self.file_limit)
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def create_app(
+    model_dir: str | Path | None = None,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+    device: str = "cpu",
+    cache_size: int = 16,
+    model: Spade | None = None,
+) -> FastAPI:
+    """The inspector app for the model in ``model_dir`` (or an already fitted/loaded ``model``)."""
+    from fastapi_offline import FastAPIOffline
+
+    if model is None:
+        if model_dir is None:
+            raise SpadeError("create_app needs a model folder (or a model)")
+        model = Spade.load(model_dir, device=device)
+    if max_upload_bytes <= 0:
+        raise SpadeError(f"max_upload_bytes must be positive, got {max_upload_bytes}")
+    spade: Spade = model
+    model_lock = threading.Lock()
+    cache_lock = threading.Lock()
+    cache: OrderedDict[str, _Entry] = OrderedDict()
+    thumbs: dict[int, bytes] = {}
+
+    app = FastAPIOffline(
+        title="spade-ad inspector",
+        version=__version__,
+        description="SPADE anomaly detection on uploaded images: scores, heatmaps, masks and, for any pixel, the "
+        "normal image patch it was matched to. " + COLOUR_SCALE + ".",
+        static_url="/docs-assets",
+    )
+    app.add_middleware(_LimitBody, limit=max_upload_bytes + 64 * 1024, file_limit=max_upload_bytes)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    errors: dict[int | str, dict[str, Any]] = {
+        400: {"model": ErrorResponse, "description": "not an image, corrupt or truncated file, bad request"},
+        413: {"model": ErrorResponse, "description": "upload larger than the server's limit"},
+    }
+
+    @app.exception_handler(SpadeError)
+    async def _spade_error(request: Request, exc: SpadeError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return Response(status_code=204)
+
+    @app.get("/info", response_model=InfoResponse, summary="The model: thresholds, settings, upload limit")
+    def info() -> InfoResponse:
+        calib = {k: v for k, v in (spade.calibration_ or {}).items() if k not in ("image_scores", "map_maxima")}
+        return InfoResponse(
+            version=__version__, backbone=spade.backbone, n_train=int(spade.bank_.n), k=spade.k,
+            image_size=spade.image_size, image_threshold=spade.image_threshold_,
+            pixel_threshold=spade.pixel_threshold_, calibration=calib, max_upload_bytes=max_upload_bytes,
+            scale_max=SCALE_MAX, colour_scale=COLOUR_SCALE,
+        )
+
+    @app.get("/health", summary="Liveness check")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/colour-bar.png", summary="The heatmap colour bar (PNG), labelled in raw pixel scores",
+             response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    def colour_bar_png() -> Response:
+        return Response(_png(colour_bar(height=256, width=70, threshold=spade.pixel_threshold_)),
+                         media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+    @app.get("/thumbnail/{index}", summary="Thumbnail (PNG) of training image `index`", response_class=Response,
+             responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorResponse}})
+    def thumbnail(index: int) -> Response:
+        if not (0 <= index < spade.bank_.n):
+            raise HTTPException(404, f"no training image {index} (the model has {spade.bank_.n})")
+        data = thumbs.get(index)
+        if data is None:
+            with model_lock:
+                pic = np.asarray(spade.thumbnail(index))
+            data = thumbs[index] = _png(pic)
+        return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+    @app.post("/predict", response_model=PredictResponse, responses=errors,
+              summary="Score one uploaded image (multipart field `file`)")
+    def predict(file: Annotated[UploadFile, File(description="an image file (PNG, JPEG, BMP, TIFF, WebP)")]
+                ) -> PredictResponse:
+        name = Path(file.filename or "upload").name
+        data = file.file.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise _TooLarge(max_upload_bytes)
+        image = decode_image(data, name)
+        del data
+        with model_lock:
+            res = spade.predict([image], keep_features=True)
+        h, w = image.shape[:2]
+        amap = res.maps[0]
+        thr = spade.pixel_threshold_
+        img_thr = spade.image_threshold_
+        score = float(res.scores[0])
+        mask = amap >= thr if thr is not None else None
+        oh, ow = _small_hw(h, w, OVERLAY_SIDE)
+        small_img = np.asarray(Image.fromarray(image).resize((ow, oh), Image.Resampling.BILINEAR))
+        over = overlay(small_img, _resize_map(amap, (oh, ow)), thr, None)
+        mh, mw = _small_hw(h, w, MAP_SIDE)
+        small_map = _resize_map(amap, (mh, mw))
+        key = uuid.uuid4().hex
+        entry = _Entry(pred=replace(res, maps=[], masks=None), small_map=small_map)
+        with cache_lock:
+            cache[key] = entry
+            while len(cache) > cache_size:
+                cache.popitem(last=False)
+        neigh = [int(j) for j in res.neighbours[0][:N_NEIGHBOURS]]
+        return PredictResponse(
+            id=key, filename=name, width=w, height=h, score=score,
+            normalised_score=score / img_thr if img_thr else None,
+            verdict=None if img_thr is None else ("defective" if score >= img_thr else "good"),
+            image_threshold=img_thr, pixel_threshold=thr, max_pixel_score=float(amap.max()),
+            defect_fraction=float(mask.mean()) if mask is not None else None,
+            neighbours=[Neighbour(index=j, name=spade.train_names_[j] if j < len(spade.train_names_) else str(j),
+                                  thumbnail_url=f"/thumbnail/{j}") for j in neigh],
+            overlay=_data_uri(Image.fromarray(over), "JPEG"),
+            mask=_data_uri(Image.fromarray(mask).convert("1"), "PNG") if mask is not None else None,
+            map=RawMap(width=mw, height=mh, dtype="float32-le",
+                       data=base64.b64encode(small_map.astype("<f4").tobytes()).decode("ascii")),
+        )
+
+    @app.get("/explain", response_model=ExplainResponse, summary="The normal patch that pixel (y, x) matched",
+             responses={**errors, 404: {"model": ErrorResponse, "description": "upload no longer cached"}})
+    def explain(
+        id: Annotated[str, Query(description="the `id` returned by /predict")],
+        y: Annotated[int, Query(description="row in the uploaded image's own pixels")],
+        x: Annotated[int, Query(description="column in the uploaded image's own pixels")],
+        level: Annotated[int, Query(description="feature pyramid level (0 = finest)")] = 0,
+    ) -> ExplainResponse:
+        with cache_lock:
+            entry = cache.get(id)
+            if entry is not None:
+                cache.move_to_end(id)
+        if entry is None:
+            raise HTTPException(404, f"upload {id!r} is no longer cached (the server keeps the last {cache_size}); "
+                                     "upload the image again")
+        with model_lock:
+            c = entry.pred.correspondence(0, y, x, level)
+        h, w = entry.pred.sizes[0]
+        sm = entry.small_map
+        v = float(sm[min(sm.shape[0] - 1, int(y * sm.shape[0] / h)), min(sm.shape[1] - 1, int(x * sm.shape[1] / w))])
+        thr = spade.pixel_threshold_
+        return ExplainResponse(
+            id=id, y=y, x=x, neighbour=c.neighbour, neighbour_name=c.neighbour_name, level=c.level,
+            distance=c.distance, y_frac=c.y_frac, x_frac=c.x_frac, box_frac=list(c.box_frac),
+            thumbnail_url=f"/thumbnail/{c.neighbour}", pixel_score=v,
+            pixel_score_normalised=v / thr if thr else None,
+        )
+
+    return app

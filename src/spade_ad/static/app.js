@@ -1,0 +1,256 @@
+/* spade-ad inspector: upload an image, see its heatmap and mask, move the threshold, explain a pixel.
+   Plain JavaScript, no build step, nothing loaded from outside this server. */
+(function () {
+  'use strict';
+
+  var $ = function (id) { return document.getElementById(id); };
+  var info = null;      // GET /info
+  var current = null;   // last POST /predict answer
+  var map = null;       // Float32Array of current.map
+  var seq = 0;          // ignore answers to superseded uploads
+  var explainSeq = 0;
+
+  function fmt(v, digits) {
+    if (v === null || v === undefined || isNaN(v)) return '–';
+    return Number(v).toPrecision(digits || 4);
+  }
+
+  function showMessage(text, kind) {
+    var m = $('message');
+    m.textContent = text;
+    m.className = 'message ' + (kind || 'error');
+    m.hidden = false;
+  }
+
+  function clearMessage() {
+    var m = $('message');
+    m.hidden = true;
+    m.textContent = '';
+  }
+
+  function errorText(status, body) {
+    var detail = body && body.detail;
+    if (Array.isArray(detail)) {
+      detail = detail.map(function (d) { return d.msg || JSON.stringify(d); }).join('; ');
+    }
+    if (!detail) detail = 'the server answered ' + status;
+    return 'Error ' + status + ': ' + detail;
+  }
+
+  function readJson(resp) {
+    return resp.text().then(function (t) {
+      try { return JSON.parse(t); } catch (e) { return { detail: t ? t.slice(0, 300) : '' }; }
+    });
+  }
+
+  // ------------------------------------------------------------------ model information
+  fetch('/info').then(function (r) { return r.json(); }).then(function (d) {
+    info = d;
+    $('model-info').textContent = 'model: ' + d.backbone + ', ' + d.n_train + ' normal images, image threshold ' +
+      fmt(d.image_threshold) + ', pixel threshold ' + fmt(d.pixel_threshold);
+    $('limit').textContent = 'PNG, JPEG, BMP, TIFF or WebP, at most ' + (d.max_upload_bytes / 1048576).toFixed(1) + ' MB';
+    $('scale-note').textContent = d.colour_scale;
+  }).catch(function () {
+    showMessage('Could not reach the server for the model information.', 'error');
+  });
+
+  // ------------------------------------------------------------------ upload
+  function upload(file) {
+    if (!file) return;
+    if (info && file.size > info.max_upload_bytes) {
+      showMessage('Error 413: ' + file.name + ' is too large (' + (file.size / 1048576).toFixed(1) +
+        ' MB; the server accepts at most ' + (info.max_upload_bytes / 1048576).toFixed(1) + ' MB)', 'error');
+      return;
+    }
+    var my = ++seq;
+    $('busy').hidden = false;
+    var form = new FormData();
+    form.append('file', file, file.name);
+    fetch('/predict', { method: 'POST', body: form }).then(function (resp) {
+      return readJson(resp).then(function (body) {
+        if (my !== seq) return;
+        if (!resp.ok) {
+          showMessage(errorText(resp.status, body), 'error');
+          return;
+        }
+        clearMessage();
+        render(body);
+      });
+    }).catch(function (err) {
+      if (my !== seq) return;
+      showMessage('Upload failed: ' + err.message + ' (is the file larger than the server accepts?)', 'error');
+    }).then(function () {
+      if (my === seq) $('busy').hidden = true;
+    });
+  }
+
+  var drop = $('drop');
+  ['dragenter', 'dragover'].forEach(function (ev) {
+    drop.addEventListener(ev, function (e) { e.preventDefault(); drop.classList.add('over'); });
+  });
+  ['dragleave', 'drop'].forEach(function (ev) {
+    drop.addEventListener(ev, function (e) { e.preventDefault(); drop.classList.remove('over'); });
+  });
+  drop.addEventListener('drop', function (e) {
+    var files = e.dataTransfer && e.dataTransfer.files;
+    if (files && files.length) upload(files[0]);
+  });
+  drop.addEventListener('keydown', function (e) {
+    if (e.key === 'Enter' || e.key === ' ') { e.preventDefault(); $('file').click(); }
+  });
+  // a file dropped beside the zone must not make the browser leave the page
+  window.addEventListener('dragover', function (e) { e.preventDefault(); });
+  window.addEventListener('drop', function (e) { e.preventDefault(); });
+  $('file').addEventListener('change', function () {
+    var f = this.files && this.files[0];
+    this.value = '';  // choosing the same file again fires change again
+    upload(f);
+  });
+
+  // ------------------------------------------------------------------ result
+  function decodeMap(m) {
+    var bin = atob(m.data);
+    var bytes = new Uint8Array(bin.length);
+    for (var i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+    var view = new DataView(bytes.buffer);
+    var out = new Float32Array(m.width * m.height);
+    for (var j = 0; j < out.length; j++) out[j] = view.getFloat32(j * 4, true);
+    return out;
+  }
+
+  function render(res) {
+    current = res;
+    map = decodeMap(res.map);
+    $('result').hidden = false;
+    $('filename').textContent = res.filename + ' (' + res.width + '×' + res.height + ')';
+    $('score').textContent = fmt(res.score);
+    $('norm-score').textContent = fmt(res.normalised_score, 3);
+    $('image-thr').textContent = fmt(res.image_threshold);
+    var v = $('verdict');
+    v.textContent = res.verdict || 'no threshold';
+    v.className = res.verdict || '';
+    $('explain').hidden = true;
+    $('marker').hidden = true;
+    var img = $('overlay');
+    img.onload = function () { sizeCanvases(); drawMask(); };
+    img.src = res.overlay;
+    var nb = $('neighbours');
+    nb.textContent = '';
+    res.neighbours.forEach(function (n) {
+      var fig = document.createElement('figure');
+      var im = document.createElement('img');
+      im.src = n.thumbnail_url;
+      im.alt = 'normal image ' + n.index;
+      var cap = document.createElement('figcaption');
+      cap.textContent = n.name.split(/[\\/]/).pop();
+      cap.title = n.name;
+      fig.appendChild(im);
+      fig.appendChild(cap);
+      nb.appendChild(fig);
+    });
+    drawMask();
+  }
+
+  function sizeCanvases() {
+    var img = $('overlay');
+    var w = img.clientWidth, h = img.clientHeight;
+    var mask = $('mask');
+    mask.style.width = w + 'px';
+    mask.style.height = h + 'px';
+  }
+
+  function pixelThreshold() {
+    var s = parseFloat($('threshold').value);
+    var base = current && current.pixel_threshold;
+    if (!base) {  // no calibrated threshold: the scale is relative to the map's maximum (as the heatmap)
+      base = (current ? current.max_pixel_score : 1) / 2;
+    }
+    return { factor: s, value: s * base };
+  }
+
+  function drawMask() {
+    if (!current || !map) return;
+    var t = pixelThreshold();
+    var w = current.map.width, h = current.map.height;
+    var flagged = new Uint8Array(w * h);
+    var n = 0;
+    for (var i = 0; i < flagged.length; i++) {
+      if (map[i] >= t.value) { flagged[i] = 1; n++; }
+    }
+    var mask = $('mask'), outline = $('outline');
+    mask.width = outline.width = w;
+    mask.height = outline.height = h;
+    var mctx = mask.getContext('2d'), octx = outline.getContext('2d');
+    var mImg = mctx.createImageData(w, h), oImg = octx.createImageData(w, h);
+    for (var y = 0; y < h; y++) {
+      for (var x = 0; x < w; x++) {
+        var k = y * w + x, p = 4 * k;
+        var on = flagged[k];
+        mImg.data[p] = mImg.data[p + 1] = mImg.data[p + 2] = on ? 255 : 0;
+        mImg.data[p + 3] = 255;
+        if (on && (x === 0 || y === 0 || x === w - 1 || y === h - 1 ||
+                   !flagged[k - 1] || !flagged[k + 1] || !flagged[k - w] || !flagged[k + w])) {
+          oImg.data[p] = 0; oImg.data[p + 1] = 255; oImg.data[p + 2] = 255; oImg.data[p + 3] = 255;
+        }
+      }
+    }
+    mctx.putImageData(mImg, 0, 0);
+    octx.putImageData(oImg, 0, 0);
+    mask.dataset.flagged = String(n);
+    $('mask-info').textContent = (100 * n / flagged.length).toFixed(2) + '% of pixels at or over ' + fmt(t.value);
+    $('threshold-value').textContent = t.factor.toFixed(2) + ' × calibrated = ' + fmt(t.value);
+    sizeCanvases();
+  }
+
+  $('threshold').addEventListener('input', drawMask);
+  $('reset-threshold').addEventListener('click', function () {
+    $('threshold').value = '1';
+    drawMask();
+  });
+  window.addEventListener('resize', sizeCanvases);
+
+  // ------------------------------------------------------------------ explain a pixel
+  $('overlay').addEventListener('click', function (e) {
+    if (!current) return;
+    var rect = this.getBoundingClientRect();
+    var fx = Math.min(Math.max((e.clientX - rect.left) / rect.width, 0), 0.999999);
+    var fy = Math.min(Math.max((e.clientY - rect.top) / rect.height, 0), 0.999999);
+    var x = Math.floor(fx * current.width), y = Math.floor(fy * current.height);
+    var marker = $('marker');
+    marker.style.left = (100 * fx) + '%';
+    marker.style.top = (100 * fy) + '%';
+    marker.hidden = false;
+    var my = ++explainSeq, id = current.id;
+    fetch('/explain?id=' + encodeURIComponent(id) + '&y=' + y + '&x=' + x).then(function (resp) {
+      return readJson(resp).then(function (body) {
+        if (my !== explainSeq) return;
+        if (!resp.ok) { showMessage(errorText(resp.status, body), 'error'); return; }
+        clearMessage();
+        showExplanation(body);
+      });
+    }).catch(function (err) {
+      showMessage('Explain request failed: ' + err.message, 'error');
+    });
+  });
+
+  function showExplanation(c) {
+    $('explain').hidden = false;
+    var thumb = $('neighbour-thumb');
+    thumb.src = c.thumbnail_url;
+    var size = 256, minSide = 12;  // the displayed thumbnail's side; keep the box visible
+    var b = c.box_frac;
+    var bw = Math.max(minSide, (b[3] - b[1]) * size), bh = Math.max(minSide, (b[2] - b[0]) * size);
+    var box = $('match-box');
+    box.style.left = (c.x_frac * size - bw / 2) + 'px';
+    box.style.top = (c.y_frac * size - bh / 2) + 'px';
+    box.style.width = bw + 'px';
+    box.style.height = bh + 'px';
+    $('pixel-pos').textContent = '(y ' + c.y + ', x ' + c.x + ')';
+    $('pixel-score').textContent = fmt(c.pixel_score) +
+      (c.pixel_score_normalised !== null ? ', ' + fmt(c.pixel_score_normalised, 3) + ' × threshold' : '');
+    $('neighbour-name').textContent = c.neighbour_name.split(/[\\/]/).pop() + ' (#' + c.neighbour + ')';
+    $('neighbour-name').title = c.neighbour_name;
+    $('match-distance').textContent = fmt(c.distance);
+    $('match-level').textContent = String(c.level);
+  }
+})();

@@ -1,0 +1,242 @@
+"""End to end in a real headless Chromium (Debian's /usr/bin/chromium, driven by Playwright).
+
+The inspector is served by uvicorn on 127.0.0.1 with a small model fitted on a few bottle images; the
+page is driven like a person would: upload, read the score, move the slider, click a pixel, upload a
+corrupt file, upload a good image. Screenshots go to test-artifacts/. If the browser cannot start,
+these tests fail (they never skip).
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spade_ad import Spade
+from spade_ad.server import create_app
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+LIMIT_MB = 5
+
+
+@pytest.fixture(scope="module")
+def server(bottle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    import uvicorn
+
+    train = sorted((bottle / "train" / "good").glob("*.png"))[::26][:8]
+    model_dir = tmp_path_factory.mktemp("browser") / "model"
+    Spade(k=4, k_image=3, image_size=224, calibration_images=4).fit(train).save(model_dir)
+    app = create_app(model_dir, max_upload_bytes=LIMIT_MB * 1024 * 1024)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail("the inspector server did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: install the Debian packages chromium and chromium-driver")
+    with sync_playwright() as p:
+        try:
+            b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=30_000)
+        except Exception as exc:  # noqa: BLE001 - any failure to start the browser fails the tests
+            pytest.fail(f"headless Chromium could not start: {exc}")
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser: Any, server: str) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1400, "height": 1100})
+    pg = context.new_page()
+    pg.set_default_timeout(20_000)
+    pg.js_errors = []
+    pg.requests = []
+    pg.on("pageerror", lambda exc: pg.js_errors.append(str(exc)))
+    pg.on("request", lambda req: pg.requests.append(req.url))
+    yield pg
+    context.close()
+
+
+def shot(page: Any, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def number(text: str) -> float:
+    m = re.search(r"-?\d+(\.\d+)?(e[-+]?\d+)?", text)
+    assert m, text
+    return float(m.group(0))
+
+
+def upload(page: Any, path: Path | None = None, *, name: str = "", data: bytes = b"") -> None:
+    if path is not None:
+        page.set_input_files("#file", str(path))
+    else:
+        page.set_input_files("#file", {"name": name, "mimeType": "image/png", "buffer": data})
+
+
+def test_inspector_end_to_end(page: Any, server: str, bottle: Path) -> None:
+    t0 = time.monotonic()
+    page.goto(server + "/")
+    page.wait_for_function("document.getElementById('model-info').textContent.startsWith('model:')")
+
+    # upload a defective bottle: score, verdict and overlay appear
+    defective = bottle / "test" / "broken_large" / "000.png"
+    upload(page, defective)
+    page.wait_for_selector("#result:not([hidden])")
+    page.wait_for_function("document.getElementById('overlay').complete && "
+                           "document.getElementById('overlay').naturalWidth > 0")
+    assert page.inner_text("#filename").startswith("000.png (900×900)")
+    score = number(page.inner_text("#score"))
+    norm = number(page.inner_text("#norm-score"))
+    thr = number(page.inner_text("#image-thr"))
+    assert score > 0 and norm == pytest.approx(score / thr, rel=2e-3)
+    verdict = page.inner_text("#verdict")
+    assert verdict == ("defective" if score >= thr else "good")
+    assert verdict == "defective"  # a large break is far from 8 normal bottles
+    assert page.eval_on_selector("#overlay", "e => e.clientWidth") > 200
+    assert page.eval_on_selector("#colour-bar", "e => e.naturalHeight") == 256
+    assert page.locator("#neighbours img").count() == 4
+    page.wait_for_function("Array.from(document.querySelectorAll('#neighbours img'))"
+                           ".every(i => i.complete && i.naturalWidth > 0)")
+    assert page.is_hidden("#message")
+
+    # the slider recomputes the mask in the page, without a new upload
+    n_predicts = sum(u.endswith("/predict") for u in page.requests)
+    flagged_1 = int(page.get_attribute("#mask", "data-flagged"))
+    mask_1 = page.eval_on_selector("#mask", "c => c.toDataURL()")
+    page.fill("#threshold", "0.5")
+    page.wait_for_function(f"document.getElementById('mask').dataset.flagged !== '{flagged_1}'")
+    flagged_lo = int(page.get_attribute("#mask", "data-flagged"))
+    assert flagged_lo > flagged_1
+    assert page.eval_on_selector("#mask", "c => c.toDataURL()") != mask_1
+    assert page.inner_text("#threshold-value").startswith("0.50 × calibrated")
+    page.fill("#threshold", "1.8")
+    page.wait_for_function(f"document.getElementById('mask').dataset.flagged !== '{flagged_lo}'")
+    assert int(page.get_attribute("#mask", "data-flagged")) < flagged_1
+    page.click("#reset-threshold")
+    assert int(page.get_attribute("#mask", "data-flagged")) == flagged_1
+    assert sum(u.endswith("/predict") for u in page.requests) == n_predicts
+    shot(page, "inspector_slider.png")
+
+    # click a pixel: the matching normal image appears with the matched patch highlighted
+    box = page.locator("#overlay").bounding_box()
+    page.mouse.click(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.3)
+    page.wait_for_selector("#explain:not([hidden])")
+    page.wait_for_function("document.getElementById('neighbour-thumb').complete && "
+                           "document.getElementById('neighbour-thumb').naturalWidth > 0")
+    assert page.is_visible("#marker")
+    thumb = page.locator("#neighbour-thumb").bounding_box()
+    hl = page.locator("#match-box").bounding_box()
+    assert thumb is not None and hl is not None and hl["width"] >= 10 and hl["height"] >= 10
+    assert thumb["x"] - 3 <= hl["x"] and hl["x"] + hl["width"] <= thumb["x"] + thumb["width"] + 3
+    assert thumb["y"] - 3 <= hl["y"] and hl["y"] + hl["height"] <= thumb["y"] + thumb["height"] + 3
+    assert page.eval_on_selector("#match-box", "e => getComputedStyle(e).borderTopColor") == "rgb(0, 255, 255)"
+    assert number(page.inner_text("#match-distance")) > 0
+    assert page.inner_text("#pixel-pos").startswith("(y ")
+    assert re.search(r"\d+\.png \(#\d+\)", page.inner_text("#neighbour-name"))
+    shot(page, "inspector_explain.png")
+
+    # a corrupt file: a clear message in the page, the last result stays
+    data = defective.read_bytes()
+    upload(page, name="corrupt.png", data=data[:5000])
+    page.wait_for_selector("#message:not([hidden])")
+    msg = page.inner_text("#message")
+    assert "Error 400" in msg and "corrupt.png: corrupt or truncated image" in msg
+    assert page.eval_on_selector("#message", "e => e.classList.contains('error')")
+    shot(page, "inspector_error.png")
+    upload(page, name="notes.png", data=b"just some text, not a picture")
+    page.wait_for_function("document.getElementById('message').textContent.includes('not an image file')")
+    # a file over the limit is refused with a message, before any upload
+    upload(page, name="huge.png", data=b"\0" * (LIMIT_MB * 1024 * 1024 + 1))
+    page.wait_for_function("document.getElementById('message').textContent.includes('too large')")
+
+    # ... and the page keeps working: a good bottle
+    upload(page, bottle / "test" / "good" / "000.png")
+    page.wait_for_selector("#message", state="hidden")
+    page.wait_for_function("document.getElementById('filename').textContent.startsWith('000.png')"
+                           " && document.getElementById('explain').hidden")
+    good_score = number(page.inner_text("#score"))
+    assert good_score < score
+    assert page.inner_text("#verdict") in ("good", "defective")
+    shot(page, "inspector_good.png")
+
+    # everything came from this server (no CDN), and no script error happened
+    assert all(u.startswith((server, "data:", "blob:")) for u in page.requests), page.requests
+    assert page.js_errors == []
+    assert time.monotonic() - t0 < 60
+
+
+def test_api_docs_render_offline(page: Any, server: str) -> None:
+    page.goto(server + "/docs")
+    page.wait_for_selector("text=/predict")
+    assert page.locator(".opblock").count() >= 3
+    assert all(u.startswith((server, "data:")) for u in page.requests), page.requests
+
+
+def test_report_filters_in_the_browser(browser: Any, small_train: Path, tmp_path: Path) -> None:
+    from spade_ad.data import load_mvtec_category, load_sample
+    from spade_ad.evaluate import evaluate_category
+    from spade_ad.report import write_report
+
+    cat = load_mvtec_category(small_train)
+    row, model, pred, masks, labels = evaluate_category(
+        cat, {"k": 3, "k_image": 2, "image_size": 64, "calibration_images": 4}, "full")
+    path = write_report(tmp_path / "report.html", row, model, pred, masks, labels,
+                        [load_sample(s, "full")[0] for s in cat.test])
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    pg = context.new_page()
+    requests: list[str] = []
+    pg.on("request", lambda r: requests.append(r.url))
+    pg.goto(path.as_uri())
+    rows = pg.locator("#rows tbody tr")
+    assert rows.count() == len(cat.test)
+
+    def visible() -> list[str]:
+        return pg.eval_on_selector_all("#rows tbody tr", "rs => rs.filter(r => r.style.display !== 'none')"
+                                                         ".map(r => r.dataset.outcome)")
+
+    assert len(visible()) == len(cat.test)
+    for button, outcomes in (("misses", {"fn"}), ("false-alarms", {"fp"}), ("defective", {"tp", "fn"}),
+                             ("good", {"tn", "fp"})):
+        pg.click(f'button[data-filter="{button}"]')
+        shown = visible()
+        expected = [o for o in pg.eval_on_selector_all("#rows tbody tr", "rs => rs.map(r => r.dataset.outcome)")
+                    if o in outcomes]
+        assert sorted(shown) == sorted(expected)
+        assert pg.inner_text("#shown").startswith(f"{len(shown)} of {len(cat.test)}")
+    pg.click('button[data-filter="all"]')
+    pg.click("#sort")
+    scores = pg.eval_on_selector_all("#rows tbody tr", "rs => rs.map(r => parseFloat(r.dataset.score))")
+    assert scores == sorted(scores)
+    ARTIFACTS.mkdir(exist_ok=True)
+    pg.screenshot(path=str(ARTIFACTS / "report_synthetic.png"), full_page=False)
+    assert all(u.startswith(("file:", "data:")) for u in requests), requests
+    context.close()

@@ -1,0 +1,145 @@
+"""The HTML report: one self-contained file with every test image, filters, and F1 numbers that agree with metrics."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from spade_ad import cli, metrics
+from spade_ad.data import load_mvtec_category, load_sample
+from spade_ad.evaluate import evaluate_category
+from spade_ad.report import threshold_metrics, write_report
+
+PARAMS = {"k": 3, "k_image": 2, "image_size": 64, "calibration_images": 4}
+
+
+@pytest.fixture(scope="module")
+def evaluated(small_train: Path) -> tuple[Any, ...]:
+    cat = load_mvtec_category(small_train)
+    row, model, pred, masks, labels = evaluate_category(cat, PARAMS, "full")
+    images = [load_sample(s, "full")[0] for s in cat.test]
+    return cat, row, model, pred, masks, labels, images
+
+
+@pytest.fixture(scope="module")
+def report(evaluated: tuple[Any, ...], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    _, row, model, pred, masks, labels, images = evaluated
+    return write_report(tmp_path_factory.mktemp("report") / "report.html", row, model, pred, masks, labels, images)
+
+
+def test_report_is_one_self_contained_file(report: Path) -> None:
+    text = report.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>")
+    # nothing fetched from anywhere: no external src/href, no script or stylesheet files
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", text, re.IGNORECASE)
+    assert "http://" not in text and "https://" not in text
+    assert "<link" not in text and not re.search(r"<script[^>]+src", text)
+    srcs = re.findall(r'<img[^>]*\ssrc="([^"]*)"', text)
+    assert srcs and all(s.startswith(("data:image/png;base64,", "data:image/jpeg;base64,")) for s in srcs)
+    # the curves and the histogram are embedded pictures
+    for alt in ("ROC curve", "PRO curve", "score histogram", "colour bar"):
+        assert f'alt="{alt}"' in text
+
+
+def test_report_has_a_row_per_test_image_sorted_by_score(report: Path, evaluated: tuple[Any, ...]) -> None:
+    cat, _, _, pred, _, labels, _ = evaluated
+    text = report.read_text(encoding="utf-8")
+    rows = re.findall(r'<tr data-label="(\w+)" data-outcome="(\w*)" data-score="([^"]+)">', text)
+    assert len(rows) == len(cat.test) == len(pred.scores)
+    for s in cat.test:
+        assert f"{s.path.parent.name}/{s.path.name}" in text
+    scores = [float(r[2]) for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    assert sorted(scores) == sorted(float(x) for x in pred.scores)
+    assert sum(r[0] == "defective" for r in rows) == sum(labels)
+    for row in rows:  # every row has an outcome consistent with its label
+        assert row[1] in (("tp", "fn") if row[0] == "defective" else ("tn", "fp"))
+    for key in ("all", "misses", "false-alarms", "defective", "good"):
+        assert f'data-filter="{key}"' in text
+    assert 'id="sort"' in text and "<script>" in text
+
+
+def test_report_f1_numbers_agree_with_metrics(report: Path, evaluated: tuple[Any, ...]) -> None:
+    _, row, model, pred, _, labels, _ = evaluated
+    doc = json.loads(report.with_suffix(".json").read_text())
+    d = doc["decision"]
+    thr = model.image_threshold_
+    assert thr is not None and d["image_threshold"] == pytest.approx(thr)
+    p, r, f1 = metrics.precision_recall_f1(labels, pred.scores, thr)
+    assert (d["precision"], d["recall"], d["f1"]) == pytest.approx((p, r, f1))
+    t_best, f1_best = metrics.best_f1_threshold(labels, pred.scores)
+    assert d["best_f1_threshold"] == pytest.approx(t_best) and d["best_f1"] == pytest.approx(f1_best)
+    assert d["best_f1"] >= d["f1"] - 1e-12
+    y = np.asarray(labels)
+    good = pred.scores[y == 0]
+    assert d["false_alarm_rate"] == pytest.approx(float(np.mean(good >= thr)))
+    assert d["true_positives"] + d["false_negatives"] == int(y.sum())
+    assert d["false_positives"] + d["true_negatives"] == int((y == 0).sum())
+    assert doc["metrics"]["image_auroc"] == pytest.approx(row["image_auroc"])
+    assert len(doc["images"]) == len(labels)
+    # and the HTML shows the same F1
+    text = report.read_text(encoding="utf-8")
+    assert f"<th>F1 at calibrated threshold</th><td>{d['f1']:.4f}</td>" in text
+    assert f"<th>best F1</th><td>{d['best_f1']:.4f}</td>" in text
+
+
+def test_threshold_metrics_edge_cases() -> None:
+    only_good = threshold_metrics([0, 0, 0], [1.0, 2.0, 3.0], 2.5)
+    assert only_good["false_alarm_rate"] == pytest.approx(1 / 3)
+    assert only_good["f1"] is None and only_good["best_f1"] is None
+    none = threshold_metrics([0, 1], [1.0, 2.0], None)
+    assert none["f1"] is None and none["false_alarm_rate"] is None and none["best_f1"] == pytest.approx(1.0)
+    perfect = threshold_metrics([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9], 0.5)
+    assert perfect["f1"] == 1.0 and perfect["false_alarm_rate"] == 0.0 and perfect["miss_rate"] == 0.0
+    assert perfect["best_f1_threshold"] == pytest.approx(0.8)
+
+
+def test_report_from_image_paths_and_without_threshold(evaluated: tuple[Any, ...], tmp_path: Path) -> None:
+    cat, row, model, pred, masks, labels, _ = evaluated
+    paths = [s.path for s in cat.test]  # paths are read one at a time
+    out = write_report(tmp_path / "r.html", row, model, pred, masks, labels, paths, title="from paths")
+    assert "<title>from paths</title>" in out.read_text(encoding="utf-8")
+    with pytest.raises(ValueError, match="images"):
+        write_report(tmp_path / "bad.html", row, model, pred, masks, labels, paths[:-1])
+
+
+def test_cli_report(small_train: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    old = sys.argv
+    sys.argv = ["spade-ad", "report", str(small_train), "--out", str(tmp_path / "rep"), "--k", "3",
+                "--k-image", "2", "--image-size", "64", "--calibration-images", "3"]
+    cli._state["debug"] = False
+    try:
+        with pytest.raises(SystemExit) as exc:
+            cli.main()
+    finally:
+        sys.argv = old
+    out, err = capsys.readouterr()
+    assert exc.value.code == 0, err
+    path = Path(out.strip().splitlines()[-1])
+    assert path == tmp_path / "rep" / "report.html" and path.is_file()
+    assert (tmp_path / "rep" / "report.json").is_file()
+    assert "F1" in err and "false-alarm rate" in " ".join(err.split())
+
+
+def test_cli_report_refuses_a_root_of_several_categories(small_train: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    for name in ("a", "b"):
+        (root / name).symlink_to(small_train, target_is_directory=True)
+    old = sys.argv
+    sys.argv = ["spade-ad", "report", str(root), "--out", str(tmp_path / "rep")]
+    cli._state["debug"] = False
+    try:
+        with pytest.raises(SystemExit) as exc:
+            cli.main()
+    finally:
+        sys.argv = old
+    _, err = capsys.readouterr()
+    assert exc.value.code == 2 and "report takes one category" in " ".join(err.split())
