@@ -13,7 +13,7 @@ from spade_ad.evaluate import evaluate_category
 # Floors: the paper protocol ones are the issue's; the full-protocol ones sit just under what was measured.
 FLOORS = {
     "paper": {"image_auroc": 0.995, "pixel_auroc": 0.975, "aupro": 0.93},
-    "full": {"image_auroc": 0.995, "pixel_auroc": 0.975, "aupro": 0.93},
+    "full": {"image_auroc": 0.99, "pixel_auroc": 0.98, "aupro": 0.95},  # measured 0.9952 / 0.9842 / 0.9584
 }
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 

@@ -1,0 +1,431 @@
+"""Pixel-stage benchmark: our engine against the naive cdist baseline and a per-image faiss index.
+
+    python benchmarks/pixel_stage.py                         # MVTec bottle, EfficientNet-Lite0, k=50
+    python benchmarks/pixel_stage.py --synthetic-wrn --levels 1 2   # Wide-ResNet-50-2 shapes, random weights
+
+In one process and on the same features, each test image's pixel stage is timed per pyramid level with
+
+* ``engine``: :func:`spade_ad.correspondence.nn_distances`, as ``Spade.predict`` calls it;
+* ``cdist``:  :func:`spade_ad.correspondence.cdist_baseline`, the whole ``torch.cdist`` matrix then ``topk``
+  (the SPADE-pytorch approach, reduced on the right axis);
+* ``faiss``:  a ``faiss.IndexFlatL2`` built on that image's gallery and searched with kappa (the SPADE-fast
+  approach; CPU only; index construction is included in its time).
+
+The methods run interleaved (their order rotates between repeats) and each (image, level, method) keeps
+the best of ``--repeats``, so a noisy, shared machine hurts them alike. Every method's output is checked
+against the float64 brute-force reference (:func:`nn_distances_reference`) on ``--check-queries`` random
+queries per image and level. In bottle mode ``Spade.fit`` (images/s) and ``Spade.predict`` end to end are
+timed as well, the latter once with the engine and once with ``nn_distances`` replaced by the cdist
+baseline inside ``spade_ad.model`` (interleaved, best of ``--repeats``).
+
+Results go to ``benchmarks/results/pixel_stage_<mode>_<device>.json`` with the machine described.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+import spade_ad.model as spade_model  # noqa: E402
+from spade_ad.backbones import build_backbone  # noqa: E402
+from spade_ad.correspondence import cdist_baseline, nn_distances, nn_distances_reference  # noqa: E402
+from spade_ad.data import load_mvtec_category  # noqa: E402
+from spade_ad.evaluate import machine_description  # noqa: E402
+from spade_ad.features import extract  # noqa: E402
+from spade_ad.io import load_image  # noqa: E402
+from spade_ad.knn import image_knn  # noqa: E402
+from spade_ad.model import Spade, pick_device  # noqa: E402
+from spade_ad.synthetic import DEFECT_KINDS, add_defect, render_good  # noqa: E402
+
+try:
+    import faiss
+except ImportError:  # optional: pip install faiss-cpu (extra "bench")
+    faiss = None
+
+METHODS = ("engine", "cdist", "faiss")
+Case = tuple[torch.Tensor, torch.Tensor, tuple[int, int]]  # queries (P, C), gallery (k*P, C), grid (h, w)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def timed(fn: Callable[[], Any], dev: torch.device) -> tuple[float, Any]:
+    sync(dev)
+    t = time.perf_counter()
+    out = fn()
+    sync(dev)
+    return time.perf_counter() - t, out
+
+
+def faiss_search(q: np.ndarray, g: np.ndarray, kappa: int) -> np.ndarray:
+    """SPADE-fast: a flat L2 index on this image's gallery, searched for the kappa nearest rows."""
+    index = faiss.IndexFlatL2(g.shape[1])
+    index.add(g)
+    d2, _ = index.search(q, min(kappa, g.shape[0]))
+    return np.sqrt(np.maximum(d2, 0.0)).mean(1)
+
+
+EXACT = 1e-4  # the exactness bar of the project: relative error on every pixel
+
+
+def rel_errs(a: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    a, ref = a.double().cpu(), ref.double().cpu()
+    return (a - ref).abs() / ref.abs().clamp_min(1e-12)
+
+
+def run_case(
+    case: Case, kappa: int, methods: list[str], repeats: int, n_check: int, dev: torch.device, seed: int
+) -> dict[str, Any]:
+    """Time the methods on one (image, level), interleaved, and check them against the reference."""
+    q, g, hw = case
+    q = q.to(dev).float().contiguous()
+    g = g.to(dev).float().contiguous()
+    qn = q.cpu().numpy() if "faiss" in methods else None
+    gn = g.cpu().numpy() if "faiss" in methods else None
+    calls: dict[str, Callable[[], Any]] = {}
+    stats: dict[str, int] = {}
+
+    def engine() -> torch.Tensor:
+        stats.clear()
+        return nn_distances(q, g, kappa, stats=stats, query_hw=hw, gallery_hw=hw)
+
+    calls["engine"] = engine
+    calls["cdist"] = lambda: cdist_baseline(q, g, kappa)
+    calls["faiss"] = lambda: faiss_search(qn, gn, kappa)
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    outs: dict[str, torch.Tensor] = {}
+    for r in range(repeats):
+        for m in methods[r % len(methods) :] + methods[: r % len(methods)]:
+            t, out = timed(calls[m], dev)
+            times[m].append(t)
+            outs[m] = torch.as_tensor(out).detach().cpu()
+            del out
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(q.shape[0], generator=gen)[: min(n_check, q.shape[0])]
+    ref = nn_distances_reference(q[idx.to(dev)], g, kappa) if len(idx) else torch.empty(0)
+    errs = {m: rel_errs(outs[m][idx], ref) for m in methods}
+    return {
+        "queries": int(q.shape[0]),
+        "gallery": int(g.shape[0]),
+        "channels": int(q.shape[1]),
+        "seconds": times,
+        "best_s": {m: min(v) for m, v in times.items()},
+        "max_rel_err": {m: float(errs[m].max()) if len(idx) else 0.0 for m in methods},
+        "n_over_1e-4": {m: int((errs[m] > EXACT).sum()) for m in methods},
+        "checked_queries": int(len(idx)),
+        "engine_stats": dict(stats),
+    }
+
+
+def run_cases(
+    images: list[list[Case]], levels: list[int], args: argparse.Namespace, dev: torch.device
+) -> list[dict[str, Any]]:
+    rows = []
+    for i, per_level in enumerate(images):
+        for li in levels:
+            t0 = time.perf_counter()
+            res = run_case(per_level[li], args.kappa, args.methods, args.repeats, args.check_queries, dev,
+                           seed=1000 * i + li)
+            res.update(image=i, level=li)
+            rows.append(res)
+            best = "  ".join(f"{m} {res['best_s'][m] * 1e3:8.1f} ms" for m in args.methods)
+            errs = " ".join(f"{res['max_rel_err'][m]:.1e}" for m in args.methods)
+            print(f"  image {i} level {li}: {best}   max rel err {errs}   ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
+    return rows
+
+
+def summarise(rows: list[dict[str, Any]], levels: list[int], methods: list[str]) -> dict[str, Any]:
+    per_level = {}
+    for li in levels:
+        rs = [r for r in rows if r["level"] == li]
+        per_level[li] = {
+            "shape": f"{rs[0]['queries']} x {rs[0]['gallery']} x {rs[0]['channels']}",
+            "ms_per_image": {m: 1e3 * float(np.mean([r["best_s"][m] for r in rs])) for m in methods},
+            "max_rel_err": {m: max(r["max_rel_err"][m] for r in rs) for m in methods},
+            "frac_over_1e-4": {m: sum(r["n_over_1e-4"][m] for r in rs) / max(1, sum(r["checked_queries"] for r in rs))
+                               for m in methods},
+            "gflop_per_image": 2 * rs[0]["queries"] * rs[0]["gallery"] * rs[0]["channels"] / 1e9,
+        }
+    total = {m: sum(v["ms_per_image"][m] for v in per_level.values()) for m in methods}
+    return {
+        "levels": per_level,
+        "total_ms_per_image": total,
+        "max_rel_err": {m: max(v["max_rel_err"][m] for v in per_level.values()) for m in methods},
+        "frac_over_1e-4": {m: sum(r["n_over_1e-4"][m] for r in rows) / max(1, sum(r["checked_queries"] for r in rows))
+                           for m in methods},
+        "checked_queries": sum(r["checked_queries"] for r in rows),
+        "ratios": {f"{m}/engine": total[m] / total["engine"] for m in methods if m != "engine"},
+        "fallback_queries": sum(r["engine_stats"].get("fallback", 0) for r in rows),
+    }
+
+
+def print_table(summary: dict[str, Any], methods: list[str], title: str) -> None:
+    others = [m for m in methods if m != "engine"]
+    head = f"{'level':>5}  {'queries x gallery x C':>24}  {'GFLOP':>6}  " + "  ".join(f"{m:>9}" for m in methods)
+    head += "".join(f"  {m + '/eng':>10}" for m in others) + "   max rel err vs float64 (" + "/".join(methods) + ")"
+    print(f"\n{title}")
+    print(head)
+    for li, v in summary["levels"].items():
+        ms = v["ms_per_image"]
+        line = f"{li:>5}  {v['shape']:>24}  {v['gflop_per_image']:6.1f}  " + "  ".join(f"{ms[m]:9.1f}" for m in methods)
+        line += "".join(f"  {ms[m] / ms['engine']:9.1f}x" for m in others)
+        line += "   " + " / ".join(f"{v['max_rel_err'][m]:.1e}" for m in methods)
+        print(line)
+    tot = summary["total_ms_per_image"]
+    gf = sum(v["gflop_per_image"] for v in summary["levels"].values())
+    line = f"{'total':>5}  {'':>24}  {gf:6.1f}  " + "  ".join(f"{tot[m]:9.1f}" for m in methods)
+    line += "".join(f"  {tot[m] / tot['engine']:9.1f}x" for m in others)
+    line += "   " + " / ".join(f"{summary['max_rel_err'][m]:.1e}" for m in methods)
+    print(line)
+    bad = ", ".join(f"{m} {100 * summary['frac_over_1e-4'][m]:.1f}%" for m in methods)
+    print(f"(ms per test image, mean over images of the best of the repeats; engine fallback queries: "
+          f"{summary['fallback_queries']})")
+    print(f"checked queries off the float64 reference by more than 1e-4 relative ({summary['checked_queries']} "
+          f"checked): {bad}")
+
+
+# ---------------------------------------------------------------------------------------------- bottle
+
+
+def spread(samples: list[Any], n: int) -> list[Any]:
+    """n test samples taken round-robin over the defect types (good included)."""
+    by_type: dict[str, list[Any]] = {}
+    for s in samples:
+        by_type.setdefault(s.defect_type, []).append(s)
+    out: list[Any] = []
+    queues = [list(v) for _, v in sorted(by_type.items())]
+    while len(out) < n and any(queues):
+        for qu in queues:
+            if qu and len(out) < n:
+                out.append(qu.pop(0))
+    return out
+
+
+def bottle(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
+    cat = load_mvtec_category(args.data)
+    model = Spade(device=str(dev), calibration_images=0)
+    print(f"fit: {len(cat.train)} training images of {cat.name} ({model.backbone}, k={model.k}) ...", flush=True)
+    model._net()  # build the backbone outside the fit timing
+    t_fit, _ = timed(lambda: model.fit(cat.train), dev)
+    rss_fit = peak_rss_mb()
+    print(f"fit: {t_fit:.1f} s, {len(cat.train) / t_fit:.2f} images/s, peak RSS so far {rss_fit:.0f} MB", flush=True)
+    args.kappa = model.kappa
+    tests = spread(cat.test, args.n_images)
+    paths = [s.path for s in tests]
+    print(f"test images: {', '.join(f'{s.defect_type}/{s.path.name}' for s in tests)}")
+
+    net = model._net()
+    with torch.no_grad():
+        levels, gvec = extract(net, [load_image(p) for p in paths], model.image_size, dev)
+    _, neigh = image_knn(gvec.cpu(), model.global_, model.k_image, model.k)
+    images: list[list[Case]] = []
+    for b in range(len(paths)):
+        per_level = []
+        for li, (h, w) in enumerate(model.level_shapes_):
+            gal = torch.from_numpy(model.bank_.gather(li, neigh[b].numpy())).float()
+            per_level.append((levels[li][b].cpu(), gal.reshape(-1, gal.shape[-1]), (h, w)))
+        images.append(per_level)
+    del levels
+    lv = args.levels if args.levels is not None else list(range(len(model.level_shapes_)))
+    print(f"pixel stage: {len(images)} images, levels {lv}, methods {args.methods}, best of {args.repeats}",
+          flush=True)
+    rows = run_cases(images, lv, args, dev)
+    del images
+    rss_pixel = peak_rss_mb()
+
+    # End to end: Spade.predict with the engine, and with the cdist baseline patched in.
+    def naive(queries: torch.Tensor, gallery: torch.Tensor, kappa: int = 1, *_: Any, **__: Any) -> torch.Tensor:
+        return cdist_baseline(queries, gallery, kappa)
+
+    def predict(patched: bool) -> None:
+        spade_model.nn_distances = naive if patched else nn_distances
+        try:
+            model.predict(paths)
+        finally:
+            spade_model.nn_distances = nn_distances
+
+    print("predict: warm-up ...", flush=True)
+    timed(lambda: model.predict(paths[:2]), dev)
+    pt: dict[str, list[float]] = {"engine": [], "naive": []}
+    for r in range(args.repeats):
+        order = ["engine", "naive"] if r % 2 == 0 else ["naive", "engine"]
+        for m in order:
+            if m == "naive" and not args.predict_naive:
+                continue
+            t, _ = timed(lambda m=m: predict(m == "naive"), dev)
+            pt[m].append(t)
+            print(f"  predict {len(paths)} images ({m}): {t:.2f} s", flush=True)
+    pred = {m: {"seconds": v, "ms_per_image": 1e3 * min(v) / len(paths), "images_per_s": len(paths) / min(v)}
+            for m, v in pt.items() if v}
+    return {
+        "data": str(args.data),
+        "backbone": model.backbone,
+        "k": model.k,
+        "kappa": model.kappa,
+        "image_size": model.image_size,
+        "level_shapes": [list(s) for s in model.level_shapes_],
+        "n_train": len(cat.train),
+        "fit": {"seconds": t_fit, "images_per_s": len(cat.train) / t_fit, "calibration_images": 0},
+        "test_images": [str(p) for p in paths],
+        "pixel_rows": rows,
+        "pixel": summarise(rows, lv, args.methods),
+        "predict": pred,
+        "peak_rss_mb": {"after_fit": rss_fit, "after_pixel_stage": rss_pixel, "end": peak_rss_mb()},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- synthetic WRN
+
+
+def synthetic_wrn(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
+    rng = np.random.default_rng(args.seed)
+    k = args.k
+    net = build_backbone("wide_resnet50_2", "random").to(dev)
+    gal_imgs = [render_good(rng, args.image_size) for _ in range(k)]
+    test_imgs = []
+    for i in range(args.n_images):
+        img = render_good(rng, args.image_size)
+        test_imgs.append(add_defect(img, rng, DEFECT_KINDS[i % len(DEFECT_KINDS)])[0] if i % 2 else img)
+    print(f"features: Wide-ResNet-50-2 (random weights) on {k} gallery + {len(test_imgs)} test synthetic images "
+          f"at {args.image_size} ...", flush=True)
+    t = time.perf_counter()
+    feats: list[list[torch.Tensor]] = []
+    every = gal_imgs + test_imgs
+    with torch.no_grad():
+        for s in range(0, len(every), 8):
+            lv, _ = extract(net, every[s : s + 8], args.image_size, dev)
+            feats.append([x.cpu() for x in lv])
+    t_feat = time.perf_counter() - t
+    n_levels = len(feats[0])
+    per_level = [torch.cat([f[li] for f in feats]) for li in range(n_levels)]  # (k + n, HW, C)
+    del feats
+    with torch.no_grad():
+        pyr, _ = net(torch.zeros(1, 3, args.image_size, args.image_size, device=dev))
+    shapes = [(int(p.shape[2]), int(p.shape[3])) for p in pyr]
+    # Gallery rounded through fp16 as in the model's bank; same gallery for every test image.
+    galleries = [per_level[li][:k].reshape(-1, per_level[li].shape[-1]).half().float() for li in range(n_levels)]
+    images = [[(per_level[li][k + i], galleries[li], shapes[li]) for li in range(n_levels)]
+              for i in range(len(test_imgs))]
+    desc = [f"{h}x{w}x{c}" for (h, w), c in zip(shapes, net.channels, strict=True)]
+    print(f"features: {t_feat:.1f} s; levels {desc}", flush=True)
+    lv = args.levels if args.levels is not None else list(range(n_levels))
+    print(f"pixel stage: {len(images)} images, levels {lv}, methods {args.methods}, best of {args.repeats}",
+          flush=True)
+    rows = run_cases(images, lv, args, dev)
+    return {
+        "backbone": "wide_resnet50_2 (random weights)",
+        "k": k,
+        "kappa": args.kappa,
+        "image_size": args.image_size,
+        "level_shapes": [[h, w, c] for (h, w), c in zip(shapes, net.channels, strict=True)],
+        "feature_seconds": t_feat,
+        "pixel_rows": rows,
+        "pixel": summarise(rows, lv, args.methods),
+        "peak_rss_mb": {"end": peak_rss_mb()},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=Path("/work/shared/datasets/mvtec_ad/bottle"),
+                    help="MVTec-layout category (bottle mode)")
+    ap.add_argument("--synthetic-wrn", action="store_true",
+                    help="Wide-ResNet-50-2 shapes (random weights) on synthetic images instead of bottle")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto (faiss always runs on the CPU)")
+    ap.add_argument("--n-images", type=int, default=None, help="test images (default 10 bottle, 2 synthetic)")
+    ap.add_argument("--repeats", type=int, default=2, help="best of this many runs per method")
+    ap.add_argument("--levels", type=int, nargs="+", default=None, help="pyramid levels to time (default all)")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                    help="engine is always included")
+    ap.add_argument("--check-queries", type=int, default=300,
+                    help="random queries per image and level checked against the float64 reference")
+    ap.add_argument("--k", type=int, default=50, help="gallery images (synthetic mode)")
+    ap.add_argument("--kappa", type=int, default=1, help="nearest gallery features per pixel (synthetic mode)")
+    ap.add_argument("--image-size", type=int, default=224, help="synthetic mode")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch/faiss CPU threads (default: leave as is)")
+    ap.add_argument("--no-predict-naive", dest="predict_naive", action="store_false",
+                    help="bottle mode: skip Spade.predict with the cdist baseline patched in")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    dev = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        if faiss is not None:
+            faiss.omp_set_num_threads(args.threads)
+    args.methods = ["engine"] + [m for m in dict.fromkeys(args.methods) if m != "engine"]
+    if "faiss" in args.methods and faiss is None:
+        print("faiss: not available")
+        args.methods.remove("faiss")
+    mode = "synthetic_wrn" if args.synthetic_wrn else "bottle"
+    if args.n_images is None:
+        args.n_images = 2 if args.synthetic_wrn else 10
+    machine = machine_description()
+    print(f"machine: {machine}; torch threads {torch.get_num_threads()}; device {dev}; "
+          f"faiss {faiss.__version__ if faiss is not None else 'not available'}", flush=True)
+    t0 = time.perf_counter()
+    res = synthetic_wrn(args, dev) if args.synthetic_wrn else bottle(args, dev)
+    res = {
+        "mode": mode,
+        "device": str(dev),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine,
+        "torch_threads": torch.get_num_threads(),
+        "faiss": faiss.__version__ if faiss is not None else None,
+        "faiss_threads": faiss.omp_get_max_threads() if faiss is not None else None,
+        "repeats": args.repeats,
+        "n_images": args.n_images,
+        "methods": args.methods,
+        "check_queries": args.check_queries,
+        **res,
+        "wall_seconds": time.perf_counter() - t0,
+    }
+    out = args.out or HERE / "results" / f"pixel_stage_{mode}_{dev.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1, default=float) + "\n")
+
+    title = (f"pixel stage, {mode}, {res['backbone']}, k={res['k']}, kappa={res['kappa']}, device {dev}, "
+             f"{args.n_images} images, best of {args.repeats}, torch threads {res['torch_threads']}")
+    print_table(res["pixel"], args.methods, title)
+    if "predict" in res:
+        p = res["predict"]
+        line = f"Spade.predict end to end: engine {p['engine']['ms_per_image']:.1f} ms/image"
+        if "naive" in p:
+            line += (f", naive (cdist patched in) {p['naive']['ms_per_image']:.1f} ms/image, "
+                     f"ratio {p['naive']['ms_per_image'] / p['engine']['ms_per_image']:.1f}x")
+        print(line)
+        print(f"fit: {res['n_train']} images in {res['fit']['seconds']:.1f} s = {res['fit']['images_per_s']:.2f} "
+              f"images/s (no calibration); predict: {p['engine']['images_per_s']:.2f} images/s")
+    rss = ", ".join(f"{k} {v:.0f}" for k, v in res["peak_rss_mb"].items())
+    print(f"peak RSS (MB): {rss}")
+    print(f"wall {res['wall_seconds']:.0f} s; saved {out}")
+    if not math.isfinite(res["pixel"]["total_ms_per_image"]["engine"]):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
