@@ -69,7 +69,8 @@ def main() -> None:
             f"level {li}: {q.shape[0]} x {g.shape[0]} x {q.shape[1]}  baseline {b * 1e3:8.1f} ms  "
             f"engine {e * 1e3:7.1f} ms  ratio {b / e:5.1f}x  max rel err {err:.1e}  "
             f"fallback {stats.get('fallback', 0)}/{stats.get('queries', 0)}  "
-            f"pairs {stats.get('pairs', 0) / (q.shape[0] * g.shape[0]):.1%}  rechecked {stats.get('rechecked', 0)}"
+            f"pairs {stats.get('pairs', 0) / (q.shape[0] * g.shape[0]):.1%}  "
+            f"rechecked {stats.get('rechecked', 0)}"
         )
     print(
         f"total: baseline {tot_b * 1e3:.1f} ms  engine {tot_e * 1e3:.1f} ms  ratio {tot_b / tot_e:.1f}x  "

@@ -17,16 +17,20 @@ from spade_ad.correspondence import (
 FEATS = Path("/tmp/feats.pt")  # optional local fixture of real features (see benchmarks/engine_micro.py)
 
 
-def _check(q: torch.Tensor, g: torch.Tensor, kappa: int = 1, **kw) -> dict[str, int]:
+def _check(
+    q: torch.Tensor, g: torch.Tensor, kappa: int = 1, ref: torch.Tensor | None = None, **kw
+) -> dict[str, int]:
     """Engine within 1e-4 relative error of the reference on every query (exact zeros stay ~0)."""
     stats: dict[str, int] = {}
     out = nn_distances(q, g, kappa, stats=stats, **kw)
-    ref = nn_distances_reference(q, g, kappa)
+    ref = nn_distances_reference(q, g, kappa) if ref is None else ref
     assert out.dtype == torch.float32 and out.shape == (q.shape[0],)
     err = (out.double() - ref).abs()
     tol = torch.where(ref > 0, 1e-4 * ref, torch.full_like(ref, 1e-4))
     bad = (err > tol).nonzero().flatten()
-    assert bad.numel() == 0, f"{bad.numel()} queries off, e.g. {out[bad[:3]].tolist()} vs {ref[bad[:3]].tolist()}"
+    assert bad.numel() == 0, (
+        f"{bad.numel()} queries off, e.g. {out[bad[:3]].tolist()} vs {ref[bad[:3]].tolist()}"
+    )
     assert stats["queries"] == q.shape[0]
     assert stats["fallback"] == 0  # the proof has no failure mode; a fallback would mean a broken invariant
     return stats
@@ -160,9 +164,10 @@ def test_dense_clusters_tiny_distances_far_from_the_unit_centre(seed: int) -> No
         h * w // 3, c_dim, generator=gen
     )
     for kappa in (1, 2, 5):
+        ref = nn_distances_reference(q, g, kappa)
         for tile_bytes in (1 << 16, 8 << 20):
-            _check(q, g, kappa, prune=True, tile_bytes=tile_bytes)
-            _check(q, g, kappa, prune=True, tile_bytes=tile_bytes, query_hw=(h, w), gallery_hw=(h, w))
+            _check(q, g, kappa, ref, prune=True, tile_bytes=tile_bytes)
+            _check(q, g, kappa, ref, prune=True, tile_bytes=tile_bytes, query_hw=(h, w), gallery_hw=(h, w))
 
 
 def test_reduced_precision_matmul_setting_stays_exact() -> None:
@@ -182,7 +187,9 @@ def test_inputs_validation_dtype_and_threads() -> None:
     q = torch.randn(30, 5, generator=gen)
     g = torch.randn(400, 5, generator=gen)
     ref = nn_distances(q, g, 2)
-    torch.testing.assert_close(nn_distances(q.half(), g.half(), 2), nn_distances(q.half().float(), g.half().float(), 2))
+    torch.testing.assert_close(
+        nn_distances(q.half(), g.half(), 2), nn_distances(q.half().float(), g.half().float(), 2)
+    )
     threads = torch.get_num_threads()
     torch.testing.assert_close(nn_distances(q.double(), g.double(), 2, threads=None), ref)
     assert torch.get_num_threads() == threads  # restored
@@ -193,6 +200,26 @@ def test_inputs_validation_dtype_and_threads() -> None:
         nn_distances(q, g[:0])
     release_scratch()
     torch.testing.assert_close(nn_distances(q, g, 2), ref)
+
+
+@pytest.mark.parametrize("stall", [3.0, 1e-9])
+def test_threads_probe_and_stall_watch(monkeypatch: pytest.MonkeyPatch, stall: float) -> None:
+    """Two threads (when the probe says they pay), and the drop to one thread mid-call (forced here by a
+    tiny stall factor), give the same exact answers and leave torch's thread setting as it was."""
+    import spade_ad.correspondence as corr
+
+    monkeypatch.setattr(corr, "_THREADS_MIN_WORK", 0)
+    monkeypatch.setattr(corr, "_STALL", stall)
+    monkeypatch.setattr(corr, "_PROBE", {"at": -1e9, "threads": 0, "ok": False})
+    monkeypatch.setattr(corr, "_parallel_pays", lambda threads: True)
+    h = w = 16
+    g = _images(24, h, w, 12, seed=14)
+    q = _images(1, h, w, 12, seed=15)
+    before = torch.get_num_threads()
+    for prune in (True, False):
+        _check(q, g, 1, prune=prune, threads=2, tile_bytes=1 << 18)
+        _check(q, g, 3, prune=prune, threads=2, query_hw=(h, w), gallery_hw=(h, w))
+        assert torch.get_num_threads() == before
 
 
 def test_stats_reports_fallback_and_work() -> None:

@@ -32,9 +32,10 @@ distances to a *local* centre, not on the feature norms.
    GPUs) every query meets every unit.
 3. Search. For each unit, only the queries with ``l^2 <= ub_q`` take part; one GEMM gives
    D = d~ - |q - c|^2 for the tile (queries x unit) in cache-sized blocks, each reduced at once to
-   minima over sub-blocks of rows. ``kappa`` sub-block minima (distinct rows) + eps tighten ``ub_q``
-   (kept in absolute units); rows with ``d~ - eps <= ub_q`` are recorded as candidates (found through the
-   sub-block minima, then row by row). ub only decreases.
+   minima over sub-blocks of rows. The row minimum + eps (kappa = 1), or the kappa-th smallest of minima
+   over disjoint groups of rows (distinct rows) + eps, tighten ``ub_q`` (kept in absolute units); rows
+   with ``d~ - eps <= ub_q`` are recorded as candidates (found through the sub-block minima, then row by
+   row). ub only decreases.
 4. Exact re-check. ``ub_q`` is tightened once more with each candidate's own eps and with the direct-
    difference score of each query's best candidate; candidates with ``d~ - eps > ub_q`` are dropped; the
    rest are scored with direct differences on the original fp32 rows, and the answer is the mean of the
@@ -49,8 +50,8 @@ re-checked rows contain the true kappa nearest and the answer is their direct-di
 (relative error ~C u, far below 1e-4). There is no failure mode for finite inputs; a query left with
 fewer than kappa finite candidates (non-finite features) is recomputed by brute force and counted in
 ``stats['fallback']``. If the user allowed reduced-precision fp32 matmuls (TF32/bf16), eps grows to
-match. Peak memory is ``tile_bytes`` per tile plus O(P + M) vectors (some kept between calls as
-scratch, see :func:`release_scratch`), never P x M.
+match. Peak memory: a ``tile_bytes`` tile, O((P + M) C) buffers (some kept between calls as scratch,
+see :func:`release_scratch`) and a (units x P) table of lower bounds, about P M / 1000; never P x M.
 
 The same code runs on a CUDA device (cells off by default: there a dense GEMM is cheap). On the CPU,
 threads are used only while they pay (see ``threads`` in :func:`nn_distances`).
@@ -66,7 +67,7 @@ import torch
 
 DEFAULT_TILE_BYTES = 8 << 20  # one query x gallery tile of fp32 squared distances
 
-SUB_BOX = 32  # cells are padded to whole blocks of this many rows
+_SUB_BOX = 32  # cells are padded to whole blocks of this many rows
 _U = 2.0**-24  # fp32 unit roundoff
 _BOX_DIMS = 6  # principal coordinates of the unit boxes (the lower bounds)
 _GRID_DIMS = 4  # principal coordinates cut into the cell grid
@@ -76,6 +77,8 @@ _CELL_ROWS = 1024  # target gallery rows per cell
 _CACHE_TILE = 1 << 20  # CPU: bytes of a GEMM block reduced while it is still in cache
 _MAX_COLS = 2048  # CPU: gallery rows per GEMM unit, at most (on a GPU, tiles are as big as tile_bytes allows)
 _PROBE_TTL = 0.5  # seconds a measurement of whether threads pay is trusted
+_STALL = 3.0  # a GEMM block this many times slower than the best one means the threads stall
+_THREADS_MIN_WORK = 1e8  # P * M * C below which one thread is used (no measurement)
 _DENSE_CLUSTERS = 2  # at most this many dense clusters get cells of their own
 _DENSE_MIN_REPEATS = 8  # ... when their centre row is repeated at least this often
 _DENSE_RADIUS = 0.02  # ... of this radius, relative to the gallery's rms distance from its mean
@@ -114,14 +117,15 @@ def _reduced_gemm_roundoff(device: torch.device) -> float:
 
 
 _SCRATCH = threading.local()
+_SCRATCH_MAX = 64 << 20
 
 
 def _scratch(name: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """A reusable fp32 work buffer (CPU only; uninitialised). Freshly allocated multi-megabyte tensors
-    page-fault on first touch at every call, which costs more than the arithmetic on them; the buffers
-    are kept per thread and grown as needed (see :func:`release_scratch`)."""
+    """A reusable fp32 work buffer (uninitialised). On the CPU, freshly allocated multi-megabyte tensors
+    page-fault on first touch at every call, which costs more than the arithmetic on them, so buffers of
+    up to ``_SCRATCH_MAX`` bytes are kept per thread and grown as needed (see :func:`release_scratch`)."""
     n = math.prod(shape)
-    if device.type != "cpu":
+    if device.type != "cpu" or 4 * n > _SCRATCH_MAX:
         return torch.empty(shape, device=device)
     cache = _SCRATCH.__dict__.setdefault("bufs", {})
     buf = cache.get(name)
@@ -175,7 +179,7 @@ class _Layout:
     Exact duplicate rows (common: uniform background, fp16 bank) count once, with a multiplicity, so a
     query sitting on such a feature has one candidate instead of thousands. With cells (``cell_shift``
     given: the cell id is ``key >> cell_shift``) the rows are permuted so that each cell is a contiguous
-    run, padded to whole ``SUB_BOX``-row blocks; without, the gallery keeps its order. Excluded rows
+    run, padded to whole ``_SUB_BOX``-row blocks; without, the gallery keeps its order. Excluded rows
     (pads, repeats) score +inf. Each unit has its own centre ``c`` (the mean of its rows): ``aug`` holds
     ``[g - c, |g - c|^2]``, the GEMM operand; ``src`` maps a row back to the gallery. ``units``: (first
     row, end row, rows per sub-block, sub-blocks, max |g - c| over the unit, index).
@@ -245,21 +249,21 @@ class _Layout:
             segments = [(0, m)]
         else:
             counts = torch.unique_consecutive(ucell, return_counts=True)[1]
-            n_blk = (counts + SUB_BOX - 1) // SUB_BOX
+            n_blk = (counts + _SUB_BOX - 1) // _SUB_BOX
             n_cells = counts.numel()
             starts = torch.cumsum(counts, 0) - counts
-            pstarts = (torch.cumsum(n_blk, 0) - n_blk) * SUB_BOX
+            pstarts = (torch.cumsum(n_blk, 0) - n_blk) * _SUB_BOX
             cell_of_row = torch.repeat_interleave(torch.arange(n_cells, device=dev), counts)
             dest = pstarts[cell_of_row] + torch.arange(n_u, device=dev) - starts[cell_of_row]
-            n_rows = int(n_blk.sum()) * SUB_BOX
-            src = uorder[starts[torch.repeat_interleave(torch.arange(n_cells, device=dev), n_blk * SUB_BOX)]]
+            n_rows = int(n_blk.sum()) * _SUB_BOX
+            src = uorder[starts[torch.repeat_interleave(torch.arange(n_cells, device=dev), n_blk * _SUB_BOX)]]
             src[dest] = uorder
             is_pad = torch.ones(n_rows, dtype=torch.bool, device=dev)
             is_pad[dest] = False
             excluded = is_pad.nonzero().squeeze(1)
             # consecutive small cells (neighbours along the last grid axis) share a unit: fewer, fuller GEMMs
             # for the price of a slightly looser box; the dense-cluster cells stay apart
-            sizes = (n_blk * SUB_BOX).tolist()
+            sizes = (n_blk * _SUB_BOX).tolist()
             special = (torch.unique_consecutive(ucell) >= n_grid).tolist()
             segments, r0, end = [], 0, 0
             for size, alone in zip(sizes, special, strict=True):
@@ -292,7 +296,9 @@ class _Layout:
         n_units = len(units)
         ulen = torch.tensor([u[1] - u[0] for u in units], device=dev)
         unit_of_row = torch.repeat_interleave(torch.arange(n_units, device=dev), ulen)
-        gp = g if cell_shift is None else torch.index_select(g, 0, src, out=_scratch("gp", (n_rows, dim), dev))
+        gp = (
+            g if cell_shift is None else torch.index_select(g, 0, src, out=_scratch("gp", (n_rows, dim), dev))
+        )
         aug = _scratch("aug", (n_rows, dim + 1), dev)
         self.cen = torch.empty(n_units, dim, device=dev)
         for j, (a0, a1, _, _) in enumerate(units):
@@ -317,8 +323,8 @@ class _Layout:
         k = rot.shape[1]
         n_rows = self.aug.shape[0]
         y = torch.mm(self.aug[:, :-1], rot, out=_scratch("yp", (n_rows, k), rot.device))
-        lo_b, hi_b = torch.aminmax(y.t().contiguous().view(k, -1, SUB_BOX), dim=2)
-        idx = self.unit_of_row[::SUB_BOX][None].expand(k, -1)  # (units are whole blocks here)
+        lo_b, hi_b = torch.aminmax(y.t().contiguous().view(k, -1, _SUB_BOX), dim=2)
+        idx = self.unit_of_row[::_SUB_BOX][None].expand(k, -1)  # (units are whole blocks here)
         n_units = len(self.units)
         lo = torch.full((k, n_units), math.inf, device=rot.device).scatter_reduce_(1, idx, lo_b, "amin")
         hi = torch.full((k, n_units), -math.inf, device=rot.device).scatter_reduce_(1, idx, hi_b, "amax")
@@ -358,7 +364,14 @@ class _Search:
     """Phase 3: GEMM tiles over the units, the running bound ``ub``, candidates, exact re-checks."""
 
     def __init__(
-        self, q: torch.Tensor, g: torch.Tensor, lay: _Layout, kk: int, gam: float, tile_bytes: int, ub: torch.Tensor
+        self,
+        q: torch.Tensor,
+        g: torch.Tensor,
+        lay: _Layout,
+        kk: int,
+        gam: float,
+        tile_bytes: int,
+        ub: torch.Tensor,
     ) -> None:
         self.q, self.g, self.lay, self.kk, self.gam, self.tile_bytes = q, g, lay, kk, gam, tile_bytes
         n_q, dim = q.shape
@@ -376,19 +389,21 @@ class _Search:
         self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.n_pending = 0
         self.counters = {"pairs": 0, "rechecked": 0, "candidates": 0}
+        self.pace = [math.inf]  # best seconds per distance seen by the GEMM blocks of this call
 
     def recheck(self, cq: torch.Tensor, cg: torch.Tensor) -> None:
         """Exact (direct-difference) scores of candidate rows, merged into ``result``."""
         self.counters["rechecked"] += int(cq.numel())
         for a in range(0, cq.numel(), self.chunk):
             qi, gi = cq[a : a + self.chunk], cg[a : a + self.chunk]
-            e = (self.g.index_select(0, self.lay.src.index_select(0, gi)) - self.q.index_select(0, qi)).square_()
-            e = e.sum(1)
+            rows = self.lay.src.index_select(0, gi)
+            e = (self.g.index_select(0, rows) - self.q.index_select(0, qi)).square_().sum(1)
             if self.run is None:
                 self.result[:, 0].scatter_reduce_(0, qi, e, "amin")
             else:
                 assert self.lay.mult is not None
-                rep = self.lay.mult.index_select(0, gi).clamp_max(self.kk)  # a repeated row counts up to kk times
+                # a repeated row counts up to kk times
+                rep = self.lay.mult.index_select(0, gi).clamp_max(self.kk)
                 self.result = _smallest_per_row(
                     torch.cat([self.all_q.repeat_interleave(self.kk), qi.repeat_interleave(rep)]),
                     torch.cat([self.result.reshape(-1), e.repeat_interleave(rep)]),
@@ -418,8 +433,11 @@ class _Search:
             torch.minimum(ub, self.result[:, 0] * (1 + self.g_e), out=ub)
         else:
             assert self.lay.mult is not None
-            rep = self.lay.mult.index_select(0, cg).clamp_max(self.kk)  # distinct rows (with multiplicity)
-            best = _smallest_per_row(cq.repeat_interleave(rep), hi_v.repeat_interleave(rep), self.n_q, self.kk)
+            # distinct rows (with their multiplicity) only
+            rep = self.lay.mult.index_select(0, cg).clamp_max(self.kk)
+            best = _smallest_per_row(
+                cq.repeat_interleave(rep), hi_v.repeat_interleave(rep), self.n_q, self.kk
+            )
             torch.minimum(ub, torch.minimum(best[:, -1], self.result[:, -1] * (1 + self.g_e)), out=ub)
         keep = (dq - e_pair <= ub.index_select(0, cq)).nonzero().squeeze(1)
         self.recheck(cq.index_select(0, keep), cg.index_select(0, keep))
@@ -428,7 +446,8 @@ class _Search:
         """GEMM of the queries ``idx`` against one unit: update ub and record the candidate rows."""
         r0, r1, sub, nsb, rad, ui = unit
         rows = max(1, self.tile_bytes // (4 * (r1 - r0)))
-        blk = rows if self.q.device.type != "cpu" else max(1, min(rows, _CACHE_TILE // (4 * (r1 - r0))))
+        cpu = self.q.device.type == "cpu"
+        blk = max(1, min(rows, _CACHE_TILE // (4 * (r1 - r0)))) if cpu else rows
         at = self.lay.aug[r0:r1].t()
         for a in range(0, idx.numel(), rows):
             qi = idx[a : a + rows]
@@ -440,11 +459,14 @@ class _Search:
             # minima over sub-blocks (sub-block j: rows r0 + j + t * nsb, t < sub): distinct rows for the
             # kk-th bound, and a cheap first pass to find the candidate rows
             sbm = _scratch("sbm", (n, nsb), x.device)
+            t0 = time.perf_counter()
             for b0 in range(0, n, blk):  # blocks of rows that stay in cache between the GEMM and the minima
                 b1 = min(n, b0 + blk)
                 torch.mm(x[b0:b1], at, out=d[b0:b1])  # D = d~ - |q - c|^2
                 torch.amin(d3[b0:b1], 1, out=sbm[b0:b1])
             self.counters["pairs"] += d.numel()
+            if cpu and d.numel() >= 1 << 16 and torch.get_num_threads() > 1:
+                _watch_threads(self.pace, (time.perf_counter() - t0) / d.numel())
             qn_u = nq * nq
             e_q = (nq + rad).square_().mul_(self.gam)  # eps of every pair in this unit
             low = sbm.amin(1)
@@ -453,10 +475,18 @@ class _Search:
             if self.run is None:
                 new = torch.minimum(self.ub.index_select(0, qi), low + qn_u + e_q)
             else:
-                top = sbm.topk(min(self.kk, nsb), dim=1, largest=False, sorted=False).values
-                top = torch.cat([self.run[qi], top.add_((qn_u + e_q)[:, None])], 1)
-                top = top.topk(self.kk, 1, largest=False).values
-                self.run[qi] = top
+                # kk increasing values, each reached by distinct rows, among the previous ones and this
+                # unit's sub-block minima: repeated min-and-drop (ties dropped together only loosen the
+                # bound; much cheaper than topk on these short rows)
+                grp = next((x for x in (8, 16, 32, 64) if x >= self.kk and nsb % x == 0), nsb)
+                part = sbm.view(n, grp, nsb // grp).amin(2)  # minima of disjoint groups: distinct rows
+                vals = torch.cat([self.run.index_select(0, qi), part.add_((qn_u + e_q)[:, None])], 1)
+                mins = []
+                for _ in range(self.kk):
+                    mins.append(vals.amin(1, keepdim=True))
+                    vals.masked_fill_(vals <= mins[-1], math.inf)
+                top = torch.cat(mins, 1)
+                self.run.index_copy_(0, qi, top)
                 new = torch.minimum(self.ub.index_select(0, qi), top[:, -1])
             self.ub.index_copy_(0, qi, new)
             thr = new.sub_(qn_u).add_(e_q)  # rows with D <= thr may be among the kk nearest
@@ -478,6 +508,15 @@ class _Search:
 
 
 _PROBE: dict = {"at": -math.inf, "threads": 0, "ok": False}
+
+
+def _watch_threads(pace: list[float], now: float) -> None:
+    """Drop to one thread for the rest of the call (and the next half second) when the GEMM blocks get
+    several times slower than the best seen: other processes took the cores, parallel regions stall."""
+    pace[0] = min(pace[0], now)
+    if now > _STALL * pace[0]:
+        torch.set_num_threads(1)
+        _PROBE.update(at=time.monotonic(), ok=False)
 
 
 def _parallel_pays(threads: int) -> bool:
@@ -562,7 +601,8 @@ def nn_distances(
     want = max(1, before if threads is None else int(threads))
     torch.set_num_threads(1)
     try:
-        if want > 1 and _parallel_pays(want):
+        big = queries.shape[0] * gallery.shape[0] * queries.shape[1] >= _THREADS_MIN_WORK
+        if want > 1 and big and _parallel_pays(want):
             torch.set_num_threads(want)
         return _nn_distances(queries, gallery, kappa, tile_bytes, stats, query_hw, gallery_hw, prune)
     finally:
@@ -591,8 +631,7 @@ def _nn_distances(
     # docstring); the last factor covers norms that are themselves computed with rounding
     gam = (_gamma(dim + 12) + 3 * u_in) * 1.01 * (1 + 4 * (dim + 4) * _U) ** 2
 
-    # ---- layout (cells, units) and the lower bound on d^2 of every (unit, query) pair
-    if prune is None:
+    if prune is None:  # cells pay on a CPU, for big problems with few channels
         prune = dev.type == "cpu" and dim <= _PRUNE_MAX_DIM and n_q * n_g * dim >= _PRUNE_MIN_WORK
         prune = prune and n_g >= 8 * _CELL_ROWS
 
@@ -605,10 +644,11 @@ def _nn_distances(
         if hw == n_q and n_g % hw == 0 and n_g // hw >= kk:
             ub, local = _local_bound(q, g, hw, kk, gam), True
 
+    # ---- layout (cells, units) and, with cells, the lower bound on d^2 of every (unit, query) pair
     max_cols = tile_bytes // (4 * max(1, min(n_q, 512)))
     if dev.type == "cpu":
         max_cols = min(max_cols, _MAX_COLS)
-    max_cols = max(SUB_BOX, max_cols // SUB_BOX * SUB_BOX)
+    max_cols = max(_SUB_BOX, max_cols // _SUB_BOX * _SUB_BOX)
     hv = _hash_vector(dim, dev)
     lb2: torch.Tensor | None = None
     if prune:
