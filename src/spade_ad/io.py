@@ -128,7 +128,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
 def save_png(path: str | Path, array: np.ndarray) -> Path:
     """Save a uint8 (gray or RGB) or uint16 (gray) array as PNG, atomically."""
     img = Image.fromarray(array)
-    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG", compress_level=1))  # fast, still lossless
 
 
 def save_npy(path: str | Path, array: np.ndarray) -> Path:
