@@ -31,3 +31,21 @@ def small_train(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def rng_images(n: int, size: int = 64, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run ``spade-ad ARGV`` in-process through the real entry point; (exit code, stdout, stderr)."""
+    import sys
+
+    from spade_ad import cli
+
+    old = sys.argv
+    sys.argv = ["spade-ad", *argv]
+    cli._state["debug"] = False
+    try:
+        with pytest.raises(SystemExit) as exc:
+            cli.main()
+    finally:
+        sys.argv = old
+    out, err = capsys.readouterr()
+    return int(exc.value.code or 0), out, err

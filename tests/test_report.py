@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
-from spade_ad import cli, metrics
+from spade_ad import metrics
 from spade_ad.data import load_mvtec_category, load_sample
 from spade_ad.evaluate import evaluate_category
 from spade_ad.report import threshold_metrics, write_report
@@ -110,17 +110,9 @@ def test_report_from_image_paths_and_without_threshold(evaluated: tuple[Any, ...
 
 
 def test_cli_report(small_train: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    old = sys.argv
-    sys.argv = ["spade-ad", "report", str(small_train), "--out", str(tmp_path / "rep"), "--k", "3",
-                "--k-image", "2", "--image-size", "64", "--calibration-images", "3"]
-    cli._state["debug"] = False
-    try:
-        with pytest.raises(SystemExit) as exc:
-            cli.main()
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
-    assert exc.value.code == 0, err
+    code, out, err = run_cli(["report", str(small_train), "--out", str(tmp_path / "rep"), "--k", "3",
+                              "--k-image", "2", "--image-size", "64", "--calibration-images", "3"], capsys)
+    assert code == 0, err
     path = Path(out.strip().splitlines()[-1])
     assert path == tmp_path / "rep" / "report.html" and path.is_file()
     assert (tmp_path / "rep" / "report.json").is_file()
@@ -133,13 +125,5 @@ def test_cli_report_refuses_a_root_of_several_categories(small_train: Path, tmp_
     root.mkdir()
     for name in ("a", "b"):
         (root / name).symlink_to(small_train, target_is_directory=True)
-    old = sys.argv
-    sys.argv = ["spade-ad", "report", str(root), "--out", str(tmp_path / "rep")]
-    cli._state["debug"] = False
-    try:
-        with pytest.raises(SystemExit) as exc:
-            cli.main()
-    finally:
-        sys.argv = old
-    _, err = capsys.readouterr()
-    assert exc.value.code == 2 and "report takes one category" in " ".join(err.split())
+    code, _, err = run_cli(["report", str(root), "--out", str(tmp_path / "rep")], capsys)
+    assert code == 2 and "report takes one category" in " ".join(err.split())

@@ -44,6 +44,9 @@ WeightsOpt = Annotated[
 CalibOpt = Annotated[
     int, typer.Option("--calibration-images", help="good training images used (leave-one-out) to set thresholds")
 ]
+ProtocolOpt = Annotated[
+    str, typer.Option(help="full: whole image, metrics at the mask's resolution; paper: resize 256, centre-crop 224")
+]
 FarOpt = Annotated[
     float, typer.Option("--false-alarm-rate", help="target fraction of good images flagged by the thresholds")
 ]
@@ -239,8 +242,7 @@ def _print_table(doc: dict[str, Any]) -> None:
 def benchmark(
     data: Annotated[Path, typer.Argument(help="an MVTec-layout category folder, or a root holding several")],
     out: Annotated[Path, typer.Option("--out", help="folder for metrics.json")],
-    protocol: Annotated[str, typer.Option(help="full: whole image, metrics at the mask's resolution; "
-                                          "paper: resize 256, centre-crop 224")] = "full",
+    protocol: ProtocolOpt = "full",
     backbone: BackboneOpt = "efficientnet_lite0",
     k: KOpt = 50,
     k_image: KImageOpt = 5,
@@ -253,12 +255,11 @@ def benchmark(
     false_alarm_rate: FarOpt = 0.01,
 ) -> None:
     """Fit on train/good, evaluate on test/ with ground_truth/, print a table, write metrics.json."""
-    from .data import PROTOCOLS
+    from .data import check_protocol
     from .evaluate import run_benchmark
     from .io import save_json
 
-    if protocol not in PROTOCOLS:
-        raise SpadeError(f"unknown protocol {protocol!r}; use one of: {', '.join(PROTOCOLS)}")
+    check_protocol(protocol)
     params = _params(backbone, k, k_image, kappa, sigma, image_size, device, weights, calibration_images,
                      false_alarm_rate)
     with progress_bars() as cb:
@@ -311,8 +312,7 @@ def demo(
 def report(
     data: Annotated[Path, typer.Argument(help="one MVTec-layout category folder (train/good, test/, ground_truth/)")],
     out: Annotated[Path, typer.Option("--out", help="folder for report.html and report.json")],
-    protocol: Annotated[str, typer.Option(help="full: whole image, metrics at the mask's resolution; "
-                                          "paper: resize 256, centre-crop 224")] = "full",
+    protocol: ProtocolOpt = "full",
     backbone: BackboneOpt = "efficientnet_lite0",
     k: KOpt = 50,
     k_image: KImageOpt = 5,
@@ -328,12 +328,11 @@ def report(
     ] = None,
 ) -> None:
     """Fit and evaluate one category; write a self-contained HTML report (report.html) and report.json."""
-    from .data import PROTOCOLS, find_categories, load_mvtec_category, load_sample
+    from .data import check_protocol, find_categories, load_mvtec_category, load_sample
     from .evaluate import evaluate_category
     from .report import write_report
 
-    if protocol not in PROTOCOLS:
-        raise SpadeError(f"unknown protocol {protocol!r}; use one of: {', '.join(PROTOCOLS)}")
+    check_protocol(protocol)
     cats = find_categories(data)
     if len(cats) != 1:
         raise SpadeError(f"{data}: holds {len(cats)} categories; report takes one category folder "

@@ -14,6 +14,12 @@ from .io import IMAGE_SUFFIXES, list_images, load_image, load_mask
 PROTOCOLS = ("full", "paper")
 
 
+def check_protocol(protocol: str) -> str:
+    if protocol not in PROTOCOLS:
+        raise SpadeError(f"unknown protocol {protocol!r}; use one of: {', '.join(PROTOCOLS)}")
+    return protocol
+
+
 @dataclass
 class TestSample:
     path: Path

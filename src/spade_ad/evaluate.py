@@ -12,8 +12,7 @@ import numpy as np
 import torch
 
 from . import __version__, metrics
-from .data import PROTOCOLS, Category, find_categories, load_mvtec_category, load_sample, load_train_image
-from .errors import SpadeError
+from .data import Category, check_protocol, find_categories, load_mvtec_category, load_sample, load_train_image
 from .model import Progress, Spade
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro")
@@ -46,8 +45,7 @@ def evaluate_category(
     on_model: Callable[[Spade], None] | None = None,
 ) -> tuple[dict[str, Any], Spade, Any, list[np.ndarray], list[int]]:
     """Fit on the category's good training images, predict its test set, compute the metrics."""
-    if protocol not in PROTOCOLS:
-        raise SpadeError(f"unknown protocol {protocol!r}; use one of: {', '.join(PROTOCOLS)}")
+    check_protocol(protocol)
     t0 = time.perf_counter()
     train = [load_train_image(p, protocol) for p in category.train]
     model = Spade(**params).fit(train, progress=progress)
