@@ -23,7 +23,7 @@ from spade_ad.synthetic import make_dataset  # noqa: E402
 
 RUNNER = """
 import resource, sys, time
-from spade_ad.cli import main
+from spade_ad.delivery.cli import main
 sys.argv = ["spade-ad", *sys.argv[1:]]
 t = time.perf_counter()
 code = 0

@@ -46,7 +46,7 @@ from spade_ad.data import load_mvtec_category  # noqa: E402
 from spade_ad.evaluate import machine_description  # noqa: E402
 from spade_ad.features import extract  # noqa: E402
 from spade_ad.io import load_image  # noqa: E402
-from spade_ad.knn import image_knn  # noqa: E402
+from spade_ad.retrieval import image_knn  # noqa: E402
 from spade_ad.model import Spade, pick_device  # noqa: E402
 from spade_ad.synthetic import DEFECT_KINDS, add_defect, render_good  # noqa: E402
 

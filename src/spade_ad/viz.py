@@ -8,6 +8,9 @@ a threshold (a model fitted on a single image) the scale falls back to [0, max o
 
 from __future__ import annotations
 
+import base64
+import io
+
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
@@ -73,7 +76,56 @@ def colour_bar(height: int = 256, width: int = 60, threshold: float | None = Non
     return np.asarray(bar)
 
 
-def side_by_side(*panels: np.ndarray) -> np.ndarray:
-    h = max(p.shape[0] for p in panels)
-    padded = [np.pad(p, ((0, h - p.shape[0]), (0, 4), (0, 0)), constant_values=255) for p in panels]
-    return np.concatenate(padded, axis=1)
+# --------------------------------------------------------------------------- pictures for pages
+# (shared by the HTML report and the inspector)
+
+
+def small_size(height: int, width: int, side: int) -> tuple[int, int]:
+    """(h, w) scaled down so that the longer side is at most ``side`` (never up)."""
+    s = min(1.0, side / max(height, width))
+    return max(1, round(height * s)), max(1, round(width * s))
+
+
+def resize_rgb(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """HxWx3 uint8 -> hw (bilinear)."""
+    if image.shape[:2] == hw:
+        return image
+    return np.asarray(Image.fromarray(image).resize((hw[1], hw[0]), Image.Resampling.BILINEAR))
+
+
+def resize_map(amap: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """A float map -> hw (bilinear), float32."""
+    if amap.shape == hw:
+        return amap.astype(np.float32)
+    img = Image.fromarray(amap.astype(np.float32), mode="F").resize((hw[1], hw[0]), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.float32)
+
+
+def resize_mask(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """A bool mask -> hw; area-average then threshold at a quarter keeps thin regions visible."""
+    if mask.shape == hw:
+        return mask.astype(bool)
+    small = Image.fromarray(mask.astype(np.uint8) * 255).resize((hw[1], hw[0]), Image.Resampling.BOX)
+    return np.asarray(small) >= 64
+
+
+def mask_picture(mask: np.ndarray) -> np.ndarray:
+    """A bool mask as a white-on-black RGB picture."""
+    return np.where(mask[..., None], np.uint8(255), np.uint8(0)).repeat(3, axis=2)
+
+
+def encode(array: np.ndarray, fmt: str = "PNG") -> bytes:
+    """An image array as PNG or JPEG bytes (bool arrays become 1-bit PNGs)."""
+    buf = io.BytesIO()
+    img = Image.fromarray(array)
+    if fmt == "JPEG":
+        img.convert("RGB").save(buf, format="JPEG", quality=88)
+    else:
+        (img.convert("1") if array.dtype == np.bool_ else img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_uri(array: np.ndarray, fmt: str = "PNG") -> str:
+    """An image array as a ``data:`` URI (for self-contained pages)."""
+    mime = "image/jpeg" if fmt == "JPEG" else "image/png"
+    return f"data:{mime};base64,{base64.b64encode(encode(array, fmt)).decode('ascii')}"

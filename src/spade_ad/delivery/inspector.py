@@ -11,8 +11,8 @@ Endpoints (all documented at ``/docs`` and ``/openapi.json``; the docs page's as
   ``cache_size`` uploads), the normal image and the patch in it that pixel (y, x) was matched to.
 * ``GET /thumbnail/{index}`` - a training image's thumbnail (PNG), ``GET /colour-bar.png``, ``GET /info``.
 
-Model calls are serialised by a lock (the model's caches are not re-entrant); decoding, drawing and
-encoding run outside it, in FastAPI's thread pool.
+The model serialises its own compute (reproducible results under concurrency); decoding, drawing and
+encoding run in parallel in FastAPI's thread pool.
 """
 
 from __future__ import annotations
@@ -33,11 +33,12 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
-from . import __version__
-from .errors import SpadeError
-from .io import to_rgb_uint8
-from .model import Prediction, Spade
-from .viz import SCALE_MAX, colour_bar, overlay
+from .. import __version__
+from ..errors import SpadeError
+from ..io import to_rgb_uint8
+from ..model import Spade
+from ..result import Prediction, normalised
+from ..viz import SCALE_MAX, colour_bar, data_uri, encode, overlay, resize_map, resize_rgb, small_size
 
 __all__ = ["create_app", "decode_image"]
 
@@ -104,6 +105,7 @@ class InfoResponse(BaseModel):
     n_train: int
     k: int
     image_size: int
+    preprocess: str = Field(description="how images become the network input (resize, or the paper's crop)")
     image_threshold: float | None
     pixel_threshold: float | None
     calibration: dict[str, Any]
@@ -139,35 +141,6 @@ def decode_image(data: bytes, name: str = "upload", max_pixels: int = MAX_PIXELS
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise SpadeError(f"{name}: corrupt or truncated image ({exc})") from None
     return to_rgb_uint8(img, name)
-
-
-def _small_hw(h: int, w: int, side: int) -> tuple[int, int]:
-    s = min(1.0, side / max(h, w))
-    return max(1, round(h * s)), max(1, round(w * s))
-
-
-def _resize_map(amap: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    if amap.shape == hw:
-        return amap.astype(np.float32)
-    img = Image.fromarray(amap.astype(np.float32), mode="F").resize((hw[1], hw[0]), Image.Resampling.BILINEAR)
-    return np.asarray(img, dtype=np.float32)
-
-
-def _data_uri(img: Image.Image, fmt: str) -> str:
-    buf = io.BytesIO()
-    if fmt == "JPEG":
-        img.save(buf, format="JPEG", quality=90)
-        mime = "image/jpeg"
-    else:
-        img.save(buf, format="PNG")
-        mime = "image/png"
-    return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
-
-
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 class _TooLarge(HTTPException):
@@ -224,7 +197,6 @@ def create_app(
     if max_upload_bytes <= 0:
         raise SpadeError(f"max_upload_bytes must be positive, got {max_upload_bytes}")
     spade: Spade = model
-    model_lock = threading.Lock()
     cache_lock = threading.Lock()
     cache: OrderedDict[str, _Entry] = OrderedDict()
     thumbs: dict[int, bytes] = {}
@@ -259,8 +231,9 @@ def create_app(
     def info() -> InfoResponse:
         calib = {k: v for k, v in (spade.calibration_ or {}).items() if k not in ("image_scores", "map_maxima")}
         return InfoResponse(
-            version=__version__, backbone=spade.backbone, n_train=int(spade.bank_.n), k=spade.k,
-            image_size=spade.image_size, image_threshold=spade.image_threshold_,
+            version=__version__, backbone=spade.settings.backbone, n_train=int(spade.bank_.n), k=spade.settings.k,
+            image_size=spade.settings.image_size, preprocess=spade.settings.preprocess,
+            image_threshold=spade.image_threshold_,
             pixel_threshold=spade.pixel_threshold_, calibration=calib, max_upload_bytes=max_upload_bytes,
             scale_max=SCALE_MAX, colour_scale=COLOUR_SCALE,
         )
@@ -272,7 +245,7 @@ def create_app(
     @app.get("/colour-bar.png", summary="The heatmap colour bar (PNG), labelled in raw pixel scores",
              response_class=Response, responses={200: {"content": {"image/png": {}}}})
     def colour_bar_png() -> Response:
-        return Response(_png(colour_bar(height=256, width=70, threshold=spade.pixel_threshold_)),
+        return Response(encode(colour_bar(height=256, width=70, threshold=spade.pixel_threshold_)),
                          media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     @app.get("/thumbnail/{index}", summary="Thumbnail (PNG) of training image `index`", response_class=Response,
@@ -282,9 +255,7 @@ def create_app(
             raise HTTPException(404, f"no training image {index} (the model has {spade.bank_.n})")
         data = thumbs.get(index)
         if data is None:
-            with model_lock:
-                pic = np.asarray(spade.thumbnail(index))
-            data = thumbs[index] = _png(pic)
+            data = thumbs[index] = encode(np.asarray(spade.thumbnail(index)))
         return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     @app.post("/predict", response_model=PredictResponse, responses=errors,
@@ -297,36 +268,31 @@ def create_app(
             raise _TooLarge(max_upload_bytes)
         image = decode_image(data, name)
         del data
-        with model_lock:
-            res = spade.predict([image], keep_features=True)
+        pred = spade.predict([image], keep_features=True)
+        res = pred[0]
         h, w = image.shape[:2]
-        amap = res.maps[0]
-        thr = spade.pixel_threshold_
-        img_thr = spade.image_threshold_
-        score = float(res.scores[0])
-        mask = amap >= thr if thr is not None else None
-        oh, ow = _small_hw(h, w, OVERLAY_SIDE)
-        small_img = np.asarray(Image.fromarray(image).resize((ow, oh), Image.Resampling.BILINEAR))
-        over = overlay(small_img, _resize_map(amap, (oh, ow)), thr, None)
-        mh, mw = _small_hw(h, w, MAP_SIDE)
-        small_map = _resize_map(amap, (mh, mw))
+        thr = res.pixel_threshold
+        mask = res.mask
+        oh, ow = small_size(h, w, OVERLAY_SIDE)
+        over = overlay(resize_rgb(image, (oh, ow)), resize_map(res.map, (oh, ow)), thr, None)
+        mh, mw = small_size(h, w, MAP_SIDE)
+        small_map = resize_map(res.map, (mh, mw))
         key = uuid.uuid4().hex
-        entry = _Entry(pred=replace(res, maps=[], masks=None), small_map=small_map)
+        entry = _Entry(pred=replace(pred, maps=[], input_maps=[]), small_map=small_map)
         with cache_lock:
             cache[key] = entry
             while len(cache) > cache_size:
                 cache.popitem(last=False)
-        neigh = [int(j) for j in res.neighbours[0][:N_NEIGHBOURS]]
+        summary = res.summary()
         return PredictResponse(
-            id=key, filename=name, width=w, height=h, score=score,
-            normalised_score=score / img_thr if img_thr else None,
-            verdict=None if img_thr is None else ("defective" if score >= img_thr else "good"),
-            image_threshold=img_thr, pixel_threshold=thr, max_pixel_score=float(amap.max()),
-            defect_fraction=float(mask.mean()) if mask is not None else None,
-            neighbours=[Neighbour(index=j, name=spade.train_names_[j] if j < len(spade.train_names_) else str(j),
-                                  thumbnail_url=f"/thumbnail/{j}") for j in neigh],
-            overlay=_data_uri(Image.fromarray(over), "JPEG"),
-            mask=_data_uri(Image.fromarray(mask).convert("1"), "PNG") if mask is not None else None,
+            id=key, filename=name, width=w, height=h, score=res.score,
+            normalised_score=res.normalised_score, verdict=res.verdict,
+            image_threshold=res.image_threshold, pixel_threshold=thr, max_pixel_score=res.max_pixel_score,
+            defect_fraction=summary["defect_fraction"],
+            neighbours=[Neighbour(index=j, name=nm, thumbnail_url=f"/thumbnail/{j}")
+                        for j, nm in list(zip(res.neighbours, res.neighbour_names, strict=True))[:N_NEIGHBOURS]],
+            overlay=data_uri(over, "JPEG"),
+            mask=data_uri(mask, "PNG") if mask is not None else None,
             map=RawMap(width=mw, height=mh, dtype="float32-le",
                        data=base64.b64encode(small_map.astype("<f4").tobytes()).decode("ascii")),
         )
@@ -346,8 +312,7 @@ def create_app(
         if entry is None:
             raise HTTPException(404, f"upload {id!r} is no longer cached (the server keeps the last {cache_size}); "
                                      "upload the image again")
-        with model_lock:
-            c = entry.pred.correspondence(0, y, x, level)
+        c = entry.pred.correspondence(0, y, x, level)
         h, w = entry.pred.sizes[0]
         sm = entry.small_map
         v = float(sm[min(sm.shape[0] - 1, int(y * sm.shape[0] / h)), min(sm.shape[1] - 1, int(x * sm.shape[1] / w))])
@@ -356,7 +321,7 @@ def create_app(
             id=id, y=y, x=x, neighbour=c.neighbour, neighbour_name=c.neighbour_name, level=c.level,
             distance=c.distance, y_frac=c.y_frac, x_frac=c.x_frac, box_frac=list(c.box_frac),
             thumbnail_url=f"/thumbnail/{c.neighbour}", pixel_score=v,
-            pixel_score_normalised=v / thr if thr else None,
+            pixel_score_normalised=normalised(v, thr),
         )
 
     return app

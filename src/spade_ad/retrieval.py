@@ -1,4 +1,5 @@
-"""Stage 2: image-level kNN on global vectors (image score and the gallery of nearest training images)."""
+"""Stage 2: image retrieval. kNN on global vectors gives the image score and the gallery of nearest training
+images that stage 3 matches against."""
 
 from __future__ import annotations
 

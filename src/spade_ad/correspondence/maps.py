@@ -1,4 +1,4 @@
-"""From per-level distance grids to one smoothed anomaly map at the image's own resolution."""
+"""Stage 3, last step: per-level distance grids -> one smoothed anomaly map in the input frame."""
 
 from __future__ import annotations
 
@@ -45,11 +45,4 @@ def combine_levels(level_maps: list[torch.Tensor], size: int, sigma: float) -> t
     return gaussian_blur(torch.stack(up).mean(0), sigma)
 
 
-def to_original_size(amap: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(h, w) map -> (height, width) by bilinear interpolation."""
-    if tuple(amap.shape) == (height, width):
-        return amap
-    return F.interpolate(amap[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
-
-
-__all__ = ["gaussian_blur", "combine_levels", "to_original_size", "gaussian_kernel1d"]
+__all__ = ["gaussian_blur", "combine_levels", "gaussian_kernel1d"]

@@ -17,11 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from . import metrics
-from .io import atomic_write, load_image, save_json
-from .viz import SCALE_MAX, colour_bar, overlay
+from .. import metrics
+from ..evaluate import Evaluation
+from ..io import atomic_write, save_json
+from ..viz import (
+    SCALE_MAX,
+    colour_bar,
+    data_uri,
+    mask_picture,
+    overlay,
+    resize_map,
+    resize_mask,
+    resize_rgb,
+    small_size,
+)
 
 __all__ = ["threshold_metrics", "write_report"]
 
@@ -90,18 +100,6 @@ def threshold_metrics(
 # --------------------------------------------------------------------------- pictures
 
 
-def _data_uri(array: np.ndarray, fmt: str = "JPEG") -> str:
-    buf = io.BytesIO()
-    img = Image.fromarray(array)
-    if fmt == "JPEG":
-        img.convert("RGB").save(buf, format="JPEG", quality=85)
-        mime = "image/jpeg"
-    else:
-        img.save(buf, format="PNG", optimize=True)
-        mime = "image/png"
-    return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
-
-
 def _figure(width: float, height: float) -> tuple[Any, Any]:
     """A matplotlib figure on the Agg canvas, outside pyplot's global state (thread-safe, no display)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -116,36 +114,6 @@ def _fig_uri(fig: Any) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=96, bbox_inches="tight")
     return f"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
-
-
-def _small_size(h: int, w: int, side: int) -> tuple[int, int]:
-    s = min(1.0, side / max(h, w))
-    return max(1, round(h * s)), max(1, round(w * s))
-
-
-def _resize_rgb(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    if image.shape[:2] == hw:
-        return image
-    return np.asarray(Image.fromarray(image).resize((hw[1], hw[0]), Image.Resampling.BILINEAR))
-
-
-def _resize_map(amap: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    if amap.shape == hw:
-        return amap.astype(np.float32)
-    return np.asarray(Image.fromarray(amap.astype(np.float32), mode="F").resize((hw[1], hw[0]),
-                                                                               Image.Resampling.BILINEAR))
-
-
-def _resize_mask(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    if mask.shape == hw:
-        return mask.astype(bool)
-    # area-average then threshold at half keeps thin regions visible better than nearest neighbour
-    small = Image.fromarray(mask.astype(np.uint8) * 255).resize((hw[1], hw[0]), Image.Resampling.BOX)
-    return np.asarray(small) >= 64
-
-
-def _mask_picture(mask: np.ndarray) -> np.ndarray:
-    return np.where(mask[..., None], np.uint8(255), np.uint8(0)).repeat(3, axis=2)
 
 
 def _roc_figure(labels: np.ndarray, scores: np.ndarray, auroc: float | None) -> str | None:
@@ -284,32 +252,18 @@ def _short_name(name: str, parts: int = 2) -> str:
 
 
 class _Thumbs:
-    """Nearest-normal-image thumbnails as data URIs, each encoded once."""
+    """Nearest-normal-image thumbnails (kept in the model) as data URIs, each encoded once."""
 
     def __init__(self, model: Any) -> None:
         self.model = model
-        self.cache: dict[int, str | None] = {}
+        self.cache: dict[int, str] = {}
 
-    def get(self, index: int) -> str | None:
+    def get(self, index: int) -> str:
         if index not in self.cache:
-            self.cache[index] = self._make(index)
-        return self.cache[index]
-
-    def _make(self, index: int) -> str | None:
-        pic: np.ndarray | None = None
-        try:
             pic = np.asarray(self.model.thumbnail(index))
-        except Exception:  # noqa: BLE001 - older model folders have no thumbnails: use the training file
-            names = getattr(self.model, "train_names_", [])
-            try:
-                if index < len(names):
-                    pic = load_image(names[index])
-            except Exception:  # noqa: BLE001 - training file gone: show the name only
-                pic = None
-        if pic is None:
-            return None
-        hw = _small_size(pic.shape[0], pic.shape[1], NEIGHBOUR_SIDE)
-        return _data_uri(_resize_rgb(pic, hw))
+            self.cache[index] = data_uri(resize_rgb(pic, small_size(pic.shape[0], pic.shape[1], NEIGHBOUR_SIDE)),
+                                         "JPEG")
+        return self.cache[index]
 
 
 def _metrics_table(items: list[tuple[str, Any]]) -> str:
@@ -317,107 +271,84 @@ def _metrics_table(items: list[tuple[str, Any]]) -> str:
     return f'<table class="metrics">{rows}</table>'
 
 
-def write_report(
-    path: str | Path,
-    row: dict[str, Any],
-    model: Any,
-    pred: Any,
-    masks: Sequence[np.ndarray],
-    labels: Sequence[int],
-    images: Sequence[np.ndarray | str | Path],
-    title: str | None = None,
-    max_side: int = THUMB_SIDE,
-) -> Path:
-    """Write the HTML report to ``path`` and its numbers to ``path`` with suffix ``.json``.
+def write_report(path: str | Path, ev: Evaluation, title: str | None = None, max_side: int = THUMB_SIDE) -> Path:
+    """Write the HTML report of an evaluation to ``path`` and its numbers to ``path`` with suffix ``.json``.
 
-    ``row``, ``model``, ``pred``, ``masks``, ``labels`` are what :func:`spade_ad.evaluate.evaluate_category`
-    returns; ``images`` the test images (arrays, or paths read one at a time) in the same order.
-    The JSON holds the metrics row, the thresholds, :func:`threshold_metrics` and one entry per image.
+    ``ev`` is what :func:`spade_ad.evaluate.evaluate_category` returns: every number per image comes from
+    its :class:`~spade_ad.ImageResult`; pictures, maps and ground truth are shown in the protocol's frame
+    (the paper's crop, or the whole image). The JSON holds the metrics row, the thresholds,
+    :func:`threshold_metrics` and one entry per image.
     """
     path = Path(path)
-    n = len(pred.scores)
-    if not (len(masks) == len(labels) == len(images) == n):
-        raise ValueError(f"got {n} predictions, {len(masks)} masks, {len(labels)} labels, {len(images)} images")
-    y = np.asarray(labels, dtype=int)
+    model, pred, row = ev.model, ev.pred, ev.row
+    n = len(pred)
+    y = np.asarray(ev.labels, dtype=int)
     scores = np.asarray(pred.scores, dtype=np.float64)
-    img_thr: float | None = model.image_threshold_
-    pix_thr: float | None = model.pixel_threshold_
+    img_thr: float | None = pred.image_threshold
+    pix_thr: float | None = pred.pixel_threshold
     decision = threshold_metrics(y, scores, img_thr)
 
     # per image -----------------------------------------------------------------------------------
     thumbs = _Thumbs(model)
-    names = list(pred.names) if pred.names else [f"image {i}" for i in range(n)]
     order = np.argsort(-scores, kind="stable")
     row_html: list[str] = []
     per_image: list[dict[str, Any]] = []
     for rank, i in enumerate(order):
         i = int(i)
-        item = images[i]
-        img = load_image(item) if isinstance(item, (str, Path)) else np.asarray(item)
-        amap = np.asarray(pred.maps[i])
-        hw = _small_size(img.shape[0], img.shape[1], max_side)
-        small_img = _resize_rgb(img, hw)
-        small_map = _resize_map(amap, hw)
+        res = pred[i]
+        img = ev.picture(i)
+        amap = np.asarray(ev.maps[i])
+        hw = small_size(img.shape[0], img.shape[1], max_side)
+        small_img = resize_rgb(img, hw)
+        small_map = resize_map(amap, hw)
         small_pred = small_map >= pix_thr if pix_thr is not None else None
         over = overlay(small_img, small_map, pix_thr, small_pred)
         label = "defective" if y[i] == 1 else "good"
-        score = float(scores[i])
-        flagged = None if img_thr is None else score >= img_thr
-        verdict = "–" if flagged is None else ("defective" if flagged else "good")
-        outcome = "" if flagged is None else {(True, 1): "tp", (True, 0): "fp", (False, 0): "tn",
-                                              (False, 1): "fn"}[(bool(flagged), int(y[i]))]
-        norm = score / img_thr if img_thr else None
-        gt = np.asarray(masks[i])
+        verdict = res.verdict
+        outcome = "" if verdict is None else {("defective", 1): "tp", ("defective", 0): "fp", ("good", 0): "tn",
+                                              ("good", 1): "fn"}[(verdict, int(y[i]))]
         gt_cell = '<td class="muted">no defect</td>'
         if y[i] == 1:
-            gt_uri = _data_uri(_mask_picture(_resize_mask(gt, hw)), "PNG")
+            gt_uri = data_uri(mask_picture(resize_mask(np.asarray(ev.masks[i]), hw)), "PNG")
             gt_cell = f'<td><img class="pic" alt="ground truth" src="{gt_uri}"></td>'
         pred_cell = '<td class="muted">no threshold</td>'
         if small_pred is not None:
-            mask_uri = _data_uri(_mask_picture(small_pred), "PNG")
-            pred_cell = f'<td><img class="pic" alt="predicted mask" src="{mask_uri}"></td>'
-        nb_idx = [int(j) for j in np.asarray(pred.neighbours[i])[:N_NEIGHBOURS]]
-        nb_names = [pred.train_names[j] if j < len(pred.train_names) else str(j) for j in nb_idx]
+            pred_cell = f'<td><img class="pic" alt="predicted mask" src="{data_uri(mask_picture(small_pred))}"></td>'
         nb_html = []
-        for j, nm in zip(nb_idx, nb_names, strict=True):
-            uri = thumbs.get(j)
-            pic = f'<img class="nb" alt="normal image {j}" src="{uri}">' if uri else ""
+        for j, nm in list(zip(res.neighbours, res.neighbour_names, strict=True))[:N_NEIGHBOURS]:
+            pic = f'<img class="nb" alt="normal image {j}" src="{thumbs.get(j)}">'
             nb_html.append(f'<figure>{pic}<figcaption>{html.escape(_short_name(nm, 1))}</figcaption></figure>')
         outcome_html = f' <span class="outcome o-{outcome}">{outcome.upper()}</span>' if outcome else ""
+        shown = verdict or "–"
         row_html.append(
-            f'<tr data-label="{label}" data-outcome="{outcome}" data-score="{score!r}">'
+            f'<tr data-label="{label}" data-outcome="{outcome}" data-score="{res.score!r}">'
             f'<td>{rank + 1}</td>'
-            f'<td class="name">{html.escape(_short_name(names[i]))}<br><span class="muted">truth: {label}</span></td>'
-            f'<td><img class="pic" alt="image" src="{_data_uri(small_img)}"></td>'
-            f'<td><img class="pic" alt="heatmap overlay" src="{_data_uri(over)}"></td>'
+            f'<td class="name">{html.escape(_short_name(res.name))}<br><span class="muted">truth: {label}</span></td>'
+            f'<td><img class="pic" alt="image" src="{data_uri(small_img, "JPEG")}"></td>'
+            f'<td><img class="pic" alt="heatmap overlay" src="{data_uri(over, "JPEG")}"></td>'
             f"{pred_cell}{gt_cell}"
-            f"<td>{_fmt(score)}<br><span class=\"muted\">normalised {_fmt(norm, 3)}</span></td>"
-            f'<td><span class="verdict-{verdict}">{verdict}</span>{outcome_html}</td>'
+            f"<td>{_fmt(res.score)}<br><span class=\"muted\">normalised {_fmt(res.normalised_score, 3)}</span></td>"
+            f'<td><span class="verdict-{shown}">{shown}</span>{outcome_html}</td>'
             f'<td><div class="nbs">{"".join(nb_html)}</div></td></tr>'
         )
-        per_image.append({
-            "name": names[i], "label": int(y[i]), "score": score, "score_normalised": norm,
-            "verdict": None if flagged is None else verdict, "outcome": outcome or None,
-            "max_pixel_score": float(amap.max()),
-            "defect_pixels": int((amap >= pix_thr).sum()) if pix_thr is not None else None,
-            "neighbours": nb_names,
-        })
+        per_image.append({"name": res.name, "label": int(y[i]), **res.summary(), "outcome": outcome or None,
+                          "neighbours": list(res.neighbour_names[:N_NEIGHBOURS])})
         del img, amap
 
     # figures -------------------------------------------------------------------------------------
     roc = _roc_figure(y.astype(bool), scores, row.get("image_auroc"))
-    pro = _pro_figure(masks, pred.maps, row.get("aupro"))
+    pro = _pro_figure(ev.masks, ev.maps, row.get("aupro"))
     hist = _histogram_figure(y, scores, img_thr, decision.get("best_f1_threshold"))
-    bar = _data_uri(colour_bar(height=200, width=70, threshold=pix_thr), "PNG")
+    bar = data_uri(colour_bar(height=200, width=70, threshold=pix_thr), "PNG")
     figs = "".join(f'<img alt="{alt}" src="{uri}">' for alt, uri in (("ROC curve", roc), ("PRO curve", pro),
                                                                       ("score histogram", hist)) if uri)
 
     # good test images with any pixel over the pixel threshold
     good_any = None
     if pix_thr is not None and (y == 0).any():
-        good_any = float(np.mean([float(np.asarray(pred.maps[i]).max()) >= pix_thr for i in np.flatnonzero(y == 0)]))
+        good_any = float(np.mean([float(np.asarray(ev.maps[i]).max()) >= pix_thr for i in np.flatnonzero(y == 0)]))
 
-    calib = getattr(model, "calibration_", {}) or {}
+    calib = model.calibration_ or {}
     summary = [
         ("image AUROC", row.get("image_auroc")),
         ("pixel AUROC", row.get("pixel_auroc")),
@@ -448,7 +379,7 @@ def write_report(
     ]
     counts = (f"TP {decision['true_positives']}, FP {decision['false_positives']}, "
               f"TN {decision['true_negatives']}, FN {decision['false_negatives']}" if img_thr is not None else "")
-    settings = model.get_params() if hasattr(model, "get_params") else {}
+    settings = {**model.settings.as_dict(), "protocol": ev.protocol}
     title = title or "spade-ad report"
     n_fn = sum(1 for r in per_image if r["outcome"] == "fn")
     n_fp = sum(1 for r in per_image if r["outcome"] == "fp")

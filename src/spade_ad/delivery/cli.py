@@ -1,10 +1,18 @@
-"""Command line: ``spade-ad fit | predict | benchmark | demo``."""
+"""Command line: ``spade-ad fit | predict | benchmark | report | serve | demo``.
+
+The options of ``fit``, ``benchmark`` and ``report`` that set the model are generated from
+:class:`~spade_ad.SpadeSettings` (:func:`settings_options`): a new setting appears here by itself.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import sys
 import time
+import typing
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,8 +23,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import __version__
-from .errors import SpadeError
+from .. import __version__, settings
+from ..errors import SpadeError
 
 app = typer.Typer(
     add_completion=False,
@@ -30,39 +38,70 @@ if not out_console.is_terminal:  # pipes and logs: keep table rows on one line
     out_console = Console(width=120)
 _state = {"debug": False}
 
-BackboneOpt = Annotated[str, typer.Option(help="efficientnet_lite0 (bundled ImageNet weights), "
-                                          "wide_resnet50_2, resnet18, resnet50")]
-KOpt = Annotated[int, typer.Option("--k", help="training images retrieved as the pixel-stage gallery")]
-KImageOpt = Annotated[int, typer.Option("--k-image", help="nearest training images averaged for the image score")]
-KappaOpt = Annotated[int, typer.Option("--kappa", help="nearest gallery features averaged per pixel")]
-SigmaOpt = Annotated[float, typer.Option(help="Gaussian smoothing of the map, in pixels at --image-size")]
-SizeOpt = Annotated[int, typer.Option("--image-size", help="network input size (images are resized to it)")]
-DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto")]
-WeightsOpt = Annotated[
-    str | None, typer.Option(help="backbone weights: a torchvision/timm state_dict file (for the ResNets)")
-]
-CalibOpt = Annotated[
-    int, typer.Option("--calibration-images", help="good training images used (leave-one-out) to set thresholds")
-]
 ProtocolOpt = Annotated[
-    str, typer.Option(help="full: whole image, metrics at the mask's resolution; paper: resize 256, centre-crop 224")
+    str, typer.Option(help="full: whole image, metrics at the mask's resolution; paper: the paper's resize and "
+                           "centre crop (sets --preprocess paper), metrics on the crop")
 ]
-FarOpt = Annotated[
-    float, typer.Option("--false-alarm-rate", help="target fraction of good images flagged by the thresholds")
-]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto")]
 
 
-def _params(backbone: str, k: int, k_image: int, kappa: int, sigma: float, image_size: int, device: str,
-            weights: str | None, calibration_images: int, false_alarm_rate: float) -> dict[str, Any]:
-    return {
-        "backbone": backbone, "k": k, "k_image": k_image, "kappa": kappa, "sigma": sigma,
-        "image_size": image_size, "device": device, "weights": weights,
-        "calibration_images": calibration_images, "false_alarm_rate": false_alarm_rate,
-    }
+def say(text: str) -> None:
+    """Print a message to stderr literally (file names are never read as markup)."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+# --------------------------------------------------------------------------- settings as options
+def settings_options(func: Callable[..., None]) -> Callable[..., None]:
+    """Give a command one option per setting of :class:`~spade_ad.SpadeSettings`.
+
+    The command receives ``given``: the settings the user set explicitly (options default to unset,
+    so presets and protocols can fill in the rest). Help texts, defaults and bounds come from the
+    settings' own declarations.
+    """
+    hints = typing.get_type_hints(settings.SpadeSettings)
+    sig = inspect.signature(func, eval_str=True)
+    params = [p for p in sig.parameters.values() if p.name != "given"]
+    added = []
+    for f in settings.fields():
+        spec = settings.spec_of(f)
+        if not spec.cli:
+            continue
+        kind = settings.base_type(hints[f.name])
+        extra = ""
+        if spec.choices:
+            extra = f" ({', '.join(spec.choices)})"
+        elif spec.low is not None and spec.high is not None:
+            extra = f" {settings.describe_bounds(spec)}"
+        option = typer.Option(f"--{f.name.replace('_', '-')}", help=spec.help + extra,
+                               show_default=str(f.default) if f.default is not None else False)
+        added.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                       annotation=Annotated[kind | None, option]))  # type: ignore[name-defined]
+    names = [p.name for p in added]
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        given = {n: kwargs.pop(n) for n in names if n in kwargs}
+        return func(*args, **kwargs, given={k: v for k, v in given.items() if v is not None})
+
+    new_params = params + added
+    wrapper.__signature__ = sig.replace(parameters=new_params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in new_params}
+    return wrapper
+
+
+def _settings(given: dict[str, Any], protocol: str | None = None) -> settings.SpadeSettings:
+    from ..data import check_protocol
+
+    if protocol is not None:
+        check_protocol(protocol)
+        if protocol == "paper" and given.get("preprocess", "paper") != "paper":
+            raise SpadeError("--protocol paper evaluates on the paper's centre crop: it needs --preprocess paper "
+                             f"(got --preprocess {given['preprocess']})")
+    return settings.SpadeSettings(**given)
 
 
 @contextmanager
-def progress_bars():
+def progress_bars() -> Iterator[Callable[[str, int, int], None]]:
     """A rich progress bar per stage; yields the ``(stage, done, total)`` callback."""
     with Progress(
         TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -92,45 +131,34 @@ def _main(
     _state["debug"] = debug
 
 
-@app.command()
-def fit(
-    train_dir: Annotated[Path, typer.Argument(help="folder of good images")],
-    out: Annotated[Path, typer.Option("--out", help="model folder to write")],
-    backbone: BackboneOpt = "efficientnet_lite0",
-    k: KOpt = 50,
-    k_image: KImageOpt = 5,
-    kappa: KappaOpt = 1,
-    sigma: SigmaOpt = 4.0,
-    image_size: SizeOpt = 224,
-    device: DeviceOpt = "cpu",
-    weights: WeightsOpt = None,
-    calibration_images: CalibOpt = 16,
-    false_alarm_rate: FarOpt = 0.01,
-) -> None:
-    """Fit on a folder of good images and save the model folder."""
-    from .io import list_images
-    from .model import Spade
-
-    files = list_images(train_dir)
-    params = _params(backbone, k, k_image, kappa, sigma, image_size, device, weights, calibration_images,
-                     false_alarm_rate)
-    t0 = time.perf_counter()
-    with progress_bars() as cb:
-        model = Spade(**params).fit(files, progress=cb)
-    model.save(out)
-    console.print(
-        f"fitted on {len(files)} images in {time.perf_counter() - t0:.1f}s; image threshold "
-        f"{_fmt(model.image_threshold_)}, pixel threshold {_fmt(model.pixel_threshold_)}; model written to {out}"
-    )
-
-
 def _fmt(x: float | None) -> str:
     return "none" if x is None else f"{x:.4g}"
 
 
+# --------------------------------------------------------------------------- fit / predict
+@app.command()
+@settings_options
+def fit(
+    train_dir: Annotated[Path, typer.Argument(help="folder of good images")],
+    out: Annotated[Path, typer.Option("--out", help="model folder to write")],
+    given: dict[str, Any],
+) -> None:
+    """Fit on a folder of good images and save the model folder."""
+    from ..io import list_images
+    from ..model import Spade
+
+    files = list_images(train_dir)
+    t0 = time.perf_counter()
+    with progress_bars() as cb:
+        model = Spade(_settings(given)).fit(files, progress=cb)
+    model.save(out)
+    say(f"fitted on {len(files)} images in {time.perf_counter() - t0:.1f}s; image threshold "
+        f"{_fmt(model.image_threshold_)}, pixel threshold {_fmt(model.pixel_threshold_)}; model written to {out}")
+
+
 def _output_stems(inputs: list[Path]) -> list[tuple[Path, str]]:
     """(image file, unique output stem) for files and folders given on the command line."""
-    from .io import list_images
+    from ..io import list_images
 
     pairs: list[tuple[Path, str]] = []
     for item in inputs:
@@ -161,12 +189,16 @@ def predict(
     raw: Annotated[str, typer.Option(help="raw map format: npy (float32) or png16 (16-bit, scaled)")] = "npy",
 ) -> None:
     """Score images: overlay PNG, raw map, mask PNG per image and one predictions.jsonl row each."""
-    from .io import load_image, save_json, save_npy, save_png
-    from .model import Spade
-    from .viz import normalise, overlay
+    import math
+
+    from ..io import load_image, save_json, save_npy, save_png
+    from ..model import Spade
+    from ..viz import overlay
 
     if raw not in ("npy", "png16"):
         raise SpadeError(f"--raw must be npy or png16, got {raw!r}")
+    if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
+        raise SpadeError(f"--threshold must be a positive number, got {threshold}")
     model = Spade.load(model_dir, device=device)
     pairs = _output_stems(images)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,33 +206,25 @@ def predict(
     jsonl = out / "predictions.jsonl"
     thr = model.pixel_threshold_ if threshold is None else threshold
     t0 = time.perf_counter()
+    step = model.settings.batch_size
     with progress_bars() as cb:
-        for s in range(0, len(pairs), model.batch_size):
-            chunk = pairs[s : s + model.batch_size]
+        for s in range(0, len(pairs), step):
+            chunk = pairs[s : s + step]
             arrays = [load_image(f) for f, _ in chunk]
-            res = model.predict(arrays, pixel_threshold=threshold)
-            for b, ((f, stem), img) in enumerate(zip(chunk, arrays, strict=True)):
-                amap = res.maps[b]
-                mask = res.masks[b] if res.masks is not None else None
-                save_png(out / f"{stem}_overlay.png", overlay(img, amap, thr, mask))
+            pred = model.predict(arrays, pixel_threshold=threshold)
+            for (f, stem), img, res in zip(chunk, arrays, pred, strict=True):
+                mask = res.mask
+                save_png(out / f"{stem}_overlay.png", overlay(img, res.map, thr, mask))
                 if raw == "npy":
-                    save_npy(out / f"{stem}_map.npy", amap.astype(np.float32))
+                    save_npy(out / f"{stem}_map.npy", res.map.astype(np.float32))
                 else:
-                    scale = 65535.0 / (2.0 * thr) if thr else 65535.0 / max(float(amap.max()), 1e-12)
-                    save_png(out / f"{stem}_map.png", np.clip(amap * scale, 0, 65535).astype(np.uint16))
+                    scale = 65535.0 / (2.0 * thr) if thr else 65535.0 / max(res.max_pixel_score, 1e-12)
+                    save_png(out / f"{stem}_map.png", np.clip(res.map * scale, 0, 65535).astype(np.uint16))
                 if mask is not None:
                     save_png(out / f"{stem}_mask.png", mask.astype(np.uint8) * 255)
-                score = float(res.scores[b])
-                verdict = None if model.image_threshold_ is None else (
-                    "defective" if score >= model.image_threshold_ else "good")
                 rows.append({
                     "file": str(f),
-                    "score": score,
-                    "score_normalised": None if not model.image_threshold_ else score / model.image_threshold_,
-                    "verdict": verdict,
-                    "max_pixel_score_normalised": float(normalise(amap, thr).max()),
-                    "defect_pixels": int(mask.sum()) if mask is not None else None,
-                    "neighbours": res.neighbour_names(b),
+                    **res.summary(),
                     "overlay": f"{stem}_overlay.png",
                     "map": f"{stem}_map.{'npy' if raw == 'npy' else 'png'}",
                     "mask": f"{stem}_mask.png" if mask is not None else None,
@@ -212,17 +236,18 @@ def predict(
                                  "image_threshold": model.image_threshold_, "pixel_threshold": thr,
                                  "colour_scale": "map / pixel_threshold on [0, 2]; 1.0 = threshold"})
     n_bad = sum(r["verdict"] == "defective" for r in rows)
-    console.print(f"{len(rows)} images in {elapsed:.1f}s ({len(rows) / elapsed:.2f} images/s); "
-                  f"{n_bad} flagged defective; outputs in {out} (predictions.jsonl)")
+    say(f"{len(rows)} images in {elapsed:.1f}s ({len(rows) / elapsed:.2f} images/s); "
+        f"{n_bad} flagged defective; outputs in {out} (predictions.jsonl)")
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    from .io import atomic_write
+    from ..io import atomic_write
 
-    text = "".join(json.dumps(r) + "\n" for r in rows)
+    text = "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows)
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+# --------------------------------------------------------------------------- benchmark / report / demo
 def _print_table(doc: dict[str, Any]) -> None:
     table = Table(title=f"spade-ad benchmark (protocol: {doc['settings']['protocol']})")
     for col in ("category", "image AUROC", "pixel AUROC", "AUPRO", "train", "test", "fit s", "predict s/img"):
@@ -239,34 +264,23 @@ def _print_table(doc: dict[str, Any]) -> None:
 
 
 @app.command()
+@settings_options
 def benchmark(
     data: Annotated[Path, typer.Argument(help="an MVTec-layout category folder, or a root holding several")],
     out: Annotated[Path, typer.Option("--out", help="folder for metrics.json")],
+    given: dict[str, Any],
     protocol: ProtocolOpt = "full",
-    backbone: BackboneOpt = "efficientnet_lite0",
-    k: KOpt = 50,
-    k_image: KImageOpt = 5,
-    kappa: KappaOpt = 1,
-    sigma: SigmaOpt = 4.0,
-    image_size: SizeOpt = 224,
-    device: DeviceOpt = "cpu",
-    weights: WeightsOpt = None,
-    calibration_images: CalibOpt = 16,
-    false_alarm_rate: FarOpt = 0.01,
 ) -> None:
     """Fit on train/good, evaluate on test/ with ground_truth/, print a table, write metrics.json."""
-    from .data import check_protocol
-    from .evaluate import run_benchmark
-    from .io import save_json
+    from ..evaluate import run_benchmark
+    from ..io import save_json
 
-    check_protocol(protocol)
-    params = _params(backbone, k, k_image, kappa, sigma, image_size, device, weights, calibration_images,
-                     false_alarm_rate)
+    chosen = _settings(given, protocol)
     with progress_bars() as cb:
-        doc = run_benchmark(data, params, protocol, cb)
+        doc = run_benchmark(data, chosen, protocol, cb)
     save_json(out / "metrics.json", doc)
     _print_table(doc)
-    console.print(f"metrics written to {out / 'metrics.json'}")
+    say(f"metrics written to {out / 'metrics.json'}")
 
 
 @app.command()
@@ -276,88 +290,68 @@ def demo(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Run everything on a generated synthetic inspection set (nothing to download)."""
-    from .data import load_mvtec_category
-    from .evaluate import evaluate_category
-    from .io import save_json, save_png
-    from .synthetic import make_dataset
-    from .viz import overlay
+    from ..data import load_mvtec_category
+    from ..evaluate import evaluate_category
+    from ..io import load_image, save_json, save_png
+    from ..synthetic import make_dataset
+    from ..viz import overlay
 
     t0 = time.perf_counter()
-    console.print(f"generating a synthetic inspection set in {out / 'data'} ...")
-    cat_dir = make_dataset(out / "data")
-    cat = load_mvtec_category(cat_dir)
-    params = _params("efficientnet_lite0", 50, 5, 1, 4.0, 224, device, None, 16, 0.01)
+    say(f"generating a synthetic inspection set in {out / 'data'} ...")
+    cat = load_mvtec_category(make_dataset(out / "data"))
+    chosen = settings.SpadeSettings(device=device)
     with progress_bars() as cb:
-        row, model, pred, masks, labels = evaluate_category(cat, params, "full", cb)
-    model.save(out / "model")
+        ev = evaluate_category(cat, chosen, "full", cb)
+    ev.model.save(out / "model")
     shown = out / "outputs"
-    for i, s in enumerate(cat.test):
-        from .io import load_image
-
-        img = load_image(s.path)
-        m = pred.masks[i] if pred.masks is not None else None
-        save_png(shown / f"{s.defect_type}_{s.path.stem}_overlay.png", overlay(img, pred.maps[i],
-                                                                                model.pixel_threshold_, m))
-    doc = {"categories": {cat.name: row}, "mean": {k: row[k] for k in ("image_auroc", "pixel_auroc", "aupro")},
-           "settings": {**params, "protocol": "full"}}
+    for s, res in zip(cat.test, ev.pred, strict=True):
+        save_png(shown / f"{s.defect_type}_{s.path.stem}_overlay.png",
+                 overlay(load_image(s.path), res.map, res.pixel_threshold, res.mask))
+    doc = {"categories": {cat.name: ev.row}, "mean": {k: ev.row[k] for k in ("image_auroc", "pixel_auroc", "aupro")},
+           "settings": {**chosen.as_dict(), "protocol": "full"}}
     save_json(out / "metrics.json", doc)
     _print_table(doc)
-    console.print(
-        f"demo finished in {time.perf_counter() - t0:.0f}s: data {out / 'data'}, model {out / 'model'}, "
-        f"heatmap overlays {shown}, metrics {out / 'metrics.json'}"
-    )
+    say(f"demo finished in {time.perf_counter() - t0:.0f}s: data {out / 'data'}, model {out / 'model'}, "
+        f"heatmap overlays {shown}, metrics {out / 'metrics.json'}")
 
 
 @app.command()
+@settings_options
 def report(
     data: Annotated[Path, typer.Argument(help="one MVTec-layout category folder (train/good, test/, ground_truth/)")],
     out: Annotated[Path, typer.Option("--out", help="folder for report.html and report.json")],
+    given: dict[str, Any],
     protocol: ProtocolOpt = "full",
-    backbone: BackboneOpt = "efficientnet_lite0",
-    k: KOpt = 50,
-    k_image: KImageOpt = 5,
-    kappa: KappaOpt = 1,
-    sigma: SigmaOpt = 4.0,
-    image_size: SizeOpt = 224,
-    device: DeviceOpt = "cpu",
-    weights: WeightsOpt = None,
-    calibration_images: CalibOpt = 16,
-    false_alarm_rate: FarOpt = 0.01,
     model_out: Annotated[
-        Path | None, typer.Option("--model-out", help="also save the fitted model folder here (for serve)")
+        Path | None, typer.Option("--model-out", help="also save the fitted model folder here (for predict/serve)")
     ] = None,
 ) -> None:
     """Fit and evaluate one category; write a self-contained HTML report (report.html) and report.json."""
-    from .data import check_protocol, find_categories, load_mvtec_category, load_sample
-    from .evaluate import evaluate_category
+    from ..data import find_categories, load_mvtec_category
+    from ..evaluate import evaluate_category
     from .report import write_report
 
-    check_protocol(protocol)
+    chosen = _settings(given, protocol)
     cats = find_categories(data)
     if len(cats) != 1:
         raise SpadeError(f"{data}: holds {len(cats)} categories; report takes one category folder "
                          f"(e.g. {cats[0]})")
     cat = load_mvtec_category(cats[0])
-    params = _params(backbone, k, k_image, kappa, sigma, image_size, device, weights, calibration_images,
-                     false_alarm_rate)
     with progress_bars() as cb:
-        row, model, pred, masks, labels = evaluate_category(cat, params, protocol, cb)
+        ev = evaluate_category(cat, chosen, protocol, cb)
     if model_out is not None:
-        model.save(model_out)
-    images = [load_sample(s, protocol)[0] for s in cat.test]
-    path = write_report(out / "report.html", row, model, pred, masks, labels, images,
-                        title=f"spade-ad report: {cat.name} (protocol {protocol})")
-    doc = json.loads(path.with_suffix(".json").read_text())
-    d = doc["decision"]
-    console.print(
-        f"image AUROC {row['image_auroc']:.4f}, pixel AUROC {row['pixel_auroc']:.4f}, AUPRO {row['aupro']:.4f}; "
-        f"calibrated image threshold {_fmt(model.image_threshold_)}: false-alarm rate on good test images "
+        ev.model.save(model_out)
+    path = write_report(out / "report.html", ev, title=f"spade-ad report: {cat.name} (protocol {protocol})")
+    d = json.loads(path.with_suffix(".json").read_text())["decision"]
+    row = ev.row
+    say(f"image AUROC {row['image_auroc']:.4f}, pixel AUROC {row['pixel_auroc']:.4f}, AUPRO {row['aupro']:.4f}; "
+        f"calibrated image threshold {_fmt(ev.model.image_threshold_)}: false-alarm rate on good test images "
         f"{_fmt(d['false_alarm_rate'])}, F1 {_fmt(d['f1'])}; best F1 {_fmt(d['best_f1'])} at threshold "
-        f"{_fmt(d['best_f1_threshold'])}"
-    )
+        f"{_fmt(d['best_f1_threshold'])}")
     out_console.print(str(path), soft_wrap=True, highlight=False, markup=False)
 
 
+# --------------------------------------------------------------------------- serve
 @app.command()
 def serve(
     model_dir: Annotated[Path, typer.Argument(help="model folder written by fit")],
@@ -367,28 +361,35 @@ def serve(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Start the web inspector: upload images, see heatmaps and masks, click a pixel to see its normal match."""
+    import math
+
     import uvicorn
 
-    from .server import create_app
+    from .inspector import create_app
 
-    if max_upload_mb <= 0:
-        raise SpadeError(f"--max-upload-mb must be positive, got {max_upload_mb}")
+    if not (math.isfinite(max_upload_mb) and 0 < max_upload_mb <= 4096):
+        raise SpadeError(f"--max-upload-mb must be a number in (0, 4096], got {max_upload_mb}")
+    if not 1 <= port <= 65535:
+        raise SpadeError(f"--port must be between 1 and 65535, got {port}")
     application = create_app(model_dir, max_upload_bytes=int(max_upload_mb * 1024 * 1024), device=device)
-    console.print(f"spade-ad inspector on http://{host}:{port}/ (API docs at /docs; Ctrl+C stops)")
+    say(f"spade-ad inspector on http://{host}:{port}/ (API docs at /docs; Ctrl+C stops)")
     uvicorn.run(application, host=host, port=port, log_level="info")
 
 
 def main() -> None:
-    """Entry point: one clear line per error (``--debug`` for the traceback), non-zero exit."""
+    """Entry point: one clear line per error (``--debug`` for the traceback), non-zero exit.
+
+    Exit codes: 0 success, 1 unexpected error, 2 bad input or usage, 130 interrupted (Ctrl+C).
+    """
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except SpadeError as exc:
         if _state["debug"]:
             raise
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        say(f"error: {exc}")
         sys.exit(2)
     except KeyboardInterrupt:
-        console.print("interrupted")
+        say("interrupted")
         sys.exit(130)
     except SystemExit:
         raise
@@ -398,10 +399,14 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         if type(exc).__name__ == "Abort":
-            sys.exit(1)
+            say("interrupted")
+            sys.exit(130)
         if _state["debug"]:
             raise
-        console.print(f"[red]error:[/red] {type(exc).__name__}: {exc} (rerun with --debug for details)",
-                      highlight=False, soft_wrap=True)
+        say(f"error: {type(exc).__name__}: {exc} (rerun with --debug for details)")
         sys.exit(1)
+    if isinstance(code, int) and code != 0:  # typer reports an interrupt (Abort) as 130 under standalone_mode=False
+        if code == 130:
+            say("interrupted")
+        sys.exit(code)
     sys.exit(0)

@@ -1,0 +1,34 @@
+"""Stage 3: pixel-level correspondence. Every position of the test image's feature pyramid is matched
+against all positions of the gallery images' pyramids at the same level.
+
+* :mod:`.gallery` - gathers the gallery (the k training images of stage 2) from the bank and scores
+  each level with the exact search;
+* :mod:`.search` - the exact search itself (mean distance to the kappa nearest gallery features);
+  :mod:`.pruning` (CPU cells and bounds) and :mod:`.runtime` (threads, buffers) speed it up without
+  changing a result; :mod:`.reference` holds the brute-force ground truth and the naive baselines;
+* :mod:`.maps` - upsamples the level maps, averages them and smooths the result;
+* :mod:`.explain` - for any pixel, the normal image and cell it was matched to.
+"""
+
+from __future__ import annotations
+
+from .explain import Correspondence, match_pixel
+from .gallery import level_maps
+from .maps import combine_levels, gaussian_blur
+from .reference import cdist_baseline, nn_distances_reference, relative_error
+from .runtime import release_scratch
+from .search import DEFAULT_TILE_BYTES, nn_distances
+
+__all__ = [
+    "Correspondence",
+    "DEFAULT_TILE_BYTES",
+    "cdist_baseline",
+    "combine_levels",
+    "gaussian_blur",
+    "level_maps",
+    "match_pixel",
+    "nn_distances",
+    "nn_distances_reference",
+    "relative_error",
+    "release_scratch",
+]

@@ -1,0 +1,1 @@
+"""Delivery: the command line, the HTML report and the web inspector, apart from the core."""

@@ -1,0 +1,95 @@
+"""How an image becomes the network input, and how a map comes back to the image: part of the model.
+
+The mode is the ``preprocess`` setting, stored in the model, so ``fit``, ``predict``, the inspector,
+the report and the benchmark all prepare images the same way:
+
+* ``resize`` - the whole image, resized (antialiased bilinear) to a ``image_size`` square. The map is
+  resized back to the image's own resolution (bilinear).
+* ``paper`` - the paper's protocol: resize to ``round(image_size * 8 / 7)`` (256 for 224, bilinear,
+  Pillow) and keep the centred ``image_size`` square. The map covers that crop, resized back to the
+  crop's place in the image; outside the crop the map is 0 (that border is not inspected).
+
+Coordinates: the *input frame* is the ``image_size`` square the network sees; the *image frame* is the
+image's own pixels. Masks move into the input frame with :meth:`Preprocessor.mask_to_input` (for
+metrics computed on the crop, as in the paper).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+PREPROCESS_MODES = ("resize", "paper")
+PAPER_RATIO = 256 / 224  # the paper resizes to 256 and crops 224
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """One preprocessing mode at one input size."""
+
+    mode: str
+    size: int
+
+    def __post_init__(self) -> None:
+        assert self.mode in PREPROCESS_MODES, self.mode
+
+    @property
+    def resize_to(self) -> int:
+        """Side of the resized square before the crop (the input size itself without a crop)."""
+        return round(self.size * PAPER_RATIO) if self.mode == "paper" else self.size
+
+    def crop_box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(y0, x0, y1, x1): the part of an image of this size that the network sees, in its pixels."""
+        if self.mode != "paper":
+            return 0, 0, height, width
+        r, o = self.resize_to, (self.resize_to - self.size) // 2
+        return (round(o * height / r), round(o * width / r), round((o + self.size) * height / r),
+                round((o + self.size) * width / r))
+
+    def input_view(self, image: np.ndarray) -> np.ndarray:
+        """The input-frame picture (``size`` x ``size`` x 3 uint8) the network sees, before normalisation."""
+        return self.to_input(image).round().byte().permute(1, 2, 0).numpy()
+
+    def to_input(self, image: np.ndarray, device: torch.device | None = None) -> torch.Tensor:
+        """HxWx3 uint8 -> (3, size, size) float tensor in [0, 255] on ``device``."""
+        dev = device or torch.device("cpu")
+        if self.mode == "paper":
+            r, o = self.resize_to, (self.resize_to - self.size) // 2
+            pil = Image.fromarray(np.ascontiguousarray(image)).resize((r, r), Image.Resampling.BILINEAR)
+            crop = np.asarray(pil)[o : o + self.size, o : o + self.size]
+            return torch.from_numpy(np.require(crop, np.uint8, ["C", "W"])).to(dev).permute(2, 0, 1).float()
+        t = torch.from_numpy(np.require(image, np.uint8, ["C", "W"])).to(dev).permute(2, 0, 1)[None].float()
+        if t.shape[-2:] != (self.size, self.size):
+            t = F.interpolate(t, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        return t[0].clamp_(0, 255)
+
+    def map_to_image(self, amap: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """An input-frame map (size, size) -> the image frame (height, width), 0 outside the crop."""
+        y0, x0, y1, x1 = self.crop_box(height, width)
+        inner = _resize_map(amap, y1 - y0, x1 - x0)
+        if (y0, x0, y1, x1) == (0, 0, height, width):
+            return inner
+        out = torch.zeros(height, width, dtype=amap.dtype, device=amap.device)
+        out[y0:y1, x0:x1] = inner
+        return out
+
+    def mask_to_input(self, mask: np.ndarray) -> np.ndarray:
+        """A ground-truth mask (image frame) -> the input frame (nearest neighbour), for metrics on the crop."""
+        pil = Image.fromarray(np.asarray(mask, bool).astype(np.uint8) * 255)
+        r = self.resize_to
+        small = np.asarray(pil.resize((r, r), Image.Resampling.NEAREST)) > 127
+        o = (r - self.size) // 2
+        return small[o : o + self.size, o : o + self.size]
+
+
+def _resize_map(amap: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    if tuple(amap.shape) == (height, width):
+        return amap
+    return F.interpolate(amap[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+
+
+__all__ = ["Preprocessor", "PAPER_RATIO", "PREPROCESS_MODES"]

@@ -1,0 +1,185 @@
+"""What a prediction means: one result per image, and the one verdict rule.
+
+The command line, the report and the inspector all read :class:`ImageResult`; nothing else computes
+a verdict, a normalised score or a mask.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .correspondence import Correspondence
+from .errors import SpadeError
+
+if TYPE_CHECKING:
+    from .model import Spade
+
+DEFECTIVE, GOOD = "defective", "good"
+
+
+def verdict(score: float, threshold: float | None) -> str | None:
+    """``defective`` when ``score >= threshold``, else ``good``; ``None`` without a threshold.
+
+    Fails closed: a score that is not a finite number (NaN, inf) is ``defective``, never ``good``.
+    """
+    if threshold is None:
+        return None
+    if not math.isfinite(score) or score >= threshold:
+        return DEFECTIVE
+    return GOOD
+
+
+def normalised(value: float, threshold: float | None) -> float | None:
+    """``value / threshold`` (1.0 = at the threshold), ``None`` without a positive threshold."""
+    return value / threshold if threshold else None
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """The prediction for one image.
+
+    Attributes:
+        name: the image's file path (or ``array[i]``).
+        score: image anomaly score (stage 2: mean distance to the ``k_image`` nearest training images).
+        map: float32 anomaly map at the image's own resolution (0 outside a ``paper`` crop).
+        input_map: the same map in the network's input frame (``image_size`` square).
+        neighbours: indices of the retrieved training images (the gallery), nearest first.
+        neighbour_names: their names as given to ``fit``.
+        image_threshold / pixel_threshold: the thresholds in force (calibrated, or given to ``predict``).
+    """
+
+    name: str
+    score: float
+    map: np.ndarray
+    input_map: np.ndarray
+    neighbours: tuple[int, ...]
+    neighbour_names: tuple[str, ...]
+    image_threshold: float | None
+    pixel_threshold: float | None
+
+    @property
+    def normalised_score(self) -> float | None:
+        """Score / image threshold (1.0 = at the threshold)."""
+        return normalised(self.score, self.image_threshold)
+
+    @property
+    def verdict(self) -> str | None:
+        """``defective``, ``good``, or ``None`` without a threshold (see :func:`verdict`)."""
+        return verdict(self.score, self.image_threshold)
+
+    @property
+    def mask(self) -> np.ndarray | None:
+        """Predicted defect pixels (map >= pixel threshold), ``None`` without a threshold."""
+        return None if self.pixel_threshold is None else self.map >= self.pixel_threshold
+
+    @property
+    def max_pixel_score(self) -> float:
+        return float(self.map.max())
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON-ready numbers of this result (one ``predictions.jsonl`` row, less the file names)."""
+        mask = self.mask
+        return {
+            "score": self.score,
+            "score_normalised": self.normalised_score,
+            "verdict": self.verdict,
+            "max_pixel_score": self.max_pixel_score,
+            "max_pixel_score_normalised": normalised(self.max_pixel_score, self.pixel_threshold),
+            "defect_pixels": None if mask is None else int(mask.sum()),
+            "defect_fraction": None if mask is None else float(mask.mean()),
+            "neighbours": list(self.neighbour_names),
+        }
+
+
+@dataclass
+class Prediction:
+    """What :meth:`Spade.predict <spade_ad.Spade.predict>` returns for N images.
+
+    Index it (``pred[i]``) or iterate over it for one :class:`ImageResult` per image; the arrays below
+    hold the same numbers for all images at once.
+
+    Attributes:
+        scores: (N,) image anomaly scores.
+        maps: N float32 maps, each at its image's own resolution.
+        input_maps: N float32 maps in the network's input frame.
+        neighbours: (N, k) indices of the retrieved training images, nearest first.
+        names: the images' names; sizes: their (height, width).
+        image_threshold / pixel_threshold: the thresholds in force.
+        train_names: names of the model's training images.
+        features: per image, per level, (H*W, C) features (with ``keep_features=True``).
+
+    Example:
+        >>> pred = model.predict(["a.png", "b.png"])        # doctest: +SKIP
+        >>> [(r.name, r.verdict) for r in pred]               # doctest: +SKIP
+        [('a.png', 'good'), ('b.png', 'defective')]
+    """
+
+    scores: np.ndarray
+    maps: list[np.ndarray]
+    input_maps: list[np.ndarray]
+    neighbours: np.ndarray
+    names: list[str] = field(default_factory=list)
+    image_threshold: float | None = None
+    pixel_threshold: float | None = None
+    train_names: list[str] = field(default_factory=list)
+    features: list[list[np.ndarray]] | None = None
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    model: Spade | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def __getitem__(self, i: int) -> ImageResult:
+        neigh = tuple(int(j) for j in self.neighbours[i])
+        return ImageResult(
+            name=self.names[i] if i < len(self.names) else f"array[{i}]",
+            score=float(self.scores[i]),
+            map=self.maps[i],
+            input_map=self.input_maps[i],
+            neighbours=neigh,
+            neighbour_names=tuple(self.train_names[j] if j < len(self.train_names) else str(j) for j in neigh),
+            image_threshold=self.image_threshold,
+            pixel_threshold=self.pixel_threshold,
+        )
+
+    def __iter__(self) -> Iterator[ImageResult]:
+        return (self[i] for i in range(len(self)))
+
+    @property
+    def masks(self) -> list[np.ndarray] | None:
+        """N bool masks (map >= pixel threshold), ``None`` without a threshold."""
+        thr = self.pixel_threshold
+        return None if thr is None else [m >= thr for m in self.maps]
+
+    @property
+    def verdicts(self) -> np.ndarray | None:
+        """True = defective (see :func:`verdict`), ``None`` without a threshold."""
+        if self.image_threshold is None:
+            return None
+        return np.array([verdict(float(s), self.image_threshold) == DEFECTIVE for s in self.scores])
+
+    @property
+    def normalised_scores(self) -> np.ndarray | None:
+        """Image scores divided by the image threshold (1.0 = at the threshold)."""
+        if not self.image_threshold:
+            return None
+        return self.scores / self.image_threshold
+
+    def neighbour_names(self, i: int) -> list[str]:
+        return list(self[i].neighbour_names)
+
+    def correspondence(self, i: int, y: int, x: int, level: int = 0) -> Correspondence:
+        """The normal feature that pixel (y, x) of image i was matched to (needs ``keep_features=True``)."""
+        if self.features is None or self.model is None:
+            raise SpadeError("correspondence needs predict(..., keep_features=True)")
+        if not (0 <= level < len(self.features[i])):
+            raise SpadeError(f"level must be in 0..{len(self.features[i]) - 1}, got {level}")
+        return self.model.match(self.features[i][level], self.neighbours[i], self.sizes[i], y, x, level)
+
+
+__all__ = ["ImageResult", "Prediction", "verdict", "normalised", "DEFECTIVE", "GOOD"]

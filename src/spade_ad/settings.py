@@ -1,0 +1,205 @@
+"""Every setting of a SPADE model, defined once: name, type, default, bounds and help text.
+
+:class:`SpadeSettings` is the single definition. :class:`~spade_ad.Spade` takes it (or its fields as
+keyword arguments), the command line generates the options of ``fit``, ``benchmark`` and ``report``
+from it, ``model.json`` stores it and ``Spade.load`` rebuilds and re-validates it. Adding a setting is
+one new field here, declared with :func:`setting`.
+
+Settings are of two kinds. *Model* settings decide what the model computes; they are stored in the
+model folder and a loaded model always uses the stored values. *Runtime* settings (``stored=False``:
+the device, a weights file, batching and work-tile sizes) decide only where and how it is computed;
+they are given again each time a model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from .backbones import BACKBONES
+from .correspondence.search import DEFAULT_TILE_BYTES
+from .errors import SpadeError
+from .preprocess import PREPROCESS_MODES
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    """What the tools need to know about one setting besides its type and default."""
+
+    help: str
+    low: float | None = None  # inclusive bounds for numbers
+    high: float | None = None
+    choices: tuple[str, ...] | None = None
+    stored: bool = True  # part of the model (saved in model.json) or a runtime option
+    cli: bool = True  # offered as a command-line option of fit / benchmark / report
+    open_low: bool = False  # the lower bound itself is excluded
+    open_high: bool = False
+
+
+def setting(default: Any, help: str, **spec: Any) -> Any:
+    """Declare one field of :class:`SpadeSettings` (see :class:`SettingSpec` for ``spec``)."""
+    return field(default=default, metadata={"spec": SettingSpec(help=help, **spec)})
+
+
+@dataclass(frozen=True)
+class SpadeSettings:
+    """All settings of a SPADE model, validated on creation (a :class:`~spade_ad.SpadeError` names the bad one).
+
+    Args:
+        backbone: ImageNet CNN giving the feature pyramid and the global vector.
+        k: training images retrieved (stage 2) as the gallery of the pixel stage.
+        k_image: nearest training images whose mean distance is the image score.
+        kappa: nearest gallery features averaged for a pixel's score.
+        sigma: Gaussian smoothing of the map, in pixels of the network input.
+        image_size: side of the square network input.
+        preprocess: how an image becomes the network input: ``resize`` (the whole image, squashed to
+            a square) or ``paper`` (the paper's protocol: resize to ``image_size * 8 / 7``, then
+            centre-crop ``image_size``; outside the crop the map is 0: that part is not inspected).
+        calibration_images: good training images scored leave-one-out to set the thresholds.
+        false_alarm_rate: target fraction of good images flagged by the calibrated thresholds.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (runtime).
+        weights: a state_dict file for backbones whose weights are not bundled (runtime).
+        batch_size: images read and decoded per step (runtime; results do not depend on it on a CPU).
+        tile_bytes: work-tile size of the exact nearest-neighbour search (runtime; results do not
+            depend on it).
+
+    Example:
+        >>> SpadeSettings(k=20).k
+        20
+        >>> SpadeSettings(k=0)
+        Traceback (most recent call last):
+        ...
+        spade_ad.errors.SpadeError: k must be an integer between 1 and 10000, got 0
+    """
+
+    backbone: str = setting("efficientnet_lite0", "ImageNet backbone (efficientnet_lite0 has bundled weights)",
+                            choices=tuple(BACKBONES))
+    k: int = setting(50, "training images retrieved as the pixel-stage gallery", low=1, high=10_000)
+    k_image: int = setting(5, "nearest training images averaged for the image score", low=1, high=10_000)
+    kappa: int = setting(1, "nearest gallery features averaged per pixel", low=1, high=1_000)
+    sigma: float = setting(4.0, "Gaussian smoothing of the map, in pixels of the network input", low=0.0,
+                           high=64.0)
+    image_size: int = setting(224, "side of the square network input", low=32, high=1024)
+    preprocess: str = setting("resize", "resize: whole image to a square; paper: resize to 8/7 of the input "
+                              "size, centre-crop (map is 0 outside the crop)", choices=PREPROCESS_MODES)
+    calibration_images: int = setting(16, "good training images scored leave-one-out to set the thresholds",
+                                      low=0, high=100_000)
+    false_alarm_rate: float = setting(0.01, "target fraction of good images flagged by the thresholds",
+                                      low=0.0, high=1.0, open_low=True, open_high=True)
+    device: str = setting("cpu", "cpu, cuda, cuda:N or auto", stored=False)
+    weights: str | None = setting(None, "backbone weights: a torchvision/timm state_dict file (for the ResNets)",
+                                  stored=False)
+    batch_size: int = setting(16, "images decoded per step", low=1, high=4096, stored=False)
+    tile_bytes: int = setting(DEFAULT_TILE_BYTES, "work-tile bytes of the exact search", low=1 << 16, high=1 << 34,
+                              stored=False, cli=False)
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _check(f.name, getattr(self, f.name), hints[f.name], spec_of(f)))
+
+    # ------------------------------------------------------------------ derived views
+    def replace(self, **changes: Any) -> SpadeSettings:
+        """A copy with some settings changed (validated)."""
+        unknown = sorted(set(changes) - set(names()))
+        if unknown:
+            raise SpadeError(f"unknown setting {unknown[0]!r}; settings are: {', '.join(names())}")
+        return dataclasses.replace(self, **changes)
+
+    def model_dict(self) -> dict[str, Any]:
+        """The stored (model) settings, as written to ``model.json``."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if spec_of(f).stored}
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every setting, runtime ones included."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_model_dict(cls, stored: Any, runtime: dict[str, Any] | None = None, where: str = "model.json"
+                        ) -> SpadeSettings:
+        """Rebuild from ``model.json``'s settings (every stored setting must be there) plus runtime options."""
+        if not isinstance(stored, dict):
+            raise SpadeError(f"{where}: settings are not a mapping")
+        want = {f.name for f in dataclasses.fields(cls) if spec_of(f).stored}
+        missing, extra = sorted(want - set(stored)), sorted(set(stored) - want)
+        if missing:
+            raise SpadeError(f"{where}: setting {missing[0]!r} is missing (model written by another version?)")
+        if extra:
+            raise SpadeError(f"{where}: unknown setting {extra[0]!r} (model written by a newer version?)")
+        try:
+            return cls(**stored, **(runtime or {}))
+        except SpadeError as exc:
+            raise SpadeError(f"{where}: {exc}") from None
+
+
+def spec_of(f: dataclasses.Field[Any]) -> SettingSpec:
+    spec = f.metadata.get("spec")
+    assert isinstance(spec, SettingSpec), f"setting {f.name} is not declared with setting()"
+    return spec
+
+
+def fields() -> tuple[dataclasses.Field[Any], ...]:
+    """The settings' fields, in declaration order."""
+    return dataclasses.fields(SpadeSettings)
+
+
+def names() -> list[str]:
+    return [f.name for f in fields()]
+
+
+def base_type(annotation: Any) -> type:
+    """``int``, ``float``, ``str`` or ``bool`` of a field annotation (``X | None`` -> X)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    t = args[0] if args else annotation
+    assert t in (int, float, str, bool), f"unsupported setting type {annotation!r}"
+    return typing.cast(type, t)
+
+
+def describe_bounds(spec: SettingSpec) -> str:
+    lo = "(" if spec.open_low else "["
+    hi = ")" if spec.open_high else "]"
+    return f"{lo}{spec.low:g}, {spec.high:g}{hi}"
+
+
+def _check(name: str, value: Any, annotation: Any, spec: SettingSpec) -> Any:
+    """Validate one value; returns it normalised (ints from integral floats, floats from ints)."""
+    optional = type(None) in typing.get_args(annotation)
+    if value is None:
+        if optional:
+            return None
+        raise SpadeError(f"{name} must be set, got None")
+    t = base_type(annotation)
+    if t is bool:
+        if not isinstance(value, bool):
+            raise SpadeError(f"{name} must be true or false, got {value!r}")
+        return value
+    if t is str:
+        if not isinstance(value, str):
+            raise SpadeError(f"{name} must be a string, got {value!r}")
+        if spec.choices is not None and value not in spec.choices:
+            raise SpadeError(f"unknown {name} {value!r}; choose one of: {', '.join(spec.choices)}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__index__"):
+        raise SpadeError(f"{name} must be a number, got {value!r}")
+    if t is int:
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise SpadeError(f"{name} must be an integer between {spec.low:g} and {spec.high:g}, got {value!r}")
+        value = int(value)
+    else:
+        value = float(value)
+        if not math.isfinite(value):
+            raise SpadeError(f"{name} must be a finite number in {describe_bounds(spec)}, got {value!r}")
+    lo_bad = spec.low is not None and (value <= spec.low if spec.open_low else value < spec.low)
+    hi_bad = spec.high is not None and (value >= spec.high if spec.open_high else value > spec.high)
+    if lo_bad or hi_bad:
+        if t is int:
+            raise SpadeError(f"{name} must be an integer between {spec.low:g} and {spec.high:g}, got {value!r}")
+        raise SpadeError(f"{name} must be in {describe_bounds(spec)}, got {value!r}")
+    return value
+
+
+__all__ = ["SpadeSettings", "SettingSpec", "setting", "fields", "names", "spec_of", "PREPROCESS_MODES"]
