@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -143,10 +143,3 @@ def save_json(path: str | Path, obj: Any) -> Path:
     text = json.dumps(obj, indent=2, sort_keys=False)
     return atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))
 
-
-def append_lines(path: str | Path, lines: Iterable[str]) -> None:
-    """Append whole lines (used for jsonl streams; each line is flushed as one write)."""
-    with open(path, "a") as fh:
-        for line in lines:
-            fh.write(line.rstrip("\n") + "\n")
-            fh.flush()
