@@ -89,3 +89,99 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path) -> None:
         atomic_write(target, boom)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+# --- one rule for integer pixel scaling -------------------------------------------------------------
+
+
+def _picture(h: int = 24, w: int = 32) -> np.ndarray:
+    rng = np.random.default_rng(3)
+    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_same_picture_in_any_integer_dtype_gives_identical_output() -> None:
+    pic = _picture()
+    want = to_rgb_uint8(pic)
+    assert np.array_equal(want, pic)
+    for dtype in (np.int16, np.int32, np.int64, np.uint32, np.uint64, np.int8):
+        src = pic // 2 if dtype == np.int8 else pic  # int8 holds 0..127 only
+        out = to_rgb_uint8(src.astype(dtype))
+        assert out.dtype == np.uint8
+        assert np.array_equal(out, src), dtype
+    gray = pic[..., 0]
+    assert np.array_equal(to_rgb_uint8(gray.astype(np.int32)), to_rgb_uint8(gray))
+
+
+def test_uint16_arrays_are_16_bit_and_other_integers_need_bit_depth() -> None:
+    v16 = (np.arange(24 * 32).reshape(24, 32) * 85).astype(np.uint16)  # up to 65195
+    want = np.rint(v16.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    assert np.array_equal(to_rgb_uint8(v16)[..., 0], want)
+    assert np.array_equal(to_rgb_uint8(v16.astype(np.int32), bit_depth=16)[..., 0], want)
+    assert np.array_equal(to_rgb_uint8(v16.astype(np.uint64), bit_depth=16)[..., 1], want)
+    with pytest.raises(SpadeError, match=r"^arr: pixel values up to 65195 do not fit 8 bits; pass bit_depth=16"):
+        to_rgb_uint8(v16.astype(np.int32), "arr")
+    # small values in uint16 are still 16-bit (dtype rule); bit_depth=8 says otherwise explicitly
+    small = np.full((10, 10), 200, np.uint16)
+    assert to_rgb_uint8(small)[0, 0, 0] == 1
+    assert to_rgb_uint8(small, bit_depth=8)[0, 0, 0] == 200
+    with pytest.raises(SpadeError, match="do not fit 16 bits"):
+        to_rgb_uint8(np.full((10, 10), 70000, np.int64), "big", bit_depth=16)
+    with pytest.raises(SpadeError, match="bit_depth must be 8 or 16"):
+        to_rgb_uint8(small, bit_depth=12)
+    with pytest.raises(SpadeError, match="bit_depth applies to integer pixels only"):
+        to_rgb_uint8(np.zeros((10, 10), np.float32), bit_depth=8)
+
+
+def test_negative_integer_pixels_are_an_error_naming_the_image() -> None:
+    arr = np.zeros((10, 10), np.int16)
+    arr[3, 3] = -5
+    with pytest.raises(SpadeError, match=r"^scan7: negative pixel values \(down to -5\)"):
+        to_rgb_uint8(arr, "scan7")
+    with pytest.raises(SpadeError, match="scan7: negative"):
+        to_rgb_uint8(arr, "scan7", bit_depth=16)
+
+
+def test_bool_and_float_rules_unchanged() -> None:
+    b = np.zeros((10, 10), bool)
+    b[0, 0] = True
+    out = to_rgb_uint8(b)
+    assert out[0, 0, 0] == 255 and out[1, 1, 0] == 0
+    assert to_rgb_uint8(np.full((10, 10), 200.0))[0, 0, 0] == 200
+    assert to_rgb_uint8(np.full((10, 10), 1.0))[0, 0, 0] == 255
+
+
+def test_mode_i_tiff_with_8_bit_values_loads_like_the_8_bit_png(tmp_path: Path) -> None:
+    gray = _picture()[..., 0]
+    png = _save(tmp_path / "g.png", gray)
+    tif = tmp_path / "g.tif"
+    Image.fromarray(gray.astype(np.int32)).save(tif)  # mode 'I', BitsPerSample 32
+    with Image.open(tif) as im:
+        assert im.mode == "I"
+    assert np.array_equal(load_image(tif), load_image(png))
+    assert np.array_equal(load_image(png)[..., 0], gray)
+
+
+def test_mode_i_tiff_with_16_bit_values_loads_like_the_16_bit_png(tmp_path: Path) -> None:
+    v16 = (np.arange(24 * 32).reshape(24, 32) * 85).astype(np.uint16)
+    png = tmp_path / "g16.png"
+    Image.fromarray(v16).save(png)
+    tif = tmp_path / "g32.tif"
+    Image.fromarray(v16.astype(np.int32)).save(tif)
+    assert np.array_equal(load_image(tif), load_image(png))
+    too_big = tmp_path / "big.tif"
+    Image.fromarray(np.full((10, 10), 70000, np.int32)).save(too_big)
+    with pytest.raises(SpadeError, match=r"big\.tif: pixel values up to 70000 do not fit 16 bits"):
+        load_image(too_big)
+    neg = tmp_path / "neg.tif"
+    Image.fromarray(np.full((10, 10), -1, np.int32)).save(neg)
+    with pytest.raises(SpadeError, match=r"neg\.tif: negative pixel values"):
+        load_image(neg)
+
+
+def test_mode_i_tiff_uses_the_declared_bit_depth(tmp_path: Path) -> None:
+    small = np.full((10, 10), 200, np.uint16)
+    tif = tmp_path / "signed16.tif"
+    Image.fromarray(small).save(tif, tiffinfo={339: 2})  # SampleFormat=signed: Pillow opens it as mode 'I'
+    with Image.open(tif) as im:
+        assert im.mode == "I" and im.tag_v2[258] == (16,)
+    assert load_image(tif)[0, 0, 0] == 1  # declared 16 bits: 200 / 257, not 200 as 8-bit

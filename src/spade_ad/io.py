@@ -1,4 +1,26 @@
-"""Reading images and masks robustly, listing folders, and writing files atomically."""
+"""Reading images and masks robustly, listing folders, and writing files atomically.
+
+Every image becomes HxWx3 uint8 RGB (``to_rgb_uint8``); alpha is dropped, gray is repeated.
+
+Integer pixel scaling - one rule
+--------------------------------
+Integer pixels are scaled by the bit depth of their source, never by guessing from an array's dtype
+alone: 8-bit values are kept as they are, 16-bit values become ``round(v * 255 / 65535)``.
+
+* Files, by the bit depth the file declares (Pillow mode): ``L``, ``LA``, ``P``, ``PA``, ``RGB``,
+  ``RGBA``, ``1`` (and CMYK, YCbCr, ... which are converted to RGB) are 8-bit; ``I;16*`` is 16-bit;
+  ``I`` (32-bit integer, how TIFF and some PNG readers deliver 16-bit gray) uses the bits the file
+  declares where Pillow exposes them (TIFF BitsPerSample of 16 or fewer); otherwise values within
+  0..255 mean 8-bit and values within 0..65535 mean 16-bit, and larger values are an error naming the
+  file; ``F`` (float) follows the float rule below.
+* Arrays, by dtype: ``uint8`` is 8-bit, ``uint16`` is 16-bit, ``bool`` is 0/1 (black/white). Other
+  integer dtypes (int8, int16, int32, int64, uint32, uint64) are 8-bit: their values must lie within
+  0..255, otherwise pass ``bit_depth=16`` to ``to_rgb_uint8`` (or convert the array to uint8/uint16).
+  So the same picture held as uint8, int16, int32 or int64 gives the same result.
+* Floats (arrays and mode ``F``): values within [0, 1] are scaled by 255; if the maximum is above 1
+  the values are taken as 0..255. Results are rounded and clipped to 0..255; NaN and infinity are errors.
+* Negative integer values are an error naming the image.
+"""
 
 from __future__ import annotations
 
@@ -43,42 +65,136 @@ def _open(path: Path) -> Image.Image:
     return img
 
 
-def to_rgb_uint8(img: Image.Image | np.ndarray, name: str = "image") -> np.ndarray:
-    """Any PIL image or array (gray, gray+alpha, RGB, RGBA, palette, 16-bit, float) -> HxWx3 uint8."""
+def _declared_bits(img: Image.Image) -> int | None:
+    """Bits per sample the file declares, where Pillow exposes them (TIFF BitsPerSample), else None."""
+    tags = getattr(img, "tag_v2", None)
+    if tags is None:
+        return None
+    try:
+        bits = tags.get(258)  # BitsPerSample
+    except Exception:  # a damaged tag directory: no declared depth
+        return None
+    if isinstance(bits, tuple):
+        bits = max(bits) if bits else None
+    return bits if isinstance(bits, int) and bits > 0 else None
+
+
+def _mode_i_bits(arr: np.ndarray, declared: int | None, name: str) -> int:
+    """Bit depth of a mode-'I' (32-bit integer) picture: declared bits if 8 or 16 or fewer, else by the values."""
+    if declared is not None and declared <= 16:
+        return 8 if declared <= 8 else 16
+    top = int(arr.max(initial=0))
+    if top <= 255:
+        return 8
+    if top <= 65535:
+        return 16
+    raise SpadeError(f"{name}: pixel values up to {top} do not fit 16 bits; convert the image to 8 or 16 bits")
+
+
+def _pil_to_array(img: Image.Image, name: str) -> tuple[np.ndarray, int | None]:
+    """Pixels of ``img`` as an array and their bit depth (8, 16, or None for floats and booleans)."""
+    mode = img.mode
+    if mode.startswith("I;16"):
+        return np.asarray(img), 16
+    if mode == "I":
+        arr = np.asarray(img)
+        _check_non_negative(arr, name)
+        return arr, _mode_i_bits(arr, _declared_bits(img), name)
+    if mode == "F":
+        return np.asarray(img), None
+    if mode in ("P", "PA"):
+        rgba = mode == "PA" or "transparency" in img.info
+        return np.asarray(img.convert("RGBA" if rgba else "RGB")), 8
+    if mode in ("L", "LA", "RGB", "RGBA"):
+        return np.asarray(img), 8
+    return np.asarray(img.convert("RGB")), 8  # 1, CMYK, YCbCr, LAB, HSV, RGBX, ...: 8-bit
+
+
+def _dtype_bits(dtype: np.dtype[Any]) -> int | None:
+    """Bit depth an array dtype implies: uint16 -> 16, other integers -> 8, bool and floats -> None."""
+    if dtype.kind == "u" and dtype.itemsize == 2:
+        return 16
+    return 8 if dtype.kind in "iu" else None
+
+
+def _check_non_negative(arr: np.ndarray, name: str) -> None:
+    if np.issubdtype(arr.dtype, np.signedinteger) and arr.size and int(arr.min()) < 0:
+        raise SpadeError(f"{name}: negative pixel values (down to {int(arr.min())}); pixels must be 0 or more")
+
+
+def _integer_to_uint8(arr: np.ndarray, bit_depth: int, name: str) -> np.ndarray:
+    _check_non_negative(arr, name)
+    top = int(arr.max(initial=0))
+    if bit_depth == 8:
+        if top > 255:
+            raise SpadeError(
+                f"{name}: pixel values up to {top} do not fit 8 bits; pass bit_depth=16 for 16-bit pixels "
+                "(or convert the array to uint8/uint16)"
+            )
+        return arr.astype(np.uint8)
+    if top > 65535:
+        raise SpadeError(f"{name}: pixel values up to {top} do not fit 16 bits; convert the image to 8 or 16 bits")
+    # round(v * 255 / 65535) == round(v / 257), never a tie for integers, so this is exact
+    return ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)
+
+
+def to_rgb_uint8(img: Image.Image | np.ndarray, name: str = "image", *, bit_depth: int | None = None) -> np.ndarray:
+    """Any PIL image or array (gray, gray+alpha, RGB, RGBA, palette, 16-bit, float) -> HxWx3 uint8.
+
+    Alpha is dropped and gray is repeated into three channels. Integer pixels are scaled by their
+    bit depth: 8-bit values are kept, 16-bit values become ``round(v * 255 / 65535)``. The bit depth is
+    (see the module docstring for the full rule):
+
+    * PIL images: by mode. ``L``, ``LA``, ``P``, ``RGB``, ``RGBA``, ``1`` (and other 8-bit modes) are 8-bit;
+      ``I;16*`` is 16-bit; ``I`` (32-bit integer) uses the bits the file declares (TIFF BitsPerSample) when
+      they are 16 or fewer, otherwise values within 0..255 mean 8-bit and within 0..65535 mean 16-bit;
+      ``F`` follows the float rule.
+    * Arrays: by dtype. ``uint8`` is 8-bit, ``uint16`` is 16-bit, ``bool`` is 0/255. Other integer
+      dtypes (int8..int64, uint32, uint64) are 8-bit and must hold values within 0..255 unless
+      ``bit_depth=16`` is passed.
+    * Floats (arrays, mode ``F``): values in [0, 1] are scaled by 255, otherwise taken as 0..255; clipped.
+
+    ``bit_depth`` (8 or 16), when given, overrides the depth of integer pixels; values must fit it.
+    Negative integer values, NaN and infinity are errors naming ``name``. EXIF orientation is not applied
+    here (``load_image`` and ``decode_image`` do it).
+    """
+    if bit_depth not in (None, 8, 16):
+        raise SpadeError(f"{name}: bit_depth must be 8 or 16, not {bit_depth!r}")
     if isinstance(img, Image.Image):
-        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            arr = np.asarray(img)
-        elif img.mode == "P":
-            arr = np.asarray(img.convert("RGBA" if "transparency" in img.info else "RGB"))
-        elif img.mode in ("L", "LA", "RGB", "RGBA"):
-            arr = np.asarray(img)
-        else:  # CMYK, YCbCr, 1, ...
-            arr = np.asarray(img.convert("RGB"))
+        arr, depth = _pil_to_array(img, name)
     else:
         arr = np.asarray(img)
+        depth = _dtype_bits(arr.dtype)
+    return _finish(arr, name, bit_depth if bit_depth is not None else depth, explicit=bit_depth is not None)
+
+
+def _finish(arr: np.ndarray, name: str, depth: int | None, explicit: bool = False) -> np.ndarray:
+    """Shape checks, scaling by ``depth`` and gray -> RGB for an array from ``_pil_to_array`` or a caller."""
+    shape = tuple(arr.shape)
     if arr.ndim == 3 and arr.shape[2] in (2, 4):  # drop alpha
         arr = arr[..., : arr.shape[2] - 1]
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[..., 0]
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=2)
-    if arr.ndim != 3 or arr.shape[2] != 3:
-        raise SpadeError(f"{name}: unsupported image shape {tuple(np.shape(img))}; expected HxW, HxWx3 or HxWx4")
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):
+        raise SpadeError(f"{name}: unsupported image shape {shape}; expected HxW, HxWx3 or HxWx4")
     if arr.shape[0] < 8 or arr.shape[1] < 8:
         raise SpadeError(f"{name}: image is too small ({arr.shape[1]}x{arr.shape[0]} pixels)")
-    if arr.dtype == np.uint8:
-        return np.ascontiguousarray(arr)
+    if explicit and not np.issubdtype(arr.dtype, np.integer):
+        raise SpadeError(f"{name}: bit_depth applies to integer pixels only, not {arr.dtype}")
     if arr.dtype == np.bool_:
-        return arr.astype(np.uint8) * 255
-    if np.issubdtype(arr.dtype, np.integer):
-        top = 65535.0 if arr.max(initial=0) > 255 or arr.dtype in (np.uint16, np.int32) else 255.0
-        return np.clip(np.rint(arr.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
-    if np.issubdtype(arr.dtype, np.floating):
+        out = arr.astype(np.uint8) * np.uint8(255)
+    elif np.issubdtype(arr.dtype, np.integer):
+        out = arr if arr.dtype == np.uint8 and depth == 8 else _integer_to_uint8(arr, depth or 8, name)
+    elif np.issubdtype(arr.dtype, np.floating):
         if not np.all(np.isfinite(arr)):
             raise SpadeError(f"{name}: image contains NaN or infinite values")
         scale = 255.0 if arr.max(initial=0.0) <= 1.0 else 1.0
-        return np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
-    raise SpadeError(f"{name}: unsupported pixel type {arr.dtype}")
+        out = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+    else:
+        raise SpadeError(f"{name}: unsupported pixel type {arr.dtype}")
+    if out.ndim == 2:
+        out = np.repeat(out[..., None], 3, axis=2)
+    return np.ascontiguousarray(out)
 
 
 def load_image(path: str | Path) -> np.ndarray:
@@ -142,4 +258,3 @@ def save_npy(path: str | Path, array: np.ndarray) -> Path:
 def save_json(path: str | Path, obj: Any) -> Path:
     text = json.dumps(obj, indent=2, sort_keys=False)
     return atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))
-
