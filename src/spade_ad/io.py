@@ -24,12 +24,15 @@ alone: 8-bit values are kept as they are, 16-bit values become ``round(v * 255 /
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
+import struct
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -39,29 +42,115 @@ from .errors import SpadeError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a file"
+
+
+def _os_error(path: str | Path, exc: OSError, what: str = "file") -> SpadeError:
+    """One honest line for an OSError met while reaching or reading ``path``."""
+    if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM):
+        return SpadeError(f"{path}: permission denied")
+    if exc.errno == errno.ELOOP:
+        return SpadeError(f"{path}: symbolic link loop")
+    if isinstance(exc, FileNotFoundError) or exc.errno == errno.ENOENT:
+        if os.path.islink(path):
+            return SpadeError(f"{path}: broken symbolic link")
+        return SpadeError(f"{path}: {what} does not exist")
+    return SpadeError(f"{path}: cannot read ({exc.strerror or exc})")
+
+
+def _is_regular(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_file()  # follows symbolic links; False for pipes, devices, sockets, folders
+    except OSError:  # a symbolic link loop or an unreadable entry: not an image we can read
+        return False
+
+
 def list_images(folder: str | Path) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by name. Errors if none."""
+    """Image files directly inside ``folder``, sorted by name. Errors if none.
+
+    Only regular files (or symbolic links to them) count: named pipes, devices, sockets, sub-folders and
+    broken links with an image suffix are skipped, so listing never blocks on them.
+    """
     folder = Path(folder)
-    if not folder.exists():
-        raise SpadeError(f"{folder}: folder does not exist")
-    if not folder.is_dir():
-        raise SpadeError(f"{folder}: not a folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    try:
+        if not stat.S_ISDIR(os.stat(folder).st_mode):
+            raise SpadeError(f"{folder}: not a folder")
+        with os.scandir(folder) as it:
+            files = sorted(
+                Path(e.path) for e in it if Path(e.name).suffix.lower() in IMAGE_SUFFIXES and _is_regular(e)
+            )
+    except OSError as exc:
+        raise _os_error(folder, exc, "folder") from None
     if not files:
         raise SpadeError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
     return files
 
 
-def _open(path: Path) -> Image.Image:
-    if not path.exists():
-        raise SpadeError(f"{path}: file does not exist")
+def _open_regular(path: Path) -> BinaryIO:
+    """Open ``path`` for reading if it is a non-empty regular file; never blocks on pipes or devices.
+
+    The type is checked with ``os.stat`` before opening and again with ``fstat`` on the opened descriptor
+    (opened non-blocking), so a file swapped for a named pipe in between cannot hang the reader either.
+    """
     try:
-        img = Image.open(path)
-        img.load()
-    except UnidentifiedImageError:
-        raise SpadeError(f"{path}: not an image file (cannot identify its format)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise SpadeError(f"{path}: corrupt or truncated image ({exc})") from None
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise _os_error(path, exc) from None
+    if not stat.S_ISREG(mode):
+        raise SpadeError(f"{path}: not a regular file ({_kind(mode)})")
+    nonblock = getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, os.O_RDONLY | nonblock | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise _os_error(path, exc) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SpadeError(f"{path}: not a regular file ({_kind(st.st_mode)})")
+        if st.st_size == 0:
+            raise SpadeError(f"{path}: the file is empty")
+        if nonblock:
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except OSError as exc:
+        os.close(fd)
+        raise _os_error(path, exc) from None
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _read_error(name: str | Path, exc: BaseException) -> SpadeError:
+    """One line for an exception raised by Pillow while identifying or decoding an image."""
+    if isinstance(exc, UnidentifiedImageError):
+        return SpadeError(f"{name}: not an image file (cannot identify its format)")
+    if isinstance(exc, OSError) and exc.errno is not None:  # from the operating system, not the decoder
+        return _os_error(name, exc)
+    if isinstance(exc, PermissionError):
+        return SpadeError(f"{name}: permission denied")
+    return SpadeError(f"{name}: corrupt or truncated image ({exc})")
+
+
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
+
+
+def _open(path: Path) -> Image.Image:
+    """Open, check and fully decode the image file at ``path`` (the file is closed again)."""
+    with _open_regular(path) as fh:
+        try:
+            img = Image.open(fh)
+            img.load()
+        except _DECODE_ERRORS as exc:
+            raise _read_error(path, exc) from None
     return img
 
 

@@ -1,0 +1,184 @@
+"""Hostile or unusual inputs for spade_ad.io: pipes, devices, folders, link loops, permissions, I/O errors."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from spade_ad.errors import SpadeError
+from spade_ad.io import list_images, load_image, load_mask
+
+needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes need os.mkfifo (POSIX)")
+
+
+def _png(path: Path, value: int = 7, size: int = 16) -> Path:
+    Image.fromarray(np.full((size, size, 3), value, np.uint8)).save(path)
+    return path
+
+
+def _unblock_fifo(path: Path) -> None:
+    """Let a reader stuck opening ``path`` go (it then sees end of file), so a failing test cannot hang."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return
+    os.close(fd)
+
+
+def _within(seconds: float, fn: Callable[[], Any], fifo: Path | None = None) -> Any:
+    """Run ``fn`` in a thread; fail (instead of hanging) if it does not return within ``seconds``."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # handed back to the test thread
+            box["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        if fifo is not None:
+            _unblock_fifo(fifo)
+            t.join(5)
+        pytest.fail(f"{fn} blocked for more than {seconds} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+# --- non-regular files -------------------------------------------------------------------------------
+
+
+@needs_fifo
+def test_fifo_is_refused_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    for fn in (lambda: load_image(fifo), lambda: load_mask(fifo)):
+        with pytest.raises(SpadeError, match=r"pipe\.png: not a regular file \(a named pipe\)$"):
+            _within(5, fn, fifo)
+
+
+def test_folder_and_device_are_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "dir.png"
+    folder.mkdir()
+    with pytest.raises(SpadeError, match=r"dir\.png: not a regular file \(a folder\)$"):
+        load_image(folder)
+    if os.path.exists("/dev/null"):
+        with pytest.raises(SpadeError, match=r"^/dev/null: not a regular file \(a device\)$"):
+            _within(5, lambda: load_image("/dev/null"))
+
+
+@needs_fifo
+def test_fifo_swapped_in_after_the_stat_does_not_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The type is checked again on the opened descriptor (opened non-blocking), closing the stat/open race."""
+    fifo = tmp_path / "race.png"
+    os.mkfifo(fifo)
+    real_stat = os.stat
+    regular = real_stat(_png(tmp_path / "real.png"))
+
+    def lying_stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        return regular if Path(path) == fifo else real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", lying_stat)
+    with pytest.raises(SpadeError, match=r"race\.png: not a regular file \(a named pipe\)$"):
+        _within(5, lambda: load_image(fifo), fifo)
+
+
+@needs_fifo
+def test_list_images_skips_fifos_folders_and_broken_links(tmp_path: Path) -> None:
+    good = _png(tmp_path / "a.png")
+    os.mkfifo(tmp_path / "b.png")
+    (tmp_path / "c.png").mkdir()
+    os.symlink(tmp_path / "gone.png", tmp_path / "d.png")
+    os.symlink(tmp_path / "e.png", tmp_path / "e.png")  # a loop
+    os.symlink(good, tmp_path / "f.png")  # a link to a regular file is fine
+    files = _within(5, lambda: list_images(tmp_path))
+    assert [p.name for p in files] == ["a.png", "f.png"]
+    images = _within(5, lambda: [load_image(p) for p in files])
+    assert all(im.shape == (16, 16, 3) for im in images)
+
+
+def test_list_images_honest_folder_errors(tmp_path: Path) -> None:
+    with pytest.raises(SpadeError, match=r"nope: folder does not exist$"):
+        list_images(tmp_path / "nope")
+    with pytest.raises(SpadeError, match=r"a\.png: not a folder$"):
+        list_images(_png(tmp_path / "a.png"))
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    with pytest.raises(SpadeError, match=r"loop: symbolic link loop$"):
+        list_images(tmp_path / "loop")
+    os.symlink(tmp_path / "gone", tmp_path / "dangling")
+    with pytest.raises(SpadeError, match=r"dangling: broken symbolic link$"):
+        list_images(tmp_path / "dangling")
+
+
+# --- honest messages ---------------------------------------------------------------------------------
+
+
+def test_symbolic_link_loop_and_broken_link(tmp_path: Path) -> None:
+    os.symlink(tmp_path / "b.png", tmp_path / "a.png")
+    os.symlink(tmp_path / "a.png", tmp_path / "b.png")
+    with pytest.raises(SpadeError, match=r"a\.png: symbolic link loop$"):
+        load_image(tmp_path / "a.png")
+    os.symlink(tmp_path / "gone.png", tmp_path / "link.png")
+    with pytest.raises(SpadeError, match=r"link\.png: broken symbolic link$"):
+        load_image(tmp_path / "link.png")
+    with pytest.raises(SpadeError, match=r"link\.png: broken symbolic link$"):
+        load_mask(tmp_path / "link.png")
+    with pytest.raises(SpadeError, match=r"missing\.png: file does not exist$"):
+        load_image(tmp_path / "missing.png")
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(SpadeError, match=r"empty\.png: the file is empty$"):
+        load_image(tmp_path / "empty.png")
+
+
+def test_permission_denied_on_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    img = _png(tmp_path / "secret.png")
+
+    def deny(*args: Any, **kwargs: Any) -> int:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(os, "open", deny)
+    with pytest.raises(SpadeError, match=r"secret\.png: permission denied$"):
+        load_image(img)
+
+
+def test_permission_denied_and_io_error_while_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    img = _png(tmp_path / "x.png")
+    raised: list[BaseException] = [PermissionError(errno.EACCES, "Permission denied")]
+
+    def failing_open(*args: Any, **kwargs: Any) -> Image.Image:
+        raise raised[0]
+
+    monkeypatch.setattr(Image, "open", failing_open)
+    with pytest.raises(SpadeError, match=r"x\.png: permission denied$"):
+        load_image(img)
+    raised[0] = PermissionError("no errno given")
+    with pytest.raises(SpadeError, match=r"x\.png: permission denied$"):
+        load_mask(img)
+    raised[0] = OSError(errno.EIO, os.strerror(errno.EIO))
+    with pytest.raises(SpadeError, match=rf"x\.png: cannot read \({os.strerror(errno.EIO)}\)$"):
+        load_image(img)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root can read a chmod 000 file")
+def test_permission_denied_for_real(tmp_path: Path) -> None:
+    img = _png(tmp_path / "locked.png")
+    img.chmod(0)
+    try:
+        with pytest.raises(SpadeError, match=r"locked\.png: permission denied$"):
+            load_image(img)
+    finally:
+        img.chmod(0o644)
