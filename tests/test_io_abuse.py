@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 import threading
+import warnings
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
+import spade_ad.io as sio
 from spade_ad.errors import SpadeError
-from spade_ad.io import list_images, load_image, load_mask
+from spade_ad.io import MAX_PIXELS, decode_image, list_images, load_image, load_mask
 
 needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes need os.mkfifo (POSIX)")
 
@@ -182,3 +186,129 @@ def test_permission_denied_for_real(tmp_path: Path) -> None:
             load_image(img)
     finally:
         img.chmod(0o644)
+
+
+# --- pixel cap ---------------------------------------------------------------------------------------
+
+
+def _chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+
+def _png_bytes(width: int, height: int, idat: bytes, bit_depth: int = 1, colour_type: int = 0) -> bytes:
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+def _lying_png(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width`` x ``height`` pixels (its data is a few bytes)."""
+    return _png_bytes(width, height, zlib.compress(bytes(64)))
+
+
+def _bomb_png(side: int = 20000) -> bytes:
+    """A real, valid side x side 1-bit black PNG: about 50 KB on disk, 400 M pixels once decoded."""
+    row = bytes(1 + (side + 7) // 8)  # filter byte + packed bits
+    comp = zlib.compressobj(9)
+    parts = [comp.compress(row) for _ in range(side)]  # streamed: never holds the raw 50 MB
+    parts.append(comp.flush())
+    return _png_bytes(side, side, b"".join(parts))
+
+
+@pytest.fixture
+def no_decoding(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every attempt to decode pixels (ImageFile.load); a refusal must come before any."""
+    calls: list[str] = []
+    real = ImageFile.ImageFile.load
+
+    def spy(self: ImageFile.ImageFile) -> Any:
+        calls.append(f"{self.format} {self.size}")
+        return real(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
+    return calls
+
+
+def test_max_pixels_default() -> None:
+    assert MAX_PIXELS == 100_000_000
+
+
+def test_huge_header_is_refused_before_decoding(tmp_path: Path, no_decoding: list[str]) -> None:
+    data = _lying_png(100_000, 100_000)
+    assert len(data) < 200
+    f = tmp_path / "liar.png"
+    f.write_bytes(data)
+    msg = r"liar\.png: image is too large \(100000x100000 pixels; at most 100,000,000 pixels\)$"
+    with pytest.raises(SpadeError, match=msg):
+        load_image(f)
+    with pytest.raises(SpadeError, match=msg):
+        load_mask(f)
+    with pytest.raises(SpadeError, match=r"^up\.png: image is too large \(100000x100000 pixels; at most 100,000,000"):
+        decode_image(data, "up.png")
+    assert no_decoding == []
+
+
+def test_real_decompression_bomb_gives_one_line_not_pillows_error(tmp_path: Path, no_decoding: list[str]) -> None:
+    small = _bomb_png(64)  # the same recipe decodes to a valid all-black image
+    assert np.array_equal(decode_image(small), np.zeros((64, 64, 3), np.uint8))
+    no_decoding.clear()
+    data = _bomb_png()
+    assert len(data) < 200_000
+    f = tmp_path / "bomb.png"
+    f.write_bytes(data)
+    with pytest.raises(Image.DecompressionBombError):  # what plain Pillow does with it
+        Image.open(f)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no DecompressionBombWarning either
+        with pytest.raises(SpadeError, match=r"bomb\.png: image is too large \(20000x20000 pixels; at most 100,000,"):
+            load_image(f)
+        with pytest.raises(SpadeError, match=r"^upload: image is too large \(20000x20000 pixels"):
+            decode_image(data)
+    assert no_decoding == []
+
+
+def test_max_pixels_keyword_and_module_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = _png(tmp_path / "s.png", size=16)
+    assert load_image(f, max_pixels=256).shape == (16, 16, 3)
+    with pytest.raises(SpadeError, match=r"s\.png: image is too large \(16x16 pixels; at most 255 pixels\)$"):
+        load_image(f, max_pixels=255)
+    with pytest.raises(SpadeError, match=r"s\.png: image is too large"):
+        load_mask(f, max_pixels=100)
+    with pytest.raises(SpadeError, match=r"^u: image is too large \(16x16 pixels; at most 100 pixels\)$"):
+        decode_image(f.read_bytes(), "u", max_pixels=100)
+    monkeypatch.setattr(sio, "MAX_PIXELS", 200)  # None means the module default, read at call time
+    with pytest.raises(SpadeError, match=r"at most 200 pixels"):
+        load_image(f)
+
+
+def test_pillows_own_limit_never_escapes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow warns above Image.MAX_IMAGE_PIXELS and raises above twice that; our cap replaces both."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    warn = _png(tmp_path / "warn.png", size=40)  # 1600 pixels: Pillow would warn
+    err = _png(tmp_path / "err.png", size=64)  # 4096 pixels: Pillow would raise DecompressionBombError
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_image(warn).shape == (40, 40, 3)
+        assert load_image(err).shape == (64, 64, 3)
+        assert load_mask(err).shape == (64, 64)
+        assert decode_image(err.read_bytes()).shape == (64, 64, 3)
+        with pytest.raises(SpadeError, match=r"err\.png: image is too large \(64x64 pixels; at most 1,000 pixels\)$"):
+            load_image(err, max_pixels=1000)
+    assert Image.MAX_IMAGE_PIXELS == 1000  # restored
+    with pytest.warns(Image.DecompressionBombWarning):  # Pillow itself still guards other callers
+        Image.open(warn).close()
+
+
+# --- decode_image ------------------------------------------------------------------------------------
+
+
+def test_decode_image_messages_and_result(tmp_path: Path) -> None:
+    f = _png(tmp_path / "ok.png", value=9)
+    out = decode_image(f.read_bytes(), "ok.png")
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8 and int(out.max()) == 9
+    assert np.array_equal(out, load_image(f))
+    with pytest.raises(SpadeError, match=r"^upload: the file is empty$"):
+        decode_image(b"")
+    with pytest.raises(SpadeError, match=r"^notes\.txt: not an image file"):
+        decode_image(b"hello", "notes.txt")
+    with pytest.raises(SpadeError, match=r"^half\.png: corrupt or truncated image"):
+        decode_image(_png(tmp_path / "n.png", size=64).read_bytes()[:60], "half.png")

@@ -25,12 +25,15 @@ alone: 8-bit values are kept as they are, 16-bit values become ``round(v * 255 /
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import stat
 import struct
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -40,6 +43,7 @@ from PIL import Image, UnidentifiedImageError
 from .errors import SpadeError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+MAX_PIXELS = 100_000_000  # larger images are refused from their header, before decoding (memory)
 
 
 def _kind(mode: int) -> str:
@@ -141,17 +145,62 @@ def _read_error(name: str | Path, exc: BaseException) -> SpadeError:
 
 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
+_PILLOW_LIMIT_LOCK = threading.Lock()
 
 
-def _open(path: Path) -> Image.Image:
+@contextmanager
+def _own_pixel_limit() -> Iterator[None]:
+    """Lift Pillow's global decompression-bomb limit while we decode; our ``max_pixels`` check replaces it.
+
+    Pillow warns (DecompressionBombWarning) above ``Image.MAX_IMAGE_PIXELS`` and raises above twice that,
+    both with messages that name no file and ignore ``max_pixels``. The limit is a module global, so it is
+    changed and restored under a lock (decoding through this module is one image at a time).
+    """
+    with _PILLOW_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _too_large(name: str | Path, size: tuple[int, int], cap: int) -> SpadeError:
+    return SpadeError(f"{name}: image is too large ({size[0]}x{size[1]} pixels; at most {cap:,} pixels)")
+
+
+def _decode(fh: BinaryIO, name: str | Path, max_pixels: int | None) -> Image.Image:
+    """Identify, size-check (from the header, before any pixel is decoded) and decode the image in ``fh``."""
+    cap = MAX_PIXELS if max_pixels is None else max_pixels
+    if cap < 1:
+        raise SpadeError(f"{name}: max_pixels must be at least 1, not {cap}")
+    size: tuple[int, int] | None = None
+    try:
+        with _own_pixel_limit():
+            img = Image.open(fh)  # lazy: reads the header only
+            size = img.size
+            if size[0] * size[1] > cap:
+                raise _too_large(name, size, cap)
+            img.load()
+            size = img.size  # a few formats (ICO, ICNS) settle their size only when loading
+            if size[0] * size[1] > cap:
+                raise _too_large(name, size, cap)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # someone else's limit
+        if size is not None:
+            raise _too_large(name, size, cap) from None
+        raise SpadeError(f"{name}: image is too large ({exc})") from None
+    except MemoryError:
+        shown = f"{size[0]}x{size[1]} pixels" if size else "unknown size"
+        raise SpadeError(f"{name}: not enough memory to decode this image ({shown})") from None
+    except _DECODE_ERRORS as exc:
+        raise _read_error(name, exc) from None
+    return img
+
+
+def _open(path: Path, max_pixels: int | None) -> Image.Image:
     """Open, check and fully decode the image file at ``path`` (the file is closed again)."""
     with _open_regular(path) as fh:
-        try:
-            img = Image.open(fh)
-            img.load()
-        except _DECODE_ERRORS as exc:
-            raise _read_error(path, exc) from None
-    return img
+        return _decode(fh, path, max_pixels)
 
 
 def _declared_bits(img: Image.Image) -> int | None:
@@ -286,24 +335,42 @@ def _finish(arr: np.ndarray, name: str, depth: int | None, explicit: bool = Fals
     return np.ascontiguousarray(out)
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """Read an image file as HxWx3 uint8 RGB (grayscale, RGBA, palette and 16-bit are converted)."""
+def load_image(path: str | Path, *, max_pixels: int | None = None) -> np.ndarray:
+    """Read an image file as HxWx3 uint8 RGB (grayscale, RGBA, palette and 16-bit are converted).
+
+    Only regular files are read (see the module docstring); images with more than ``max_pixels`` pixels
+    (default ``MAX_PIXELS``) are refused from their header, before decoding.
+    """
     path = Path(path)
-    return to_rgb_uint8(_open(path), str(path))
+    return to_rgb_uint8(_open(path, max_pixels), str(path))
 
 
-def load_mask(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndarray:
-    """Read a ground-truth mask as a bool HxW array (non-zero = defect). ``shape`` must match if given."""
+def decode_image(data: bytes, name: str = "upload", max_pixels: int | None = None) -> np.ndarray:
+    """Image file bytes (an upload) -> HxWx3 uint8 RGB, or a SpadeError naming ``name``.
+
+    The same checks and conversions as ``load_image``: at most ``max_pixels`` pixels (default
+    ``MAX_PIXELS``), checked before decoding.
+    """
+    if not data:
+        raise SpadeError(f"{name}: the file is empty")
+    return to_rgb_uint8(_decode(io.BytesIO(data), name, max_pixels), name)
+
+
+def load_mask(path: str | Path, shape: tuple[int, int] | None = None, *, max_pixels: int | None = None) -> np.ndarray:
+    """Read a ground-truth mask as a bool HxW array (non-zero = defect). ``shape`` must match if given.
+
+    The same file checks as ``load_image``, including the ``max_pixels`` cap.
+    """
     path = Path(path)
-    img = _open(path)
-    arr = np.asarray(img.convert("L") if img.mode not in ("L", "1", "I;16", "I", "F") else img)
+    img = _open(path, max_pixels)
+    keep = img.mode in ("L", "1", "I", "F") or img.mode.startswith("I;16")
+    arr = np.asarray(img if keep else img.convert("L"))
     if arr.ndim == 3:
         arr = arr.max(axis=2)
     mask = arr > 0
     if shape is not None and mask.shape != tuple(shape):
         raise SpadeError(
-            f"{path}: mask size {mask.shape[1]}x{mask.shape[0]} does not match its image "
-            f"({shape[1]}x{shape[0]})"
+            f"{path}: mask size {mask.shape[1]}x{mask.shape[0]} does not match its image ({shape[1]}x{shape[0]})"
         )
     return mask
 
