@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from spade_ad.errors import SpadeError
-from spade_ad.io import atomic_write, list_images, load_image, load_mask, to_rgb_uint8
+from spade_ad.io import atomic_write, decode_image, list_images, load_image, load_mask, to_rgb_uint8
 
 
 def _save(path: Path, arr: np.ndarray, mode: str | None = None) -> Path:
@@ -185,3 +185,64 @@ def test_mode_i_tiff_uses_the_declared_bit_depth(tmp_path: Path) -> None:
     with Image.open(tif) as im:
         assert im.mode == "I" and im.tag_v2[258] == (16,)
     assert load_image(tif)[0, 0, 0] == 1  # declared 16 bits: 200 / 257, not 200 as 8-bit
+
+
+# --- EXIF orientation --------------------------------------------------------------------------------
+
+# what a viewer shows for each EXIF orientation, as a numpy transform of the stored HxWxC pixels
+UPRIGHT = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1, :],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),  # stored rotated 90 degrees anticlockwise: turn clockwise
+    7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1],
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def _exif(orientation: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif
+
+
+def test_exif_orientation_6_jpeg_comes_back_upright(tmp_path: Path) -> None:
+    yy, xx = np.mgrid[0:32, 0:48]  # H=32, W=48 as stored; smooth ramps survive JPEG, and no turn maps onto itself
+    stored = np.stack([xx * 5, yy * 7, np.full_like(xx, 90)], axis=2).astype(np.uint8)
+    f = tmp_path / "phone.jpg"
+    Image.fromarray(stored).save(f, quality=95, exif=_exif(6))
+    with Image.open(f) as im:
+        assert im.getexif()[0x0112] == 6
+        raw = np.asarray(im.convert("RGB"))  # the decoded pixels as stored
+    out = load_image(f)
+    assert out.shape == (48, 32, 3)  # height and width swapped
+    assert np.array_equal(out, np.rot90(raw, -1))  # exactly the stored pixels, turned clockwise
+    assert np.abs(out.astype(int) - np.rot90(stored, -1).astype(int)).mean() < 3  # JPEG noise only
+    assert np.array_equal(decode_image(f.read_bytes(), "phone.jpg"), out)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_is_applied_exactly_png(tmp_path: Path, orientation: int) -> None:
+    stored = _picture(24, 40)
+    f = tmp_path / f"o{orientation}.png"
+    Image.fromarray(stored).save(f, exif=_exif(orientation))
+    want = UPRIGHT[orientation](stored)
+    assert np.array_equal(load_image(f), want)
+    assert np.array_equal(decode_image(f.read_bytes()), want)
+    mask = np.zeros((24, 40), np.uint8)
+    mask[2:5, 30:38] = 255
+    m = tmp_path / f"m{orientation}.png"
+    Image.fromarray(mask).save(m, exif=_exif(orientation))
+    assert np.array_equal(load_mask(m), UPRIGHT[orientation](mask[..., None])[..., 0] > 0)
+
+
+def test_exif_orientation_in_a_tiff_is_applied_once_and_keeps_its_declared_bit_depth(tmp_path: Path) -> None:
+    """Pillow turns TIFFs itself while loading (and drops the tag); they must not be turned twice."""
+    v16 = (np.arange(24 * 40).reshape(24, 40) * 30).astype(np.uint16)  # < 32768: signed 16-bit
+    f = tmp_path / "rot.tif"
+    Image.fromarray(v16).save(f, tiffinfo={339: 2, 274: 8})  # mode 'I' declaring 16 bits, orientation 8
+    out = load_image(f)
+    want = np.rint(v16.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    assert np.array_equal(out[..., 0], np.rot90(want, 1))

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import SpadeError
 
@@ -194,7 +194,25 @@ def _decode(fh: BinaryIO, name: str | Path, max_pixels: int | None) -> Image.Ima
         raise SpadeError(f"{name}: not enough memory to decode this image ({shown})") from None
     except _DECODE_ERRORS as exc:
         raise _read_error(name, exc) from None
+    _upright(img)
     return img
+
+
+_ORIENTATION = 0x0112  # EXIF Orientation: 1 = as stored, 2..8 = mirrored and/or rotated
+_EXIF_ERRORS = (*_DECODE_ERRORS, KeyError, IndexError, TypeError)
+
+
+def _upright(img: Image.Image) -> None:
+    """Apply the EXIF Orientation tag in place (PIL.ImageOps.exif_transpose), as image viewers do.
+
+    Unreadable EXIF data leaves the pixels as stored (viewers ignore it too); the image itself is fine.
+    """
+    try:
+        orientation = img.getexif().get(_ORIENTATION, 1)
+        if orientation in (2, 3, 4, 5, 6, 7, 8):
+            ImageOps.exif_transpose(img, in_place=True)
+    except _EXIF_ERRORS:
+        return
 
 
 def _open(path: Path, max_pixels: int | None) -> Image.Image:
@@ -338,8 +356,10 @@ def _finish(arr: np.ndarray, name: str, depth: int | None, explicit: bool = Fals
 def load_image(path: str | Path, *, max_pixels: int | None = None) -> np.ndarray:
     """Read an image file as HxWx3 uint8 RGB (grayscale, RGBA, palette and 16-bit are converted).
 
-    Only regular files are read (see the module docstring); images with more than ``max_pixels`` pixels
-    (default ``MAX_PIXELS``) are refused from their header, before decoding.
+    The EXIF Orientation tag is applied, so the pixels are upright as image viewers show them (a photo
+    stored sideways with orientation 6 comes back rotated, height and width swapped). Only regular files
+    are read; images with more than ``max_pixels`` pixels (default ``MAX_PIXELS``) are refused from their
+    header, before decoding. Errors are one-line SpadeErrors naming the file (see the module docstring).
     """
     path = Path(path)
     return to_rgb_uint8(_open(path, max_pixels), str(path))
@@ -348,8 +368,9 @@ def load_image(path: str | Path, *, max_pixels: int | None = None) -> np.ndarray
 def decode_image(data: bytes, name: str = "upload", max_pixels: int | None = None) -> np.ndarray:
     """Image file bytes (an upload) -> HxWx3 uint8 RGB, or a SpadeError naming ``name``.
 
-    The same checks and conversions as ``load_image``: at most ``max_pixels`` pixels (default
-    ``MAX_PIXELS``), checked before decoding.
+    The same checks and conversions as ``load_image``: the EXIF Orientation tag is applied (pixels come
+    back upright as viewers show them) and at most ``max_pixels`` pixels (default ``MAX_PIXELS``) are
+    accepted, checked from the header before decoding.
     """
     if not data:
         raise SpadeError(f"{name}: the file is empty")
@@ -359,7 +380,8 @@ def decode_image(data: bytes, name: str = "upload", max_pixels: int | None = Non
 def load_mask(path: str | Path, shape: tuple[int, int] | None = None, *, max_pixels: int | None = None) -> np.ndarray:
     """Read a ground-truth mask as a bool HxW array (non-zero = defect). ``shape`` must match if given.
 
-    The same file checks as ``load_image``, including the ``max_pixels`` cap.
+    The same file checks as ``load_image``, including the ``max_pixels`` cap and the EXIF orientation
+    (a mask with its own Orientation tag is turned upright like its image).
     """
     path = Path(path)
     img = _open(path, max_pixels)
