@@ -1,13 +1,17 @@
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from spade_ad.errors import SpadeError
-from spade_ad.io import atomic_write, decode_image, list_images, load_image, load_mask, to_rgb_uint8
+from spade_ad.io import atomic_write, decode_image, list_images, load_image, load_mask, save_json, to_rgb_uint8
 
 
 def _save(path: Path, arr: np.ndarray, mode: str | None = None) -> Path:
@@ -246,3 +250,69 @@ def test_exif_orientation_in_a_tiff_is_applied_once_and_keeps_its_declared_bit_d
     out = load_image(f)
     want = np.rint(v16.astype(np.float64) * 255 / 65535).astype(np.uint8)
     assert np.array_equal(out[..., 0], np.rot90(want, 1))
+
+
+# --- durable atomic writes ---------------------------------------------------------------------------
+
+
+def test_atomic_write_fsyncs_the_file_then_renames_then_fsyncs_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        events.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = save_json(tmp_path / "sub" / "out.json", {"a": 1})
+    assert events == ["fsync file", "rename", "fsync dir"]
+    assert target.read_text() == '{\n  "a": 1\n}\n'
+    assert sorted(p.name for p in target.parent.iterdir()) == ["out.json"]
+
+
+def test_atomic_write_without_folder_fsync_still_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")  # as on file systems that cannot fsync folders
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert atomic_write(tmp_path / "x.txt", lambda tmp: tmp.write_text("new")).read_text() == "new"
+
+
+@pytest.mark.parametrize("where", ["writer", "fsync", "rename"])
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, OSError])
+def test_atomic_write_failure_leaves_old_content_and_no_tmp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str, exc_type: type[BaseException]
+) -> None:
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    fresh = tmp_path / "fresh.txt"  # did not exist before: must still not exist
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise exc_type("interrupted")
+
+    def writer(tmp: Path) -> None:
+        tmp.write_text("half")
+        if where == "writer":
+            fail()
+
+    if where == "fsync":
+        monkeypatch.setattr(os, "fsync", fail)
+    if where == "rename":
+        monkeypatch.setattr(os, "replace", fail)
+    for dest in (target, fresh):
+        with pytest.raises(exc_type):
+            atomic_write(dest, writer)
+    assert target.read_text() == "old"
+    assert not fresh.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]

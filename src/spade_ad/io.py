@@ -403,19 +403,55 @@ def _umask() -> int:
     return mask
 
 
+def _fsync_file(path: Path) -> None:
+    """Flush ``path``'s data to the storage device (errors propagate: the data would not be durable)."""
+    flags = (os.O_RDWR if os.name == "nt" else os.O_RDONLY) | getattr(os, "O_BINARY", 0)  # Windows needs write
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Best effort: flush ``folder``'s entries (makes a rename durable). Skipped where folders cannot be
+    opened or fsynced (Windows, some network file systems)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
-    """Write via ``write(tmp_path)`` to a temporary file beside ``path``, then rename over it."""
+    """Write via ``write(tmp_path)`` to a temporary file beside ``path``, then rename it over ``path``.
+
+    Durable: the temporary file is fsynced before the rename and the folder after it (best effort where a
+    folder cannot be fsynced), so after a crash ``path`` holds either the old or the complete new content.
+    On any exception (KeyboardInterrupt included) the temporary file is removed and ``path`` is untouched.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
     try:
-        write(Path(tmp))
+        os.close(fd)
+        write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
+        _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # keep the original exception
+            pass
         raise
+    _fsync_dir(path.parent)
     return path
 
 
