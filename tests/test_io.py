@@ -242,6 +242,18 @@ def test_every_exif_orientation_is_applied_exactly_png(tmp_path: Path, orientati
     assert np.array_equal(load_mask(m), UPRIGHT[orientation](mask[..., None])[..., 0] > 0)
 
 
+def test_unreadable_exif_leaves_pixels_as_stored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stored = _picture(24, 40)
+    f = tmp_path / "bad_exif.png"
+    Image.fromarray(stored).save(f, exif=_exif(6))
+
+    def broken(self: Image.Image) -> Image.Exif:
+        raise SyntaxError("not a TIFF file")
+
+    monkeypatch.setattr(Image.Image, "getexif", broken)
+    assert np.array_equal(load_image(f), stored)
+
+
 def test_exif_orientation_in_a_tiff_is_applied_once_and_keeps_its_declared_bit_depth(tmp_path: Path) -> None:
     """Pillow turns TIFFs itself while loading (and drops the tag); they must not be turned twice."""
     v16 = (np.arange(24 * 40).reshape(24, 40) * 30).astype(np.uint16)  # < 32768: signed 16-bit

@@ -125,6 +125,17 @@ def test_list_images_honest_folder_errors(tmp_path: Path) -> None:
         list_images(tmp_path / "dangling")
 
 
+def test_list_images_permission_denied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _png(tmp_path / "a.png")
+
+    def deny(*args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(os, "scandir", deny)
+    with pytest.raises(SpadeError, match=r": permission denied$"):
+        list_images(tmp_path)
+
+
 # --- honest messages ---------------------------------------------------------------------------------
 
 

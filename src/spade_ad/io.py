@@ -20,6 +20,32 @@ alone: 8-bit values are kept as they are, 16-bit values become ``round(v * 255 /
 * Floats (arrays and mode ``F``): values within [0, 1] are scaled by 255; if the maximum is above 1
   the values are taken as 0..255. Results are rounded and clipped to 0..255; NaN and infinity are errors.
 * Negative integer values are an error naming the image.
+
+Reading files
+-------------
+``load_image``, ``load_mask`` and ``decode_image`` (bytes of an upload) share these rules:
+
+* EXIF orientation: the Orientation tag is applied (``PIL.ImageOps.exif_transpose``), so the pixels are
+  upright as image viewers show them; a photo stored sideways with orientation 6 comes back turned
+  clockwise, height and width swapped. Unreadable EXIF data leaves the pixels as stored.
+* Pixel cap: images with more than ``max_pixels`` pixels (default: the module constant ``MAX_PIXELS``,
+  100 million) are refused from the header, before any pixel is decoded:
+  ``<file>: image is too large (WxH pixels; at most N pixels)``. Pillow's own decompression-bomb
+  limit is lifted while this module decodes (under a lock, so one image is decoded at a time), so its
+  DecompressionBombWarning/Error never escape; Pillow keeps guarding every other caller.
+* Only regular files (or symbolic links to them) are read: a named pipe, device, socket or folder is
+  refused at once with ``<path>: not a regular file (...)``, never opened in a way that could block;
+  ``list_images`` skips such entries.
+* Errors are one-line ``SpadeError`` messages naming the file: ``file does not exist``, ``broken
+  symbolic link``, ``symbolic link loop``, ``permission denied``, ``the file is empty``, ``not an image
+  file``, ``corrupt or truncated image (...)``, and ``cannot read (<OS error text>)`` for any other
+  operating-system error.
+
+Writing files
+-------------
+``atomic_write`` (and ``save_png``, ``save_npy``, ``save_json``) write to a temporary file beside the
+target, fsync it, rename it over the target and fsync the folder, so a crash leaves the old or the new
+content, never a mix; on any exception the temporary file is removed.
 """
 
 from __future__ import annotations
@@ -55,7 +81,7 @@ def _kind(mode: int) -> str:
         return "a device"
     if stat.S_ISSOCK(mode):
         return "a socket"
-    return "not a file"
+    return "a special file"
 
 
 def _os_error(path: str | Path, exc: OSError, what: str = "file") -> SpadeError:
@@ -89,9 +115,7 @@ def list_images(folder: str | Path) -> list[Path]:
         if not stat.S_ISDIR(os.stat(folder).st_mode):
             raise SpadeError(f"{folder}: not a folder")
         with os.scandir(folder) as it:
-            files = sorted(
-                Path(e.path) for e in it if Path(e.name).suffix.lower() in IMAGE_SUFFIXES and _is_regular(e)
-            )
+            files = sorted(Path(e.path) for e in it if Path(e.name).suffix.lower() in IMAGE_SUFFIXES and _is_regular(e))
     except OSError as exc:
         raise _os_error(folder, exc, "folder") from None
     if not files:
@@ -145,6 +169,7 @@ def _read_error(name: str | Path, exc: BaseException) -> SpadeError:
 
 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
+_METADATA_ERRORS = (*_DECODE_ERRORS, KeyError, IndexError, TypeError)  # what damaged EXIF/TIFF tags raise
 _PILLOW_LIMIT_LOCK = threading.Lock()
 
 
@@ -199,7 +224,6 @@ def _decode(fh: BinaryIO, name: str | Path, max_pixels: int | None) -> Image.Ima
 
 
 _ORIENTATION = 0x0112  # EXIF Orientation: 1 = as stored, 2..8 = mirrored and/or rotated
-_EXIF_ERRORS = (*_DECODE_ERRORS, KeyError, IndexError, TypeError)
 
 
 def _upright(img: Image.Image) -> None:
@@ -211,7 +235,7 @@ def _upright(img: Image.Image) -> None:
         orientation = img.getexif().get(_ORIENTATION, 1)
         if orientation in (2, 3, 4, 5, 6, 7, 8):
             ImageOps.exif_transpose(img, in_place=True)
-    except _EXIF_ERRORS:
+    except _METADATA_ERRORS:
         return
 
 
@@ -228,7 +252,7 @@ def _declared_bits(img: Image.Image) -> int | None:
         return None
     try:
         bits = tags.get(258)  # BitsPerSample
-    except Exception:  # a damaged tag directory: no declared depth
+    except _METADATA_ERRORS:  # a damaged tag directory: no declared depth
         return None
     if isinstance(bits, tuple):
         bits = max(bits) if bits else None
@@ -236,7 +260,7 @@ def _declared_bits(img: Image.Image) -> int | None:
 
 
 def _mode_i_bits(arr: np.ndarray, declared: int | None, name: str) -> int:
-    """Bit depth of a mode-'I' (32-bit integer) picture: declared bits if 8 or 16 or fewer, else by the values."""
+    """Bit depth of a mode-'I' (32-bit integer) picture: the declared bits when 16 or fewer, else by value."""
     if declared is not None and declared <= 16:
         return 8 if declared <= 8 else 16
     top = int(arr.max(initial=0))
@@ -254,8 +278,7 @@ def _pil_to_array(img: Image.Image, name: str) -> tuple[np.ndarray, int | None]:
         return np.asarray(img), 16
     if mode == "I":
         arr = np.asarray(img)
-        _check_non_negative(arr, name)
-        return arr, _mode_i_bits(arr, _declared_bits(img), name)
+        return arr, _mode_i_bits(arr, _declared_bits(img), name)  # negative values: refused when scaling
     if mode == "F":
         return np.asarray(img), None
     if mode in ("P", "PA"):
