@@ -16,7 +16,7 @@ the best of ``--repeats``, so a noisy, shared machine hurts them alike. Every me
 against the float64 brute-force reference (:func:`nn_distances_reference`) on ``--check-queries`` random
 queries per image and level. In bottle mode ``Spade.fit`` (images/s) and ``Spade.predict`` end to end are
 timed as well, the latter once with the engine and once with ``nn_distances`` replaced by the cdist
-baseline inside ``spade_ad.model`` (interleaved, best of ``--repeats``).
+baseline inside ``spade_ad.correspondence.gallery`` (interleaved, best of ``--repeats``).
 
 Results go to ``benchmarks/results/pixel_stage_<mode>_<device>.json`` with the machine described.
 """
@@ -39,15 +39,16 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-import spade_ad.model as spade_model  # noqa: E402
+import spade_ad.correspondence.gallery as spade_gallery  # noqa: E402
 from spade_ad.backbones import build_backbone  # noqa: E402
 from spade_ad.correspondence import cdist_baseline, nn_distances, nn_distances_reference  # noqa: E402
 from spade_ad.data import load_mvtec_category  # noqa: E402
 from spade_ad.evaluate import machine_description  # noqa: E402
 from spade_ad.features import extract  # noqa: E402
 from spade_ad.io import load_image  # noqa: E402
-from spade_ad.retrieval import image_knn  # noqa: E402
 from spade_ad.model import Spade, pick_device  # noqa: E402
+from spade_ad.preprocess import Preprocessor  # noqa: E402
+from spade_ad.retrieval import image_knn  # noqa: E402
 from spade_ad.synthetic import DEFECT_KINDS, add_defect, render_good  # noqa: E402
 
 try:
@@ -224,20 +225,21 @@ def spread(samples: list[Any], n: int) -> list[Any]:
 def bottle(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
     cat = load_mvtec_category(args.data)
     model = Spade(device=str(dev), calibration_images=0)
-    print(f"fit: {len(cat.train)} training images of {cat.name} ({model.backbone}, k={model.k}) ...", flush=True)
+    print(f"fit: {len(cat.train)} training images of {cat.name} ({model.settings.backbone}, "
+          f"k={model.settings.k}) ...", flush=True)
     model._net()  # build the backbone outside the fit timing
     t_fit, _ = timed(lambda: model.fit(cat.train), dev)
     rss_fit = peak_rss_mb()
     print(f"fit: {t_fit:.1f} s, {len(cat.train) / t_fit:.2f} images/s, peak RSS so far {rss_fit:.0f} MB", flush=True)
-    args.kappa = model.kappa
+    args.kappa = model.settings.kappa
     tests = spread(cat.test, args.n_images)
     paths = [s.path for s in tests]
     print(f"test images: {', '.join(f'{s.defect_type}/{s.path.name}' for s in tests)}")
 
     net = model._net()
     with torch.no_grad():
-        levels, gvec = extract(net, [load_image(p) for p in paths], model.image_size, dev)
-    _, neigh = image_knn(gvec.cpu(), model.global_, model.k_image, model.k)
+        levels, gvec = extract(net, [load_image(p) for p in paths], model.prep, dev)
+    _, neigh = image_knn(gvec.cpu(), model.global_, model.settings.k_image, model.settings.k)
     images: list[list[Case]] = []
     for b in range(len(paths)):
         per_level = []
@@ -258,11 +260,11 @@ def bottle(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
         return cdist_baseline(queries, gallery, kappa)
 
     def predict(patched: bool) -> None:
-        spade_model.nn_distances = naive if patched else nn_distances
+        spade_gallery.nn_distances = naive if patched else nn_distances
         try:
             model.predict(paths)
         finally:
-            spade_model.nn_distances = nn_distances
+            spade_gallery.nn_distances = nn_distances
 
     print("predict: warm-up ...", flush=True)
     timed(lambda: model.predict(paths[:2]), dev)
@@ -279,10 +281,10 @@ def bottle(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
             for m, v in pt.items() if v}
     return {
         "data": str(args.data),
-        "backbone": model.backbone,
-        "k": model.k,
-        "kappa": model.kappa,
-        "image_size": model.image_size,
+        "backbone": model.settings.backbone,
+        "k": model.settings.k,
+        "kappa": model.settings.kappa,
+        "image_size": model.settings.image_size,
         "level_shapes": [list(s) for s in model.level_shapes_],
         "n_train": len(cat.train),
         "fit": {"seconds": t_fit, "images_per_s": len(cat.train) / t_fit, "calibration_images": 0},
@@ -313,7 +315,7 @@ def synthetic_wrn(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]
     every = gal_imgs + test_imgs
     with torch.no_grad():
         for s in range(0, len(every), 8):
-            lv, _ = extract(net, every[s : s + 8], args.image_size, dev)
+            lv, _ = extract(net, every[s : s + 8], Preprocessor("resize", args.image_size), dev)
             feats.append([x.cpu() for x in lv])
     t_feat = time.perf_counter() - t
     n_levels = len(feats[0])

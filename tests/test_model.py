@@ -13,10 +13,9 @@ import pytest
 import torch
 
 from spade_ad import Spade, SpadeError
-from spade_ad.correspondence import nn_distances_reference
+from spade_ad.correspondence import combine_levels, nn_distances_reference
 from spade_ad.errors import NotFittedError
 from spade_ad.features import extract
-from spade_ad.correspondence import combine_levels
 
 FAST = dict(k=3, k_image=2, image_size=64, calibration_images=3)
 

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
-from spade_ad import metrics
-from spade_ad import SpadeSettings
+from spade_ad import SpadeSettings, metrics
 from spade_ad.data import load_mvtec_category
 from spade_ad.delivery.report import threshold_metrics, write_report
 from spade_ad.evaluate import evaluate_category

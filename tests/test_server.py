@@ -15,8 +15,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from spade_ad import Spade
-from spade_ad.io import load_image
-from spade_ad.delivery.inspector import STATIC_DIR, create_app, decode_image
+from spade_ad.delivery.inspector import STATIC_DIR, create_app
+from spade_ad.io import decode_image, load_image
 
 LIMIT = 256 * 1024
 

@@ -10,10 +10,10 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from spade_ad.bank import Bank, BankWriter
-from spade_ad.errors import SpadeError
-from spade_ad.retrieval import image_knn
 from spade_ad.correspondence import combine_levels, gaussian_blur
+from spade_ad.errors import SpadeError
 from spade_ad.preprocess import Preprocessor
+from spade_ad.retrieval import image_knn
 
 
 def test_image_knn_matches_brute_force() -> None:

@@ -10,6 +10,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,7 +34,14 @@ BACKBONES: dict[str, BackboneSpec] = {
 
 
 class FeatureExtractor(nn.Module):
-    """Image batch (normalised) -> ([level1, level2, level3], global vector)."""
+    """Image batch (normalised) -> ([level1, level2, level3], global vector).
+
+    Channels and strides come from timm's ``feature_info``, the input normalisation from its
+    ``pretrained_cfg``.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, body: nn.Module, spec: BackboneSpec, name: str, weights_id: str) -> None:
         super().__init__()
@@ -41,11 +49,11 @@ class FeatureExtractor(nn.Module):
         self.name = name
         self.spec = spec
         self.weights_id = weights_id
-        info = body.feature_info
+        info: Any = getattr(body, "feature_info")  # noqa: B009 - timm's dynamic attribute
         self.channels: list[int] = list(info.channels())[:3]
         self.strides: list[int] = list(info.reduction())[:3]
         self.global_dim: int = int(info.channels()[-1])
-        cfg = body.pretrained_cfg
+        cfg: dict[str, Any] = getattr(body, "pretrained_cfg")  # noqa: B009
         self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1), persistent=False)
 
@@ -104,6 +112,7 @@ def _load_user_weights(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise SpadeError(f"{path}: weights file does not exist")
+    sd: Any
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

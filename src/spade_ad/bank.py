@@ -107,9 +107,6 @@ class Bank:
         if fd is not None:
             os.close(fd)
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.meta[name][1]
-
     def rows(self, name: str, indices: np.ndarray | list[int]) -> np.ndarray:
         """Rows ``indices`` of tensor ``name`` as an array (B, *row_shape) in the stored dtype."""
         start, shape, dtype = self.meta[name]

@@ -92,8 +92,7 @@ class Layout:
                 moved = moved[torch.argsort(new_id[moved], stable=True)]
                 o = torch.cat([(~taken).nonzero().squeeze(1), moved])
                 uorder, ucell, run_len = uorder[o], new_id[o], run_len[o]
-        if not need_mult:
-            run_len = None
+        mult_len = run_len if need_mult else None
         if cell_shift is None:  # gallery order, one segment
             n_rows = m
             src = torch.arange(m, device=dev)
@@ -131,9 +130,9 @@ class Layout:
                 segments.append((r0, end))
         self.src = src
         self.mult: torch.Tensor | None = None
-        if run_len is not None:
+        if mult_len is not None:
             self.mult = torch.zeros(n_rows, dtype=torch.long, device=dev)
-            self.mult[dest] = run_len
+            self.mult[dest] = mult_len
         units = []
         for r0, end in segments:
             # whole 32-row multiples, then (no cells) a ragged tail of < 32 rows
@@ -183,35 +182,6 @@ class Layout:
         hi = torch.full((k, n_units), -math.inf, device=rot.device).scatter_reduce_(1, idx, hi_b, "amax")
         shift = (self.cen @ rot).t()
         return (lo + shift).t().contiguous(), (hi + shift).t().contiguous()
-
-
-def _grid_key(y: torch.Tensor, ev: torch.Tensor, n_cells: int) -> tuple[torch.Tensor, int]:
-    """Cell id of each row (a grid over the leading principal coordinates ``y``, cut at quantiles) in the
-    high bits of an int32 key whose low bits hold a hash of the row (last column of ``y``)."""
-    n_dims = y.shape[1] - 1
-    spread = ev[:n_dims].clamp_min(0).sqrt().tolist()
-    fans = [1] * n_dims
-    while math.prod(fans) * 2 <= n_cells:
-        j = max(range(n_dims), key=lambda i: spread[i] / fans[i])
-        fans[j] *= 2
-    sample = y[:: max(1, y.shape[0] // 16384)]
-    ids = torch.zeros(y.shape[0], dtype=torch.int32, device=y.device)
-    for j, f in enumerate(fans):
-        if f > 1:
-            cuts = torch.quantile(sample[:, j], torch.linspace(0, 1, f + 1, device=y.device)[1:-1])
-            ids = ids * f + (y[:, j, None] > cuts).sum(1, dtype=torch.int32)
-    shift = 31 - max(1, math.prod(fans) - 1).bit_length()
-    return ids.bitwise_left_shift_(shift).bitwise_or_(_hash_bits(y[:, -1], shift)), shift
-
-
-def _hash_bits(h: torch.Tensor, bits: int) -> torch.Tensor:
-    """Low ``bits`` bits of the float32 pattern of ``h`` (identical rows give identical values)."""
-    return h.contiguous().view(torch.int32) & ((1 << bits) - 1)
-
-
-def _hash_vector(dim: int, device: torch.device) -> torch.Tensor:
-    return torch.linspace(1.0, 2.0, dim, device=device) + 1.0 / 3.0
-
 
 
 def pruning_pays(device: torch.device, n_q: int, n_g: int, dim: int) -> bool:

@@ -75,7 +75,7 @@ def settings_options(func: Callable[..., None]) -> Callable[..., None]:
         option = typer.Option(f"--{f.name.replace('_', '-')}", help=spec.help + extra,
                                show_default=str(f.default) if f.default is not None else False)
         added.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                                       annotation=Annotated[kind | None, option]))  # type: ignore[name-defined]
+                                       annotation=Annotated[kind | None, option]))
     names = [p.name for p in added]
 
     @functools.wraps(func)

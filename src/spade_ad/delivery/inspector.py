@@ -18,7 +18,6 @@ encoding run in parallel in FastAPI's thread pool.
 from __future__ import annotations
 
 import base64
-import io
 import threading
 import uuid
 from collections import OrderedDict
@@ -30,21 +29,20 @@ import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
 from .. import __version__
 from ..errors import SpadeError
-from ..io import to_rgb_uint8
+from ..io import decode_image
 from ..model import Spade
 from ..result import Prediction, normalised
 from ..viz import SCALE_MAX, colour_bar, data_uri, encode, overlay, resize_map, resize_rgb, small_size
 
-__all__ = ["create_app", "decode_image"]
+__all__ = ["create_app"]
 
 STATIC_DIR = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
-MAX_PIXELS = 50_000_000  # larger images are refused (memory), whatever their file size
+MAX_PIXELS = 50_000_000  # larger uploads are refused from their header (memory), whatever their file size
 MAP_SIDE = 256  # the raw map sent to clients is downsampled to at most this many pixels a side
 OVERLAY_SIDE = 768  # the overlay picture is downsampled to at most this many pixels a side
 N_NEIGHBOURS = 5  # nearest normal images listed per prediction
@@ -122,25 +120,6 @@ class ErrorResponse(BaseModel):
 class _Entry:
     pred: Prediction  # one image, features kept, maps dropped
     small_map: np.ndarray  # map at <= MAP_SIDE, for the pixel score at a clicked point
-
-
-def decode_image(data: bytes, name: str = "upload", max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Uploaded bytes -> HxWx3 uint8, or a SpadeError with one clear line."""
-    if not data:
-        raise SpadeError(f"{name}: the file is empty")
-    try:
-        img = Image.open(io.BytesIO(data))
-        w, h = img.size
-        if w * h > max_pixels:
-            raise SpadeError(f"{name}: image is too large ({w}x{h} pixels; at most {max_pixels:,} pixels)")
-        img.load()
-    except UnidentifiedImageError:
-        raise SpadeError(f"{name}: not an image file (cannot identify its format)") from None
-    except Image.DecompressionBombError as exc:
-        raise SpadeError(f"{name}: image is too large ({exc})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise SpadeError(f"{name}: corrupt or truncated image ({exc})") from None
-    return to_rgb_uint8(img, name)
 
 
 class _TooLarge(HTTPException):
@@ -266,7 +245,7 @@ def create_app(
         data = file.file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             raise _TooLarge(max_upload_bytes)
-        image = decode_image(data, name)
+        image = decode_image(data, name, max_pixels=MAX_PIXELS)
         del data
         pred = spade.predict([image], keep_features=True)
         res = pred[0]
