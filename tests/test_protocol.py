@@ -63,7 +63,7 @@ def test_paper_protocol_scores_reproduce_through_predict_cli_and_inspector(
     rows = [json.loads(line) for line in (tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()]
     assert {Path(r["file"]).resolve(): r["score"] for r in rows} == reported
 
-    client = TestClient(create_app(model_dir))
+    client = TestClient(create_app(model_dir), base_url="http://localhost")
     for f in files[:3]:
         r = client.post("/predict", files={"file": (f.name, f.read_bytes(), "image/png")})
         assert r.status_code == 200, r.text

@@ -30,7 +30,7 @@ def model_dir(small_train: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 @pytest.fixture(scope="module")
 def client(model_dir: Path) -> TestClient:
-    return TestClient(create_app(model_dir, max_upload_bytes=LIMIT))
+    return TestClient(create_app(model_dir, max_upload_bytes=LIMIT), base_url="http://127.0.0.1:8000")
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_predict(client: TestClient, model_dir: Path, test_files: list[Path]) ->
     assert j["normalised_score"] == pytest.approx(j["score"] / j["image_threshold"])
     assert j["verdict"] == ("defective" if j["score"] >= j["image_threshold"] else "good")
     assert [n["index"] for n in j["neighbours"]] == [int(i) for i in ref.neighbours[0][:5]]
-    assert all(n["name"] == model.train_names_[n["index"]] for n in j["neighbours"])
+    assert all(n["name"] == Path(model.train_names_[n["index"]]).name for n in j["neighbours"])  # no folders
     mask = np.asarray(decode_uri(j["mask"]))
     assert mask.shape == (h, w)
     assert np.array_equal(mask.astype(bool), ref.maps[0] >= model.pixel_threshold_)
@@ -208,7 +208,7 @@ def test_explain_returns_a_neighbour_and_box(client: TestClient, model_dir: Path
         r = client.get("/explain", params={"id": j["id"], "y": y, "x": x})
         assert r.status_code == 200, r.text
         e = r.json()
-        assert 0 <= e["neighbour"] < n_train and e["neighbour_name"] == model.train_names_[e["neighbour"]]
+        assert 0 <= e["neighbour"] < n_train and e["neighbour_name"] == Path(model.train_names_[e["neighbour"]]).name
         y0, x0, y1, x1 = e["box_frac"]
         assert 0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1
         assert y0 <= e["y_frac"] <= y1 and x0 <= e["x_frac"] <= x1
@@ -226,7 +226,7 @@ def test_explain_returns_a_neighbour_and_box(client: TestClient, model_dir: Path
 
 
 def test_explain_cache_keeps_the_last_uploads(model_dir: Path, test_files: list[Path]) -> None:
-    c = TestClient(create_app(model_dir, cache_size=2))
+    c = TestClient(create_app(model_dir, cache_size=2), base_url="http://localhost")
     ids = [post(c, f).json()["id"] for f in test_files[:3]]
     r = c.get("/explain", params={"id": ids[0], "y": 0, "x": 0})
     assert r.status_code == 404 and "upload the image again" in r.json()["detail"]

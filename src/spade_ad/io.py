@@ -436,7 +436,7 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Best effort: flush ``folder``'s entries (makes a rename durable). Skipped where folders cannot be
     opened or fsynced (Windows, some network file systems)."""
     try:
@@ -459,8 +459,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     On any exception (KeyboardInterrupt included) the temporary file is removed and ``path`` is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _write_error(path, exc) from None
     tmp = Path(name)
     try:
         os.close(fd)
@@ -468,14 +471,21 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
         os.chmod(tmp, 0o666 & ~_umask())
         _fsync_file(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             tmp.unlink(missing_ok=True)
         except OSError:  # keep the original exception
             pass
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise _write_error(path, exc) from None
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
+
+
+def _write_error(path: Path, exc: OSError) -> SpadeError:
+    """One line for a failed write: the file and the system's reason (disk full, permission denied, ...)."""
+    return SpadeError(f"{path}: cannot write ({exc.strerror or exc})")
 
 
 def save_png(path: str | Path, array: np.ndarray) -> Path:
@@ -493,5 +503,5 @@ def save_npy(path: str | Path, array: np.ndarray) -> Path:
 
 
 def save_json(path: str | Path, obj: Any) -> Path:
-    text = json.dumps(obj, indent=2, sort_keys=False)
+    text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False)  # NaN/inf are not JSON
     return atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))

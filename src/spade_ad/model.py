@@ -26,6 +26,7 @@ from .correspondence.runtime import COMPUTE_LOCK
 from .errors import NotFittedError, SpadeError
 from .features import batches, extract, level_shapes
 from .io import list_images, load_image, to_rgb_uint8
+from .persistence import clean_stale, staging_path
 from .preprocess import Preprocessor
 from .result import Prediction
 from .retrieval import image_knn
@@ -54,9 +55,15 @@ def resolve_images(images: Images) -> tuple[list[ImageInput], list[str]]:
     return items, names
 
 
-def read_item(item: ImageInput, name: str) -> np.ndarray:
-    """A path or an array -> HxWx3 uint8."""
-    return load_image(item) if isinstance(item, (str, Path)) else to_rgb_uint8(item, name)
+def read_item(item: ImageInput, name: str, max_pixels: int | None = None) -> np.ndarray:
+    """A path or an array -> HxWx3 uint8 (files over ``max_pixels`` are refused before decoding)."""
+    if isinstance(item, (str, Path)):
+        return load_image(item, max_pixels=max_pixels)
+    return to_rgb_uint8(item, name)
+
+
+def _unlink(path: Path) -> None:
+    path.unlink(missing_ok=True)
 
 
 def pick_device(device: str) -> torch.device:
@@ -135,12 +142,14 @@ class Spade:
             raise NotFittedError("this Spade model is not fitted yet: call fit(...) or Spade.load(...) first")
 
     # ------------------------------------------------------------------ fit
-    def fit(self, images: Images, progress: Progress | None = None) -> Spade:
+    def fit(self, images: Images, progress: Progress | None = None, workdir: str | Path | None = None) -> Spade:
         """Learn from good images: store their global vectors and feature pyramids, calibrate thresholds.
 
         Args:
             images: a folder, a list of paths, or a list of HxW[x3|4] arrays (sizes may differ).
             progress: optional callback ``(stage, done, total)``.
+            workdir: where the bank is written while fitting (default: a temporary folder). Give the
+                model folder you will ``save`` to, and saving moves the bank instead of copying it.
 
         Returns:
             ``self``, fitted.
@@ -155,16 +164,23 @@ class Spade:
         dev, prep = self.device, self.prep
         shapes_hw = level_shapes(net, prep)
         shapes = [(h * w, c) for (h, w), c in zip(shapes_hw, net.channels, strict=True)]
-        workdir = Path(tempfile.mkdtemp(prefix="spade-ad-"))
-        weakref.finalize(self, shutil.rmtree, workdir, True)
+        if workdir is None:
+            tmp = Path(tempfile.mkdtemp(prefix="spade-ad-"))
+            weakref.finalize(self, shutil.rmtree, tmp, True)
+            bank_path = tmp / "bank.safetensors"
+        else:
+            Path(workdir).mkdir(parents=True, exist_ok=True)
+            clean_stale(Path(workdir))
+            bank_path = staging_path(Path(workdir), ".bank.safetensors")
+            weakref.finalize(self, _unlink, bank_path)  # unless saved (then renamed) before
         spec: dict[str, tuple[tuple[int, ...], str]] = {f"level{i}": (sh, "F16") for i, sh in enumerate(shapes)}
         spec["thumbnails"] = ((THUMB, THUMB, 3), "U8")
-        writer = BankWriter(workdir / "bank.safetensors", len(items), spec)
+        writer = BankWriter(bank_path, len(items), spec)
         thumb = Preprocessor("resize", THUMB)
         globals_: list[torch.Tensor] = []
         try:
             for a, b in batches(len(items), s.batch_size):
-                arrays = [read_item(items[i], names[i]) for i in range(a, b)]
+                arrays = [read_item(items[i], names[i], s.max_pixels) for i in range(a, b)]
                 with COMPUTE_LOCK:
                     levels, gvec = extract(net, arrays, prep, dev)
                 small = torch.stack([thumb.to_input(x) for x in arrays]).round().byte().permute(0, 2, 3, 1)
@@ -173,14 +189,16 @@ class Spade:
                 globals_.append(gvec.cpu())
                 if progress:
                     progress("fit", b, len(items))
-        finally:
+        except BaseException:
             writer.close()
+            _unlink(bank_path)
+            raise
+        writer.close()
         self.global_ = torch.cat(globals_)
         self.level_shapes_ = shapes_hw
         self.train_names_ = names
         self.weights_id_ = net.weights_id
-        self.workdir_ = workdir
-        self.bank_ = Bank(workdir / "bank.safetensors")
+        self.bank_ = Bank(bank_path)
         self.image_threshold_: float | None = None
         self.pixel_threshold_: float | None = None
         self.calibration_: dict[str, Any] = {"method": "none"}
@@ -269,7 +287,7 @@ class Spade:
         kept: list[list[np.ndarray]] = []
         sizes: list[tuple[int, int]] = []
         for a, b in batches(len(items), self.settings.batch_size):
-            arrays = [read_item(items[i], names[i]) for i in range(a, b)]
+            arrays = [read_item(items[i], names[i], self.settings.max_pixels) for i in range(a, b)]
             with COMPUTE_LOCK:
                 levels, gvec = extract(net, arrays, prep, dev)
                 scores, maps, neigh = self._score(levels, gvec)
@@ -335,7 +353,7 @@ class Spade:
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "cpu", weights: str | None = None, verify: bool = True,
-             batch_size: int | None = None) -> Spade:
+             **runtime: Any) -> Spade:
         """Load a model folder written by ``save``; validated and (``verify``) checksummed.
 
         Args:
@@ -343,17 +361,14 @@ class Spade:
             device: where to compute (runtime setting).
             weights: the backbone's weights file, for backbones whose weights are not bundled.
             verify: check every file's SHA-256 (recommended).
-            batch_size: images decoded per step (runtime setting).
+            **runtime: other runtime settings (``batch_size``, ``max_pixels``, ``tile_bytes``).
 
         Example:
             >>> model = Spade.load("model_dir")            # doctest: +SKIP
         """
         from .persistence import load_model
 
-        runtime: dict[str, Any] = {"device": device, "weights": weights}
-        if batch_size is not None:
-            runtime["batch_size"] = batch_size
-        return load_model(cls, Path(model_dir), runtime, verify)
+        return load_model(cls, Path(model_dir), {"device": device, "weights": weights, **runtime}, verify)
 
 
 __all__ = ["Spade", "resolve_images", "read_item", "pick_device", "THUMB"]

@@ -1,34 +1,83 @@
-"""The model folder: ``model.json`` (header), ``index.safetensors`` (global vectors) and
-``bank.safetensors`` (feature pyramids and thumbnails). No pickle: loading never executes code, and
-never reads a file outside the folder (backbone weights that are not bundled are given by the caller).
+"""The model folder: ``model.json`` (the header) and two content-addressed data files,
+``index-<sha>.safetensors`` (global vectors) and ``bank-<sha>.safetensors`` (feature pyramids and
+thumbnails). No pickle: loading never executes code, and never reads a file outside the folder
+(backbone weights that are not bundled are given by the caller, never taken from the header).
 
 The header carries the format version, the settings (:class:`~spade_ad.SpadeSettings`, model part),
-the thresholds, the training names, a SHA-256 of every other file and a SHA-256 of itself; loading
-checks all of them and validates every field against the settings' bounds and against the arrays.
+the thresholds, the training names, the name and SHA-256 of each data file and a SHA-256 of itself;
+loading checks all of them and validates every field against the settings' bounds and the arrays.
+
+Replacing a model is atomic as a unit: new data files get new names (their content's hash), are
+written and fsynced beside the old ones, and the new ``model.json`` is renamed over the old one (the
+commit point) before unreferenced files are removed. A writer killed at any point leaves the folder
+loading as either the complete old model or the complete new one; files it leaves behind are named
+``.staging-<pid>-*`` and are removed by the next writer once that process is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
-import shutil
+import os
+import re
+import secrets
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import __version__
+from .backbones import BACKBONES
 from .bank import Bank, file_sha256
 from .errors import SpadeError
-from .io import atomic_write, save_json
+from .io import atomic_write, fsync_dir, save_json
 from .settings import SpadeSettings
 
 if TYPE_CHECKING:
     from .model import Spade
 
 FORMAT_VERSION = 2
-FILES = ("bank.safetensors", "index.safetensors")
+DATA = ("bank", "index")  # the data files of a model, each ``<kind>-<sha256 prefix>.safetensors``
+_DATA_NAME = re.compile(r"^(bank|index)-[0-9a-f]{16}\.safetensors$")
+_STAGING = re.compile(r"^\.staging-(\d+)-")
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for tests: ``SPADE_AD_CRASH_AT=name:KILL|INT`` kills this process here."""
+    spec = os.environ.get("SPADE_AD_CRASH_AT", "")
+    if spec.split(":")[0] == name:
+        os.kill(os.getpid(), signal.SIGKILL if spec.endswith(":KILL") else signal.SIGINT)
+
+
+def staging_path(folder: Path, suffix: str) -> Path:
+    """A fresh staging file name in ``folder``, owned by this process."""
+    return folder / f".staging-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+
+
+def clean_stale(folder: Path) -> None:
+    """Remove staging files left by writers that are no longer running."""
+    if not folder.is_dir():
+        return
+    for f in folder.iterdir():
+        m = _STAGING.match(f.name)
+        if m and not _alive(int(m.group(1))):
+            with contextlib.suppress(OSError):
+                f.unlink()
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _header_digest(header: dict[str, Any]) -> str:
@@ -36,16 +85,42 @@ def _header_digest(header: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def _commit_data(out: Path, kind: str, staged: Path) -> tuple[str, str]:
+    """Give a finished, fsynced staging file its content-addressed name; returns (name, sha256)."""
+    digest = file_sha256(staged)
+    name = f"{kind}-{digest[:16]}.safetensors"
+    os.replace(staged, out / name)
+    return name, digest
+
+
 def save_model(model: Spade, out: Path) -> Path:
-    """Write ``model`` to the folder ``out`` (each file atomically; the header last)."""
+    """Write ``model`` to the folder ``out`` (see the module docstring for the order of the steps)."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    bank_src = model.bank_.path
-    if bank_src.resolve() != (out / "bank.safetensors").resolve():
-        atomic_write(out / "bank.safetensors", lambda tmp: shutil.copyfile(bank_src, tmp))
-    atomic_write(out / "index.safetensors",
-                 lambda tmp: save_file({"global": model.global_.float().contiguous()}, str(tmp)))
+    clean_stale(out)
+    files: dict[str, dict[str, str]] = {}
+    bank_path = model.bank_.path
+    if bank_path.parent.resolve() == out.resolve() and _DATA_NAME.match(bank_path.name):
+        files["bank"] = {"name": bank_path.name, "sha256": file_sha256(bank_path)}
+    else:
+        moved = bank_path.parent.resolve() == out.resolve() and bool(_STAGING.match(bank_path.name))
+        if moved:
+            staged = bank_path  # fit wrote the bank right here: rename it, no copy
+        else:
+            staged = staging_path(out, ".bank.safetensors")
+            atomic_write(staged, lambda tmp: _copy(bank_path, tmp))
+        name, digest = _commit_data(out, "bank", staged)
+        files["bank"] = {"name": name, "sha256": digest}
+        if moved:
+            model.bank_ = Bank(out / name)
+    crash_point("save-bank")
+    staged = staging_path(out, ".index.safetensors")
+    atomic_write(staged, lambda tmp: save_file({"global": model.global_.float().contiguous()}, str(tmp)))
+    name, digest = _commit_data(out, "index", staged)
+    files["index"] = {"name": name, "sha256": digest}
+    fsync_dir(out)
+    crash_point("save-index")
     header: dict[str, Any] = {
         "format": "spade-ad",
         "format_version": FORMAT_VERSION,
@@ -59,11 +134,26 @@ def save_model(model: Spade, out: Path) -> Path:
         "image_threshold": model.image_threshold_,
         "pixel_threshold": model.pixel_threshold_,
         "calibration": model.calibration_,
-        "files": {name: file_sha256(out / name) for name in FILES},
+        "files": files,
     }
     header["header_sha256"] = _header_digest(header)
-    save_json(out / "model.json", header)
+    save_json(out / "model.json", header)  # the commit point
+    crash_point("save-header")
+    _remove_unreferenced(out, {f["name"] for f in files.values()})
     return out
+
+
+def _copy(src: Path, dst: Path, chunk: int = 16 << 20) -> None:
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        while block := fi.read(chunk):
+            fo.write(block)
+
+
+def _remove_unreferenced(out: Path, keep: set[str]) -> None:
+    for f in out.iterdir():
+        if (_DATA_NAME.match(f.name) or f.name in ("bank.safetensors", "index.safetensors")) and f.name not in keep:
+            with contextlib.suppress(OSError):
+                f.unlink()
 
 
 def read_header(folder: Path) -> dict[str, Any]:
@@ -101,12 +191,11 @@ def load_model(cls: type[Spade], folder: Path, runtime: dict[str, Any], verify: 
     hpath = folder / "model.json"
     try:
         settings = SpadeSettings.from_model_dict(header["settings"], runtime, where=str(hpath))
-        files = header["files"]
-        for name in FILES:
-            path = folder / name
+        paths = _data_paths(header["files"], folder, hpath)
+        for path, digest in paths.values():
             if not path.is_file():
                 raise SpadeError(f"{path}: model file is missing")
-            if verify and file_sha256(path) != files[name]:
+            if verify and file_sha256(path) != digest:
                 raise SpadeError(f"{path}: checksum mismatch (file is damaged or was modified)")
         n_train = _int(header["n_train"], "n_train", hpath, low=1)
         names = header["train_names"]
@@ -127,11 +216,11 @@ def load_model(cls: type[Spade], folder: Path, runtime: dict[str, Any], verify: 
     except KeyError as exc:
         raise SpadeError(f"{hpath}: damaged model header (missing field {exc})") from None
     try:
-        index = load_file(str(folder / "index.safetensors"))
+        index = load_file(str(paths["index"][0]))
         glob = index["global"]
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-        raise SpadeError(f"{folder / 'index.safetensors'}: damaged model file ({exc})") from None
-    bank = Bank(folder / "bank.safetensors")
+        raise SpadeError(f"{paths['index'][0]}: damaged model file ({exc})") from None
+    bank = Bank(paths["bank"][0])
     if bank.n != n_train or glob.ndim != 2 or len(glob) != n_train:
         raise SpadeError(f"{folder}: model files disagree on the number of training images")
     if bank.n_levels != len(shapes) or any(
@@ -139,8 +228,13 @@ def load_model(cls: type[Spade], folder: Path, runtime: dict[str, Any], verify: 
     ):
         raise SpadeError(f"{folder}: level_shapes in model.json disagree with the feature bank")
     if not bool(torch.isfinite(glob).all()):
-        raise SpadeError(f"{folder / 'index.safetensors'}: global vectors contain NaN or infinite values")
+        raise SpadeError(f"{paths['index'][0]}: global vectors contain NaN or infinite values")
 
+    if settings.weights is None and weights_id.startswith("random"):
+        settings = settings.replace(weights="random")  # test models: reproducible random weights, no file
+    elif settings.weights is None and not BACKBONES[settings.backbone].bundled:
+        raise SpadeError(f"{folder}: the model uses {settings.backbone}, whose ImageNet weights are not bundled; "
+                         "pass the weights file it was fitted with (--weights PATH, Spade.load(..., weights=PATH))")
     model = cls(settings)
     model.global_ = glob
     model.level_shapes_ = [(int(h), int(w)) for h, w in shapes]
@@ -159,6 +253,22 @@ def load_model(cls: type[Spade], folder: Path, runtime: dict[str, Any], verify: 
     if [tuple(s) for s in model.level_shapes_] != [(h, w) for h, w in _shapes_of(model)]:
         raise SpadeError(f"{hpath}: level_shapes disagree with the backbone at image_size {settings.image_size}")
     return model
+
+
+def _data_paths(files: Any, folder: Path, hpath: Path) -> dict[str, tuple[Path, str]]:
+    """The data files named by the header: plain names inside the folder, never a path elsewhere."""
+    if not isinstance(files, dict) or set(files) != set(DATA):
+        raise SpadeError(f"{hpath}: files must name the {' and '.join(DATA)} files")
+    out = {}
+    for kind in DATA:
+        entry = files[kind]
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not isinstance(
+                entry.get("sha256"), str):
+            raise SpadeError(f"{hpath}: files.{kind} must have a name and a sha256")
+        if not _DATA_NAME.match(entry["name"]) or not entry["name"].startswith(kind + "-"):
+            raise SpadeError(f"{hpath}: files.{kind} names {entry['name']!r}, not a {kind} file of this folder")
+        out[kind] = (folder / entry["name"], entry["sha256"])
+    return out
 
 
 def _shapes_of(model: Spade) -> list[tuple[int, int]]:

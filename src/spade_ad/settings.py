@@ -22,6 +22,7 @@ from typing import Any
 from .backbones import BACKBONES
 from .correspondence.search import DEFAULT_TILE_BYTES
 from .errors import SpadeError
+from .io import MAX_PIXELS
 from .preprocess import PREPROCESS_MODES
 
 
@@ -63,6 +64,7 @@ class SpadeSettings:
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (runtime).
         weights: a state_dict file for backbones whose weights are not bundled (runtime).
         batch_size: images read and decoded per step (runtime; results do not depend on it on a CPU).
+        max_pixels: images with more pixels are refused before decoding (runtime; memory).
         tile_bytes: work-tile size of the exact nearest-neighbour search (runtime; results do not
             depend on it).
 
@@ -93,6 +95,8 @@ class SpadeSettings:
     weights: str | None = setting(None, "backbone weights: a torchvision/timm state_dict file (for the ResNets)",
                                   stored=False)
     batch_size: int = setting(16, "images decoded per step", low=1, high=4096, stored=False)
+    max_pixels: int = setting(MAX_PIXELS, "larger images are refused from their header (memory)", low=64,
+                              high=2_000_000_000, stored=False)
     tile_bytes: int = setting(DEFAULT_TILE_BYTES, "work-tile bytes of the exact search", low=1 << 16, high=1 << 34,
                               stored=False, cli=False)
 
@@ -129,8 +133,12 @@ class SpadeSettings:
             raise SpadeError(f"{where}: setting {missing[0]!r} is missing (model written by another version?)")
         if extra:
             raise SpadeError(f"{where}: unknown setting {extra[0]!r} (model written by a newer version?)")
+        runtime = dict(runtime or {})
+        not_runtime = sorted(set(runtime) - {f.name for f in dataclasses.fields(cls) if not spec_of(f).stored})
+        if not_runtime:
+            raise SpadeError(f"{not_runtime[0]!r} is not a runtime setting: a loaded model keeps its own settings")
         try:
-            return cls(**stored, **(runtime or {}))
+            return cls(**stored, **runtime)
         except SpadeError as exc:
             raise SpadeError(f"{where}: {exc}") from None
 

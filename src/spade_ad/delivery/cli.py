@@ -43,6 +43,8 @@ ProtocolOpt = Annotated[
                            "centre crop (sets --preprocess paper), metrics on the crop")
 ]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto")]
+WeightsOpt = Annotated[str | None, typer.Option(help="backbone weights file, for a model whose backbone's weights "
+                                                    "are not bundled (the ResNets)")]
 
 
 def say(text: str) -> None:
@@ -148,10 +150,19 @@ def fit(
     from ..model import Spade
 
     files = list_images(train_dir)
+    chosen = _settings(given)
     t0 = time.perf_counter()
-    with progress_bars() as cb:
-        model = Spade(_settings(given)).fit(files, progress=cb)
-    model.save(out)
+    created = not out.exists()
+    try:
+        with progress_bars() as cb:
+            # the bank is written into the model folder as a staging file and renamed on save: no copy,
+            # no bank-sized debris elsewhere; the old model in OUT stays intact until the new one is complete
+            model = Spade(chosen).fit(files, progress=cb, workdir=out)
+        model.save(out)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
     say(f"fitted on {len(files)} images in {time.perf_counter() - t0:.1f}s; image threshold "
         f"{_fmt(model.image_threshold_)}, pixel threshold {_fmt(model.pixel_threshold_)}; model written to {out}")
 
@@ -187,30 +198,89 @@ def predict(
         float | None, typer.Option(help="pixel threshold for the masks (default: the model's calibrated one)")
     ] = None,
     raw: Annotated[str, typer.Option(help="raw map format: npy (float32) or png16 (16-bit, scaled)")] = "npy",
+    weights: WeightsOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="allow OUT to hold files spade-ad did not write "
+                                                                  "(they may be overwritten)")] = False,
 ) -> None:
-    """Score images: overlay PNG, raw map, mask PNG per image and one predictions.jsonl row each."""
+    """Score images: overlay PNG, raw map, mask PNG per image and one predictions.jsonl row each.
+
+    OUT must be empty, new, or a folder this command wrote before (its run.json lists every file in it);
+    anything else is refused unless --overwrite, so a user's own files are never overwritten.
+    """
     import math
 
-    from ..io import load_image, save_json, save_npy, save_png
+    from ..io import save_json
     from ..model import Spade
-    from ..viz import overlay
 
     if raw not in ("npy", "png16"):
         raise SpadeError(f"--raw must be npy or png16, got {raw!r}")
     if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
         raise SpadeError(f"--threshold must be a positive number, got {threshold}")
-    model = Spade.load(model_dir, device=device)
+    model = Spade.load(model_dir, device=device, weights=weights)
     pairs = _output_stems(images)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_output_folder(out, images, overwrite)
     rows: list[dict[str, Any]] = []
+    written: list[str] = _previous_outputs(out)  # files of earlier runs stay ours
     jsonl = out / "predictions.jsonl"
+    run: dict[str, Any] = {"model": str(model_dir), "status": "running", "n_images": 0, "n_inputs": len(pairs),
+                           "image_threshold": model.image_threshold_,
+                           "pixel_threshold": model.pixel_threshold_ if threshold is None else threshold,
+                           "colour_scale": "map / pixel_threshold on [0, 2]; 1.0 = threshold", "outputs": written}
     thr = model.pixel_threshold_ if threshold is None else threshold
     t0 = time.perf_counter()
+    try:
+        _predict_into(model, pairs, out, threshold, thr, raw, rows, written, jsonl, run)
+    except BaseException:
+        if rows:  # this run already replaced predictions.jsonl: say how far it got
+            run.update(status="interrupted", n_images=len(rows))
+            save_json(out / "run.json", run)
+        raise
+    elapsed = time.perf_counter() - t0
+    run.update(status="complete", n_images=len(rows), seconds=round(elapsed, 3))
+    save_json(out / "run.json", run)
+    n_bad = sum(r["verdict"] == "defective" for r in rows)
+    say(f"{len(rows)} images in {elapsed:.1f}s ({len(rows) / elapsed:.2f} images/s); "
+        f"{n_bad} flagged defective; outputs in {out} (predictions.jsonl)")
+
+
+def _check_output_folder(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse an output folder that is an input folder, or that holds files spade-ad did not write."""
+    if out.exists() and not out.is_dir():
+        raise SpadeError(f"{out}: --out exists and is not a folder")
+    for item in inputs:
+        if item.is_dir() and item.resolve() == out.resolve():
+            raise SpadeError(f"{out}: --out is also an input folder (its outputs would be read as inputs next "
+                             "time); choose another folder")
+    if overwrite or not out.is_dir():
+        return
+    ours = {"run.json", "predictions.jsonl", *_previous_outputs(out)}
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith("."))
+    if foreign:
+        raise SpadeError(f"{out}: --out holds files spade-ad did not write (e.g. {foreign[0]}); choose an empty "
+                         "folder or pass --overwrite")
+
+
+def _previous_outputs(out: Path) -> list[str]:
+    """The files an earlier ``predict`` into ``out`` wrote (listed in its run.json)."""
+    try:
+        names = json.loads((out / "run.json").read_text()).get("outputs", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [n for n in names if isinstance(n, str) and "/" not in n] if isinstance(names, list) else []
+
+
+def _predict_into(model: Any, pairs: list[tuple[Path, str]], out: Path, threshold: float | None,
+                  thr: float | None, raw: str, rows: list[dict[str, Any]], written: list[str], jsonl: Path,
+                  run: dict[str, Any]) -> None:
+    """Score ``pairs`` chunk by chunk, writing each image's files and the JSON lines as they come."""
+    from ..io import load_image, save_json, save_npy, save_png
+    from ..viz import overlay
+
     step = model.settings.batch_size
     with progress_bars() as cb:
         for s in range(0, len(pairs), step):
             chunk = pairs[s : s + step]
-            arrays = [load_image(f) for f, _ in chunk]
+            arrays = [load_image(f, max_pixels=model.settings.max_pixels) for f, _ in chunk]
             pred = model.predict(arrays, pixel_threshold=threshold)
             for (f, stem), img, res in zip(chunk, arrays, pred, strict=True):
                 mask = res.mask
@@ -222,6 +292,9 @@ def predict(
                     save_png(out / f"{stem}_map.png", np.clip(res.map * scale, 0, 65535).astype(np.uint16))
                 if mask is not None:
                     save_png(out / f"{stem}_mask.png", mask.astype(np.uint8) * 255)
+                written.extend(n for n in (f"{stem}_overlay.png", f"{stem}_map.{'npy' if raw == 'npy' else 'png'}",
+                                           f"{stem}_mask.png" if mask is not None else None)
+                               if n and n not in written)
                 rows.append({
                     "file": str(f),
                     **res.summary(),
@@ -229,15 +302,10 @@ def predict(
                     "map": f"{stem}_map.{'npy' if raw == 'npy' else 'png'}",
                     "mask": f"{stem}_mask.png" if mask is not None else None,
                 })
+            run["n_images"] = len(rows)
+            save_json(out / "run.json", run)  # status "running": lists the files before the rows point at them
             _write_jsonl(jsonl, rows)
             cb("predict", s + len(chunk), len(pairs))
-    elapsed = time.perf_counter() - t0
-    save_json(out / "run.json", {"model": str(model_dir), "n_images": len(rows), "seconds": round(elapsed, 3),
-                                 "image_threshold": model.image_threshold_, "pixel_threshold": thr,
-                                 "colour_scale": "map / pixel_threshold on [0, 2]; 1.0 = threshold"})
-    n_bad = sum(r["verdict"] == "defective" for r in rows)
-    say(f"{len(rows)} images in {elapsed:.1f}s ({len(rows) / elapsed:.2f} images/s); "
-        f"{n_bad} flagged defective; outputs in {out} (predictions.jsonl)")
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -359,6 +427,10 @@ def serve(
     port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="largest accepted upload, in MB")] = 20.0,
     device: DeviceOpt = "cpu",
+    weights: WeightsOpt = None,
+    allowed_hosts: Annotated[list[str] | None, typer.Option("--allow-host", help="also accept requests whose Host "
+                                                            "header names this host (repeatable; default: the "
+                                                            "address served on, localhost)")] = None,
 ) -> None:
     """Start the web inspector: upload images, see heatmaps and masks, click a pixel to see its normal match."""
     import math
@@ -371,16 +443,29 @@ def serve(
         raise SpadeError(f"--max-upload-mb must be a number in (0, 4096], got {max_upload_mb}")
     if not 1 <= port <= 65535:
         raise SpadeError(f"--port must be between 1 and 65535, got {port}")
-    application = create_app(model_dir, max_upload_bytes=int(max_upload_mb * 1024 * 1024), device=device)
+    application = create_app(model_dir, max_upload_bytes=int(max_upload_mb * 1024 * 1024), device=device,
+                             weights=weights, allowed_hosts=[host, *(allowed_hosts or [])])
     say(f"spade-ad inspector on http://{host}:{port}/ (API docs at /docs; Ctrl+C stops)")
     uvicorn.run(application, host=host, port=port, log_level="info")
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like Ctrl+C so that every ``finally`` and cleanup runs."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 def main() -> None:
     """Entry point: one clear line per error (``--debug`` for the traceback), non-zero exit.
 
-    Exit codes: 0 success, 1 unexpected error, 2 bad input or usage, 130 interrupted (Ctrl+C).
+    Exit codes: 0 success, 1 unexpected error, 2 bad input or usage, 130 interrupted (Ctrl+C),
+    143 terminated (SIGTERM). An interrupted command leaves every file it wrote complete (or absent).
     """
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         code = app(standalone_mode=False)
     except SpadeError as exc:
@@ -391,6 +476,9 @@ def main() -> None:
     except KeyboardInterrupt:
         say("interrupted")
         sys.exit(130)
+    except Terminated:
+        say("terminated")
+        sys.exit(143)
     except SystemExit:
         raise
     except Exception as exc:  # click usage errors and anything unexpected

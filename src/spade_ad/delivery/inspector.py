@@ -22,7 +22,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Annotated, Any
 
 import numpy as np
@@ -51,7 +51,7 @@ COLOUR_SCALE = f"map / pixel_threshold on a fixed scale [0, {SCALE_MAX:g}] (infe
 
 class Neighbour(BaseModel):
     index: int = Field(description="training image index")
-    name: str = Field(description="training image file name")
+    name: str = Field(description="training image file name (no folders)")
     thumbnail_url: str
 
 
@@ -128,6 +128,51 @@ class _TooLarge(HTTPException):
                               f"{limit:,} bytes)")
 
 
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _public_name(name: str) -> str:
+    """A training image's file name without its folders (the server does not reveal paths)."""
+    return PurePath(name.replace("\\", "/")).name or name
+
+
+def _host_only(value: str) -> str:
+    """``host[:port]`` or ``[v6]:port`` -> host, lower case."""
+    v = value.strip().lower()
+    if v.startswith("["):
+        return v[1 : v.find("]")] if "]" in v else v
+    return v.rsplit(":", 1)[0] if v.count(":") == 1 else v
+
+
+class _SameOrigin:
+    """ASGI middleware against DNS rebinding and cross-site requests: the ``Host`` header must name an
+    allowed host, and a request that sends data (POST, PUT, PATCH, DELETE) must come from the same origin
+    (``Origin`` equal to the ``Host``, or no ``Origin`` and no cross-site ``Sec-Fetch-Site``)."""
+
+    def __init__(self, app: Any, hosts: set[str]) -> None:
+        self.app = app
+        self.hosts = hosts
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
+        host = headers.get("host", "")
+        if _host_only(host) not in self.hosts:
+            await JSONResponse({"detail": f"host {host!r} is not served here (start the inspector with "
+                                          "--allow-host to add one)"}, status_code=421)(scope, receive, send)
+            return
+        if scope.get("method") in ("POST", "PUT", "PATCH", "DELETE"):
+            origin = headers.get("origin")
+            cross = headers.get("sec-fetch-site") in ("cross-site", "same-site")
+            if (origin is not None and origin.split("://", 1)[-1].lower() != host.lower()) or cross:
+                await JSONResponse({"detail": "cross-origin requests may not send data to the inspector"},
+                                   status_code=403)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class _LimitBody:
     """ASGI middleware: refuse request bodies over ``limit`` bytes (by Content-Length, or while streaming)."""
 
@@ -165,14 +210,20 @@ def create_app(
     device: str = "cpu",
     cache_size: int = 16,
     model: Spade | None = None,
+    weights: str | None = None,
+    allowed_hosts: list[str] | None = None,
 ) -> FastAPI:
-    """The inspector app for the model in ``model_dir`` (or an already fitted/loaded ``model``)."""
+    """The inspector app for the model in ``model_dir`` (or an already fitted/loaded ``model``).
+
+    ``allowed_hosts``: host names accepted in the ``Host`` header (default: this machine's loopback names);
+    any other is refused (DNS rebinding). Requests that change anything must come from the same origin.
+    """
     from fastapi_offline import FastAPIOffline
 
     if model is None:
         if model_dir is None:
             raise SpadeError("create_app needs a model folder (or a model)")
-        model = Spade.load(model_dir, device=device)
+        model = Spade.load(model_dir, device=device, weights=weights)
     if max_upload_bytes <= 0:
         raise SpadeError(f"max_upload_bytes must be positive, got {max_upload_bytes}")
     spade: Spade = model
@@ -188,6 +239,7 @@ def create_app(
         static_url="/docs-assets",
     )
     app.add_middleware(_LimitBody, limit=max_upload_bytes + 64 * 1024, file_limit=max_upload_bytes)
+    app.add_middleware(_SameOrigin, hosts={_host_only(h) for h in (allowed_hosts or [])} | set(LOCAL_HOSTS))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     errors: dict[int | str, dict[str, Any]] = {
         400: {"model": ErrorResponse, "description": "not an image, corrupt or truncated file, bad request"},
@@ -268,7 +320,7 @@ def create_app(
             normalised_score=res.normalised_score, verdict=res.verdict,
             image_threshold=res.image_threshold, pixel_threshold=thr, max_pixel_score=res.max_pixel_score,
             defect_fraction=summary["defect_fraction"],
-            neighbours=[Neighbour(index=j, name=nm, thumbnail_url=f"/thumbnail/{j}")
+            neighbours=[Neighbour(index=j, name=_public_name(nm), thumbnail_url=f"/thumbnail/{j}")
                         for j, nm in list(zip(res.neighbours, res.neighbour_names, strict=True))[:N_NEIGHBOURS]],
             overlay=data_uri(over, "JPEG"),
             mask=data_uri(mask, "PNG") if mask is not None else None,
@@ -297,7 +349,7 @@ def create_app(
         v = float(sm[min(sm.shape[0] - 1, int(y * sm.shape[0] / h)), min(sm.shape[1] - 1, int(x * sm.shape[1] / w))])
         thr = spade.pixel_threshold_
         return ExplainResponse(
-            id=id, y=y, x=x, neighbour=c.neighbour, neighbour_name=c.neighbour_name, level=c.level,
+            id=id, y=y, x=x, neighbour=c.neighbour, neighbour_name=_public_name(c.neighbour_name), level=c.level,
             distance=c.distance, y_frac=c.y_frac, x_frac=c.x_frac, box_frac=list(c.box_frac),
             thumbnail_url=f"/thumbnail/{c.neighbour}", pixel_score=v,
             pixel_score_normalised=normalised(v, thr),
