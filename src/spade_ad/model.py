@@ -26,7 +26,7 @@ from .correspondence.runtime import COMPUTE_LOCK
 from .errors import NotFittedError, SpadeError
 from .features import batches, extract, level_shapes
 from .io import list_images, load_image, to_rgb_uint8
-from .persistence import clean_stale, staging_path
+from .persistence import clean_stale, crash_point, staging_path
 from .preprocess import Preprocessor
 from .result import Prediction
 from .retrieval import image_knn
@@ -186,6 +186,7 @@ class Spade:
                 small = torch.stack([thumb.to_input(x) for x in arrays]).round().byte().permute(0, 2, 3, 1)
                 rows = {f"level{i}": lv.cpu().numpy() for i, lv in enumerate(levels)}
                 writer.write(a, {**rows, "thumbnails": small.numpy()})
+                crash_point("fit-bank")
                 globals_.append(gvec.cpu())
                 if progress:
                     progress("fit", b, len(items))

@@ -231,8 +231,9 @@ def load_model(cls: type[Spade], folder: Path, runtime: dict[str, Any], verify: 
         raise SpadeError(f"{paths['index'][0]}: global vectors contain NaN or infinite values")
 
     if settings.weights is None and weights_id.startswith("random"):
-        settings = settings.replace(weights="random")  # test models: reproducible random weights, no file
-    elif settings.weights is None and not BACKBONES[settings.backbone].bundled:
+        raise SpadeError(f"{folder}: the model was fitted with random backbone weights (a test model); load it "
+                         "with weights='random' if that is what you want")
+    if settings.weights is None and not BACKBONES[settings.backbone].bundled:
         raise SpadeError(f"{folder}: the model uses {settings.backbone}, whose ImageNet weights are not bundled; "
                          "pass the weights file it was fitted with (--weights PATH, Spade.load(..., weights=PATH))")
     model = cls(settings)

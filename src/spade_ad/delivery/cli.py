@@ -175,7 +175,7 @@ def _output_stems(inputs: list[Path]) -> list[tuple[Path, str]]:
     for item in inputs:
         if item.is_dir():
             pairs += [(f, f"{item.name}_{f.stem}") for f in list_images(item)]
-        elif item.exists():
+        elif item.exists() or item.is_symlink():  # a broken link or a loop: reading it says which
             pairs.append((item, item.stem))
         else:
             raise SpadeError(f"{item}: file or folder does not exist")
@@ -199,6 +199,8 @@ def predict(
     ] = None,
     raw: Annotated[str, typer.Option(help="raw map format: npy (float32) or png16 (16-bit, scaled)")] = "npy",
     weights: WeightsOpt = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="images per step (outputs are written "
+                                                                         "after each step)")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="allow OUT to hold files spade-ad did not write "
                                                                   "(they may be overwritten)")] = False,
 ) -> None:
@@ -216,7 +218,8 @@ def predict(
         raise SpadeError(f"--raw must be npy or png16, got {raw!r}")
     if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
         raise SpadeError(f"--threshold must be a positive number, got {threshold}")
-    model = Spade.load(model_dir, device=device, weights=weights)
+    model = Spade.load(model_dir, device=device, weights=weights,
+                       **({} if batch_size is None else {"batch_size": batch_size}))
     pairs = _output_stems(images)
     _check_output_folder(out, images, overwrite)
     rows: list[dict[str, Any]] = []
@@ -498,3 +501,7 @@ def main() -> None:
             say("interrupted")
         sys.exit(code)
     sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
