@@ -43,6 +43,8 @@ ProtocolOpt = Annotated[
                            "centre crop (sets --preprocess paper), metrics on the crop")
 ]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto")]
+MaxPixelsOpt = Annotated[int | None, typer.Option("--max-pixels", help="refuse images with more pixels, from their "
+                                                                        "header (default: 100 million)")]
 WeightsOpt = Annotated[str | None, typer.Option(help="backbone weights file, for a model whose backbone's weights "
                                                     "are not bundled (the ResNets)")]
 
@@ -201,6 +203,7 @@ def predict(
     weights: WeightsOpt = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="images per step (outputs are written "
                                                                          "after each step)")] = None,
+    max_pixels: MaxPixelsOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="allow OUT to hold files spade-ad did not write "
                                                                   "(they may be overwritten)")] = False,
 ) -> None:
@@ -218,8 +221,9 @@ def predict(
         raise SpadeError(f"--raw must be npy or png16, got {raw!r}")
     if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
         raise SpadeError(f"--threshold must be a positive number, got {threshold}")
+    runtime: dict[str, Any] = {"batch_size": batch_size, "max_pixels": max_pixels}
     model = Spade.load(model_dir, device=device, weights=weights,
-                       **({} if batch_size is None else {"batch_size": batch_size}))
+                       **{k: v for k, v in runtime.items() if v is not None})
     pairs = _output_stems(images)
     _check_output_folder(out, images, overwrite)
     rows: list[dict[str, Any]] = []
@@ -431,6 +435,8 @@ def serve(
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="largest accepted upload, in MB")] = 20.0,
     device: DeviceOpt = "cpu",
     weights: WeightsOpt = None,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", help="refuse uploads with more pixels, from their "
+                                                                 "header")] = 50_000_000,
     allowed_hosts: Annotated[list[str] | None, typer.Option("--allow-host", help="also accept requests whose Host "
                                                             "header names this host (repeatable; default: the "
                                                             "address served on, localhost)")] = None,
@@ -447,7 +453,7 @@ def serve(
     if not 1 <= port <= 65535:
         raise SpadeError(f"--port must be between 1 and 65535, got {port}")
     application = create_app(model_dir, max_upload_bytes=int(max_upload_mb * 1024 * 1024), device=device,
-                             weights=weights, allowed_hosts=[host, *(allowed_hosts or [])])
+                             weights=weights, allowed_hosts=[host, *(allowed_hosts or [])], max_pixels=max_pixels)
     say(f"spade-ad inspector on http://{host}:{port}/ (API docs at /docs; Ctrl+C stops)")
     uvicorn.run(application, host=host, port=port, log_level="info")
 

@@ -212,6 +212,7 @@ def create_app(
     model: Spade | None = None,
     weights: str | None = None,
     allowed_hosts: list[str] | None = None,
+    max_pixels: int = MAX_PIXELS,
 ) -> FastAPI:
     """The inspector app for the model in ``model_dir`` (or an already fitted/loaded ``model``).
 
@@ -226,6 +227,8 @@ def create_app(
         model = Spade.load(model_dir, device=device, weights=weights)
     if max_upload_bytes <= 0:
         raise SpadeError(f"max_upload_bytes must be positive, got {max_upload_bytes}")
+    if max_pixels < 64:
+        raise SpadeError(f"max_pixels must be at least 64, got {max_pixels}")
     spade: Spade = model
     cache_lock = threading.Lock()
     cache: OrderedDict[str, _Entry] = OrderedDict()
@@ -297,7 +300,7 @@ def create_app(
         data = file.file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             raise _TooLarge(max_upload_bytes)
-        image = decode_image(data, name, max_pixels=MAX_PIXELS)
+        image = decode_image(data, name, max_pixels=max_pixels)
         del data
         pred = spade.predict([image], keep_features=True)
         res = pred[0]
