@@ -8,11 +8,13 @@ and the memory :mod:`.bank` behind. Thresholds are calibrated here; files are wr
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import tempfile
 import threading
 import weakref
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from .correspondence.runtime import COMPUTE_LOCK
 from .errors import NotFittedError, SpadeError
 from .features import batches, extract, level_shapes
 from .io import list_images, load_image, to_rgb_uint8
-from .persistence import clean_stale, crash_point, staging_path
+from .persistence import clean_stale, crash_point, is_staging, staging_path
 from .preprocess import Preprocessor
 from .result import Prediction
 from .retrieval import image_knn
@@ -62,6 +64,18 @@ def read_item(item: ImageInput, name: str, max_pixels: int | None = None) -> np.
     return to_rgb_uint8(item, name)
 
 
+def _check_unique(names: list[str], new: list[str] | None = None) -> None:
+    seen: set[str] = set()
+    for n in names:
+        if n in seen and not n.startswith("array["):
+            raise SpadeError(f"{n}: {'already a training image of this model' if new else 'given twice'}")
+        seen.add(n)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
 def _unlink(path: Path) -> None:
     path.unlink(missing_ok=True)
 
@@ -94,6 +108,9 @@ class Spade:
         weights_id_: checksum of the backbone weights.
         image_threshold_, pixel_threshold_: calibrated thresholds (``None`` if not calibrated).
         calibration_: how the thresholds were set (method, scores).
+        history_: one entry per generation (fit, add, remove, rollback) with counts and thresholds
+            before and after; ``len(history_)`` is the generation.
+        lineage_: identifies the fit that this model's generations descend from.
 
     Example:
         >>> from spade_ad import Spade
@@ -157,54 +174,182 @@ class Spade:
         Example:
             >>> model = Spade().fit("bottle/train/good")                # doctest: +SKIP
         """
-        s = self.settings
-        pick_device(s.device)
+        pick_device(self.settings.device)
         items, names = resolve_images(images)
+        _check_unique(names)
         net = self._net()
-        dev, prep = self.device, self.prep
-        shapes_hw = level_shapes(net, prep)
-        shapes = [(h * w, c) for (h, w), c in zip(shapes_hw, net.channels, strict=True)]
+        self.level_shapes_ = level_shapes(net, self.prep)
+        self.weights_id_ = net.weights_id
+        self.global_, self.bank_ = self._write_bank(self._new_bank_path(workdir), [], items, names, progress)
+        self.train_names_ = names
+        self._calibrate(progress)
+        self.history_ = [self._change("fit", added=names, before=None)]
+        self.lineage_ = secrets.token_hex(8)
+        return self
+
+    # ------------------------------------------------------------------ keeping the model up to date
+    def add(self, images: Images, progress: Progress | None = None, source: str | None = None,
+            names: Sequence[str] | None = None) -> Spade:
+        """Add good images to a fitted model: exactly as if it had been fitted on the old images, then these.
+
+        Only the new images' features are extracted; the bank is rewritten row by row (never loaded
+        whole) and the thresholds are recalibrated as ``fit`` would. Afterwards the model predicts bit
+        for bit what a model fitted from scratch on the resulting list of images predicts.
+
+        Args:
+            images: a folder, paths or arrays (names must not already be in the model).
+            progress: optional callback ``(stage, done, total)``.
+            source: who asked (recorded in the history, e.g. ``"cli"`` or an inspector client).
+            names: names to record for the images (default: their paths, or ``array[i]``).
+
+        Returns:
+            ``self``, updated (one more generation in ``history_``).
+
+        Example:
+            >>> model = Spade.load("model_dir").add(["new_good_1.png", "new_good_2.png"])   # doctest: +SKIP
+            >>> model.save("model_dir")                                                     # doctest: +SKIP
+        """
+        self._check_fitted()
+        items, found = resolve_images(images)
+        if names is not None and len(names) != len(items):
+            raise SpadeError(f"got {len(names)} names for {len(items)} images")
+        names = list(found if names is None else names)
+        _check_unique(self.train_names_ + names, new=names)
+        before = self.thresholds_summary()
+        keep = list(range(self.bank_.n))
+        glob, bank = self._write_bank(self._new_bank_path(None), keep, items, names, progress)
+        self._replace_bank(bank)
+        self.global_ = torch.cat([self.global_[keep], glob[len(keep):]])
+        self.train_names_ = self.train_names_ + names
+        self._calibrate(progress)
+        self.history_ = [*self.history_, self._change("add", added=names, before=before, source=source)]
+        return self
+
+    def remove(self, which: str | int | Sequence[str | int], progress: Progress | None = None,
+               source: str | None = None) -> Spade:
+        """Remove training images (no feature extraction): exactly as if they had never been fitted.
+
+        Args:
+            which: indices, or names (a training image's path as given to ``fit``, or its file name
+                where that is unambiguous).
+            progress: optional callback ``(stage, done, total)``.
+            source: who asked (recorded in the history).
+
+        Returns:
+            ``self``, updated.
+
+        Example:
+            >>> Spade.load("model_dir").remove(["017.png"]).save("model_dir")        # doctest: +SKIP
+        """
+        self._check_fitted()
+        drop = self.resolve_names([which] if isinstance(which, (str, int)) else list(which))
+        keep = [i for i in range(self.bank_.n) if i not in set(drop)]
+        if not keep:
+            raise SpadeError("cannot remove every training image: a model needs at least one")
+        before = self.thresholds_summary()
+        removed = [self.train_names_[i] for i in drop]
+        _, bank = self._write_bank(self._new_bank_path(None), keep, [], [], progress)
+        self._replace_bank(bank)
+        self.global_ = self.global_[keep].clone()
+        self.train_names_ = [self.train_names_[i] for i in keep]
+        self._calibrate(progress)
+        self.history_ = [*self.history_, self._change("remove", removed=removed, before=before, source=source)]
+        return self
+
+    def _replace_bank(self, bank: Bank) -> None:
+        """Switch to a new bank; an unsaved intermediate one (a staging file of ours) is deleted at once
+        (readers still holding it keep reading: the file stays open)."""
+        old = self.bank_.path
+        self.bank_ = bank
+        if is_staging(old) and old != bank.path:
+            _unlink(old)
+
+    def resolve_names(self, which: Sequence[str | int]) -> list[int]:
+        """Training-image indices for indices, paths as given to ``fit``, or unambiguous file names."""
+        self._check_fitted()
+        out: list[int] = []
+        for w in which:
+            if isinstance(w, (int, np.integer)) and not isinstance(w, bool):
+                if not 0 <= int(w) < self.bank_.n:
+                    raise SpadeError(f"training image index {w} is out of range (0..{self.bank_.n - 1})")
+                out.append(int(w))
+                continue
+            name = str(w)
+            hits = [i for i, n in enumerate(self.train_names_) if n == name]
+            if not hits:
+                hits = [i for i, n in enumerate(self.train_names_) if Path(n).name == Path(name).name]
+                if len(hits) > 1:
+                    raise SpadeError(f"{name}: several training images have this file name; give the path "
+                                     f"({self.train_names_[hits[0]]}, {self.train_names_[hits[1]]}, ...)")
+            if not hits:
+                raise SpadeError(f"{name}: not a training image of this model")
+            out.append(hits[0])
+        return sorted(set(out))
+
+    def thresholds_summary(self) -> dict[str, Any]:
+        """Training-image count and thresholds (what the history records before and after a change)."""
+        return {"n_train": int(self.bank_.n), "image_threshold": self.image_threshold_,
+                "pixel_threshold": self.pixel_threshold_}
+
+    def _change(self, action: str, before: dict[str, Any] | None, added: list[str] | None = None,
+                removed: list[str] | None = None, source: str | None = None) -> dict[str, Any]:
+        """One history entry: what changed, and the counts and thresholds before and after."""
+        history = getattr(self, "history_", [])
+        return {"generation": len(history) + 1 if action != "fit" else 1, "time": _now(), "action": action,
+                "added": added or [], "removed": removed or [], "source": source,
+                "before": before, "after": self.thresholds_summary()}
+
+    def _new_bank_path(self, workdir: str | Path | None) -> Path:
+        """Where a new bank is written: a staging file in ``workdir``, else beside the current bank (a model
+        folder: saving there renames instead of copying), else a temporary folder."""
+        if workdir is None and hasattr(self, "bank_"):
+            workdir = self.bank_.path.parent
         if workdir is None:
             tmp = Path(tempfile.mkdtemp(prefix="spade-ad-"))
             weakref.finalize(self, shutil.rmtree, tmp, True)
-            bank_path = tmp / "bank.safetensors"
-        else:
-            Path(workdir).mkdir(parents=True, exist_ok=True)
-            clean_stale(Path(workdir))
-            bank_path = staging_path(Path(workdir), ".bank.safetensors")
-            weakref.finalize(self, _unlink, bank_path)  # unless saved (then renamed) before
+            return tmp / "bank.safetensors"
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        clean_stale(Path(workdir))
+        path = staging_path(Path(workdir), ".bank.safetensors")
+        weakref.finalize(self, _unlink, path)  # unless saved (then renamed) before
+        return path
+
+    def _write_bank(self, path: Path, keep: list[int], items: list[ImageInput], names: list[str],
+                    progress: Progress | None) -> tuple[torch.Tensor, Bank]:
+        """A new bank: rows ``keep`` of the current bank, then the features of ``items``, streamed to ``path``.
+
+        Returns the global vectors of all its rows (kept ones from ``global_``) and the bank.
+        """
+        s, net, dev, prep = self.settings, self._net(), self.device, self.prep
+        shapes = [(h * w, c) for (h, w), c in zip(self.level_shapes_, net.channels, strict=True)]
         spec: dict[str, tuple[tuple[int, ...], str]] = {f"level{i}": (sh, "F16") for i, sh in enumerate(shapes)}
         spec["thumbnails"] = ((THUMB, THUMB, 3), "U8")
-        writer = BankWriter(bank_path, len(items), spec)
+        writer = BankWriter(path, len(keep) + len(items), spec)
         thumb = Preprocessor("resize", THUMB)
-        globals_: list[torch.Tensor] = []
+        globals_: list[torch.Tensor] = [self.global_[keep]] if keep else []
+        total = len(keep) + len(items)
         try:
+            for a, b in batches(len(keep), 256):  # kept rows are copied, never recomputed
+                writer.write(a, {name: self.bank_.rows(name, keep[a:b]) for name in spec})
+                if progress:
+                    progress("copy", b, total)
             for a, b in batches(len(items), s.batch_size):
                 arrays = [read_item(items[i], names[i], s.max_pixels) for i in range(a, b)]
                 with COMPUTE_LOCK:
                     levels, gvec = extract(net, arrays, prep, dev)
                 small = torch.stack([thumb.to_input(x) for x in arrays]).round().byte().permute(0, 2, 3, 1)
                 rows = {f"level{i}": lv.cpu().numpy() for i, lv in enumerate(levels)}
-                writer.write(a, {**rows, "thumbnails": small.numpy()})
+                writer.write(len(keep) + a, {**rows, "thumbnails": small.numpy()})
                 crash_point("fit-bank")
                 globals_.append(gvec.cpu())
                 if progress:
                     progress("fit", b, len(items))
         except BaseException:
             writer.close()
-            _unlink(bank_path)
+            _unlink(path)
             raise
         writer.close()
-        self.global_ = torch.cat(globals_)
-        self.level_shapes_ = shapes_hw
-        self.train_names_ = names
-        self.weights_id_ = net.weights_id
-        self.bank_ = Bank(bank_path)
-        self.image_threshold_: float | None = None
-        self.pixel_threshold_: float | None = None
-        self.calibration_: dict[str, Any] = {"method": "none"}
-        self._calibrate(progress)
-        return self
+        return torch.cat(globals_), Bank(path)
 
     def _calibrate(self, progress: Progress | None) -> None:
         """Thresholds from good images alone: leave-one-out on an even sample of the training images.
@@ -217,6 +362,9 @@ class Spade:
         s = self.settings
         n = self.bank_.n
         m = min(s.calibration_images, n)
+        self.image_threshold_: float | None = None
+        self.pixel_threshold_: float | None = None
+        self.calibration_: dict[str, Any] = {"method": "none"}
         if n < 2 or m < 1:
             return
         idx = np.unique(np.linspace(0, n - 1, m).round().astype(int))

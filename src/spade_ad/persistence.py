@@ -24,6 +24,7 @@ import os
 import re
 import secrets
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
     from .model import Spade
 
 FORMAT_VERSION = 2
+GENERATIONS = "generations"  # copies of the last headers, for rollback
+KEEP_GENERATIONS = 5  # generations whose files a folder keeps (the current one included)
 DATA = ("bank", "index")  # the data files of a model, each ``<kind>-<sha256 prefix>.safetensors``
 _DATA_NAME = re.compile(r"^(bank|index)-[0-9a-f]{16}\.safetensors$")
 _STAGING = re.compile(r"^\.staging-(\d+)-")
@@ -55,6 +58,10 @@ def crash_point(name: str) -> None:
 def staging_path(folder: Path, suffix: str) -> Path:
     """A fresh staging file name in ``folder``, owned by this process."""
     return folder / f".staging-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+
+
+def is_staging(path: Path) -> bool:
+    return bool(_STAGING.match(path.name))
 
 
 def clean_stale(folder: Path) -> None:
@@ -95,9 +102,27 @@ def _commit_data(out: Path, kind: str, staged: Path) -> tuple[str, str]:
 
 def save_model(model: Spade, out: Path) -> Path:
     """Write ``model`` to the folder ``out`` (see the module docstring for the order of the steps)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out):
+        return _save_locked(model, out)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """One writer at a time per model folder (an advisory lock on ``folder/.lock``, across processes)."""
+    import fcntl
+
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _save_locked(model: Spade, out: Path) -> Path:
     from safetensors.torch import save_file
 
-    out.mkdir(parents=True, exist_ok=True)
     clean_stale(out)
     files: dict[str, dict[str, str]] = {}
     bank_path = model.bank_.path
@@ -135,12 +160,44 @@ def save_model(model: Spade, out: Path) -> Path:
         "pixel_threshold": model.pixel_threshold_,
         "calibration": model.calibration_,
         "files": files,
+        "lineage": model.lineage_,
+        "generation": len(model.history_),
+        "history": model.history_,
     }
+    _commit_header(out, header)
+    return out
+
+
+def _commit_header(out: Path, header: dict[str, Any]) -> None:
+    """Keep a copy for rollbacks, rename the header over ``model.json`` (the commit point), then remove
+    what no kept generation references."""
     header["header_sha256"] = _header_digest(header)
+    save_json(_generation_file(out, header["lineage"], header["generation"]), header)
+    crash_point("save-generation")
     save_json(out / "model.json", header)  # the commit point
     crash_point("save-header")
-    _remove_unreferenced(out, {f["name"] for f in files.values()})
-    return out
+    _collect_garbage(out, header)
+
+
+def _generation_file(out: Path, lineage: str, generation: int) -> Path:
+    return out / GENERATIONS / f"{lineage}-{generation}.json"
+
+
+def _collect_garbage(out: Path, header: dict[str, Any]) -> None:
+    """Remove data files and generation copies that neither the current model nor the last
+    ``KEEP_GENERATIONS`` generations of its lineage reference (best effort)."""
+    keep_gen = {_generation_file(out, header["lineage"], g).name
+                for g in range(header["generation"], max(0, header["generation"] - KEEP_GENERATIONS), -1)}
+    keep = {f["name"] for f in header["files"].values()}
+    gdir = out / GENERATIONS
+    for f in sorted(gdir.iterdir()) if gdir.is_dir() else []:
+        if f.name not in keep_gen:
+            with contextlib.suppress(OSError):
+                f.unlink()
+            continue
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+            keep |= {e["name"] for e in json.loads(f.read_text())["files"].values()}
+    _remove_unreferenced(out, keep)
 
 
 def _copy(src: Path, dst: Path, chunk: int = 16 << 20) -> None:
@@ -213,6 +270,11 @@ def load_model(cls: type[Spade], folder: Path, runtime: dict[str, Any], verify: 
         weights_id = header["weights"]
         if not isinstance(weights_id, str):
             raise SpadeError(f"{hpath}: weights must be a checksum string")
+        history, lineage = header["history"], header["lineage"]
+        if not isinstance(history, list) or not all(isinstance(e, dict) for e in history) or not history:
+            raise SpadeError(f"{hpath}: history must be a non-empty list of changes")
+        if header["generation"] != len(history) or not isinstance(lineage, str):
+            raise SpadeError(f"{hpath}: generation {header['generation']!r} disagrees with its history")
     except KeyError as exc:
         raise SpadeError(f"{hpath}: damaged model header (missing field {exc})") from None
     try:
@@ -245,6 +307,8 @@ def load_model(cls: type[Spade], folder: Path, runtime: dict[str, Any], verify: 
     model.pixel_threshold_ = thresholds["pixel_threshold"]
     model.calibration_ = calibration
     model.bank_ = bank
+    model.history_ = history
+    model.lineage_ = lineage
     net = model._net()
     if net.weights_id != weights_id:
         raise SpadeError(
@@ -293,3 +357,53 @@ def _threshold(value: Any, name: str, where: Path) -> float | None:
 
 
 __all__ = ["save_model", "load_model", "read_header", "FORMAT_VERSION"]
+
+
+def read_history(folder: Path) -> list[dict[str, Any]]:
+    """The changes recorded in a model folder (the current generation's history), oldest first."""
+    header = read_header(folder)
+    history = header.get("history")
+    if not isinstance(history, list):
+        raise SpadeError(f"{folder / 'model.json'}: history must be a list of changes")
+    return history
+
+
+def rollback(folder: Path, generation: int, source: str | None = None) -> dict[str, Any]:
+    """Make an earlier generation current again (as a new generation, so the history keeps everything).
+
+    Returns the history entry of the rollback. The earlier generation's files must still be kept (the
+    folder keeps the last ``KEEP_GENERATIONS``).
+    """
+    from datetime import UTC, datetime
+
+    with folder_lock(folder):
+        current = read_header(folder)
+        if not 1 <= generation < current["generation"]:
+            raise SpadeError(f"{folder}: generation must be between 1 and {current['generation'] - 1} "
+                             f"(the current one is {current['generation']}), got {generation}")
+        gfile = _generation_file(folder, current["lineage"], generation)
+        if not gfile.is_file():
+            raise SpadeError(f"{folder}: generation {generation} is not kept in this folder (it was not saved here, "
+                             f"or it is older than the last {KEEP_GENERATIONS})")
+        try:
+            old = json.loads(gfile.read_text(), parse_constant=_no_constants)
+        except (OSError, ValueError) as exc:
+            raise SpadeError(f"{gfile}: damaged generation copy ({exc})") from None
+        if not isinstance(old, dict) or old.get("header_sha256") != _header_digest(old):
+            raise SpadeError(f"{gfile}: checksum mismatch (the copy is damaged or was modified)")
+        for path, _ in _data_paths(old.get("files"), folder, gfile).values():
+            if not path.is_file():
+                raise SpadeError(f"{path}: model file of generation {generation} is missing")
+
+        def numbers(h: dict[str, Any]) -> dict[str, Any]:
+            return {"n_train": h["n_train"], "image_threshold": h["image_threshold"],
+                    "pixel_threshold": h["pixel_threshold"]}
+
+        entry = {"generation": current["generation"] + 1, "time": datetime.now(UTC).isoformat(timespec="seconds"),
+                 "action": "rollback", "to": generation, "added": [], "removed": [], "source": source,
+                 "before": numbers(current), "after": numbers(old)}
+        header = {**old, "generation": entry["generation"], "history": [*current["history"], entry],
+                  "lineage": current["lineage"]}
+        header.pop("header_sha256", None)
+        _commit_header(folder, header)
+        return entry

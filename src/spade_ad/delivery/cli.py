@@ -426,6 +426,102 @@ def report(
     out_console.print(str(path), soft_wrap=True, highlight=False, markup=False)
 
 
+# --------------------------------------------------------------------------- keeping a model up to date
+def _numbers(h: dict[str, Any] | None) -> str:
+    if not h:
+        return "-"
+    return (f"{h['n_train']} images, image threshold {_fmt(h['image_threshold'])}, "
+            f"pixel threshold {_fmt(h['pixel_threshold'])}")
+
+
+@app.command()
+def update(
+    model_dir: Annotated[Path, typer.Argument(help="model folder written by fit")],
+    add: Annotated[list[Path] | None, typer.Option("--add", help="good image or folder to add (repeatable)")] = None,
+    remove: Annotated[list[str] | None, typer.Option("--remove", help="training image to remove: its path as "
+                                                     "given to fit, its file name, or its index (repeatable)")] = None,
+    device: DeviceOpt = "cpu",
+    weights: WeightsOpt = None,
+) -> None:
+    """Add and/or remove good images without refitting; thresholds are recalibrated as fit would.
+
+    The result equals a model fitted from scratch on the resulting images (old ones, then the added
+    ones, less the removed ones). The folder gains a generation; `spade-ad history` lists them and
+    `spade-ad rollback` returns to an earlier one.
+    """
+    from ..io import list_images
+    from ..model import Spade
+
+    if not add and not remove:
+        raise SpadeError("nothing to do: give --add PATH and/or --remove NAME")
+    files: list[Path] = []
+    for item in add or []:
+        if item.is_dir():
+            files += list_images(item)
+        elif item.exists() or item.is_symlink():
+            files.append(item)
+        else:
+            raise SpadeError(f"{item}: file or folder does not exist")
+    model = Spade.load(model_dir, device=device, weights=weights)
+    before = model.thresholds_summary()
+    t0 = time.perf_counter()
+    with progress_bars() as cb:
+        if remove:
+            model.remove([int(r) if r.isdigit() else r for r in remove], progress=cb, source="cli")
+        if files:
+            model.add([str(f) for f in files], progress=cb, source="cli")
+    model.save(model_dir)
+    say(f"generation {len(model.history_)} in {time.perf_counter() - t0:.1f}s: added {len(files)}, removed "
+        f"{len(remove or [])}; before: {_numbers(before)}; after: {_numbers(model.thresholds_summary())}")
+
+
+@app.command()
+def history(model_dir: Annotated[Path, typer.Argument(help="model folder")]) -> None:
+    """List the model's generations: time, what was added or removed, counts and thresholds before/after."""
+    from ..persistence import read_history
+
+    table = Table(title=f"history of {model_dir}")
+    for col in ("gen", "time (UTC)", "change", "by", "training images", "image threshold", "pixel threshold"):
+        table.add_column(col, overflow="fold")
+    entries = read_history(model_dir)
+    for e in entries:
+        b, a = e.get("before") or {}, e.get("after") or {}
+        what = e.get("action", "?")
+        if e.get("added"):
+            what += f" +{len(e['added'])} ({_short_list(e['added'])})"
+        if e.get("removed"):
+            what += f" -{len(e['removed'])} ({_short_list(e['removed'])})"
+        if e.get("to"):
+            what += f" to generation {e['to']}"
+
+        def arrow(key: str, b: dict[str, Any] = b, a: dict[str, Any] = a) -> str:
+            return f"{_fmt(b.get(key)) if b else '-'} -> {_fmt(a.get(key))}" if key != "n_train" else (
+                f"{b.get(key, '-')} -> {a.get(key)}")
+
+        table.add_row(str(e.get("generation")), str(e.get("time", "")).replace("+00:00", ""), what,
+                      str(e.get("source") or ""), arrow("n_train"), arrow("image_threshold"), arrow("pixel_threshold"))
+    out_console.print(table, markup=False, highlight=False)
+    say(f"current generation: {len(entries)}")
+
+
+def _short_list(names: list[str], n: int = 3) -> str:
+    shown = ", ".join(Path(x).name for x in names[:n])
+    return shown + (f", ... {len(names) - n} more" if len(names) > n else "")
+
+
+@app.command()
+def rollback(
+    model_dir: Annotated[Path, typer.Argument(help="model folder")],
+    to: Annotated[int, typer.Option("--to", help="the generation to return to (see spade-ad history)")],
+) -> None:
+    """Make an earlier generation current again (recorded as a new generation: nothing is lost)."""
+    from ..persistence import rollback as do_rollback
+
+    entry = do_rollback(model_dir, to, source="cli")
+    say(f"generation {entry['generation']}: back to generation {to}; before: {_numbers(entry['before'])}; "
+        f"after: {_numbers(entry['after'])}")
+
+
 # --------------------------------------------------------------------------- serve
 @app.command()
 def serve(
@@ -437,6 +533,10 @@ def serve(
     weights: WeightsOpt = None,
     max_pixels: Annotated[int, typer.Option("--max-pixels", help="refuse uploads with more pixels, from their "
                                                                  "header")] = 50_000_000,
+    allow_updates: Annotated[bool, typer.Option("--allow-updates", help="let the page and the API add and remove "
+                                                "good images (needs a token: SPADE_AD_TOKEN or --token-file; one is "
+                                                "generated and printed if neither is given)")] = False,
+    token_file: Annotated[Path | None, typer.Option("--token-file", help="file holding the token for updates")] = None,
     allowed_hosts: Annotated[list[str] | None, typer.Option("--allow-host", help="also accept requests whose Host "
                                                             "header names this host (repeatable; default: the "
                                                             "address served on, localhost)")] = None,
@@ -452,9 +552,12 @@ def serve(
         raise SpadeError(f"--max-upload-mb must be a number in (0, 4096], got {max_upload_mb}")
     if not 1 <= port <= 65535:
         raise SpadeError(f"--port must be between 1 and 65535, got {port}")
+    token = _update_token(token_file) if allow_updates else None
     application = create_app(model_dir, max_upload_bytes=int(max_upload_mb * 1024 * 1024), device=device,
-                             weights=weights, allowed_hosts=[host, *(allowed_hosts or [])], max_pixels=max_pixels)
-    say(f"spade-ad inspector on http://{host}:{port}/ (API docs at /docs; Ctrl+C stops)")
+                             weights=weights, allowed_hosts=[host, *(allowed_hosts or [])], max_pixels=max_pixels,
+                             allow_updates=allow_updates, token=token)
+    say(f"spade-ad inspector on http://{host}:{port}/ (API docs at /docs; Ctrl+C stops); "
+        + ("updates ALLOWED (token required)" if allow_updates else "read-only"))
     uvicorn.run(application, host=host, port=port, log_level="info")
 
 
@@ -464,6 +567,29 @@ class Terminated(BaseException):
 
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated()
+
+
+def _update_token(token_file: Path | None) -> str:
+    """The inspector's write token: from --token-file, else SPADE_AD_TOKEN, else a new one printed once."""
+    import os
+    import secrets
+
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as exc:
+            raise SpadeError(f"{token_file}: cannot read the token file ({exc.strerror})") from None
+        if len(token) < 16:
+            raise SpadeError(f"{token_file}: the token must be at least 16 characters")
+        return token
+    token = os.environ.get("SPADE_AD_TOKEN", "").strip()
+    if token:
+        if len(token) < 16:
+            raise SpadeError("SPADE_AD_TOKEN must be at least 16 characters")
+        return token
+    token = secrets.token_urlsafe(24)
+    say(f"update token (shown once; send it as 'Authorization: Bearer <token>'): {token}")
+    return token
 
 
 def main() -> None:

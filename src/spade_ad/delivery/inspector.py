@@ -18,9 +18,11 @@ encoding run in parallel in FastAPI's thread pool.
 from __future__ import annotations
 
 import base64
+import hmac
 import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePath
 from typing import Annotated, Any
@@ -108,8 +110,25 @@ class InfoResponse(BaseModel):
     pixel_threshold: float | None
     calibration: dict[str, Any]
     max_upload_bytes: int
+    generation: int = Field(description="the model's generation (1 = as fitted; each update adds one)")
+    updates_allowed: bool = Field(description="whether POST/DELETE /normals may change the model")
     scale_max: float
     colour_scale: str
+
+
+class AddNormal(BaseModel):
+    id: str = Field(description="the `id` of an upload returned by /predict")
+
+
+class UpdateResponse(BaseModel):
+    generation: int = Field(description="the model's new generation")
+    action: str = Field(description="add or remove")
+    n_train: int
+    image_threshold: float | None
+    pixel_threshold: float | None
+    before: dict[str, Any] | None = Field(description="training-image count and thresholds before the change")
+    added: list[str]
+    removed: list[str]
 
 
 class ErrorResponse(BaseModel):
@@ -120,6 +139,8 @@ class ErrorResponse(BaseModel):
 class _Entry:
     pred: Prediction  # one image, features kept, maps dropped
     small_map: np.ndarray  # map at <= MAP_SIDE, for the pixel score at a clicked point
+    image: np.ndarray | None  # the decoded upload (kept only when updates are allowed: "mark as normal")
+    filename: str
 
 
 class _TooLarge(HTTPException):
@@ -213,11 +234,15 @@ def create_app(
     weights: str | None = None,
     allowed_hosts: list[str] | None = None,
     max_pixels: int = MAX_PIXELS,
+    allow_updates: bool = False,
+    token: str | None = None,
 ) -> FastAPI:
     """The inspector app for the model in ``model_dir`` (or an already fitted/loaded ``model``).
 
     ``allowed_hosts``: host names accepted in the ``Host`` header (default: this machine's loopback names);
     any other is refused (DNS rebinding). Requests that change anything must come from the same origin.
+    ``allow_updates``: offer ``POST /normals`` and ``DELETE /normals/{index}`` (they change the model in
+    ``model_dir``), each with ``Authorization: Bearer <token>``; without it the inspector is read-only.
     """
     from fastapi_offline import FastAPIOffline
 
@@ -229,10 +254,14 @@ def create_app(
         raise SpadeError(f"max_upload_bytes must be positive, got {max_upload_bytes}")
     if max_pixels < 64:
         raise SpadeError(f"max_pixels must be at least 64, got {max_pixels}")
-    spade: Spade = model
+    if allow_updates and (model_dir is None or not token):
+        raise SpadeError("updates need the model folder and a token")
+    folder = Path(model_dir) if model_dir is not None else None
+    state: dict[str, Spade] = {"model": model}  # swapped whole on an update: a request uses one model
+    update_lock = threading.Lock()
     cache_lock = threading.Lock()
     cache: OrderedDict[str, _Entry] = OrderedDict()
-    thumbs: dict[int, bytes] = {}
+    thumbs: dict[tuple[int, int], bytes] = {}
 
     app = FastAPIOffline(
         title="spade-ad inspector",
@@ -263,12 +292,14 @@ def create_app(
 
     @app.get("/info", response_model=InfoResponse, summary="The model: thresholds, settings, upload limit")
     def info() -> InfoResponse:
+        spade = state["model"]
         calib = {k: v for k, v in (spade.calibration_ or {}).items() if k not in ("image_scores", "map_maxima")}
         return InfoResponse(
             version=__version__, backbone=spade.settings.backbone, n_train=int(spade.bank_.n), k=spade.settings.k,
             image_size=spade.settings.image_size, preprocess=spade.settings.preprocess,
             image_threshold=spade.image_threshold_,
             pixel_threshold=spade.pixel_threshold_, calibration=calib, max_upload_bytes=max_upload_bytes,
+            generation=len(getattr(spade, "history_", [])), updates_allowed=allow_updates,
             scale_max=SCALE_MAX, colour_scale=COLOUR_SCALE,
         )
 
@@ -279,17 +310,20 @@ def create_app(
     @app.get("/colour-bar.png", summary="The heatmap colour bar (PNG), labelled in raw pixel scores",
              response_class=Response, responses={200: {"content": {"image/png": {}}}})
     def colour_bar_png() -> Response:
+        spade = state["model"]
         return Response(encode(colour_bar(height=256, width=70, threshold=spade.pixel_threshold_)),
                          media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     @app.get("/thumbnail/{index}", summary="Thumbnail (PNG) of training image `index`", response_class=Response,
              responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorResponse}})
     def thumbnail(index: int) -> Response:
+        spade = state["model"]
         if not (0 <= index < spade.bank_.n):
             raise HTTPException(404, f"no training image {index} (the model has {spade.bank_.n})")
-        data = thumbs.get(index)
+        key = (id(spade), index)
+        data = thumbs.get(key)
         if data is None:
-            data = thumbs[index] = encode(np.asarray(spade.thumbnail(index)))
+            data = thumbs[key] = encode(np.asarray(spade.thumbnail(index)))
         return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     @app.post("/predict", response_model=PredictResponse, responses=errors,
@@ -302,6 +336,7 @@ def create_app(
             raise _TooLarge(max_upload_bytes)
         image = decode_image(data, name, max_pixels=max_pixels)
         del data
+        spade = state["model"]
         pred = spade.predict([image], keep_features=True)
         res = pred[0]
         h, w = image.shape[:2]
@@ -312,7 +347,8 @@ def create_app(
         mh, mw = small_size(h, w, MAP_SIDE)
         small_map = resize_map(res.map, (mh, mw))
         key = uuid.uuid4().hex
-        entry = _Entry(pred=replace(pred, maps=[], input_maps=[]), small_map=small_map)
+        entry = _Entry(pred=replace(pred, maps=[], input_maps=[]), small_map=small_map,
+                       image=image if allow_updates else None, filename=name)
         with cache_lock:
             cache[key] = entry
             while len(cache) > cache_size:
@@ -350,12 +386,65 @@ def create_app(
         h, w = entry.pred.sizes[0]
         sm = entry.small_map
         v = float(sm[min(sm.shape[0] - 1, int(y * sm.shape[0] / h)), min(sm.shape[1] - 1, int(x * sm.shape[1] / w))])
-        thr = spade.pixel_threshold_
+        thr = entry.pred.pixel_threshold
         return ExplainResponse(
             id=id, y=y, x=x, neighbour=c.neighbour, neighbour_name=_public_name(c.neighbour_name), level=c.level,
             distance=c.distance, y_frac=c.y_frac, x_frac=c.x_frac, box_frac=list(c.box_frac),
             thumbnail_url=f"/thumbnail/{c.neighbour}", pixel_score=v,
             pixel_score_normalised=normalised(v, thr),
         )
+
+    def authorise(request: Request) -> str:
+        """Writes need --allow-updates and the bearer token (compared in constant time)."""
+        if not allow_updates:
+            raise HTTPException(403, "the inspector is read-only: start it with --allow-updates to change the model")
+        given = request.headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), (token or "").encode()):
+            raise HTTPException(401, "a valid token is needed (Authorization: Bearer <token>)",
+                                headers={"WWW-Authenticate": "Bearer"})
+        return f"inspector {request.client.host if request.client else 'unknown'}"
+
+    def change(apply: Callable[[Spade], object]) -> UpdateResponse:
+        """Apply a change to a fresh copy of the model, save it as a new generation, then swap it in:
+        requests running meanwhile use the old model, later ones the new one, never a mix."""
+        assert folder is not None
+        with update_lock:
+            new = Spade.load(folder, device=device, weights=weights)
+            apply(new)
+            new.save(folder)
+            state["model"] = new
+            thumbs.clear()
+        e = new.history_[-1]
+        return UpdateResponse(generation=e["generation"], action=e["action"], n_train=int(new.bank_.n),
+                              image_threshold=new.image_threshold_, pixel_threshold=new.pixel_threshold_,
+                              before=e["before"], added=[_public_name(x) for x in e["added"]],
+                              removed=[_public_name(x) for x in e["removed"]])
+
+    writes: dict[int | str, dict[str, Any]] = {
+        401: {"model": ErrorResponse, "description": "no or wrong token"},
+        403: {"model": ErrorResponse, "description": "read-only inspector, or a cross-origin request"},
+        404: {"model": ErrorResponse, "description": "unknown upload id or training image"},
+    }
+
+    @app.post("/normals", response_model=UpdateResponse, responses=writes,
+              summary="Mark an upload as normal: add it to the model's good images (needs --allow-updates)")
+    def add_normal(body: AddNormal, request: Request) -> UpdateResponse:
+        source = authorise(request)
+        with cache_lock:
+            entry = cache.get(body.id)
+        if entry is None or entry.image is None:
+            raise HTTPException(404, f"upload {body.id!r} is not cached any more; upload the image again")
+        image, name = entry.image, f"inspector/{body.id[:12]}-{entry.filename}"
+        return change(lambda m: m.add([image], names=[name], source=source))
+
+    @app.delete("/normals/{index}", response_model=UpdateResponse, responses=writes,
+                summary="Remove training image `index` from the model's good images (needs --allow-updates)")
+    def remove_normal(index: int, request: Request) -> UpdateResponse:
+        source = authorise(request)
+        n = state["model"].bank_.n
+        if not 0 <= index < n:
+            raise HTTPException(404, f"no training image {index} (the model has {n})")
+        return change(lambda m: m.remove([index], source=source))
 
     return app

@@ -50,13 +50,16 @@
       fmt(d.image_threshold) + ', pixel threshold ' + fmt(d.pixel_threshold);
     $('limit').textContent = 'PNG, JPEG, BMP, TIFF or WebP, at most ' + (d.max_upload_bytes / 1048576).toFixed(1) + ' MB';
     $('scale-note').textContent = d.colour_scale;
+    $('generation').textContent = d.generation;
+    document.querySelectorAll('.updates').forEach(function (el) { el.hidden = !d.updates_allowed; });
   }).catch(function () {
     showMessage('Could not reach the server for the model information.', 'error');
   });
 
   // ------------------------------------------------------------------ upload
-  function upload(file) {
+  function upload(file, keepMessage) {
     if (!file) return;
+    lastFile = file;
     if (info && file.size > info.max_upload_bytes) {
       showMessage('Error 413: ' + file.name + ' is too large (' + (file.size / 1048576).toFixed(1) +
         ' MB; the server accepts at most ' + (info.max_upload_bytes / 1048576).toFixed(1) + ' MB)', 'error');
@@ -73,7 +76,7 @@
           showMessage(errorText(resp.status, body), 'error');
           return;
         }
-        clearMessage();
+        if (!keepMessage) clearMessage();
         render(body);
       });
     }).catch(function (err) {
@@ -105,6 +108,37 @@
     var f = this.files && this.files[0];
     this.value = '';  // choosing the same file again fires change again
     upload(f);
+  });
+
+  // ------------------------------------------------------------------ updates (serve --allow-updates)
+  var lastFile = null;
+  function changeModel(method, url, body) {
+    var token = $('token').value.trim();
+    if (!token) { showMessage('Enter the update token first (printed by spade-ad serve).', 'error'); return; }
+    var opts = { method: method, headers: { 'Authorization': 'Bearer ' + token } };
+    if (body) { opts.headers['Content-Type'] = 'application/json'; opts.body = JSON.stringify(body); }
+    $('busy').hidden = false;
+    fetch(url, opts).then(function (resp) {
+      return readJson(resp).then(function (d) {
+        if (!resp.ok) { showMessage(errorText(resp.status, d), 'error'); return; }
+        info.generation = d.generation;
+        info.image_threshold = d.image_threshold;
+        info.pixel_threshold = d.pixel_threshold;
+        $('generation').textContent = d.generation;
+        $('model-info').textContent = 'model: ' + info.backbone + ', ' + d.n_train + ' normal images, image threshold ' +
+          fmt(d.image_threshold) + ', pixel threshold ' + fmt(d.pixel_threshold);
+        showMessage((d.action === 'add' ? 'Added ' + d.added.join(', ') : 'Removed ' + d.removed.join(', ')) +
+          ': model generation ' + d.generation + ', ' + d.n_train + ' normal images, image threshold ' +
+          fmt(d.before && d.before.image_threshold) + ' → ' + fmt(d.image_threshold) + ', pixel threshold ' +
+          fmt(d.before && d.before.pixel_threshold) + ' → ' + fmt(d.pixel_threshold) + '.', 'info');
+        if (lastFile) upload(lastFile, true);  // score the image again with the new model
+      });
+    }).catch(function (err) {
+      showMessage('Update failed: ' + err.message, 'error');
+    }).then(function () { $('busy').hidden = true; });
+  }
+  $('mark-normal').addEventListener('click', function () {
+    if (current) changeModel('POST', '/normals', { id: current.id });
   });
 
   // ------------------------------------------------------------------ result
@@ -146,6 +180,15 @@
       cap.title = n.name;
       fig.appendChild(im);
       fig.appendChild(cap);
+      if (info && info.updates_allowed) {
+        var rm = document.createElement('button');
+        rm.type = 'button';
+        rm.className = 'remove-normal';
+        rm.textContent = 'Remove from normals';
+        rm.title = 'this training image shows a defect: remove it from the model';
+        rm.addEventListener('click', function () { changeModel('DELETE', '/normals/' + n.index, null); });
+        fig.appendChild(rm);
+      }
       nb.appendChild(fig);
     });
     drawMask();
