@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,30 +17,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
+from cli_run import run  # noqa: E402
+
 from spade_ad.evaluate import machine_description  # noqa: E402
 from spade_ad.synthetic import make_dataset  # noqa: E402
-
-RUNNER = """
-import resource, sys, time
-from spade_ad.delivery.cli import main
-sys.argv = ["spade-ad", *sys.argv[1:]]
-t = time.perf_counter()
-code = 0
-try:
-    main()
-except SystemExit as e:
-    code = int(e.code or 0)
-print("RESULT", code, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
-"""
-
-
-def run(args: list[str]) -> dict[str, float]:
-    out = subprocess.run([sys.executable, "-c", RUNNER, *args], capture_output=True, text=True)
-    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT")]
-    if out.returncode or not line or line[-1].split()[1] != "0":
-        raise SystemExit(f"command failed: spade-ad {' '.join(args)}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
-    _, _, secs, kib = line[-1].split()
-    return {"seconds": round(float(secs), 1), "peak_rss_mb": round(int(kib) / 1024, 1)}
 
 
 def main() -> None:
@@ -61,7 +40,7 @@ def main() -> None:
         fit = run(["fit", str(cat / "train" / "good"), "--out", str(model)])
         pred = run(["predict", str(model), str(cat / "test" / "good"), str(cat / "test" / "scratch"),
                     "--out", str(a.workdir / f"pred{n}")])
-        bank_mb = (model / "bank.safetensors").stat().st_size / 2**20
+        bank_mb = next(model.glob("bank-*.safetensors")).stat().st_size / 2**20
         row = {"n_train": n, "generate_seconds": round(gen, 1), "fit": fit, "predict": pred,
                "n_test": a.n_test, "bank_mb": round(bank_mb, 1)}
         rows.append(row)

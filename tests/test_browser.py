@@ -28,14 +28,29 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 LIMIT_MB = 5
 
 
-@pytest.fixture(scope="module")
-def server(bottle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    import uvicorn
-
+def _model(bottle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     train = sorted((bottle / "train" / "good").glob("*.png"))[::26][:8]
     model_dir = tmp_path_factory.mktemp("browser") / "model"
     Spade(k=4, k_image=3, image_size=224, calibration_images=4).fit(train).save(model_dir)
-    app = create_app(model_dir, max_upload_bytes=LIMIT_MB * 1024 * 1024)
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def server(bottle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    yield from _serve(create_app(_model(bottle, tmp_path_factory), max_upload_bytes=LIMIT_MB * 1024 * 1024))
+
+
+TOKEN = "browser-test-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def update_server(bottle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    yield from _serve(create_app(_model(bottle, tmp_path_factory), allow_updates=True, token=TOKEN))
+
+
+def _serve(app: Any) -> Iterator[str]:
+    import uvicorn
+
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -238,4 +253,44 @@ def test_report_filters_in_the_browser(browser: Any, small_train: Path, tmp_path
     ARTIFACTS.mkdir(exist_ok=True)
     pg.screenshot(path=str(ARTIFACTS / "report_synthetic.png"), full_page=False)
     assert all(u.startswith(("file:", "data:")) for u in requests), requests
+    context.close()
+
+
+def test_mark_as_normal_and_remove_from_normals(browser: Any, update_server: str, bottle: Path) -> None:
+    """With --allow-updates: enter the token, mark an upload as normal (it then scores lower), and remove a
+    nearest normal image again; the generation and thresholds shown follow each change."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1100})
+    pg = context.new_page()
+    pg.set_default_timeout(30_000)
+    errors: list[str] = []
+    pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    pg.goto(update_server + "/")
+    pg.wait_for_function("document.getElementById('generation').textContent === '1'")
+    assert pg.is_visible("#token")
+    upload(pg, bottle / "test" / "good" / "001.png")
+    pg.wait_for_selector("#result:not([hidden])")
+    pg.wait_for_function("document.getElementById('busy').hidden")
+    assert pg.is_visible("#mark-normal")
+    before = number(pg.inner_text("#score"))
+    pg.click("#mark-normal")  # no token yet: refused with a message, nothing changes
+    assert "token" in pg.inner_text("#message")
+    pg.fill("#token", TOKEN)
+    pg.click("#mark-normal")
+    pg.wait_for_function("document.getElementById('generation').textContent === '2'")
+    pg.wait_for_function(f"parseFloat(document.getElementById('score').textContent) < {before}")
+    msg = pg.inner_text("#message")
+    assert msg.startswith("Added ") and "001.png" in msg and "generation 2" in msg and "9 normal images" in msg
+    after = number(pg.inner_text("#score"))
+    assert after < before
+    pg.wait_for_selector(".remove-normal")
+    shot(pg, "inspector_mark_as_normal.png")
+    first = pg.locator("#neighbours figure").first
+    assert "001.png" in first.inner_text()  # its nearest normal image is now itself
+    first.locator(".remove-normal").click()
+    pg.wait_for_function("document.getElementById('generation').textContent === '3'")
+    msg = pg.inner_text("#message")
+    assert msg.startswith("Removed") and "001.png" in msg and "8 normal images" in msg
+    pg.wait_for_function(f"parseFloat(document.getElementById('score').textContent) > {after}")
+    shot(pg, "inspector_remove_from_normals.png")
+    assert not errors, errors
     context.close()

@@ -1,0 +1,29 @@
+"""Run one ``spade-ad`` command in its own process and measure it (shared by the benchmark scripts)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+RUNNER = """
+import resource, sys, time
+from spade_ad.delivery.cli import main
+sys.argv = ["spade-ad", *sys.argv[1:]]
+t = time.perf_counter()
+code = 0
+try:
+    main()
+except SystemExit as e:
+    code = int(e.code or 0)
+print("RESULT", code, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
+"""
+
+
+def run(args: list[str]) -> dict[str, float]:
+    """``spade-ad ARGS`` in a fresh process: its wall seconds (start-up excluded) and peak RSS (MB)."""
+    out = subprocess.run([sys.executable, "-c", RUNNER, *args], capture_output=True, text=True)
+    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT")]
+    if out.returncode or not line or line[-1].split()[1] != "0":
+        raise SystemExit(f"command failed: spade-ad {' '.join(args)}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    _, _, secs, kib = line[-1].split()
+    return {"seconds": round(float(secs), 1), "peak_rss_mb": round(int(kib) / 1024, 1)}
