@@ -490,10 +490,19 @@ class Spade:
 
     # ------------------------------------------------------------------ persistence
     def save(self, model_dir: str | Path) -> Path:
-        """Write the model folder (``model.json``, ``index.safetensors``, ``bank.safetensors``; no pickle).
+        """Write the model folder: ``model.json`` and two content-addressed safetensors files (no pickle).
+
+        Replacing a model in ``model_dir`` is atomic as a unit: the folder always loads as the complete
+        old or the complete new model (see :mod:`spade_ad.persistence`).
+
+        Args:
+            model_dir: the folder (created if needed).
 
         Returns:
             The folder's path.
+
+        Example:
+            >>> Spade().fit("good_images/").save("model_dir")      # doctest: +SKIP
         """
         from .persistence import save_model
 
