@@ -5,7 +5,12 @@ Conventions: label 1 (or ``True``) means defective; a higher score means more an
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Generator, Sequence
+from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -13,6 +18,7 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 __all__ = [
+    "PixelMetrics",
     "aupro",
     "best_f1_threshold",
     "image_auroc",
@@ -243,3 +249,552 @@ def aupro(masks: Sequence[npt.ArrayLike], maps: Sequence[npt.ArrayLike], max_fpr
         raise ValueError(f"max_fpr must be in (0, 1], got {max_fpr}")
     fpr, pro, _ = pro_curve(masks, maps)
     return _partial_area(fpr, pro, max_fpr)
+
+
+# --------------------------------------------------------------------------- streaming pixel metrics
+
+_DEFAULT_CHUNK = 1 << 18
+_DEFAULT_RESOLUTION = 10_000
+_STORE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _remove_storage(directory: str, files: list[BinaryIO]) -> None:
+    """Close the spill files and delete their directory (idempotent; used by close() and the GC finaliser)."""
+    for f in files:
+        try:
+            f.close()
+        except OSError:
+            pass
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _lower_bounds(
+    vals: np.ndarray, lo: npt.NDArray[np.int64], hi: npt.NDArray[np.int64], v: np.generic
+) -> npt.NDArray[np.int64]:
+    """For every ascending run ``vals[lo[r]:hi[r]]`` the first index whose value is ``>= v`` (vectorised bisection)."""
+    lo = lo.copy()
+    hi = hi.copy()
+    while True:
+        idx = np.flatnonzero(lo < hi)
+        if idx.size == 0:
+            return lo
+        mid = (lo[idx] + hi[idx]) // 2
+        less = vals[mid] < v
+        lo[idx[less]] = mid[less] + 1
+        hi[idx[~less]] = mid[~less]
+
+
+class PixelMetrics:
+    """Bounded-memory, exact pixel ROC-AUC and AUPRO, fed one ``(mask, map)`` pair at a time.
+
+    ``acc.add(mask, amap)`` per test image, then :meth:`pixel_auroc`, :meth:`aupro` and :meth:`pro_curve`
+    give the same numbers as :func:`pixel_auroc`, :func:`aupro` and :func:`pro_curve` on the whole list.
+    Use it as a context manager (or call :meth:`close`) to delete its temporary files; they are also
+    deleted when the object is garbage collected or the interpreter exits.
+
+    Algorithm (and why it is exact):
+
+    * ``add`` rounds the map to the storage dtype (``float32`` by default, exactly the cast the list
+      functions make before anything else, so no information they use is lost; ``dtype=np.float64``
+      keeps float64 maps unrounded), turns ``-0.0`` into ``0.0`` (equal values, so the same ties),
+      labels the 8-connected components of the mask, and appends to a spill file the image's
+      defect-free scores sorted ascending, then its defect scores sorted ascending; a second file gets
+      the size of the component of each defect pixel, in the same order. Only O(1) numbers per image
+      (run offsets, pixel and component counts) stay in memory.
+    * Both metrics are functions of the same cumulative counts at every distinct score ``t`` taken in
+      decreasing order: ``FP(t)`` = defect-free pixels ``>= t``, ``TP(t)`` = defect pixels ``>= t`` and
+      ``W(t)`` = sum over defect pixels ``>= t`` of ``1 / (n_components * component size)``, so that
+      ``FPR = FP / n_normal`` and ``PRO = W``. They only need the pixels grouped by distinct score, in
+      decreasing order; the order of pixels inside a group (a tie) does not matter.
+    * The evaluation walks the score axis downwards in chunks ``[b, top]`` of at most ``chunk_size``
+      pixels: ``top`` is the largest score not yet processed, and ``b`` is found by bisection on the
+      monotone integer key of the float bit pattern, counting the pixels ``>= b`` with a vectorised
+      binary search in every sorted run. A chunk is bounded by score values, so a tie is never split
+      between two chunks. The chunk's slices of all runs are read, sorted together, and reduced to one
+      point per distinct score with integer counts carried over from the previous chunk. A single
+      score shared by more than ``chunk_size`` pixels becomes its own chunk, summed from the runs in
+      pieces without sorting.
+    * ROC-AUC is the trapezoid rule over these points in exact integer arithmetic (bit-identical to
+      :func:`pixel_auroc` for the same stored scores). AUPRO is the trapezoid rule over ``(FPR, PRO)``
+      with the linear interpolation at ``max_fpr``, applied point by point across chunk boundaries,
+      i.e. the same formula as :func:`aupro`; the only difference is the order of floating-point
+      additions (differences of the order of 1e-15).
+
+    Memory: one image's arrays while adding, and O(``chunk_size``) while evaluating (about 120 bytes
+    per chunk pixel: some 30 MB at the default ``2**18``), plus O(number of images) bookkeeping and
+    O(number of components) nowhere (component sizes go to disk); disk: ``itemsize`` bytes per pixel
+    plus 8 bytes per defect pixel. Every metric call makes one pass over the spilled data (the first one
+    computes all three metrics at once and caches them); adding another image clears the caches.
+
+    Args:
+        dtype: score storage type, ``np.float32`` (default, identical to the list functions) or
+            ``np.float64`` (exact for float64 maps; float32 maps give the same results in both).
+        chunk_size: the most pixels sorted together in memory during an evaluation.
+        tmp_dir: where to create the temporary directory (default: :func:`tempfile.gettempdir`).
+    """
+
+    def __init__(
+        self,
+        *,
+        dtype: npt.DTypeLike = np.float32,
+        chunk_size: int = _DEFAULT_CHUNK,
+        tmp_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        dt = np.dtype(dtype)
+        if dt not in _STORE_DTYPES:
+            raise ValueError(f"dtype must be float32 or float64, got {dt}")
+        if int(chunk_size) < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self._dtype = dt
+        self._key_dtype = np.dtype(np.uint32) if dt.itemsize == 4 else np.dtype(np.uint64)
+        self._sign_bit = 1 << (8 * dt.itemsize - 1)
+        self._all_ones = (1 << (8 * dt.itemsize)) - 1
+        self._chunk = int(chunk_size)
+        self._tmp_parent = None if tmp_dir is None else os.fspath(tmp_dir)
+        self._dir: str | None = None
+        self._vals_file: BinaryIO | None = None
+        self._sizes_file: BinaryIO | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._closed = False
+        self._n_images = 0
+        self._n_vals = 0  # scores written to values.bin
+        self._n_sizes = 0  # component sizes written to sizes.bin
+        self._runs: list[tuple[int, int, bool, int]] = []  # (start, length, is_defect, start in sizes.bin)
+        self._n_pos = 0  # defect pixels
+        self._n_neg = 0  # defect-free pixels
+        self._n_comp = 0  # ground-truth components over all images
+        self._auroc: float | None = None
+        self._aupro: dict[float, float] = {}
+        self._curves: dict[int | None, tuple[FloatArray, FloatArray, FloatArray]] = {}
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def __enter__(self) -> PixelMetrics:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Delete the temporary files; the accumulator cannot be used afterwards. Safe to call twice."""
+        self._closed = True
+        if self._finalizer is not None:
+            self._finalizer()
+        self._vals_file = self._sizes_file = None
+        self._runs = []
+        self._aupro.clear()
+        self._curves.clear()
+        self._auroc = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def n_images(self) -> int:
+        """Number of images added so far."""
+        return self._n_images
+
+    @property
+    def n_pixels(self) -> int:
+        """Number of pixels added so far (defect and defect-free)."""
+        return self._n_pos + self._n_neg
+
+    @property
+    def n_components(self) -> int:
+        """Number of 8-connected ground-truth components added so far."""
+        return self._n_comp
+
+    @property
+    def storage_dir(self) -> str | None:
+        """The temporary directory holding the spilled scores (``None`` before the first image / after close)."""
+        return None if self._closed else self._dir
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("PixelMetrics is closed (its temporary data were deleted)")
+
+    def _files(self) -> tuple[BinaryIO, BinaryIO]:
+        if self._vals_file is None or self._sizes_file is None:
+            directory = tempfile.mkdtemp(prefix="spade_ad_pixel_metrics_", dir=self._tmp_parent)
+            opened: list[BinaryIO] = []
+            try:
+                for name in ("values.bin", "sizes.bin"):
+                    opened.append(open(os.path.join(directory, name), "w+b"))  # noqa: SIM115 - closed by finaliser
+            except BaseException:
+                _remove_storage(directory, opened)
+                raise
+            self._dir = directory
+            self._vals_file, self._sizes_file = opened
+            self._finalizer = weakref.finalize(self, _remove_storage, directory, opened)
+        return self._vals_file, self._sizes_file
+
+    # ----------------------------------------------------------------- feeding
+
+    def add(self, mask: npt.ArrayLike, amap: npt.ArrayLike) -> None:
+        """Add one test image: ``mask`` (H, W), non-zero = defect; ``amap`` (H, W) scores, higher = more anomalous.
+
+        Raises ValueError (naming the image's position, counted from 0) for a mask that is not 2-D, a
+        map of another shape, or a map with NaN or infinite values (after rounding to the storage
+        dtype); a rejected image leaves the accumulator unchanged.
+        """
+        self._check_open()
+        i = self._n_images
+        mask_a = np.asarray(mask)
+        amap_a = np.asarray(amap)
+        if mask_a.ndim != 2:
+            raise ValueError(f"image {i}: mask must be 2-D, got shape {_fmt_shape(mask_a.shape)}")
+        if amap_a.shape != mask_a.shape:
+            raise ValueError(
+                f"image {i}: anomaly map shape {_fmt_shape(amap_a.shape)} "
+                f"does not match mask shape {_fmt_shape(mask_a.shape)}"
+            )
+        with np.errstate(over="ignore", invalid="ignore"):
+            scores = np.array(amap_a, dtype=self._dtype, order="C").ravel()
+        if not np.isfinite(scores).all():
+            raise ValueError(f"image {i}: anomaly map contains NaN or infinite values")
+        scores += 0.0  # -0.0 -> 0.0: equal scores get one bit pattern (and one key)
+        defect = np.not_equal(mask_a, 0)
+        n_def = int(np.count_nonzero(defect))
+        n_lab = 0
+        if n_def:
+            labels, n_lab = ndimage.label(defect, structure=_STRUCTURE_8)
+            sizes = np.bincount(labels.ravel(), minlength=n_lab + 1)
+            flat_def = defect.ravel()
+            normal = scores[~flat_def]
+            def_scores = scores[flat_def]
+            def_sizes = sizes[labels.ravel()[flat_def]]
+            del labels
+            order = np.argsort(def_scores, kind="stable")
+            def_scores = def_scores[order]
+            def_sizes = np.ascontiguousarray(def_sizes[order], dtype=np.int64)
+            del order
+        else:
+            normal = scores
+            def_scores = np.empty(0, dtype=self._dtype)
+            def_sizes = np.empty(0, dtype=np.int64)
+        del defect
+        normal.sort()
+        vals_file, sizes_file = self._files()
+        item = self._dtype.itemsize
+        try:
+            vals_file.seek(self._n_vals * item)
+            sizes_file.seek(self._n_sizes * 8)
+            if normal.size:
+                vals_file.write(memoryview(normal).cast("B"))
+            if def_scores.size:
+                vals_file.write(memoryview(def_scores).cast("B"))
+                sizes_file.write(memoryview(def_sizes).cast("B"))
+        except BaseException:  # keep the files consistent with the bookkeeping (e.g. disk full)
+            vals_file.truncate(self._n_vals * item)
+            sizes_file.truncate(self._n_sizes * 8)
+            raise
+        if normal.size:
+            self._runs.append((self._n_vals, normal.size, False, 0))
+        if def_scores.size:
+            self._runs.append((self._n_vals + normal.size, def_scores.size, True, self._n_sizes))
+        self._n_vals += normal.size + def_scores.size
+        self._n_sizes += def_scores.size
+        self._n_pos += n_def
+        self._n_neg += normal.size
+        self._n_comp += int(n_lab)
+        self._n_images += 1
+        self._auroc = None
+        self._aupro.clear()
+        self._curves.clear()
+
+    # ----------------------------------------------------------------- metrics
+
+    def pixel_auroc(self) -> float:
+        """Pixel-level ROC-AUC over all pixels added (same value as :func:`pixel_auroc`)."""
+        self._check_open()
+        self._check_counts("pixel_auroc")
+        if self._auroc is None:
+            self._evaluate(want_auroc=True, max_fprs=(0.3,), resolution=_DEFAULT_RESOLUTION)
+        assert self._auroc is not None
+        return self._auroc
+
+    def aupro(self, max_fpr: float = 0.3) -> float:
+        """Exact normalised area under the PRO curve for FPR in [0, max_fpr] (same value as :func:`aupro`)."""
+        if not 0.0 < max_fpr <= 1.0:
+            raise ValueError(f"max_fpr must be in (0, 1], got {max_fpr}")
+        self._check_open()
+        self._check_counts("aupro")
+        max_fpr = float(max_fpr)
+        if max_fpr not in self._aupro:
+            if self._auroc is None:  # first pass: compute everything at once
+                self._evaluate(want_auroc=True, max_fprs=(max_fpr, 0.3), resolution=_DEFAULT_RESOLUTION)
+            else:  # stops as soon as the curve passes max_fpr
+                self._evaluate(want_auroc=False, max_fprs=(max_fpr,), resolution=None, want_curve=False)
+        return self._aupro[max_fpr]
+
+    def pro_curve(self, resolution: int | None = _DEFAULT_RESOLUTION) -> tuple[FloatArray, FloatArray, FloatArray]:
+        """Per-region-overlap curve ``(fpr, pro, thresholds)``, thresholds decreasing, from ``(0, 0, +inf)``.
+
+        The points are exact vertices of the curve of :func:`pro_curve`. With ``resolution=None`` every
+        vertex is returned (one per distinct score: as large as the data for continuous maps). With an
+        integer ``resolution`` (default 10,000) the curve is subsampled for plotting: a vertex is kept when
+        its FPR or PRO enters another interval ``[k / resolution, (k + 1) / resolution)`` than the
+        previous vertex's, and the last vertex is always kept, so at most ``2 * resolution + 2`` points
+        remain and every omitted vertex is within ``1 / resolution`` (in FPR and in PRO) of the kept vertex
+        before it. :meth:`aupro` never uses the subsampled curve.
+        """
+        if resolution is not None and int(resolution) < 1:
+            raise ValueError(f"resolution must be >= 1 or None, got {resolution}")
+        self._check_open()
+        self._check_counts("aupro")
+        key = None if resolution is None else int(resolution)
+        if key not in self._curves:
+            self._evaluate(want_auroc=self._auroc is None, max_fprs=(0.3,), resolution=key)
+        fpr, pro, thr = self._curves[key]
+        return fpr.copy(), pro.copy(), thr.copy()
+
+    def _check_counts(self, what: str) -> None:
+        if self._n_images == 0:
+            raise ValueError("no images given")
+        if what == "pixel_auroc":
+            if self._n_pos == 0 or self._n_neg == 0:
+                raise ValueError("pixel_auroc needs both defect and defect-free pixels; only one class present")
+        else:
+            if self._n_comp == 0:
+                raise ValueError("masks contain no defect pixels; AUPRO is undefined")
+            if self._n_neg == 0:
+                raise ValueError("masks contain no defect-free pixels; AUPRO is undefined")
+
+    # ----------------------------------------------------------------- the pass
+
+    def _key(self, v: np.generic) -> int:
+        """Monotone integer key of a float: ``a < b`` iff ``key(a) < key(b)`` for finite, non-(-0.0) values."""
+        bits = int(np.asarray(v, dtype=self._dtype).view(self._key_dtype))
+        return bits ^ self._all_ones if bits & self._sign_bit else bits | self._sign_bit
+
+    def _from_key(self, key: int) -> np.generic:
+        bits = key ^ self._sign_bit if key & self._sign_bit else key ^ self._all_ones
+        value: np.generic = np.array([bits], dtype=self._key_dtype).view(self._dtype)[0]
+        return value
+
+    def _points(
+        self,
+    ) -> Generator[tuple[np.ndarray, npt.NDArray[np.int64], npt.NDArray[np.int64], FloatArray, bool], None, None]:
+        """Yield, chunk by chunk in decreasing score order, ``(thresholds, FP, TP, W, is_last)`` per distinct score.
+
+        FP, TP and W are cumulative from the highest score (see the class docstring).
+        """
+        vals_file, sizes_file = self._files()
+        vals_file.flush()
+        sizes_file.flush()
+        assert self._dir is not None
+        vals_path = os.path.join(self._dir, "values.bin")
+        sizes_path = os.path.join(self._dir, "sizes.bin")
+        runs = np.array([(s, n, int(d), a) for s, n, d, a in self._runs], dtype=np.int64).reshape(-1, 4)
+        base, cur, is_def, aux = runs[:, 0], runs[:, 0] + runs[:, 1], runs[:, 2].astype(bool), runs[:, 3]
+        chunk = self._chunk
+        n_comp = self._n_comp
+        fp = tp = 0
+        w = 0.0
+        prev_density: float | None = None  # pixels per key unit in the previous chunk
+        while True:
+            act = np.flatnonzero(cur > base)
+            if act.size == 0:
+                return
+            # Map the files afresh per chunk, so that pages read in one chunk do not stay mapped (RSS).
+            # (Plain ndarray views: indexing an np.memmap costs microseconds of Python per call.)
+            vals = np.memmap(vals_path, dtype=self._dtype, mode="r", shape=(self._n_vals,)).view(np.ndarray)
+            sizes = (
+                np.memmap(sizes_path, dtype=np.int64, mode="r", shape=(self._n_sizes,)).view(np.ndarray)
+                if self._n_sizes
+                else None
+            )
+            b_act, c_act, d_act = base[act], cur[act], is_def[act]
+            top = vals[c_act - 1].max()
+            lb = _lower_bounds(vals, b_act, c_act, top)
+            n_top = int((c_act - lb).sum())
+            if n_top > chunk:  # one score shared by more than a chunk of pixels: sum it up in pieces
+                counts = c_act - lb
+                n_normal = int(counts[~d_act].sum())
+                w_parts = [np.array([w])]
+                budget = 0
+                for r in np.flatnonzero(d_act & (counts > 0)):
+                    start = int(aux[act[r]] + (lb[r] - b_act[r]))
+                    stop = int(aux[act[r]] + (c_act[r] - b_act[r]))
+                    assert sizes is not None
+                    for s in range(start, stop, chunk):
+                        part = 1.0 / (n_comp * np.asarray(sizes[s : min(s + chunk, stop)], dtype=np.float64))
+                        w_parts.append(part)
+                        budget += part.size
+                        if budget >= chunk:
+                            w_parts = [np.cumsum(np.concatenate(w_parts))[-1:]]
+                            budget = 0
+                w = float(np.cumsum(np.concatenate(w_parts))[-1])
+                fp += n_normal
+                tp += n_top - n_normal
+                cur[act] = lb
+                thr = np.array([top], dtype=self._dtype)
+                out = (thr, np.array([fp], dtype=np.int64), np.array([tp], dtype=np.int64), np.array([w]))
+            else:
+                n_all = int((c_act - b_act).sum())
+                if n_all > chunk:
+                    # Search the key axis for a lower bound b with chunk / 2 <= count(>= b) <= chunk, keeping the
+                    # bracket count(>= key(hi)) <= chunk < count(>= key(lo)). Trial points interpolate the
+                    # counts (first guess: the previous chunk's density), falling back to bisection whenever
+                    # a step fails to halve the bracket, so it takes O(log key range) steps at worst.
+                    k_top = self._key(top)
+                    k_hi, lb_hi, n_hi = k_top, lb, n_top
+                    k_lo, n_lo = self._key(vals[b_act].min()), n_all
+                    target = (3 * chunk) // 4
+                    guess = None if prev_density is None else k_top - int(target / prev_density)
+                    bisect = False
+                    while k_hi - k_lo > 1 and n_hi < chunk // 2:
+                        if guess is not None:
+                            k_mid, guess = guess, None
+                        elif bisect:
+                            k_mid = (k_lo + k_hi) // 2
+                        else:
+                            k_mid = k_hi - int((k_hi - k_lo) * ((target - n_hi) / (n_lo - n_hi)))
+                        k_mid = min(max(k_mid, k_lo + 1), k_hi - 1)
+                        lb_mid = _lower_bounds(vals, b_act, c_act, self._from_key(k_mid))
+                        n_mid = int((c_act - lb_mid).sum())
+                        width = k_hi - k_lo
+                        if n_mid <= chunk:
+                            k_hi, lb_hi, n_hi = k_mid, lb_mid, n_mid
+                        else:
+                            k_lo, n_lo = k_mid, n_mid
+                        bisect = 2 * (k_hi - k_lo) > width
+                    lb = lb_hi
+                    prev_density = max(n_hi, 1) / max(k_top - k_hi, 1)
+                else:
+                    lb = b_act
+                normal_parts: list[np.ndarray] = []
+                def_parts: list[np.ndarray] = []
+                size_parts: list[np.ndarray] = []
+                for r in np.flatnonzero(c_act > lb):
+                    lo_r, hi_r = int(lb[r]), int(c_act[r])
+                    if d_act[r]:
+                        def_parts.append(vals[lo_r:hi_r])
+                        off = int(aux[act[r]] - b_act[r])
+                        assert sizes is not None
+                        size_parts.append(sizes[off + lo_r : off + hi_r])
+                    else:
+                        normal_parts.append(vals[lo_r:hi_r])
+                cur[act] = lb
+                out = self._reduce_chunk(normal_parts, def_parts, size_parts, fp, tp, w)
+                del normal_parts, def_parts, size_parts
+                fp, tp, w = int(out[1][-1]), int(out[2][-1]), float(out[3][-1])
+            del vals, sizes
+            yield (*out, not bool((cur > base).any()))
+
+    def _reduce_chunk(
+        self,
+        normal_parts: list[np.ndarray],
+        def_parts: list[np.ndarray],
+        size_parts: list[np.ndarray],
+        fp: int,
+        tp: int,
+        w: float,
+    ) -> tuple[np.ndarray, npt.NDArray[np.int64], npt.NDArray[np.int64], FloatArray]:
+        """Reduce one chunk to one cumulative point per distinct score, in decreasing score order.
+
+        Only the scores are sorted (no argsort of the chunk): with ``u`` all scores sorted ascending and
+        ``s`` the first index of a distinct score ``t`` in ``u``, ``len(u) - s`` pixels are ``>= t``; the
+        defect pixels ``>= t`` are counted in the (short) sorted defect scores, and the defect-free ones
+        are the difference.
+        """
+        empty = np.empty(0, dtype=self._dtype)
+        u = np.concatenate([empty, *normal_parts, *def_parts])
+        u.sort()
+        starts = np.flatnonzero(np.concatenate(([True], u[1:] != u[:-1])))
+        thresholds = u[starts]  # ascending here, reversed at the end
+        n_ge = u.size - starts  # pixels >= threshold in this chunk
+        del u, starts
+        if def_parts:
+            d_scores = np.concatenate(def_parts)
+            d_weights = 1.0 / (self._n_comp * np.concatenate(size_parts).astype(np.float64))
+            order = np.argsort(d_scores, kind="stable")
+            d_scores = d_scores[order]
+            d_weights = d_weights[order[::-1]]  # descending score order
+            del order
+            d_weights[0] += w  # sequential sum continued from the previous chunk
+            np.cumsum(d_weights, out=d_weights)  # d_weights[k - 1] = W after the k highest defect pixels
+            k_def = d_scores.size - np.searchsorted(d_scores, thresholds, side="left")  # defect pixels >= t
+            w_cum = np.where(k_def > 0, d_weights[np.maximum(k_def - 1, 0)], w)
+        else:
+            k_def = np.zeros(thresholds.size, dtype=np.int64)
+            w_cum = np.full(thresholds.size, w)
+        fp_cum = (n_ge - k_def).astype(np.int64)[::-1] + fp
+        tp_cum = k_def.astype(np.int64)[::-1] + tp
+        return thresholds[::-1], fp_cum, tp_cum, w_cum[::-1]
+
+    def _evaluate(
+        self,
+        *,
+        want_auroc: bool,
+        max_fprs: tuple[float, ...],
+        resolution: int | None,
+        want_curve: bool = True,
+    ) -> None:
+        """One pass over the spilled scores; fills the caches for what was asked."""
+        n_pos, n_neg = self._n_pos, self._n_neg
+        exact_int64 = 2 * n_pos * n_neg < 2**63
+        twice_area = 0
+        fp_prev, tp_prev = 0, 0
+        x_prev, y_prev = 0.0, 0.0
+        areas = {m: 0.0 for m in max_fprs}
+        open_fprs = set(max_fprs)
+        gx_prev = gy_prev = 0
+        curve_x: list[FloatArray] = [np.zeros(1)]
+        curve_y: list[FloatArray] = [np.zeros(1)]
+        curve_t: list[FloatArray] = [np.full(1, np.inf)]
+        points = self._points()
+        try:
+            for thr, fp_c, tp_c, w_c, is_last in points:
+                if want_auroc:
+                    fp_p = np.concatenate(([fp_prev], fp_c[:-1]))
+                    tp_p = np.concatenate(([tp_prev], tp_c[:-1]))
+                    if exact_int64:
+                        twice_area += int(np.sum((fp_c - fp_p) * (tp_c + tp_p)))
+                    else:  # beyond int64: Python integers (exact, slow; > 3e9 pixels)
+                        twice_area += int(
+                            np.sum((fp_c - fp_p).astype(object) * (tp_c + tp_p).astype(object))  # type: ignore[arg-type]
+                        )
+                    fp_prev, tp_prev = int(fp_c[-1]), int(tp_c[-1])
+                fpr = fp_c.astype(np.float64) / n_neg
+                pro = np.minimum(w_c, 1.0)
+                if is_last:
+                    pro[-1] = 1.0  # the lowest threshold covers every pixel; remove accumulated rounding
+                for m in sorted(open_fprs):
+                    x = np.concatenate(([x_prev], fpr))
+                    y = np.concatenate(([y_prev], pro))
+                    i = int(np.searchsorted(x, m, side="right"))  # x[i-1] <= m < x[i]
+                    if i < x.size:
+                        x0, x1, y0, y1 = x[i - 1], x[i], y[i - 1], y[i]
+                        y_cut = y0 + (y1 - y0) * (m - x0) / (x1 - x0)
+                        x = np.append(x[:i], m)
+                        y = np.append(y[:i], y_cut)
+                        open_fprs.discard(m)
+                    areas[m] += float(np.sum(np.diff(x) * (y[1:] + y[:-1])))
+                if want_curve:
+                    if resolution is None:
+                        keep = slice(None)
+                    else:
+                        gx = np.floor(fpr * resolution).astype(np.int64)
+                        gy = np.floor(pro * resolution).astype(np.int64)
+                        moved = gx != np.concatenate(([gx_prev], gx[:-1]))
+                        moved |= gy != np.concatenate(([gy_prev], gy[:-1]))
+                        if is_last:
+                            moved[-1] = True
+                        keep = np.flatnonzero(moved)  # type: ignore[assignment]
+                        gx_prev, gy_prev = int(gx[-1]), int(gy[-1])
+                    curve_x.append(fpr[keep])
+                    curve_y.append(pro[keep])
+                    curve_t.append(thr[keep].astype(np.float64))
+                x_prev, y_prev = float(fpr[-1]), float(pro[-1])
+                if not want_auroc and not want_curve and not open_fprs:
+                    break
+        finally:
+            points.close()
+        if want_auroc:
+            self._auroc = twice_area / (2.0 * n_pos * n_neg)
+        for m in max_fprs:
+            self._aupro[m] = min(max(areas[m] / 2.0 / m, 0.0), 1.0)
+        if want_curve:
+            self._curves[resolution] = (np.concatenate(curve_x), np.concatenate(curve_y), np.concatenate(curve_t))
