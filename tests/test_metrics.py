@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import tempfile
 import tracemalloc
 from collections.abc import Sequence
 from pathlib import Path
@@ -518,8 +519,8 @@ def _random_case(seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
             amap = np.round(amap)  # very many ties between defect and defect-free pixels, -0.0 included
         elif style == "constant":
             amap = np.full((h, w), float(rng.choice([0.0, -0.0, 0.25, 3.0])))
-        masks.append(mask.astype(rng.choice([bool, np.uint8, np.int64])))
-        maps.append(amap.astype(rng.choice([np.float32, np.float64])))
+        masks.append(mask.astype((bool, np.uint8, np.int64)[int(rng.integers(3))]))
+        maps.append(amap.astype((np.float32, np.float64)[int(rng.integers(2))]))
     if not any(m.any() for m in masks):
         masks[0] = masks[0].copy()
         masks[0].flat[0] = 1
@@ -771,3 +772,36 @@ def test_pixel_metrics_memory_does_not_grow_with_images() -> None:
     assert add_peak < 24 * 2**20  # one 1000x1000 image: a few bytes per pixel
     assert eval_peak < 64 * 2**20  # one chunk (2**18 pixels by default)
     assert add_peak < flat_bytes / 25 and eval_peak < flat_bytes / 10
+
+
+# --------------------------------------------------------------------------- list functions on PixelMetrics
+
+
+@pytest.mark.parametrize("seed", range(0, 40, 4))
+def test_list_functions_agree_with_frozen_reference(seed: int) -> None:
+    masks, maps = _random_case(seed)
+    assert pixel_auroc(masks, maps) == _old_pixel_auroc(masks, maps)
+    for max_fpr in (0.02, 0.3, 1.0):
+        assert aupro(masks, maps, max_fpr=max_fpr) == pytest.approx(_old_aupro(masks, maps, max_fpr), abs=AGREE)
+    fpr, pro, thr = pro_curve(masks, maps)
+    fpr0, pro0, thr0 = _old_pro_curve(masks, maps)
+    np.testing.assert_array_equal(fpr, fpr0)
+    np.testing.assert_array_equal(thr, thr0)
+    np.testing.assert_allclose(pro, pro0, rtol=0, atol=AGREE)
+
+
+def test_list_functions_errors_and_no_leftover_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    masks, maps = _two_component_case()
+    bad_map = maps[0].copy()
+    bad_map[3, 3] = np.nan
+    for fn in (pixel_auroc, aupro, pro_curve):
+        fn(masks, maps)
+        with pytest.raises(ValueError, match="image 1: anomaly map contains NaN or infinite values"):
+            fn([masks[0], masks[0]], [maps[0], bad_map])
+        # the lists are validated before any score is looked at, as before
+        with pytest.raises(ValueError, match="image 1: anomaly map shape"):
+            fn([masks[0], masks[0]], [bad_map, bad_map[:, :4]])
+        with pytest.raises(ValueError, match="no images given"):
+            fn([], [])
+    assert list(tmp_path.iterdir()) == []

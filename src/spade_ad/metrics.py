@@ -80,11 +80,6 @@ def _validated_pairs(
     return pairs
 
 
-def _check_finite(scores: np.ndarray) -> None:
-    if not np.isfinite(scores).all():
-        raise ValueError("anomaly maps contain NaN or infinite values")
-
-
 def _sort_desc_run_ends(scores: np.ndarray) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
     """Descending sort order of ``scores`` and the last sorted index of each run of tied scores."""
     order = np.argsort(scores)[::-1]
@@ -135,37 +130,34 @@ def best_f1_threshold(labels: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[flo
 
 
 # --------------------------------------------------------------------------- pixel level
+# The list functions feed a PixelMetrics (see below): exact, with memory bounded by one image and one
+# chunk on top of the caller's own lists (they used to flatten and sort every pixel of every image).
+
+
+def _accumulate(masks: Sequence[npt.ArrayLike], maps: Sequence[npt.ArrayLike]) -> PixelMetrics:
+    """Validate the whole lists first (counts, dimensionality, shapes), then feed a PixelMetrics."""
+    pairs = _validated_pairs(masks, maps)
+    acc = PixelMetrics()
+    try:
+        for mask, amap in pairs:
+            acc.add(mask, amap)
+    except BaseException:
+        acc.close()
+        raise
+    return acc
 
 
 def pixel_auroc(masks: Sequence[npt.ArrayLike], maps: Sequence[npt.ArrayLike]) -> float:
-    """Pixel-level ROC-AUC over all pixels of all images pooled together (exact, memory-lean)."""
-    pairs = _validated_pairs(masks, maps)
-    n = sum(mask.size for mask, _ in pairs)
-    y = np.empty(n, dtype=bool)
-    s = np.empty(n, dtype=np.float32)
-    pos = 0
-    for mask, amap in pairs:
-        k = mask.size
-        np.not_equal(mask.ravel(), 0, out=y[pos : pos + k])
-        s[pos : pos + k] = amap.ravel()
-        pos += k
-    _check_finite(s)
-    n_pos = int(np.count_nonzero(y))
-    n_neg = n - n_pos
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("pixel_auroc needs both defect and defect-free pixels; only one class present")
-    # Exact trapezoidal ROC-AUC (same value as sklearn's roc_auc_score) with far less memory:
-    # integer TP/FP counts at the end of each run of tied scores, area accumulated in int64.
-    order, ends = _sort_desc_run_ends(s)
-    del s
-    count_dtype = np.int32 if n < 2**31 else np.int64
-    tp = np.cumsum(y[order], dtype=count_dtype)[ends].astype(np.int64)
-    del order, y
-    fp = ends.astype(np.int64) + 1 - tp
-    tp = np.concatenate(([0], tp))
-    fp = np.concatenate(([0], fp))
-    twice_area = int(np.sum(np.diff(fp) * (tp[1:] + tp[:-1])))
-    return twice_area / (2.0 * n_pos * n_neg)
+    """Pixel-level ROC-AUC over all pixels of all images pooled together (exact; maps are rounded to float32).
+
+    Same value as sklearn's ``roc_auc_score`` on the flattened float32 scores; see :class:`PixelMetrics`
+    to feed one image at a time.
+    """
+    with _accumulate(masks, maps) as acc:
+        acc._check_counts("pixel_auroc")
+        acc._evaluate(want_auroc=True, max_fprs=(), resolution=None, want_curve=False)
+        assert acc._auroc is not None
+        return acc._auroc
 
 
 def pro_curve(
@@ -176,79 +168,21 @@ def pro_curve(
     Components are 8-connected regions of each mask. ``PRO(t)`` is the mean over all components of
     the fraction of their pixels with score ``>= t``; ``FPR(t)`` the fraction of defect-free pixels
     with score ``>= t``. Thresholds decrease; the first point is ``(0, 0)`` with threshold ``+inf``.
+    Maps are rounded to float32. The arrays have one entry per distinct score; for a plot of a large
+    test set, :meth:`PixelMetrics.pro_curve` returns a bounded subsample.
     """
-    pairs = _validated_pairs(masks, maps)
-    n = sum(mask.size for mask, _ in pairs)
-    scores = np.empty(n, dtype=np.float32)
-    comp = np.empty(n, dtype=np.int32)  # 0 = defect-free, k > 0 = global component id
-    sizes_parts: list[npt.NDArray[np.int64]] = []
-    n_comp = 0
-    pos = 0
-    for mask, amap in pairs:
-        k = mask.size
-        lab, n_lab = ndimage.label(mask != 0, structure=_STRUCTURE_8)
-        flat = lab.ravel()
-        if n_lab:
-            sizes_parts.append(np.bincount(flat, minlength=n_lab + 1)[1:].astype(np.int64))
-            flat = np.where(flat > 0, flat + n_comp, 0)
-        comp[pos : pos + k] = flat
-        scores[pos : pos + k] = amap.ravel()
-        n_comp += n_lab
-        pos += k
-    _check_finite(scores)
-    if n_comp == 0:
-        raise ValueError("masks contain no defect pixels; AUPRO is undefined")
-    sizes = np.concatenate(sizes_parts)
-    n_normal = n - int(sizes.sum())
-    if n_normal == 0:
-        raise ValueError("masks contain no defect-free pixels; AUPRO is undefined")
-
-    weights = np.zeros(n_comp + 1, dtype=np.float64)
-    weights[1:] = 1.0 / (n_comp * sizes.astype(np.float64))
-
-    order, ends = _sort_desc_run_ends(scores)
-    thresholds = scores[order[ends]].astype(np.float64)
-    del scores
-    comp_sorted = comp[order]
-    del order, comp
-
-    pro_w = weights[comp_sorted]
-    np.cumsum(pro_w, out=pro_w)
-    pro = pro_w[ends]
-    del pro_w
-    count_dtype = np.int32 if n < 2**31 else np.int64
-    normal_cum = np.cumsum(comp_sorted == 0, dtype=count_dtype)
-    fpr = normal_cum[ends].astype(np.float64) / n_normal
-    del normal_cum, comp_sorted
-
-    pro = np.minimum(pro, 1.0)
-    pro[-1] = 1.0  # the lowest threshold covers every pixel; remove accumulated rounding
-    fpr = np.concatenate(([0.0], fpr))
-    pro = np.concatenate(([0.0], pro))
-    thresholds = np.concatenate(([np.inf], thresholds))
-    return fpr, pro, thresholds
-
-
-def _partial_area(fpr: FloatArray, pro: FloatArray, max_fpr: float) -> float:
-    """Trapezoid area under (fpr, pro) on [0, max_fpr], interpolating at max_fpr, normalised by max_fpr."""
-    i = int(np.searchsorted(fpr, max_fpr, side="right"))  # fpr[i-1] <= max_fpr < fpr[i]
-    if i >= fpr.size:
-        x, y = fpr, pro
-    else:
-        x0, x1, y0, y1 = fpr[i - 1], fpr[i], pro[i - 1], pro[i]
-        y_cut = y0 + (y1 - y0) * (max_fpr - x0) / (x1 - x0)
-        x = np.append(fpr[:i], max_fpr)
-        y = np.append(pro[:i], y_cut)
-    area = float(np.sum(np.diff(x) * (y[1:] + y[:-1])) / 2.0)
-    return min(max(area / max_fpr, 0.0), 1.0)
+    with _accumulate(masks, maps) as acc:
+        return acc.pro_curve(resolution=None)
 
 
 def aupro(masks: Sequence[npt.ArrayLike], maps: Sequence[npt.ArrayLike], max_fpr: float = 0.3) -> float:
     """Exact normalised area under the PRO curve for FPR in [0, max_fpr] (see :func:`pro_curve`)."""
     if not 0.0 < max_fpr <= 1.0:
         raise ValueError(f"max_fpr must be in (0, 1], got {max_fpr}")
-    fpr, pro, _ = pro_curve(masks, maps)
-    return _partial_area(fpr, pro, max_fpr)
+    with _accumulate(masks, maps) as acc:
+        acc._check_counts("aupro")
+        acc._evaluate(want_auroc=False, max_fprs=(float(max_fpr),), resolution=None, want_curve=False)
+        return acc._aupro[float(max_fpr)]
 
 
 # --------------------------------------------------------------------------- streaming pixel metrics
@@ -287,49 +221,52 @@ def _lower_bounds(
 class PixelMetrics:
     """Bounded-memory, exact pixel ROC-AUC and AUPRO, fed one ``(mask, map)`` pair at a time.
 
-    ``acc.add(mask, amap)`` per test image, then :meth:`pixel_auroc`, :meth:`aupro` and :meth:`pro_curve`
-    give the same numbers as :func:`pixel_auroc`, :func:`aupro` and :func:`pro_curve` on the whole list.
-    Use it as a context manager (or call :meth:`close`) to delete its temporary files; they are also
-    deleted when the object is garbage collected or the interpreter exits.
+    ``acc.add(mask, amap)`` per test image, then :meth:`pixel_auroc`, :meth:`aupro` and :meth:`pro_curve`.
+    The list functions :func:`pixel_auroc`, :func:`aupro` and :func:`pro_curve` are thin wrappers. Use it
+    as a context manager (or call :meth:`close`) to delete its temporary files; they are also deleted
+    when the object is garbage collected, and at interpreter exit.
 
-    Algorithm (and why it is exact):
+    Definitions: all pixels of all images are pooled. For every distinct score ``t``, in decreasing
+    order, ``FP(t)`` counts the defect-free pixels ``>= t``, ``TP(t)`` the defect pixels ``>= t`` and
+    ``W(t)`` sums ``1 / (n_components * size of its component)`` over the defect pixels ``>= t``
+    (components: 8-connected regions of each mask), so ``FPR = FP / n_normal`` and ``PRO = W``. ROC-AUC
+    is the trapezoid rule over ``(FP, TP)`` from ``(0, 0)``; AUPRO the trapezoid rule over ``(FPR, PRO)``
+    from ``(0, 0)`` up to ``max_fpr``, interpolating linearly at ``max_fpr``, divided by ``max_fpr``.
+    These numbers depend only on the pixels grouped by distinct score, in decreasing order of score,
+    not on the order of the pixels inside a group (a tie). The former implementation flattened every
+    pixel and sorted them all at once; this one obtains the same groups, in the same order, as follows.
 
-    * ``add`` rounds the map to the storage dtype (``float32`` by default, exactly the cast the list
-      functions make before anything else, so no information they use is lost; ``dtype=np.float64``
-      keeps float64 maps unrounded), turns ``-0.0`` into ``0.0`` (equal values, so the same ties),
-      labels the 8-connected components of the mask, and appends to a spill file the image's
-      defect-free scores sorted ascending, then its defect scores sorted ascending; a second file gets
-      the size of the component of each defect pixel, in the same order. Only O(1) numbers per image
-      (run offsets, pixel and component counts) stay in memory.
-    * Both metrics are functions of the same cumulative counts at every distinct score ``t`` taken in
-      decreasing order: ``FP(t)`` = defect-free pixels ``>= t``, ``TP(t)`` = defect pixels ``>= t`` and
-      ``W(t)`` = sum over defect pixels ``>= t`` of ``1 / (n_components * component size)``, so that
-      ``FPR = FP / n_normal`` and ``PRO = W``. They only need the pixels grouped by distinct score, in
-      decreasing order; the order of pixels inside a group (a tie) does not matter.
-    * The evaluation walks the score axis downwards in chunks ``[b, top]`` of at most ``chunk_size``
-      pixels: ``top`` is the largest score not yet processed, and ``b`` is found by bisection on the
-      monotone integer key of the float bit pattern, counting the pixels ``>= b`` with a vectorised
-      binary search in every sorted run. A chunk is bounded by score values, so a tie is never split
-      between two chunks. The chunk's slices of all runs are read, sorted together, and reduced to one
-      point per distinct score with integer counts carried over from the previous chunk. A single
-      score shared by more than ``chunk_size`` pixels becomes its own chunk, summed from the runs in
-      pieces without sorting.
-    * ROC-AUC is the trapezoid rule over these points in exact integer arithmetic (bit-identical to
-      :func:`pixel_auroc` for the same stored scores). AUPRO is the trapezoid rule over ``(FPR, PRO)``
-      with the linear interpolation at ``max_fpr``, applied point by point across chunk boundaries,
-      i.e. the same formula as :func:`aupro`; the only difference is the order of floating-point
-      additions (differences of the order of 1e-15).
+    * ``add`` rounds the map to the storage dtype (``float32`` by default: the cast the list functions
+      always made, so nothing they used is lost; ``dtype=np.float64`` keeps float64 maps unrounded),
+      turns ``-0.0`` into ``0.0`` (equal scores, one bit pattern), labels the mask's components, and
+      appends to a spill file the image's defect-free scores sorted ascending, then its defect scores
+      sorted ascending ("runs"); a second file gets each defect pixel's component size, in the same
+      order. Only a few numbers per image (run offsets, counts) stay in memory.
+    * The evaluation walks down the score axis in chunks ``[b, top]``: ``top`` is the largest score not
+      yet processed and ``b`` is chosen so that the chunk holds at most ``chunk_size`` pixels (and at
+      least half as many where possible). ``b`` is searched on the monotone integer key of the float bit
+      pattern (interpolation steps, bisection whenever a step does not halve the bracket); the pixels
+      ``>= b`` are counted with a vectorised binary search in every sorted run. Since chunks are bounded
+      by score values, a tie is never split between two chunks, and every score lies in exactly one
+      chunk. The chunk's slices of all runs are read and sorted, and each distinct score becomes one
+      point, with the counts and the sum ``W`` carried over from the chunks above it. A single score
+      shared by more than ``chunk_size`` pixels is its own chunk, counted and summed in pieces.
+    * ROC-AUC is accumulated in exact integer arithmetic, hence bit-identical to the former
+      implementation. ``FPR`` is the same integer ratio; ``PRO`` and the AUPRO area differ only by the
+      order of floating-point additions (about 1e-15). The tests check the agreement with a frozen copy
+      of the former implementation, and with literal brute-force definitions.
 
     Memory: one image's arrays while adding, and O(``chunk_size``) while evaluating (about 120 bytes
-    per chunk pixel: some 30 MB at the default ``2**18``), plus O(number of images) bookkeeping and
-    O(number of components) nowhere (component sizes go to disk); disk: ``itemsize`` bytes per pixel
-    plus 8 bytes per defect pixel. Every metric call makes one pass over the spilled data (the first one
-    computes all three metrics at once and caches them); adding another image clears the caches.
+    per chunk pixel: some 30 MB at the default ``2**18``), plus a few numbers per image; the component
+    sizes go to disk with the scores. Disk: ``itemsize`` bytes per pixel plus 8 per defect pixel. Each
+    metric call is one pass over the spilled data: the first computes all three metrics (AUPRO at 0.3
+    and at the requested ``max_fpr``, the curve at the default resolution) and caches them; adding
+    another image clears the caches.
 
     Args:
-        dtype: score storage type, ``np.float32`` (default, identical to the list functions) or
-            ``np.float64`` (exact for float64 maps; float32 maps give the same results in both).
-        chunk_size: the most pixels sorted together in memory during an evaluation.
+        dtype: score storage type, ``np.float32`` (default, as the list functions) or ``np.float64``
+            (exact for float64 maps; float32 maps give identical results with either).
+        chunk_size: the most pixels held and sorted together in memory during an evaluation.
         tmp_dir: where to create the temporary directory (default: :func:`tempfile.gettempdir`).
     """
 
