@@ -576,6 +576,29 @@ def test_pixel_metrics_random_agree(seed: int) -> None:
         _assert_agrees(masks, maps, chunk, max_fprs=(0.01, 0.3, 1.0))
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_pixel_metrics_long_runs_agree(seed: int) -> None:
+    # Runs of many index blocks (1024 scores each), many chunks, ties across block and chunk boundaries.
+    rng = np.random.default_rng(50 + seed)
+    masks, maps = [], []
+    for i in range(6):
+        h, w = int(rng.integers(60, 160)), int(rng.integers(60, 160))
+        mask = ndimage.binary_dilation(rng.random((h, w)) < 0.003, iterations=int(rng.integers(1, 6)))
+        if i == 2:
+            mask[:] = False
+        amap = ndimage.gaussian_filter(rng.normal(size=(h, w)), 2) + mask * rng.random()
+        if (seed + i) % 3 == 0:
+            amap = np.round(amap * 20) / 20
+        masks.append(mask)
+        maps.append(amap.astype(np.float32))
+    for chunk in (500, 5000):
+        _assert_agrees(masks, maps, chunk, max_fprs=(0.05, 0.3, 1.0))
+    with _feed(masks, maps, dtype=np.float64, chunk_size=3000) as acc:
+        y = np.concatenate([m.ravel() for m in masks])
+        s = np.concatenate([a.ravel() for a in maps])
+        assert acc.pixel_auroc() == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+
+
 def test_pixel_metrics_float64_storage_is_exact() -> None:
     # float64 storage keeps float64 maps unrounded: ROC-AUC equals sklearn's on the float64 scores and
     # AUPRO equals the brute-force definition; for float32 maps both storages give identical results.

@@ -5,12 +5,13 @@ Conventions: label 1 (or ``True``) means defective; a higher score means more an
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
 import weakref
 from collections.abc import Generator, Sequence
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -189,10 +190,14 @@ def aupro(masks: Sequence[npt.ArrayLike], maps: Sequence[npt.ArrayLike], max_fpr
 
 _DEFAULT_CHUNK = 1 << 18
 _DEFAULT_RESOLUTION = 10_000
+# In-memory index of each sorted run: every stride-th score, stride = ceil(length / 512) within [1024, 16384].
+_INDEX_SAMPLES = 512
+_INDEX_MIN_STRIDE = 1024
+_INDEX_MAX_STRIDE = 16384
 _STORE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _remove_storage(directory: str, files: list[BinaryIO]) -> None:
+def _remove_storage(directory: str, files: list[io.BufferedRandom]) -> None:
     """Close the spill files and delete their directory (idempotent; used by close() and the GC finaliser)."""
     for f in files:
         try:
@@ -202,20 +207,72 @@ def _remove_storage(directory: str, files: list[BinaryIO]) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def _lower_bounds(
-    vals: np.ndarray, lo: npt.NDArray[np.int64], hi: npt.NDArray[np.int64], v: np.generic
-) -> npt.NDArray[np.int64]:
-    """For every ascending run ``vals[lo[r]:hi[r]]`` the first index whose value is ``>= v`` (vectorised bisection)."""
-    lo = lo.copy()
-    hi = hi.copy()
-    while True:
-        idx = np.flatnonzero(lo < hi)
-        if idx.size == 0:
-            return lo
-        mid = (lo[idx] + hi[idx]) // 2
-        less = vals[mid] < v
-        lo[idx[less]] = mid[less] + 1
-        hi[idx[~less]] = mid[~less]
+def _read_into(f: io.BufferedRandom, out: np.ndarray, offset: int) -> None:
+    """Fill ``out`` with the bytes of ``f`` at ``offset`` (positioned reads, no memory mapping)."""
+    view = out.data.cast("B")
+    f.seek(offset)
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise OSError(f"unexpected end of the spill file {getattr(f, 'name', '')!r}")
+        got += n
+
+
+class _SortedRuns:
+    """Read access to the ascending runs of a PixelMetrics spill file.
+
+    Reads are positioned file reads, not a memory map: a mapped page-cache folio (up to the size of
+    one ``write``, megabytes) would count towards the process's RSS for every run touched. A search
+    first counts, in memory, the index samples below the value, then looks at one block of ``stride``
+    scores per run, cached (one block per run) because successive searches move slowly.
+    """
+
+    def __init__(
+        self, f: io.BufferedRandom, dtype: np.dtype[Any], runs: npt.NDArray[np.int64], samples: list[np.ndarray]
+    ) -> None:
+        self.f = f
+        self.dtype = dtype
+        self.base, self.end, self.stride = runs[:, 0], runs[:, 0] + runs[:, 1], runs[:, 4]
+        self.samples = np.concatenate(samples)  # samples[off[r] + j] = score at base[r] + j * stride[r]
+        self.off = np.concatenate(([0], np.cumsum([x.size for x in samples])[:-1])).astype(np.int64)
+        self.blocks = np.empty((runs.shape[0], int(self.stride.max())), dtype=dtype)
+        self.block_start = np.full(runs.shape[0], -1, dtype=np.int64)  # file position of the cached block
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        out = np.empty(stop - start, dtype=self.dtype)
+        _read_into(self.f, out, start * self.dtype.itemsize)
+        return out
+
+    def _load(self, r: int, start: int) -> None:
+        n = min(int(self.stride[r]), int(self.end[r]) - start)
+        self.blocks[r, :n] = self.read(start, start + n)
+        self.blocks[r, n:] = np.inf  # padding: never < a finite score
+        self.block_start[r] = start
+
+    def first_samples(self, rows: npt.NDArray[np.int64]) -> np.ndarray:
+        """The smallest score of each run (its first sample)."""
+        return self.samples[self.off[rows]]
+
+    def lower_bounds(self, v: np.generic, rows: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """For the runs ``rows``, the first position (in the whole run) whose score is ``>= v``."""
+        j = np.add.reduceat(self.samples < v, self.off, dtype=np.int64)[rows]  # samples < v
+        # the answer lies after sample j - 1 and at or before sample j (or the run's end)
+        start = self.base[rows] + np.maximum(j - 1, 0) * self.stride[rows]
+        stale = (j > 0) & (self.block_start[rows] != start)
+        for r, s in zip(rows[stale].tolist(), start[stale].tolist(), strict=True):
+            self._load(r, s)
+        below = (self.blocks[rows] < v).sum(axis=1)
+        return np.where(j > 0, start + below, self.base[rows])
+
+    def values_at(self, rows: npt.NDArray[np.int64], pos: npt.NDArray[np.int64]) -> np.ndarray:
+        """The score at position ``pos[i]`` of run ``rows[i]`` (loading its block when not cached)."""
+        start = self.base[rows] + (pos - self.base[rows]) // self.stride[rows] * self.stride[rows]
+        stale = self.block_start[rows] != start
+        for r, s in zip(rows[stale].tolist(), start[stale].tolist(), strict=True):
+            self._load(r, s)
+        out: np.ndarray = self.blocks[rows, pos - start]
+        return out
 
 
 class PixelMetrics:
@@ -241,27 +298,32 @@ class PixelMetrics:
       turns ``-0.0`` into ``0.0`` (equal scores, one bit pattern), labels the mask's components, and
       appends to a spill file the image's defect-free scores sorted ascending, then its defect scores
       sorted ascending ("runs"); a second file gets each defect pixel's component size, in the same
-      order. Only a few numbers per image (run offsets, counts) stay in memory.
+      order. In memory stay a few numbers per run (offsets, counts) and an index: every ``stride``-th
+      score of the run (``stride = ceil(length / 512)``, clipped to [1024, 16384]).
     * The evaluation walks down the score axis in chunks ``[b, top]``: ``top`` is the largest score not
       yet processed and ``b`` is chosen so that the chunk holds at most ``chunk_size`` pixels (and at
       least half as many where possible). ``b`` is searched on the monotone integer key of the float bit
       pattern (interpolation steps, bisection whenever a step does not halve the bracket); the pixels
-      ``>= b`` are counted with a vectorised binary search in every sorted run. Since chunks are bounded
-      by score values, a tie is never split between two chunks, and every score lies in exactly one
-      chunk. The chunk's slices of all runs are read and sorted, and each distinct score becomes one
-      point, with the counts and the sum ``W`` carried over from the chunks above it. A single score
-      shared by more than ``chunk_size`` pixels is its own chunk, counted and summed in pieces.
+      ``>= b`` are counted exactly in every sorted run from the index and one block of ``stride``
+      scores read from the file (positioned reads, not a memory map, so that page-cache pages do not
+      count towards the process's RSS). Since chunks are bounded by score values, a tie is never split
+      between two chunks, and every score lies in exactly one chunk. The chunk's slices of all runs
+      are read and sorted, and each distinct score becomes one point, with the counts and the sum
+      ``W`` carried over from the chunks above it. A single score shared by more than ``chunk_size``
+      pixels is its own chunk, counted and summed in pieces.
     * ROC-AUC is accumulated in exact integer arithmetic, hence bit-identical to the former
       implementation. ``FPR`` is the same integer ratio; ``PRO`` and the AUPRO area differ only by the
       order of floating-point additions (about 1e-15). The tests check the agreement with a frozen copy
       of the former implementation, and with literal brute-force definitions.
 
     Memory: one image's arrays while adding, and O(``chunk_size``) while evaluating (about 120 bytes
-    per chunk pixel: some 30 MB at the default ``2**18``), plus a few numbers per image; the component
-    sizes go to disk with the scores. Disk: ``itemsize`` bytes per pixel plus 8 per defect pixel. Each
-    metric call is one pass over the spilled data: the first computes all three metrics (AUPRO at 0.3
-    and at the requested ``max_fpr``, the curve at the default resolution) and caches them; adding
-    another image clears the caches.
+    per chunk pixel: some 30 MB at the default ``2**18``), plus per run (two per image at most) a few
+    numbers, the index (at most 512 scores below 8 M pixels per run) and, while evaluating, one cached
+    block of ``stride`` scores: about 10 KB per image for 1130x460 maps. The component sizes go to
+    disk with the scores. Disk: ``itemsize`` bytes per pixel plus 8 per defect pixel. Each metric call
+    is one pass over the spilled data: the first computes all three metrics (AUPRO at 0.3 and at the
+    requested ``max_fpr``, the curve at the default resolution) and caches them; adding another image
+    clears the caches.
 
     Args:
         dtype: score storage type, ``np.float32`` (default, as the list functions) or ``np.float64``
@@ -289,14 +351,15 @@ class PixelMetrics:
         self._chunk = int(chunk_size)
         self._tmp_parent = None if tmp_dir is None else os.fspath(tmp_dir)
         self._dir: str | None = None
-        self._vals_file: BinaryIO | None = None
-        self._sizes_file: BinaryIO | None = None
+        self._vals_file: io.BufferedRandom | None = None
+        self._sizes_file: io.BufferedRandom | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._closed = False
         self._n_images = 0
         self._n_vals = 0  # scores written to values.bin
         self._n_sizes = 0  # component sizes written to sizes.bin
-        self._runs: list[tuple[int, int, bool, int]] = []  # (start, length, is_defect, start in sizes.bin)
+        self._runs: list[tuple[int, int, bool, int, int]] = []  # (start, length, is_defect, start in sizes, stride)
+        self._samples: list[np.ndarray] = []  # per run: every stride-th score (at most _INDEX_SAMPLES)
         self._n_pos = 0  # defect pixels
         self._n_neg = 0  # defect-free pixels
         self._n_comp = 0  # ground-truth components over all images
@@ -319,6 +382,7 @@ class PixelMetrics:
             self._finalizer()
         self._vals_file = self._sizes_file = None
         self._runs = []
+        self._samples = []
         self._aupro.clear()
         self._curves.clear()
         self._auroc = None
@@ -351,10 +415,10 @@ class PixelMetrics:
         if self._closed:
             raise ValueError("PixelMetrics is closed (its temporary data were deleted)")
 
-    def _files(self) -> tuple[BinaryIO, BinaryIO]:
+    def _files(self) -> tuple[io.BufferedRandom, io.BufferedRandom]:
         if self._vals_file is None or self._sizes_file is None:
             directory = tempfile.mkdtemp(prefix="spade_ad_pixel_metrics_", dir=self._tmp_parent)
-            opened: list[BinaryIO] = []
+            opened: list[io.BufferedRandom] = []
             try:
                 for name in ("values.bin", "sizes.bin"):
                     opened.append(open(os.path.join(directory, name), "w+b"))  # noqa: SIM115 - closed by finaliser
@@ -426,10 +490,14 @@ class PixelMetrics:
             vals_file.truncate(self._n_vals * item)
             sizes_file.truncate(self._n_sizes * 8)
             raise
-        if normal.size:
-            self._runs.append((self._n_vals, normal.size, False, 0))
-        if def_scores.size:
-            self._runs.append((self._n_vals + normal.size, def_scores.size, True, self._n_sizes))
+        for start, run, is_def, aux in (
+            (self._n_vals, normal, False, 0),
+            (self._n_vals + normal.size, def_scores, True, self._n_sizes),
+        ):
+            if run.size:
+                stride = min(max(_INDEX_MIN_STRIDE, -(-run.size // _INDEX_SAMPLES)), _INDEX_MAX_STRIDE)
+                self._runs.append((start, run.size, is_def, aux, stride))
+                self._samples.append(run[::stride].copy())
         self._n_vals += normal.size + def_scores.size
         self._n_sizes += def_scores.size
         self._n_pos += n_def
@@ -520,11 +588,18 @@ class PixelMetrics:
         vals_file, sizes_file = self._files()
         vals_file.flush()
         sizes_file.flush()
-        assert self._dir is not None
-        vals_path = os.path.join(self._dir, "values.bin")
-        sizes_path = os.path.join(self._dir, "sizes.bin")
-        runs = np.array([(s, n, int(d), a) for s, n, d, a in self._runs], dtype=np.int64).reshape(-1, 4)
-        base, cur, is_def, aux = runs[:, 0], runs[:, 0] + runs[:, 1], runs[:, 2].astype(bool), runs[:, 3]
+        runs = np.array(self._runs, dtype=np.int64).reshape(-1, 5)
+        base, is_def, aux = runs[:, 0], runs[:, 2].astype(bool), runs[:, 3]
+        reader = _SortedRuns(vals_file, self._dtype, runs, self._samples)
+        cur = reader.end.copy()  # run r still holds positions [base[r], cur[r])
+        every = np.arange(runs.shape[0], dtype=np.int64)
+        tops = reader.values_at(every, cur - 1)  # the largest remaining score of each run
+
+        def read_sizes(start: int, stop: int) -> npt.NDArray[np.int64]:
+            out = np.empty(stop - start, dtype=np.int64)
+            _read_into(sizes_file, out, start * 8)
+            return out
+
         chunk = self._chunk
         n_comp = self._n_comp
         fp = tp = 0
@@ -534,17 +609,9 @@ class PixelMetrics:
             act = np.flatnonzero(cur > base)
             if act.size == 0:
                 return
-            # Map the files afresh per chunk, so that pages read in one chunk do not stay mapped (RSS).
-            # (Plain ndarray views: indexing an np.memmap costs microseconds of Python per call.)
-            vals = np.memmap(vals_path, dtype=self._dtype, mode="r", shape=(self._n_vals,)).view(np.ndarray)
-            sizes = (
-                np.memmap(sizes_path, dtype=np.int64, mode="r", shape=(self._n_sizes,)).view(np.ndarray)
-                if self._n_sizes
-                else None
-            )
             b_act, c_act, d_act = base[act], cur[act], is_def[act]
-            top = vals[c_act - 1].max()
-            lb = _lower_bounds(vals, b_act, c_act, top)
+            top = tops[act].max()
+            lb = np.minimum(reader.lower_bounds(top, act), c_act)
             n_top = int((c_act - lb).sum())
             if n_top > chunk:  # one score shared by more than a chunk of pixels: sum it up in pieces
                 counts = c_act - lb
@@ -554,9 +621,8 @@ class PixelMetrics:
                 for r in np.flatnonzero(d_act & (counts > 0)):
                     start = int(aux[act[r]] + (lb[r] - b_act[r]))
                     stop = int(aux[act[r]] + (c_act[r] - b_act[r]))
-                    assert sizes is not None
                     for s in range(start, stop, chunk):
-                        part = 1.0 / (n_comp * np.asarray(sizes[s : min(s + chunk, stop)], dtype=np.float64))
+                        part = 1.0 / (n_comp * read_sizes(s, min(s + chunk, stop)).astype(np.float64))
                         w_parts.append(part)
                         budget += part.size
                         if budget >= chunk:
@@ -565,7 +631,6 @@ class PixelMetrics:
                 w = float(np.cumsum(np.concatenate(w_parts))[-1])
                 fp += n_normal
                 tp += n_top - n_normal
-                cur[act] = lb
                 thr = np.array([top], dtype=self._dtype)
                 out = (thr, np.array([fp], dtype=np.int64), np.array([tp], dtype=np.int64), np.array([w]))
             else:
@@ -577,7 +642,7 @@ class PixelMetrics:
                     # a step fails to halve the bracket, so it takes O(log key range) steps at worst.
                     k_top = self._key(top)
                     k_hi, lb_hi, n_hi = k_top, lb, n_top
-                    k_lo, n_lo = self._key(vals[b_act].min()), n_all
+                    k_lo, n_lo = self._key(reader.first_samples(act).min()), n_all
                     target = (3 * chunk) // 4
                     guess = None if prev_density is None else k_top - int(target / prev_density)
                     bisect = False
@@ -589,7 +654,7 @@ class PixelMetrics:
                         else:
                             k_mid = k_hi - int((k_hi - k_lo) * ((target - n_hi) / (n_lo - n_hi)))
                         k_mid = min(max(k_mid, k_lo + 1), k_hi - 1)
-                        lb_mid = _lower_bounds(vals, b_act, c_act, self._from_key(k_mid))
+                        lb_mid = np.minimum(reader.lower_bounds(self._from_key(k_mid), act), c_act)
                         n_mid = int((c_act - lb_mid).sum())
                         width = k_hi - k_lo
                         if n_mid <= chunk:
@@ -607,17 +672,18 @@ class PixelMetrics:
                 for r in np.flatnonzero(c_act > lb):
                     lo_r, hi_r = int(lb[r]), int(c_act[r])
                     if d_act[r]:
-                        def_parts.append(vals[lo_r:hi_r])
-                        off = int(aux[act[r]] - b_act[r])
-                        assert sizes is not None
-                        size_parts.append(sizes[off + lo_r : off + hi_r])
+                        def_parts.append(reader.read(lo_r, hi_r))
+                        shift = int(aux[act[r]] - b_act[r])
+                        size_parts.append(read_sizes(shift + lo_r, shift + hi_r))
                     else:
-                        normal_parts.append(vals[lo_r:hi_r])
-                cur[act] = lb
+                        normal_parts.append(reader.read(lo_r, hi_r))
                 out = self._reduce_chunk(normal_parts, def_parts, size_parts, fp, tp, w)
                 del normal_parts, def_parts, size_parts
                 fp, tp, w = int(out[1][-1]), int(out[2][-1]), float(out[3][-1])
-            del vals, sizes
+            moved = act[(lb < c_act) & (lb > b_act)]  # runs with scores left below this chunk: new top
+            cur[act] = lb
+            if moved.size:
+                tops[moved] = reader.values_at(moved, cur[moved] - 1)
             yield (*out, not bool((cur > base).any()))
 
     def _reduce_chunk(
