@@ -236,7 +236,7 @@ class _SortedRuns:
         self.base, self.end, self.stride = runs[:, 0], runs[:, 0] + runs[:, 1], runs[:, 4]
         self.samples = np.concatenate(samples)  # samples[off[r] + j] = score at base[r] + j * stride[r]
         self.off = np.concatenate(([0], np.cumsum([x.size for x in samples])[:-1])).astype(np.int64)
-        self.blocks = np.empty((runs.shape[0], int(self.stride.max())), dtype=dtype)
+        self.blocks = np.full((runs.shape[0], int(self.stride.max())), np.inf, dtype=dtype)
         self.block_start = np.full(runs.shape[0], -1, dtype=np.int64)  # file position of the cached block
 
     def read(self, start: int, stop: int) -> np.ndarray:
