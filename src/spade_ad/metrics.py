@@ -757,7 +757,7 @@ class PixelMetrics:
                         twice_area += int(np.sum((fp_c - fp_p) * (tp_c + tp_p)))
                     else:  # beyond int64: Python integers (exact, slow; > 3e9 pixels)
                         twice_area += int(
-                            np.sum((fp_c - fp_p).astype(object) * (tp_c + tp_p).astype(object))  # type: ignore[arg-type]
+                            np.sum((fp_c - fp_p).astype(object) * (tp_c + tp_p).astype(object))
                         )
                     fp_prev, tp_prev = int(fp_c[-1]), int(tp_c[-1])
                 fpr = fp_c.astype(np.float64) / n_neg
