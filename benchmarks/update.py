@@ -62,18 +62,22 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "update.json")
     a = ap.parse_args()
     shutil.rmtree(a.workdir, ignore_errors=True)
-    rows = []
+    rows: list[dict[str, object]] = []
+    doc = {"machine": machine_description(), "rows": rows,
+           "command": "python benchmarks/update.py " + " ".join(sys.argv[1:])}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(row: dict[str, object]) -> None:  # after each set: a partial run keeps what it measured
+        rows.append(row)
+        a.out.write_text(json.dumps(doc, indent=2) + "\n")
+
     if BOTTLE.is_dir():
-        rows.append(one("bottle", sorted(BOTTLE.glob("*.png")), a.workdir))
+        save(one("bottle", sorted(BOTTLE.glob("*.png")), a.workdir))
     if a.synthetic:
         t = time.perf_counter()
         cat = make_dataset(a.workdir / "synthetic", n_train=a.synthetic, n_test_good=1, n_test_defect=1, seed=0)
         print(f"generated {a.synthetic} synthetic images in {time.perf_counter() - t:.0f}s", flush=True)
-        rows.append(one(f"synthetic{a.synthetic}", sorted((cat / "train" / "good").glob("*.png")), a.workdir))
-    doc = {"machine": machine_description(), "rows": rows,
-           "command": "python benchmarks/update.py " + " ".join(sys.argv[1:])}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(doc, indent=2) + "\n")
+        save(one(f"synthetic{a.synthetic}", sorted((cat / "train" / "good").glob("*.png")), a.workdir))
     print(f"{'set':>16} {'images':>7} {'add 10 s':>9} {'add RSS MB':>11} {'refit s':>8} {'refit RSS MB':>13} "
           f"{'speed-up':>9} {'identical':>9}")
     for r in rows:
