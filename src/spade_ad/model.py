@@ -12,9 +12,9 @@ import shutil
 import tempfile
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -36,6 +36,16 @@ THUMB = 128  # side of the training-image thumbnails kept in the model (for expl
 ImageInput = str | Path | np.ndarray
 Images = str | Path | Sequence[ImageInput]
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
+_THUMB_PREP = Preprocessor("resize", THUMB)
+
+
+class BankRows(NamedTuple):
+    """Feature-bank rows of consecutive training images ``start .. start+B-1`` (:meth:`Spade.bank_rows`)."""
+
+    start: int
+    levels: list[np.ndarray]  # per pyramid level, (B, H*W, C) float16: what the bank stores
+    global_: np.ndarray  # (B, D) float32 global vectors
+    thumbnails: np.ndarray  # (B, THUMB, THUMB, 3) uint8
 
 
 def resolve_images(images: Images) -> tuple[list[ImageInput], list[str]]:
@@ -160,9 +170,42 @@ class Spade:
         s = self.settings
         pick_device(s.device)
         items, names = resolve_images(images)
+
+        def rows() -> Iterator[BankRows]:
+            for a, b in batches(len(items), s.batch_size):
+                yield self.bank_rows([read_item(items[i], names[i], s.max_pixels) for i in range(a, b)], a)
+
+        return self.fit_rows(names, rows(), progress, workdir)
+
+    def bank_rows(self, arrays: Sequence[np.ndarray], start: int) -> BankRows:
+        """What ``fit`` stores for training images ``start, start+1, ...`` (decoded ``arrays``).
+
+        The one definition of a bank row: ``fit`` calls it here, and :mod:`spade_ad.distributed` calls it on
+        Ray workers, so both write the same bytes.
+        """
+        with COMPUTE_LOCK:
+            levels, gvec = extract(self._net(), arrays, self.prep, self.device)
+        small = torch.stack([_THUMB_PREP.to_input(x) for x in arrays]).round().byte().permute(0, 2, 3, 1)
+        return BankRows(start, [lv.cpu().numpy().astype(np.float16) for lv in levels], gvec.cpu().numpy(),
+                        small.numpy())
+
+    def fit_rows(self, names: Sequence[str], rows: Iterable[BankRows], progress: Progress | None = None,
+                 workdir: str | Path | None = None) -> Spade:
+        """The rest of ``fit`` once features are computed: ``rows`` (from :meth:`bank_rows`) are written into
+        the bank at their images' indices, in whatever order they come (on Ray workers they finish in any
+        order; a repeated row is written again, identically), then the thresholds are calibrated.
+
+        Args:
+            names: the training images' names, one per bank row (stored in the model).
+            rows: :class:`BankRows` covering every index ``0 .. len(names)-1``.
+            progress, workdir: as for :meth:`fit`.
+        """
+        pick_device(self.settings.device)
+        n = len(names)
+        if n == 0:
+            raise SpadeError("no images given")
         net = self._net()
-        dev, prep = self.device, self.prep
-        shapes_hw = level_shapes(net, prep)
+        shapes_hw = level_shapes(net, self.prep)
         shapes = [(h * w, c) for (h, w), c in zip(shapes_hw, net.channels, strict=True)]
         if workdir is None:
             tmp = Path(tempfile.mkdtemp(prefix="spade-ad-"))
@@ -175,29 +218,31 @@ class Spade:
             weakref.finalize(self, _unlink, bank_path)  # unless saved (then renamed) before
         spec: dict[str, tuple[tuple[int, ...], str]] = {f"level{i}": (sh, "F16") for i, sh in enumerate(shapes)}
         spec["thumbnails"] = ((THUMB, THUMB, 3), "U8")
-        writer = BankWriter(bank_path, len(items), spec)
-        thumb = Preprocessor("resize", THUMB)
-        globals_: list[torch.Tensor] = []
+        writer = BankWriter(bank_path, n, spec)
+        global_: np.ndarray | None = None
+        seen = np.zeros(n, dtype=bool)
         try:
-            for a, b in batches(len(items), s.batch_size):
-                arrays = [read_item(items[i], names[i], s.max_pixels) for i in range(a, b)]
-                with COMPUTE_LOCK:
-                    levels, gvec = extract(net, arrays, prep, dev)
-                small = torch.stack([thumb.to_input(x) for x in arrays]).round().byte().permute(0, 2, 3, 1)
-                rows = {f"level{i}": lv.cpu().numpy() for i, lv in enumerate(levels)}
-                writer.write(a, {**rows, "thumbnails": small.numpy()})
+            for r in rows:
+                b = len(r.global_)
+                writer.write(r.start, {**{f"level{i}": lv for i, lv in enumerate(r.levels)},
+                                       "thumbnails": r.thumbnails})
                 crash_point("fit-bank")
-                globals_.append(gvec.cpu())
+                if global_ is None:
+                    global_ = np.zeros((n, r.global_.shape[1]), dtype=np.float32)
+                global_[r.start : r.start + b] = r.global_
+                seen[r.start : r.start + b] = True
                 if progress:
-                    progress("fit", b, len(items))
+                    progress("fit", int(seen.sum()), n)
+            if global_ is None or not seen.all():
+                raise SpadeError(f"{names[int(np.argmin(seen))]}: no features were computed for this image")
         except BaseException:
             writer.close()
             _unlink(bank_path)
             raise
         writer.close()
-        self.global_ = torch.cat(globals_)
+        self.global_ = torch.from_numpy(global_)
         self.level_shapes_ = shapes_hw
-        self.train_names_ = names
+        self.train_names_ = list(names)
         self.weights_id_ = net.weights_id
         self.bank_ = Bank(bank_path)
         self.image_threshold_: float | None = None
@@ -372,4 +417,4 @@ class Spade:
         return load_model(cls, Path(model_dir), {"device": device, "weights": weights, **runtime}, verify)
 
 
-__all__ = ["Spade", "resolve_images", "read_item", "pick_device", "THUMB"]
+__all__ = ["Spade", "BankRows", "resolve_images", "read_item", "pick_device", "THUMB"]
