@@ -149,17 +149,41 @@ def _fmt(x: float | None) -> str:
 
 
 # --------------------------------------------------------------------------- fit / predict
+RayOpt = Annotated[str | None, typer.Option(
+    "--ray", metavar="local|auto|ADDRESS", help="run on a Ray cluster (pip install 'spade-ad[ray]'): local (start one "
+    "on this machine), auto (the cluster this machine belongs to) or its address (host:port, ray://host:port)")]
+WorkersOpt = Annotated[int | None, typer.Option("--workers", help="with --ray: worker processes, each loading the "
+                                                                   "model once (default: as many as fit the cluster)")]
+GpusOpt = Annotated[float | None, typer.Option("--gpus-per-worker", help="with --ray: GPUs per worker (0.5 shares one "
+                                                                          "GPU between two workers; default 0)")]
+ThreadsOpt = Annotated[int | None, typer.Option(
+    "--threads-per-worker", help="with --ray: torch threads (and CPUs reserved) per worker (default: this process's "
+    "torch thread count, so results equal a local run here bit for bit)")]
+
+
+def _ray_options(ray: str | None, **given: float | None) -> None:
+    """Refuse the Ray options without ``--ray``."""
+    for name, value in given.items():
+        if value is not None and ray is None:
+            raise SpadeError(f"--{name.replace('_', '-')} needs --ray")
+
+
 @app.command()
 @settings_options
 def fit(
     train_dir: Annotated[Path, typer.Argument(help="folder of good images")],
     out: Annotated[Path, typer.Option("--out", help="model folder to write")],
     given: dict[str, Any],
+    ray: RayOpt = None,
+    workers: WorkersOpt = None,
+    gpus_per_worker: GpusOpt = None,
+    threads_per_worker: ThreadsOpt = None,
 ) -> None:
-    """Fit on a folder of good images and save the model folder."""
+    """Fit on a folder of good images and save the model folder (with --ray: features computed on a Ray cluster)."""
     from ..io import list_images
     from ..model import Spade
 
+    _ray_options(ray, workers=workers, gpus_per_worker=gpus_per_worker, threads_per_worker=threads_per_worker)
     files = list_images(train_dir)
     chosen = _settings(given)
     t0 = time.perf_counter()
@@ -168,7 +192,13 @@ def fit(
         with progress_bars() as cb:
             # the bank is written into the model folder as a staging file and renamed on save: no copy,
             # no bank-sized debris elsewhere; the old model in OUT stays intact until the new one is complete
-            model = Spade(chosen).fit(files, progress=cb, workdir=out)
+            if ray is None:
+                model = Spade(chosen).fit(files, progress=cb, workdir=out)
+            else:
+                from ..distributed import fit as fit_on_ray
+
+                model = fit_on_ray(files, chosen, workdir=out, progress=cb, address=ray, workers=workers,
+                                   gpus_per_worker=gpus_per_worker or 0, threads=threads_per_worker)
         model.save(out)
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):
@@ -216,8 +246,12 @@ def predict(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="allow OUT to hold files spade-ad did not write "
                                                                   "(they may be overwritten)")] = False,
     on_error: Annotated[str | None, typer.Option(
-        "--on-error", metavar="skip|stop", help="an unreadable image: stop (the default) or skip it (its row says "
-        "why, the others are scored, exit code 2 at the end)")] = None,
+        "--on-error", metavar="skip|stop", help="an unreadable image: stop (the default; with --ray: skip) or skip "
+        "it (its row says why, the others are scored, exit code 2 at the end)")] = None,
+    ray: RayOpt = None,
+    workers: WorkersOpt = None,
+    gpus_per_worker: GpusOpt = None,
+    threads_per_worker: ThreadsOpt = None,
 ) -> None:
     """Score images: overlay PNG, raw map, mask PNG per image and one predictions.jsonl row each.
 
@@ -227,8 +261,19 @@ def predict(
     from ..io import save_json
     from ..model import Spade
 
-    policy = on_error or "stop"
+    policy = on_error or ("stop" if ray is None else "skip")
     check_predict_options(raw, threshold, policy)
+    _ray_options(ray, workers=workers, gpus_per_worker=gpus_per_worker, threads_per_worker=threads_per_worker)
+    if ray is not None:
+        from ..distributed import predict as predict_on_ray
+
+        with progress_bars() as cb:
+            summary = predict_on_ray(model_dir, images, out, address=ray, workers=workers,
+                                     gpus_per_worker=gpus_per_worker or 0, threads=threads_per_worker, device=device,
+                                     weights=weights, threshold=threshold, raw=raw, batch_size=batch_size,
+                                     max_pixels=max_pixels, on_error=policy, overwrite=overwrite, progress=cb)
+        report_predictions(out, summary.n_rows, summary.n_failed, summary.n_defective, summary.seconds)
+        return
     runtime: dict[str, Any] = {"batch_size": batch_size, "max_pixels": max_pixels}
     model = Spade.load(model_dir, device=device, weights=weights,
                        **{k: v for k, v in runtime.items() if v is not None})
