@@ -13,10 +13,10 @@ import shutil
 import tempfile
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -38,6 +38,16 @@ THUMB = 128  # side of the training-image thumbnails kept in the model (for expl
 ImageInput = str | Path | np.ndarray
 Images = str | Path | Sequence[ImageInput]
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
+_THUMB_PREP = Preprocessor("resize", THUMB)
+
+
+class BankRows(NamedTuple):
+    """Feature-bank rows of consecutive training images ``start .. start+B-1`` (:meth:`Spade.bank_rows`)."""
+
+    start: int
+    levels: list[np.ndarray]  # per pyramid level, (B, H*W, C) float16: what the bank stores
+    global_: np.ndarray  # (B, D) float32 global vectors
+    thumbnails: np.ndarray  # (B, THUMB, THUMB, 3) uint8
 
 
 def resolve_images(images: Images) -> tuple[list[ImageInput], list[str]]:
@@ -176,11 +186,45 @@ class Spade:
         """
         pick_device(self.settings.device)
         items, names = resolve_images(images)
+        return self.fit_rows(names, self._rows(items, names), progress, workdir)
+
+    def bank_rows(self, arrays: Sequence[np.ndarray], start: int) -> BankRows:
+        """What the bank stores for training images ``start, start+1, ...`` (decoded ``arrays``).
+
+        The one definition of a bank row: ``fit`` and ``add`` call it here, and :mod:`spade_ad.distributed`
+        calls it on Ray workers, so all write the same bytes.
+        """
+        with COMPUTE_LOCK:
+            levels, gvec = extract(self._net(), arrays, self.prep, self.device)
+        small = torch.stack([_THUMB_PREP.to_input(x) for x in arrays]).round().byte().permute(0, 2, 3, 1)
+        return BankRows(start, [lv.cpu().numpy().astype(np.float16) for lv in levels], gvec.cpu().numpy(),
+                        small.numpy())
+
+    def _rows(self, items: list[ImageInput], names: list[str]) -> Iterator[BankRows]:
+        s = self.settings
+        for a, b in batches(len(items), s.batch_size):
+            yield self.bank_rows([read_item(items[i], names[i], s.max_pixels) for i in range(a, b)], a)
+
+    def fit_rows(self, names: Sequence[str], rows: Iterable[BankRows], progress: Progress | None = None,
+                 workdir: str | Path | None = None) -> Spade:
+        """The rest of ``fit`` once features are computed: ``rows`` (from :meth:`bank_rows`) are written into
+        the bank at their images' indices, in whatever order they come (on Ray workers they finish in any
+        order; a repeated row is written again, identically), then the thresholds are calibrated.
+
+        Args:
+            names: the training images' names, one per bank row (stored in the model).
+            rows: :class:`BankRows` covering every index ``0 .. len(names)-1``.
+            progress, workdir: as for :meth:`fit`.
+        """
+        pick_device(self.settings.device)
+        names = list(names)
+        if not names:
+            raise SpadeError("no images given")
         _check_unique(names)
         net = self._net()
         self.level_shapes_ = level_shapes(net, self.prep)
         self.weights_id_ = net.weights_id
-        self.global_, self.bank_ = self._write_bank(self._new_bank_path(workdir), [], items, names, progress)
+        self.global_, self.bank_ = self._write_bank(self._new_bank_path(workdir), [], rows, names, progress)
         self.train_names_ = names
         self._calibrate(progress)
         self.history_ = [self._change("fit", added=names, before=None)]
@@ -217,9 +261,9 @@ class Spade:
         _check_unique(self.train_names_ + names, new=names)
         before = self.thresholds_summary()
         keep = list(range(self.bank_.n))
-        glob, bank = self._write_bank(self._new_bank_path(None), keep, items, names, progress)
+        glob, bank = self._write_bank(self._new_bank_path(None), keep, self._rows(items, names), names, progress)
         self._replace_bank(bank)
-        self.global_ = torch.cat([self.global_[keep], glob[len(keep):]])
+        self.global_ = glob
         self.train_names_ = self.train_names_ + names
         self._calibrate(progress)
         self.history_ = [*self.history_, self._change("add", added=names, before=before, source=source)]
@@ -314,42 +358,44 @@ class Spade:
         weakref.finalize(self, _unlink, path)  # unless saved (then renamed) before
         return path
 
-    def _write_bank(self, path: Path, keep: list[int], items: list[ImageInput], names: list[str],
+    def _write_bank(self, path: Path, keep: list[int], rows: Iterable[BankRows], names: Sequence[str],
                     progress: Progress | None) -> tuple[torch.Tensor, Bank]:
-        """A new bank: rows ``keep`` of the current bank, then the features of ``items``, streamed to ``path``.
+        """A new bank: rows ``keep`` of the current bank, then ``rows`` for the images ``names`` (at their
+        indices, in any order), streamed to ``path``.
 
         Returns the global vectors of all its rows (kept ones from ``global_``) and the bank.
         """
-        s, net, dev, prep = self.settings, self._net(), self.device, self.prep
+        net = self._net()
         shapes = [(h * w, c) for (h, w), c in zip(self.level_shapes_, net.channels, strict=True)]
         spec: dict[str, tuple[tuple[int, ...], str]] = {f"level{i}": (sh, "F16") for i, sh in enumerate(shapes)}
         spec["thumbnails"] = ((THUMB, THUMB, 3), "U8")
-        writer = BankWriter(path, len(keep) + len(items), spec)
-        thumb = Preprocessor("resize", THUMB)
-        globals_: list[torch.Tensor] = [self.global_[keep]] if keep else []
-        total = len(keep) + len(items)
+        k, n = len(keep), len(names)
+        writer = BankWriter(path, k + n, spec)
+        global_ = np.zeros((k + n, net.global_dim), dtype=np.float32)
+        seen = np.zeros(n, dtype=bool)
         try:
-            for a, b in batches(len(keep), 256):  # kept rows are copied, never recomputed
+            for a, b in batches(k, 256):  # kept rows are copied, never recomputed
                 writer.write(a, {name: self.bank_.rows(name, keep[a:b]) for name in spec})
+                global_[a:b] = self.global_[keep[a:b]].numpy()
                 if progress:
-                    progress("copy", b, total)
-            for a, b in batches(len(items), s.batch_size):
-                arrays = [read_item(items[i], names[i], s.max_pixels) for i in range(a, b)]
-                with COMPUTE_LOCK:
-                    levels, gvec = extract(net, arrays, prep, dev)
-                small = torch.stack([thumb.to_input(x) for x in arrays]).round().byte().permute(0, 2, 3, 1)
-                rows = {f"level{i}": lv.cpu().numpy() for i, lv in enumerate(levels)}
-                writer.write(len(keep) + a, {**rows, "thumbnails": small.numpy()})
+                    progress("copy", b, k)
+            for r in rows:
+                b = len(r.global_)
+                writer.write(k + r.start, {**{f"level{i}": lv for i, lv in enumerate(r.levels)},
+                                           "thumbnails": r.thumbnails})
                 crash_point("fit-bank")
-                globals_.append(gvec.cpu())
+                global_[k + r.start : k + r.start + b] = r.global_
+                seen[r.start : r.start + b] = True
                 if progress:
-                    progress("fit", b, len(items))
+                    progress("fit", int(seen.sum()), n)
+            if not seen.all():
+                raise SpadeError(f"{names[int(np.argmin(seen))]}: no features were computed for this image")
         except BaseException:
             writer.close()
             _unlink(path)
             raise
         writer.close()
-        return torch.cat(globals_), Bank(path)
+        return torch.from_numpy(global_), Bank(path)
 
     def _calibrate(self, progress: Progress | None) -> None:
         """Thresholds from good images alone: leave-one-out on an even sample of the training images.
@@ -529,4 +575,4 @@ class Spade:
         return load_model(cls, Path(model_dir), {"device": device, "weights": weights, **runtime}, verify)
 
 
-__all__ = ["Spade", "resolve_images", "read_item", "pick_device", "THUMB"]
+__all__ = ["Spade", "BankRows", "resolve_images", "read_item", "pick_device", "THUMB"]

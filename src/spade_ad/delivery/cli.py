@@ -20,8 +20,9 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from .. import __version__, settings
 from ..errors import SpadeError
@@ -104,11 +105,19 @@ def _settings(given: dict[str, Any], protocol: str | None = None) -> settings.Sp
     return settings.SpadeSettings(**given)
 
 
+class _RateColumn(ProgressColumn):
+    """Items per second (images/s), once there is a measurement."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{speed:.2f}/s")
+
+
 @contextmanager
 def progress_bars() -> Iterator[Callable[[str, int, int], None]]:
     """A rich progress bar per stage; yields the ``(stage, done, total)`` callback."""
     with Progress(
-        TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), _RateColumn(),
         console=console, transient=False, disable=not console.is_terminal and not _state["debug"],
     ) as bars:
         tasks: dict[str, Any] = {}
@@ -140,17 +149,41 @@ def _fmt(x: float | None) -> str:
 
 
 # --------------------------------------------------------------------------- fit / predict
+RayOpt = Annotated[str | None, typer.Option(
+    "--ray", metavar="local|auto|ADDRESS", help="run on a Ray cluster (pip install 'spade-ad[ray]'): local (start one "
+    "on this machine), auto (the cluster this machine belongs to) or its address (host:port, ray://host:port)")]
+WorkersOpt = Annotated[int | None, typer.Option("--workers", help="with --ray: worker processes, each loading the "
+                                                                   "model once (default: as many as fit the cluster)")]
+GpusOpt = Annotated[float | None, typer.Option("--gpus-per-worker", help="with --ray: GPUs per worker (0.5 shares one "
+                                                                          "GPU between two workers; default 0)")]
+ThreadsOpt = Annotated[int | None, typer.Option(
+    "--threads-per-worker", help="with --ray: torch threads (and CPUs reserved) per worker (default: this process's "
+    "torch thread count, so results equal a local run here bit for bit)")]
+
+
+def _ray_options(ray: str | None, **given: float | None) -> None:
+    """Refuse the Ray options without ``--ray``."""
+    for name, value in given.items():
+        if value is not None and ray is None:
+            raise SpadeError(f"--{name.replace('_', '-')} needs --ray")
+
+
 @app.command()
 @settings_options
 def fit(
     train_dir: Annotated[Path, typer.Argument(help="folder of good images")],
     out: Annotated[Path, typer.Option("--out", help="model folder to write")],
     given: dict[str, Any],
+    ray: RayOpt = None,
+    workers: WorkersOpt = None,
+    gpus_per_worker: GpusOpt = None,
+    threads_per_worker: ThreadsOpt = None,
 ) -> None:
-    """Fit on a folder of good images and save the model folder."""
+    """Fit on a folder of good images and save the model folder (with --ray: features computed on a Ray cluster)."""
     from ..io import list_images
     from ..model import Spade
 
+    _ray_options(ray, workers=workers, gpus_per_worker=gpus_per_worker, threads_per_worker=threads_per_worker)
     files = list_images(train_dir)
     chosen = _settings(given)
     t0 = time.perf_counter()
@@ -159,7 +192,13 @@ def fit(
         with progress_bars() as cb:
             # the bank is written into the model folder as a staging file and renamed on save: no copy,
             # no bank-sized debris elsewhere; the old model in OUT stays intact until the new one is complete
-            model = Spade(chosen).fit(files, progress=cb, workdir=out)
+            if ray is None:
+                model = Spade(chosen).fit(files, progress=cb, workdir=out)
+            else:
+                from ..distributed import fit as fit_on_ray
+
+                model = fit_on_ray(files, chosen, workdir=out, progress=cb, address=ray, workers=workers,
+                                   gpus_per_worker=gpus_per_worker or 0, threads=threads_per_worker)
         model.save(out)
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):
@@ -206,21 +245,35 @@ def predict(
     max_pixels: MaxPixelsOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="allow OUT to hold files spade-ad did not write "
                                                                   "(they may be overwritten)")] = False,
+    on_error: Annotated[str | None, typer.Option(
+        "--on-error", metavar="skip|stop", help="an unreadable image: stop (the default; with --ray: skip) or skip "
+        "it (its row says why, the others are scored, exit code 2 at the end)")] = None,
+    ray: RayOpt = None,
+    workers: WorkersOpt = None,
+    gpus_per_worker: GpusOpt = None,
+    threads_per_worker: ThreadsOpt = None,
 ) -> None:
     """Score images: overlay PNG, raw map, mask PNG per image and one predictions.jsonl row each.
 
     OUT must be empty, new, or a folder this command wrote before (its run.json lists every file in it);
     anything else is refused unless --overwrite, so a user's own files are never overwritten.
     """
-    import math
-
     from ..io import save_json
     from ..model import Spade
 
-    if raw not in ("npy", "png16"):
-        raise SpadeError(f"--raw must be npy or png16, got {raw!r}")
-    if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
-        raise SpadeError(f"--threshold must be a positive number, got {threshold}")
+    policy = on_error or ("stop" if ray is None else "skip")
+    check_predict_options(raw, threshold, policy)
+    _ray_options(ray, workers=workers, gpus_per_worker=gpus_per_worker, threads_per_worker=threads_per_worker)
+    if ray is not None:
+        from ..distributed import predict as predict_on_ray
+
+        with progress_bars() as cb:
+            summary = predict_on_ray(model_dir, images, out, address=ray, workers=workers,
+                                     gpus_per_worker=gpus_per_worker or 0, threads=threads_per_worker, device=device,
+                                     weights=weights, threshold=threshold, raw=raw, batch_size=batch_size,
+                                     max_pixels=max_pixels, on_error=policy, overwrite=overwrite, progress=cb)
+        report_predictions(out, summary.n_rows, summary.n_failed, summary.n_defective, summary.seconds)
+        return
     runtime: dict[str, Any] = {"batch_size": batch_size, "max_pixels": max_pixels}
     model = Spade.load(model_dir, device=device, weights=weights,
                        **{k: v for k, v in runtime.items() if v is not None})
@@ -229,25 +282,101 @@ def predict(
     rows: list[dict[str, Any]] = []
     written: list[str] = _previous_outputs(out)  # files of earlier runs stay ours
     jsonl = out / "predictions.jsonl"
-    run: dict[str, Any] = {"model": str(model_dir), "status": "running", "n_images": 0, "n_inputs": len(pairs),
-                           "image_threshold": model.image_threshold_,
-                           "pixel_threshold": model.pixel_threshold_ if threshold is None else threshold,
-                           "colour_scale": "map / pixel_threshold on [0, 2]; 1.0 = threshold", "outputs": written}
     thr = model.pixel_threshold_ if threshold is None else threshold
+    run = run_record(model_dir, len(pairs), model.image_threshold_, thr, written)
     t0 = time.perf_counter()
     try:
-        _predict_into(model, pairs, out, threshold, thr, raw, rows, written, jsonl, run)
+        _predict_into(model, pairs, out, threshold, thr, raw, rows, written, jsonl, run, policy)
     except BaseException:
         if rows:  # this run already replaced predictions.jsonl: say how far it got
             run.update(status="interrupted", n_images=len(rows))
             save_json(out / "run.json", run)
         raise
     elapsed = time.perf_counter() - t0
-    run.update(status="complete", n_images=len(rows), seconds=round(elapsed, 3))
+    n_failed = sum("error" in r for r in rows)
+    run.update(status="complete", n_images=len(rows), n_failed=n_failed, seconds=round(elapsed, 3))
     save_json(out / "run.json", run)
-    n_bad = sum(r["verdict"] == "defective" for r in rows)
-    say(f"{len(rows)} images in {elapsed:.1f}s ({len(rows) / elapsed:.2f} images/s); "
-        f"{n_bad} flagged defective; outputs in {out} (predictions.jsonl)")
+    report_predictions(out, len(rows), n_failed, sum(r.get("verdict") == "defective" for r in rows), elapsed)
+
+
+def check_predict_options(raw: str, threshold: float | None, on_error: str) -> None:
+    """Refuse bad ``--raw``, ``--threshold`` and ``--on-error`` values (local and Ray predict)."""
+    import math
+
+    if raw not in ("npy", "png16"):
+        raise SpadeError(f"--raw must be npy or png16, got {raw!r}")
+    if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
+        raise SpadeError(f"--threshold must be a positive number, got {threshold}")
+    if on_error not in ("skip", "stop"):
+        raise SpadeError(f"--on-error must be skip or stop, got {on_error!r}")
+
+
+def run_record(model_dir: Path, n_inputs: int, image_threshold: float | None, pixel_threshold: float | None,
+               written: list[str]) -> dict[str, Any]:
+    """The ``run.json`` of a predict run as it starts (status ``running``); ``outputs`` is ``written``, the list
+    of files spade-ad wrote into OUT, which the caller extends as it goes."""
+    return {"model": str(model_dir), "status": "running", "n_images": 0, "n_inputs": n_inputs,
+            "image_threshold": image_threshold, "pixel_threshold": pixel_threshold,
+            "colour_scale": "map / pixel_threshold on [0, 2]; 1.0 = threshold", "outputs": written}
+
+
+def report_predictions(out: Path, n_rows: int, n_failed: int, n_defective: int, seconds: float) -> None:
+    """The summary line of a predict run; images that could not be read make it exit with code 2."""
+    scored = n_rows - n_failed
+    failed = f", {n_failed} failed" if n_failed else ""
+    say(f"{scored} images in {seconds:.1f}s ({scored / max(seconds, 1e-9):.2f} images/s){failed}; "
+        f"{n_defective} flagged defective; outputs in {out} (predictions.jsonl)")
+    if n_failed:
+        raise SpadeError(f"{n_failed} of {n_rows} images could not be read; their rows in "
+                         f"{out / 'predictions.jsonl'} say why")
+
+
+def output_names(stem: str, raw: str, masked: bool) -> dict[str, str | None]:
+    """The files ``predict`` writes for one image (the ``overlay``, ``map`` and ``mask`` fields of its row)."""
+    return {"overlay": f"{stem}_overlay.png", "map": f"{stem}_map.{'npy' if raw == 'npy' else 'png'}",
+            "mask": f"{stem}_mask.png" if masked else None}
+
+
+def write_image_outputs(out: Path, stem: str, img: np.ndarray, res: Any, thr: float | None,
+                        raw: str) -> dict[str, str | None]:
+    """Write one image's overlay, raw map and mask into ``out``, each atomically (local and Ray predict).
+
+    ``res`` is its :class:`~spade_ad.ImageResult`, ``thr`` the pixel threshold in force. Returns
+    :func:`output_names`.
+    """
+    from ..io import save_npy, save_png
+    from ..viz import overlay
+
+    mask = res.mask
+    names = output_names(stem, raw, mask is not None)
+    save_png(out / f"{stem}_overlay.png", overlay(img, res.map, thr, mask))
+    if raw == "npy":
+        save_npy(out / f"{stem}_map.npy", res.map.astype(np.float32))
+    else:
+        scale = 65535.0 / (2.0 * thr) if thr else 65535.0 / max(res.max_pixel_score, 1e-12)
+        save_png(out / f"{stem}_map.png", np.clip(res.map * scale, 0, 65535).astype(np.uint16))
+    if mask is not None:
+        save_png(out / f"{stem}_mask.png", mask.astype(np.uint8) * 255)
+    return names
+
+
+def prediction_row(file: str, res: Any, outputs: dict[str, str | None]) -> dict[str, Any]:
+    """One ``predictions.jsonl`` row: the file as given, the result's numbers, its output files."""
+    return {"file": file, **res.summary(), **outputs}
+
+
+def error_row(file: str, message: str) -> dict[str, Any]:
+    """The row of an image that could not be read (``--on-error skip``)."""
+    return {"file": file, "error": message}
+
+
+def row_files(row: dict[str, Any]) -> list[str]:
+    """The output files a row points at."""
+    return [row[k] for k in ("overlay", "map", "mask") if row.get(k)]
+
+
+def jsonl_line(row: dict[str, Any]) -> str:
+    return json.dumps(row, allow_nan=False) + "\n"
 
 
 def _check_output_folder(out: Path, inputs: list[Path], overwrite: bool) -> None:
@@ -278,37 +407,35 @@ def _previous_outputs(out: Path) -> list[str]:
 
 def _predict_into(model: Any, pairs: list[tuple[Path, str]], out: Path, threshold: float | None,
                   thr: float | None, raw: str, rows: list[dict[str, Any]], written: list[str], jsonl: Path,
-                  run: dict[str, Any]) -> None:
-    """Score ``pairs`` chunk by chunk, writing each image's files and the JSON lines as they come."""
-    from ..io import load_image, save_json, save_npy, save_png
-    from ..viz import overlay
+                  run: dict[str, Any], on_error: str = "stop") -> None:
+    """Score ``pairs`` chunk by chunk, writing each image's files and the JSON lines as they come.
+
+    With ``on_error="skip"`` an image that cannot be read gets an error row and the others are scored.
+    """
+    from ..io import load_image, save_json
 
     step = model.settings.batch_size
     with progress_bars() as cb:
         for s in range(0, len(pairs), step):
             chunk = pairs[s : s + step]
-            arrays = [load_image(f, max_pixels=model.settings.max_pixels) for f, _ in chunk]
-            pred = model.predict(arrays, pixel_threshold=threshold)
-            for (f, stem), img, res in zip(chunk, arrays, pred, strict=True):
-                mask = res.mask
-                save_png(out / f"{stem}_overlay.png", overlay(img, res.map, thr, mask))
-                if raw == "npy":
-                    save_npy(out / f"{stem}_map.npy", res.map.astype(np.float32))
-                else:
-                    scale = 65535.0 / (2.0 * thr) if thr else 65535.0 / max(res.max_pixel_score, 1e-12)
-                    save_png(out / f"{stem}_map.png", np.clip(res.map * scale, 0, 65535).astype(np.uint16))
-                if mask is not None:
-                    save_png(out / f"{stem}_mask.png", mask.astype(np.uint8) * 255)
-                written.extend(n for n in (f"{stem}_overlay.png", f"{stem}_map.{'npy' if raw == 'npy' else 'png'}",
-                                           f"{stem}_mask.png" if mask is not None else None)
-                               if n and n not in written)
-                rows.append({
-                    "file": str(f),
-                    **res.summary(),
-                    "overlay": f"{stem}_overlay.png",
-                    "map": f"{stem}_map.{'npy' if raw == 'npy' else 'png'}",
-                    "mask": f"{stem}_mask.png" if mask is not None else None,
-                })
+            arrays: list[np.ndarray | str] = []  # the image, or why it could not be read
+            for f, _ in chunk:
+                try:
+                    arrays.append(load_image(f, max_pixels=model.settings.max_pixels))
+                except SpadeError as exc:
+                    if on_error == "stop":
+                        raise
+                    arrays.append(str(exc))
+            readable = [a for a in arrays if isinstance(a, np.ndarray)]
+            results = iter(model.predict(readable, pixel_threshold=threshold) if readable else [])
+            for (f, stem), img in zip(chunk, arrays, strict=True):
+                if isinstance(img, str):
+                    rows.append(error_row(str(f), img))
+                    continue
+                res = next(results)
+                row = prediction_row(str(f), res, write_image_outputs(out, stem, img, res, thr, raw))
+                written.extend(n for n in row_files(row) if n not in written)
+                rows.append(row)
             run["n_images"] = len(rows)
             save_json(out / "run.json", run)  # status "running": lists the files before the rows point at them
             _write_jsonl(jsonl, rows)
@@ -318,7 +445,7 @@ def _predict_into(model: Any, pairs: list[tuple[Path, str]], out: Path, threshol
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     from ..io import atomic_write
 
-    text = "".join(json.dumps(r, allow_nan=False) + "\n" for r in rows)
+    text = "".join(jsonl_line(r) for r in rows)
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 

@@ -1,0 +1,641 @@
+"""Scale out: fit and predict on a Ray cluster (``pip install 'spade-ad[ray]'``).
+
+``predict`` scores image files into an output folder exactly as ``spade-ad predict`` does (same files, same
+``predictions.jsonl`` rows, same ``run.json`` rules); ``fit`` computes a model's features on the workers and
+writes the same model folder as a local fit; ``score_dataset`` scores a ``ray.data.Dataset`` of images you
+already have. The command line's ``--ray`` option calls them.
+
+How the work is split:
+
+* The driver (this process) lists the input files and validates the model folder once.
+* Workers form a Ray Data actor pool (``map_batches`` with a callable class): each loads the model once
+  (:meth:`Spade.load <spade_ad.Spade.load>`, or the backbone for ``fit``), then reads, decodes and scores
+  batches of images. ``predict``'s workers write each image's overlay, map and mask into OUT themselves
+  (atomically, by the same code as a local run), so the model folder, the inputs and OUT must be on a file
+  system every node sees. ``fit``'s workers send the bank rows back; the driver writes them into the bank
+  at each image's index as they arrive, then calibrates and saves exactly as a local fit.
+* Results stream back in whatever order workers finish (``iter_batches``). The driver keeps one offset per
+  image, not the results: rows are appended to a spool file in OUT and ``predictions.jsonl`` is written from
+  it in the order of the inputs (the order of a local run) at the end, or when the run is interrupted.
+* Faults: Ray Data restarts a dead worker process (its actor pools default to ``max_restarts=-1``) and
+  runs its batch again (``max_task_retries=-1``), on another node if its node is gone; outputs are
+  rewritten identically and a batch delivered twice is counted once, so every input gets exactly one row.
+  An image that cannot be read is not a fault: it gets an error row (``on_error="skip"``) or stops the run
+  (``"stop"``). Other errors in a worker (a full disk in OUT, say) are not retried: the run stops.
+* Identical results: on a CPU the backbone's last bits depend on torch's thread count (1 thread differs
+  from 2 or more), so each worker uses ``threads`` torch threads (and reserves as many CPUs), by default
+  this process's own count: rows and model files then equal a local run on this machine bit for bit.
+
+Ray is imported only inside these functions: the rest of spade-ad never needs it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import SpadeError
+from .model import BankRows, Spade, resolve_images
+from .settings import SpadeSettings
+
+INSTALL_HINT = "pip install 'spade-ad[ray]'"
+Progress = Callable[[str, int, int], None]
+
+
+def _ray() -> Any:
+    """The ``ray`` module (with Ray Data), or one line saying how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401 - Ray Data needs pyarrow and pandas: the [ray] extra installs them
+    except ImportError as exc:
+        raise SpadeError(f"Ray is not installed (no module {exc.name!r}): {INSTALL_HINT}") from None
+    return ray
+
+
+@contextmanager
+def connected(address: str = "local") -> Iterator[Any]:
+    """Ray, initialised: ``local`` starts a cluster on this machine (shut down on exit), ``auto`` joins the cluster
+    this machine belongs to, anything else is a cluster's address (``host:port``, ``ray://host:port``). If Ray is
+    already initialised in this process, that connection is used and left open."""
+    ray = _ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    if not address:
+        raise SpadeError("--ray needs local, auto or a cluster address")
+    quiet: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
+    main = threading.current_thread() is threading.main_thread()
+    on_sigterm = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        if address == "local":
+            ray.init(address="local", include_dashboard=False, **quiet)
+        else:
+            ray.init(address=address, **quiet)
+    except (ConnectionError, ValueError, RuntimeError, TimeoutError) as exc:
+        raise SpadeError(f"--ray {address}: cannot connect to a Ray cluster ({_first_line(exc)})") from None
+    if main and on_sigterm is not None:  # Ray's driver installs a SIGTERM handler that aborts the process;
+        signal.signal(signal.SIGTERM, on_sigterm)  # keep ours: finish the rows so far, exit 143
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@dataclass
+class RunSummary:
+    """What :func:`predict` did (also in ``OUT/run.json``)."""
+
+    n_rows: int  # rows in predictions.jsonl: one per input
+    n_failed: int  # rows with an "error" (images that could not be read)
+    n_defective: int  # rows with verdict "defective"
+    seconds: float  # wall time of the run, from the first batch sent to the last row written
+    workers: dict[str, dict[str, float]] = field(default_factory=dict)  # per worker: images, busy_s, load_s
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.n_rows - self.n_failed) / max(self.seconds, 1e-9)
+
+
+# --------------------------------------------------------------------------- options
+@dataclass(frozen=True)
+class _Pool:
+    """The actor pool: how many workers, what each reserves, how many images per call."""
+
+    workers: int
+    threads: int
+    gpus: float
+    batch_size: int
+
+    def map_args(self, rows_per_call: int) -> dict[str, Any]:
+        ray = _ray()
+        args: dict[str, Any] = {
+            "compute": ray.data.ActorPoolStrategy(size=self.workers),
+            "batch_size": rows_per_call,
+            "batch_format": "numpy",
+            "num_cpus": self.threads,
+            # no max_restarts / max_task_retries: Ray Data's actor pools default to -1 for both (a dead worker
+            # is started again, its batch is run again) and take these as deprecated free-form arguments;
+            # tests/test_distributed.py kills a worker and removes a node to hold them to it
+        }
+        if self.gpus:
+            args["num_gpus"] = self.gpus
+        return args
+
+    def describe(self, address: str) -> dict[str, Any]:
+        return {"address": address, "workers": self.workers, "threads_per_worker": self.threads,
+                "gpus_per_worker": self.gpus, "batch_size": self.batch_size}
+
+
+def _check_pool(workers: int | None, gpus_per_worker: float, threads: int | None, batch_size: int | None) -> None:
+    """Refuse bad pool options with one line (before any cluster is started)."""
+    for name, value in (("workers", workers), ("threads_per_worker", threads), ("batch_size", batch_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise SpadeError(f"{name} must be an integer >= 1, got {value!r}")
+    if not (isinstance(gpus_per_worker, (int, float)) and math.isfinite(gpus_per_worker) and gpus_per_worker >= 0):
+        raise SpadeError(f"gpus_per_worker must be a number >= 0, got {gpus_per_worker!r}")
+
+
+def _pool(ray: Any, n_images: int, workers: int | None, gpus_per_worker: float, threads: int | None,
+          batch_size: int | None) -> _Pool:
+    """Fill in the pool's defaults from this process and the cluster's resources (options checked before)."""
+    import torch
+
+    if threads is None:
+        threads = torch.get_num_threads()
+    if workers is None:
+        have = ray.cluster_resources()
+        cpus, gpus = float(have.get("CPU", 0)), float(have.get("GPU", 0))
+        workers = int(gpus // gpus_per_worker) if gpus_per_worker else int(cpus // threads)
+        if workers < 1:
+            raise SpadeError(f"the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs, not enough for one worker with "
+                             f"{threads} threads and {gpus_per_worker:g} GPUs (see --threads-per-worker, "
+                             "--gpus-per-worker; give --workers to wait for an autoscaling cluster)")
+    if batch_size is None:  # at least two batches per worker, so that they finish together
+        batch_size = max(1, min(16, math.ceil(n_images / (2 * workers))))
+    workers = max(1, min(workers, math.ceil(n_images / batch_size)))
+    return _Pool(workers, threads, float(gpus_per_worker), batch_size)
+
+
+def _worker_device(device: str, gpus_per_worker: float) -> str:
+    if gpus_per_worker and device == "cpu":
+        return "cuda"  # Ray gives each worker its own GPU(s) through CUDA_VISIBLE_DEVICES
+    if device != "cpu" and not gpus_per_worker:
+        raise SpadeError(f"--device {device} on Ray workers needs --gpus-per-worker")
+    return device
+
+
+def _quiet_data(ray: Any) -> None:
+    """Our own progress bar replaces Ray Data's; its INFO lines stay in its log files."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    if hasattr(ctx, "print_on_execution_start"):
+        ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _from_ray(exc: BaseException) -> BaseException:
+    """The error to show for a failed Ray run: a worker's :class:`SpadeError` (one line naming the file) if
+    there is one, else the innermost cause in one line (``--debug`` shows the whole chain)."""
+    stack, seen, inner = [exc], set(), exc
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, SpadeError) and type(e).__module__.startswith("spade_ad"):
+            return SpadeError(str(e))
+        inner = e
+        stack += [c for c in (e.__context__, e.__cause__, getattr(e, "cause", None)) if isinstance(c, BaseException)]
+    return RuntimeError(f"a Ray worker failed: {type(inner).__name__}: {_first_line(inner)}")
+
+
+def _batches(ds: Any) -> Iterator[dict[str, np.ndarray]]:
+    """The output blocks of ``ds`` as they come (any order); Ray's errors become :func:`_from_ray`'s."""
+    it = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    while True:
+        try:
+            b = next(it)
+        except StopIteration:
+            return
+        except Exception as exc:
+            raise _from_ray(exc) from exc
+        yield b
+
+
+def _as_given(message: str, path: str, file: str) -> str:
+    """A worker reads ``path`` (absolute); its error message names the file as the user gave it."""
+    return file + message[len(path):] if message.startswith(path) else message
+
+
+def _safe_stem(name: str) -> bool:
+    return bool(name) and len(name) <= 200 and not name.startswith(".") and not any(c in name for c in "/\\\0")
+
+
+# --------------------------------------------------------------------------- workers
+class _Scorer:
+    """Actor of the scoring pool: loads the model once, then scores batches and writes each image's outputs.
+
+    For :func:`predict` each input row is one *step* of a local run (column ``step``: JSON
+    ``[[index, path, file, stem], ...]``, ``batch_size`` consecutive inputs): its images are scored together,
+    exactly as the local run scores them (the last bits of a map depend on which images share a batch),
+    and one row per image comes out (``index``). For :func:`score_dataset` a batch holds arrays
+    (``image_column``, named by ``name_column``) and keeps its other columns. Either way the output has
+    ``prediction`` (the ``predictions.jsonl`` line) and ``failed``; with ``stats``, also ``worker``,
+    ``busy_s`` (seconds per image) and ``load_s`` (this worker's model load).
+    """
+
+    def __init__(self, model_dir: str, runtime: dict[str, Any], threads: int, out: str | None,
+                 threshold: float | None, raw: str, image_column: str | None, name_column: str,
+                 stats: bool) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        self.model = Spade.load(model_dir, **runtime)
+        self.load_s = time.perf_counter() - t0
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.out = Path(out) if out else None
+        self.threshold, self.raw, self.stats = threshold, raw, stats
+        self.image_column, self.name_column = image_column, name_column
+        self.thr = self.model.pixel_threshold_ if threshold is None else threshold
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
+        if self.image_column is None:
+            index: list[int] = []
+            lines: list[str] = []
+            failed: list[bool] = []
+            for step in batch["step"]:
+                items = json.loads(str(step))
+                images = [self._read(path, file) for _, path, file, _ in items]
+                ln, fl = self._score([it[2] for it in items], [it[3] for it in items], images)
+                index += [int(it[0]) for it in items]
+                lines += ln
+                failed += fl
+            out: dict[str, np.ndarray] = {"index": np.array(index, dtype=np.int64)}
+        else:
+            names = [str(n) for n in batch[self.name_column]]
+            lines, failed = self._score(names, names, [self._array(a, n) for a, n in zip(
+                batch[self.image_column], names, strict=True)])
+            out = {k: v for k, v in batch.items() if k != self.image_column}
+        out["prediction"] = np.array(lines, dtype=object)
+        out["failed"] = np.array(failed, dtype=bool)
+        if self.stats:
+            n = len(lines)
+            out["worker"] = np.array([self.worker] * n, dtype=object)
+            out["busy_s"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
+            out["load_s"] = np.full(n, self.load_s)
+        return out
+
+    def _read(self, path: str, file: str) -> np.ndarray | str:
+        """The decoded image, or why it could not be read (naming the file as given)."""
+        from .io import load_image
+
+        try:
+            return load_image(path, max_pixels=self.model.settings.max_pixels)
+        except SpadeError as exc:
+            return _as_given(str(exc), path, file)
+
+    def _array(self, arr: Any, name: str) -> np.ndarray | str:
+        from .io import to_rgb_uint8
+
+        try:
+            if self.out is not None and not _safe_stem(name):
+                raise SpadeError(f"{name}: not usable as an output file name (no '/', '\\', leading '.')")
+            return to_rgb_uint8(np.asarray(arr), name)
+        except SpadeError as exc:
+            return str(exc)
+
+    def _score(self, files: list[str], stems: list[str], images: list[np.ndarray | str]
+               ) -> tuple[list[str], list[bool]]:
+        """Score the readable ``images`` as one batch (as a local step does); one JSON line per image."""
+        from .delivery.cli import error_row, jsonl_line, prediction_row, write_image_outputs
+
+        readable = [a for a in images if isinstance(a, np.ndarray)]
+        results = iter(self.model.predict(readable, pixel_threshold=self.threshold) if readable else [])
+        lines, failed = [], []
+        for file, stem, img in zip(files, stems, images, strict=True):
+            if isinstance(img, str):
+                row = error_row(file, img)
+            else:
+                res = next(results)
+                outputs = {} if self.out is None else write_image_outputs(self.out, stem, img, res, self.thr, self.raw)
+                row = prediction_row(file, res, outputs)
+            lines.append(jsonl_line(row))
+            failed.append(isinstance(img, str))
+        return lines, failed
+
+
+class _Featurizer:
+    """Actor of the fit pool: builds the backbone once, then turns batches of training images into bank rows."""
+
+    def __init__(self, settings: SpadeSettings, threads: int) -> None:
+        import torch
+
+        from .features import level_shapes
+
+        torch.set_num_threads(threads)
+        self.model = Spade(settings)
+        net = self.model._net()
+        self.shapes = [(h * w, c) for (h, w), c in zip(level_shapes(net, self.model.prep), net.channels, strict=True)]
+        self.global_dim = net.global_dim
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from .io import load_image
+        from .model import THUMB
+
+        n = len(batch["index"])
+        errors = [""] * n
+        images: list[np.ndarray] = []
+        ok: list[int] = []
+        for j, (path, file) in enumerate(zip(batch["path"], batch["file"], strict=True)):
+            try:
+                images.append(load_image(str(path), max_pixels=self.model.settings.max_pixels))
+                ok.append(j)
+            except SpadeError as exc:
+                errors[j] = _as_given(str(exc), str(path), str(file))
+        out: dict[str, np.ndarray] = {"index": batch["index"], "error": np.array(errors, dtype=object)}
+        for li, shape in enumerate(self.shapes):
+            out[f"level{li}"] = np.zeros((n, *shape), np.float16)
+        out["global"] = np.zeros((n, self.global_dim), np.float32)
+        out["thumbnails"] = np.zeros((n, THUMB, THUMB, 3), np.uint8)
+        if images:
+            rows = self.model.bank_rows(images, 0)
+            for li, lv in enumerate(rows.levels):
+                out[f"level{li}"][ok] = lv
+            out["global"][ok] = rows.global_
+            out["thumbnails"][ok] = rows.thumbnails
+        return out
+
+
+# --------------------------------------------------------------------------- fit
+def fit(
+    images: str | Path | Sequence[str | Path],
+    settings: SpadeSettings | None = None,
+    *,
+    workdir: str | Path | None = None,
+    progress: Progress | None = None,
+    address: str = "local",
+    workers: int | None = None,
+    gpus_per_worker: float = 0.0,
+    threads: int | None = None,
+    batch_size: int | None = None,
+) -> Spade:
+    """``Spade(settings).fit(images, progress, workdir)`` with the features computed on Ray workers.
+
+    The workers read the training images (so they must see them at the same paths) and send back bank rows;
+    this process writes them into the bank at each image's index, then calibrates the thresholds as a local
+    fit does. With CPU workers at the same thread count the bank and index files are byte-identical to a local
+    fit's (so ``save`` gives them the same content-addressed names). A training image that cannot be read
+    stops the fit with one line naming it, as locally.
+
+    Args:
+        images: a folder or a list of image files.
+        settings, workdir, progress: as for :class:`~spade_ad.Spade` and :meth:`~spade_ad.Spade.fit`.
+        address: ``local``, ``auto`` or a cluster address (see :func:`connected`).
+        workers: worker processes (default: as many as the cluster's CPUs, or GPUs, allow).
+        gpus_per_worker: GPUs per worker (fractions share a GPU); the workers then extract on ``cuda``.
+        threads: torch threads per worker, also the CPUs each reserves (default: this process's count).
+        batch_size: images per worker call (default: enough for two calls per worker, at most 16).
+
+    Returns:
+        The fitted model (call ``save``).
+    """
+    _check_pool(workers, gpus_per_worker, threads, batch_size)
+    model = Spade(settings if settings is not None else SpadeSettings())
+    items, names = resolve_images(images)
+    files = [x for x in items if isinstance(x, (str, Path))]
+    if len(files) != len(items):
+        raise SpadeError("a distributed fit reads image files on the workers: give a folder or a list of files")
+    worker_settings = model.settings.replace(device=_worker_device(model.settings.device, gpus_per_worker))
+    with connected(address) as ray:
+        _quiet_data(ray)
+        pool = _pool(ray, len(files), workers, gpus_per_worker, threads, batch_size)
+        todo = [{"index": i, "path": os.path.abspath(p), "file": names[i]} for i, p in enumerate(files)]
+        ds = ray.data.from_items(todo, override_num_blocks=math.ceil(len(todo) / pool.batch_size)).map_batches(
+            _Featurizer, fn_constructor_kwargs={"settings": worker_settings, "threads": pool.threads},
+            **pool.map_args(pool.batch_size))
+
+        def rows() -> Iterator[BankRows]:
+            for b in _batches(ds):
+                levels = sorted((k for k in b if k.startswith("level")), key=lambda k: int(k[5:]))
+                for j, i in enumerate(b["index"]):
+                    if b["error"][j]:
+                        raise SpadeError(str(b["error"][j]))
+                    yield BankRows(int(i), [b[k][j : j + 1] for k in levels], b["global"][j : j + 1],
+                                   b["thumbnails"][j : j + 1])
+
+        return model.fit_rows(names, rows(), progress, workdir)
+
+
+# --------------------------------------------------------------------------- predict
+def predict(
+    model_dir: str | Path,
+    inputs: str | Path | Sequence[str | Path],
+    out: str | Path,
+    *,
+    address: str = "local",
+    workers: int | None = None,
+    gpus_per_worker: float = 0.0,
+    threads: int | None = None,
+    device: str = "cpu",
+    weights: str | None = None,
+    threshold: float | None = None,
+    raw: str = "npy",
+    batch_size: int | None = None,
+    max_pixels: int | None = None,
+    on_error: str = "skip",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> RunSummary:
+    """``spade-ad predict MODEL_DIR INPUTS... --out OUT`` on a Ray cluster: the same files in OUT.
+
+    Per image ``<stem>_overlay.png``, ``<stem>_map.npy`` (or ``.png`` with ``raw="png16"``) and
+    ``<stem>_mask.png``, written by the workers; ``predictions.jsonl`` with one row per input in the order of
+    the inputs (folders sorted by file name), field for field the rows of a local run; ``run.json``. OUT
+    follows the local rules: refused if it holds files spade-ad did not write (unless ``overwrite``).
+
+    Args:
+        model_dir: a model folder written by ``fit``; it, the inputs and ``out`` must be on a file system
+            every node sees, at the same paths.
+        inputs: image files and/or folders, as on the command line.
+        out: the output folder.
+        address, workers, gpus_per_worker, threads: as for :func:`fit`.
+        device, weights, threshold, raw, max_pixels: as for ``spade-ad predict``.
+        batch_size: images scored together, as ``--batch-size`` of a local run (default: the model's
+            ``batch_size``, 16); one worker call scores one such step, so the rows equal those of a local
+            run with the same ``batch_size``.
+        on_error: ``skip``: an image that cannot be read gets a row ``{"file", "error"}`` and no outputs, the
+            others are scored; ``stop``: the run stops at the first one (``SpadeError``).
+        progress: callback ``("predict", done, total)``.
+
+    Returns:
+        A :class:`RunSummary`. The command line exits with code 2 when ``n_failed`` > 0.
+    """
+    from .delivery import cli
+    from .io import save_json
+    from .persistence import clean_stale, staging_path
+
+    model_dir, out = Path(model_dir), Path(out)
+    given = [Path(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
+    cli.check_predict_options(raw, threshold, on_error)
+    _check_pool(workers, gpus_per_worker, threads, batch_size)
+    runtime: dict[str, Any] = {"device": _worker_device(device, gpus_per_worker), "weights": weights}
+    runtime.update({k: v for k, v in (("batch_size", batch_size), ("max_pixels", max_pixels)) if v is not None})
+    model = Spade.load(model_dir, **{**runtime, "device": "cpu"})  # one clear line here if anything is wrong
+    thr = model.pixel_threshold_ if threshold is None else threshold
+    image_threshold, step = model.image_threshold_, model.settings.batch_size
+    del model
+    pairs = cli._output_stems(given)
+    cli._check_output_folder(out, given, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    clean_stale(out)
+    previous = cli._previous_outputs(out)  # files of earlier runs stay ours
+    known = set(previous)
+    planned = [n for _, stem in pairs for n in cli.output_names(stem, raw, thr is not None).values()
+               if n and n not in known]
+    run = cli.run_record(model_dir, len(pairs), image_threshold, thr, previous + planned)
+    _remove_debris(out, set(planned))  # left by workers of a killed run
+    started = False
+    try:
+        with connected(address) as ray:
+            _quiet_data(ray)
+            pool = _pool(ray, len(pairs), workers, gpus_per_worker, threads, step)
+            run["ray"] = pool.describe(address)
+            save_json(out / "run.json", run)  # status "running", listing every file this run may write, before any
+            started = True
+            steps = [{"step": json.dumps([[i, os.path.abspath(f), str(f), stem] for i, (f, stem) in
+                                          enumerate(pairs[a : a + step], start=a)])}
+                     for a in range(0, len(pairs), step)]
+            ds = ray.data.from_items(steps, override_num_blocks=len(steps)).map_batches(
+                _Scorer, fn_constructor_kwargs={
+                    "model_dir": os.path.abspath(model_dir), "runtime": runtime, "threads": pool.threads,
+                    "out": os.path.abspath(out), "threshold": threshold, "raw": raw, "image_column": None,
+                    "name_column": "file", "stats": True}, **pool.map_args(1))
+            del steps
+            return _collect(ds, out, run, len(pairs), on_error, progress, staging_path(out, ".rows.jsonl"))
+    finally:
+        if started:  # the workers are gone (or going): list exactly the files of this run that exist
+            _remove_debris(out, set(planned))
+            run["outputs"] = previous + [n for n in planned if (out / n).is_file()]
+            save_json(out / "run.json", run)
+
+
+def _remove_debris(out: Path, names: set[str]) -> None:
+    """Remove the temporary files (``.<name>.<random>.tmp``) of outputs ``names`` that a killed worker left."""
+    for p in out.iterdir():
+        if p.name.startswith(".") and p.name.endswith(".tmp") and p.name[1:].rsplit(".", 2)[0] in names:
+            p.unlink(missing_ok=True)
+
+
+def _collect(ds: Any, out: Path, run: dict[str, Any], n: int, on_error: str, progress: Progress | None,
+             spool: Path) -> RunSummary:
+    """Stream the rows of ``ds`` into a spool file (one offset per input kept here), then write
+    ``predictions.jsonl`` in input order and mark ``run`` complete; on any exception, the rows so far and
+    ``status: interrupted``. (The caller saves ``run`` as ``run.json``.)"""
+    offsets = np.full(n, -1, dtype=np.int64)
+    summary = RunSummary(0, 0, 0, 0.0)
+    t0 = time.perf_counter()
+    try:
+        with open(spool, "w+b") as fh:
+            for b in _batches(ds):
+                for j, i in enumerate(b["index"]):
+                    if offsets[i] >= 0:
+                        continue  # a batch delivered again after a retry
+                    line = str(b["prediction"][j])
+                    offsets[i] = fh.tell()
+                    fh.write(line.encode())
+                    summary.n_rows += 1
+                    w = summary.workers.setdefault(str(b["worker"][j]), {"images": 0, "busy_s": 0.0, "load_s": 0.0})
+                    w["images"] += 1
+                    w["busy_s"] += float(b["busy_s"][j])
+                    w["load_s"] = float(b["load_s"][j])
+                    row = json.loads(line)
+                    if b["failed"][j]:
+                        summary.n_failed += 1
+                        if on_error == "stop":
+                            raise SpadeError(row["error"])
+                    summary.n_defective += row.get("verdict") == "defective"
+                if progress:
+                    progress("predict", summary.n_rows, n)
+            summary.seconds = time.perf_counter() - t0
+            missing = np.flatnonzero(offsets < 0)
+            if len(missing):  # Ray Data delivers every block or raises; this guards the promise anyway
+                raise RuntimeError(f"the Ray run returned no row for {len(missing)} inputs (e.g. input {missing[0]})")
+            _write_rows(out / "predictions.jsonl", fh, offsets)
+            run.update(status="complete", n_images=summary.n_rows, n_failed=summary.n_failed,
+                       seconds=round(summary.seconds, 3), workers=summary.workers)
+    except BaseException:
+        if spool.exists():  # say how far it got: the rows so far, in input order
+            with open(spool, "rb") as fh:
+                _write_rows(out / "predictions.jsonl", fh, offsets)
+        run.update(status="interrupted", n_images=summary.n_rows, n_failed=summary.n_failed)
+        raise
+    finally:
+        spool.unlink(missing_ok=True)
+    return summary
+
+
+def _write_rows(path: Path, spool: Any, offsets: np.ndarray) -> None:
+    """``predictions.jsonl`` from the spool: the rows received, in input order, one at a time."""
+    from .io import atomic_write
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            for off in offsets[offsets >= 0]:
+                spool.seek(int(off))
+                f.write(spool.readline())
+
+    spool.flush()
+    atomic_write(path, write)
+
+
+# --------------------------------------------------------------------------- datasets
+def score_dataset(
+    ds: Any,
+    model_dir: str | Path,
+    *,
+    image_column: str = "image",
+    name_column: str = "name",
+    out: str | Path | None = None,
+    threshold: float | None = None,
+    raw: str = "npy",
+    workers: int | None = None,
+    gpus_per_worker: float = 0.0,
+    threads: int | None = None,
+    device: str = "cpu",
+    weights: str | None = None,
+    batch_size: int = 16,
+) -> Any:
+    """Score a ``ray.data.Dataset`` whose rows hold an image array (HxW, HxWx3 or HxWx4; any dtype
+    :func:`spade_ad.io.to_rgb_uint8` takes) and a name.
+
+    Returns a lazy ``ray.data.Dataset``: the input's other columns, ``prediction`` (the ``predictions.jsonl``
+    row as JSON text, ``file`` being the name; ``json.loads`` it) and ``failed`` (True for a row with an
+    ``error``: an array that is not an image). With ``out`` (a folder every node sees), each image's overlay,
+    map and mask are written there as ``<name>_overlay.png`` etc. (names must be unique and usable as file
+    names) and the rows name them; ``run.json`` is not written (that is :func:`predict`'s run folder).
+    Requires Ray to be initialised (creating ``ds`` did that); nothing runs until you consume the result.
+
+    Example:
+        >>> scored = score_dataset(ds, "model_dir", workers=4)                 # doctest: +SKIP
+        >>> for row in scored.iter_rows():                                       # doctest: +SKIP
+        ...     print(row["name"], json.loads(row["prediction"])["verdict"])
+    """
+    from .delivery.cli import check_predict_options
+
+    ray = _ray()
+    check_predict_options(raw, threshold, "skip")
+    _check_pool(workers, gpus_per_worker, threads, batch_size)
+    Spade.load(model_dir, device="cpu", weights=weights)  # one clear line here if the folder is damaged
+    pool = _pool(ray, 10**9, workers, gpus_per_worker, threads, batch_size)
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    return ds.map_batches(_Scorer, fn_constructor_kwargs={
+        "model_dir": os.path.abspath(model_dir), "runtime": {"device": _worker_device(device, gpus_per_worker),
+                                                            "weights": weights},
+        "threads": pool.threads, "out": None if out is None else os.path.abspath(out), "threshold": threshold,
+        "raw": raw, "image_column": image_column, "name_column": name_column, "stats": False},
+        **pool.map_args(batch_size))
+
+
+__all__ = ["predict", "fit", "score_dataset", "connected", "RunSummary", "INSTALL_HINT"]
