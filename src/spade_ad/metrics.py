@@ -66,19 +66,20 @@ def _validated_pairs(
         raise ValueError(f"got {len(masks)} masks but {len(maps)} anomaly maps")
     if len(masks) == 0:
         raise ValueError("no images given")
-    pairs: list[tuple[np.ndarray, np.ndarray]] = []
-    for i, (m, a) in enumerate(zip(masks, maps, strict=True)):
-        mask = np.asarray(m)
-        amap = np.asarray(a)
-        if mask.ndim != 2:
-            raise ValueError(f"image {i}: mask must be 2-D, got shape {_fmt_shape(mask.shape)}")
-        if amap.shape != mask.shape:
-            raise ValueError(
-                f"image {i}: anomaly map shape {_fmt_shape(amap.shape)} "
-                f"does not match mask shape {_fmt_shape(mask.shape)}"
-            )
-        pairs.append((mask, amap))
-    return pairs
+    return [_checked_pair(i, m, a) for i, (m, a) in enumerate(zip(masks, maps, strict=True))]
+
+
+def _checked_pair(i: int, mask: npt.ArrayLike, amap: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Image ``i``'s (mask, map) as arrays: a 2-D mask and a map of the same shape."""
+    mask_a, amap_a = np.asarray(mask), np.asarray(amap)
+    if mask_a.ndim != 2:
+        raise ValueError(f"image {i}: mask must be 2-D, got shape {_fmt_shape(mask_a.shape)}")
+    if amap_a.shape != mask_a.shape:
+        raise ValueError(
+            f"image {i}: anomaly map shape {_fmt_shape(amap_a.shape)} "
+            f"does not match mask shape {_fmt_shape(mask_a.shape)}"
+        )
+    return mask_a, amap_a
 
 
 def _sort_desc_run_ends(scores: np.ndarray) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
@@ -441,15 +442,7 @@ class PixelMetrics:
         """
         self._check_open()
         i = self._n_images
-        mask_a = np.asarray(mask)
-        amap_a = np.asarray(amap)
-        if mask_a.ndim != 2:
-            raise ValueError(f"image {i}: mask must be 2-D, got shape {_fmt_shape(mask_a.shape)}")
-        if amap_a.shape != mask_a.shape:
-            raise ValueError(
-                f"image {i}: anomaly map shape {_fmt_shape(amap_a.shape)} "
-                f"does not match mask shape {_fmt_shape(mask_a.shape)}"
-            )
+        mask_a, amap_a = _checked_pair(i, mask, amap)
         with np.errstate(over="ignore", invalid="ignore"):
             scores = np.array(amap_a, dtype=self._dtype, order="C").ravel()
         if not np.isfinite(scores).all():

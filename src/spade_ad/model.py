@@ -14,7 +14,6 @@ import tempfile
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -28,7 +27,7 @@ from .correspondence.runtime import COMPUTE_LOCK
 from .errors import NotFittedError, SpadeError
 from .features import batches, extract, level_shapes
 from .io import list_images, load_image, to_rgb_uint8
-from .persistence import clean_stale, crash_point, is_staging, staging_path
+from .persistence import clean_stale, crash_point, is_staging, staging_path, utc_now
 from .preprocess import Preprocessor
 from .result import Prediction
 from .retrieval import image_knn
@@ -80,10 +79,6 @@ def _check_unique(names: list[str], new: list[str] | None = None) -> None:
         if n in seen and not n.startswith("array["):
             raise SpadeError(f"{n}: {'already a training image of this model' if new else 'given twice'}")
         seen.add(n)
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _unlink(path: Path) -> None:
@@ -339,7 +334,7 @@ class Spade:
                 removed: list[str] | None = None, source: str | None = None) -> dict[str, Any]:
         """One history entry: what changed, and the counts and thresholds before and after."""
         history = getattr(self, "history_", [])
-        return {"generation": len(history) + 1 if action != "fit" else 1, "time": _now(), "action": action,
+        return {"generation": len(history) + 1 if action != "fit" else 1, "time": utc_now(), "action": action,
                 "added": added or [], "removed": removed or [], "source": source,
                 "before": before, "after": self.thresholds_summary()}
 

@@ -25,6 +25,7 @@ import re
 import secrets
 import signal
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,11 @@ KEEP_GENERATIONS = 5  # generations whose files a folder keeps (the current one 
 DATA = ("bank", "index")  # the data files of a model, each ``<kind>-<sha256 prefix>.safetensors``
 _DATA_NAME = re.compile(r"^(bank|index)-[0-9a-f]{16}\.safetensors$")
 _STAGING = re.compile(r"^\.staging-(\d+)-")
+
+
+def utc_now() -> str:
+    """The time recorded in a model's history (UTC, to the second)."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def crash_point(name: str) -> None:
@@ -374,8 +380,6 @@ def rollback(folder: Path, generation: int, source: str | None = None) -> dict[s
     Returns the history entry of the rollback. The earlier generation's files must still be kept (the
     folder keeps the last ``KEEP_GENERATIONS``).
     """
-    from datetime import UTC, datetime
-
     with folder_lock(folder):
         current = read_header(folder)
         if not 1 <= generation < current["generation"]:
@@ -399,7 +403,7 @@ def rollback(folder: Path, generation: int, source: str | None = None) -> dict[s
             return {"n_train": h["n_train"], "image_threshold": h["image_threshold"],
                     "pixel_threshold": h["pixel_threshold"]}
 
-        entry = {"generation": current["generation"] + 1, "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        entry = {"generation": current["generation"] + 1, "time": utc_now(),
                  "action": "rollback", "to": generation, "added": [], "removed": [], "source": source,
                  "before": numbers(current), "after": numbers(old)}
         header = {**old, "generation": entry["generation"], "history": [*current["history"], entry],

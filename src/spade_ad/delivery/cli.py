@@ -658,8 +658,8 @@ def serve(
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="largest accepted upload, in MB")] = 20.0,
     device: DeviceOpt = "cpu",
     weights: WeightsOpt = None,
-    max_pixels: Annotated[int, typer.Option("--max-pixels", help="refuse uploads with more pixels, from their "
-                                                                 "header")] = 50_000_000,
+    max_pixels: Annotated[int | None, typer.Option("--max-pixels", help="refuse uploads with more pixels, from "
+                                                                        "their header (default: 50 million)")] = None,
     allow_updates: Annotated[bool, typer.Option("--allow-updates", help="let the page and the API add and remove "
                                                 "good images (needs a token: SPADE_AD_TOKEN or --token-file; one is "
                                                 "generated and printed if neither is given)")] = False,
@@ -681,8 +681,8 @@ def serve(
         raise SpadeError(f"--port must be between 1 and 65535, got {port}")
     token = _update_token(token_file) if allow_updates else None
     application = create_app(model_dir, max_upload_bytes=int(max_upload_mb * 1024 * 1024), device=device,
-                             weights=weights, allowed_hosts=[host, *(allowed_hosts or [])], max_pixels=max_pixels,
-                             allow_updates=allow_updates, token=token)
+                             weights=weights, allowed_hosts=[host, *(allowed_hosts or [])],
+                             allow_updates=allow_updates, token=token, max_pixels=max_pixels)
     say(f"spade-ad inspector on http://{host}:{port}/ (API docs at /docs; Ctrl+C stops); "
         + ("updates ALLOWED (token required)" if allow_updates else "read-only"))
     uvicorn.run(application, host=host, port=port, log_level="info")

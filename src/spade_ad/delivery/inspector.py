@@ -233,12 +233,13 @@ def create_app(
     model: Spade | None = None,
     weights: str | None = None,
     allowed_hosts: list[str] | None = None,
-    max_pixels: int = MAX_PIXELS,
+    max_pixels: int | None = None,
     allow_updates: bool = False,
     token: str | None = None,
 ) -> FastAPI:
     """The inspector app for the model in ``model_dir`` (or an already fitted/loaded ``model``).
 
+    ``max_pixels``: refuse uploads with more pixels, read from their header (default ``MAX_PIXELS``).
     ``allowed_hosts``: host names accepted in the ``Host`` header (default: this machine's loopback names);
     any other is refused (DNS rebinding). Requests that change anything must come from the same origin.
     ``allow_updates``: offer ``POST /normals`` and ``DELETE /normals/{index}`` (they change the model in
@@ -252,6 +253,8 @@ def create_app(
         model = Spade.load(model_dir, device=device, weights=weights)
     if max_upload_bytes <= 0:
         raise SpadeError(f"max_upload_bytes must be positive, got {max_upload_bytes}")
+    if max_pixels is None:
+        max_pixels = MAX_PIXELS
     if max_pixels < 64:
         raise SpadeError(f"max_pixels must be at least 64, got {max_pixels}")
     if allow_updates and (model_dir is None or not token):
