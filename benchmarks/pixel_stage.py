@@ -205,6 +205,108 @@ def print_table(summary: dict[str, Any], methods: list[str], title: str) -> None
           f"checked): {bad}")
 
 
+# ---------------------------------------------------------------------------------------------- profile
+
+# (module, attribute, stage): functions whose time (exclusive of the other wrapped ones they call) is
+# charged to a stage of Spade.predict. Attributes missing in this version of the code are skipped, so the
+# same table profiles the engine before and after the search index.
+PROFILE_HOOKS = [
+    ("spade_ad.model", "read_item", "read + decode"),
+    ("spade_ad.model", "extract", "backbone"),
+    ("spade_ad.model", "image_knn", "image kNN"),
+    ("spade_ad.bank:Bank", "rows", "gallery reads"),
+    ("spade_ad.correspondence.gallery", "prepare", "index: prepare neighbours"),
+    ("spade_ad.correspondence.gallery", "merge", "index: merge gallery"),
+    ("spade_ad.correspondence.search", "pruned_layout", "layout (cells, units)"),
+    ("spade_ad.correspondence.pruning:Layout", "__init__", "layout (cells, units)"),
+    ("spade_ad.correspondence.pruning:Layout", "boxes", "bounds"),
+    ("spade_ad.correspondence.search", "_local_bound", "bounds"),
+    ("spade_ad.correspondence.search", "unit_bounds", "bounds"),
+    ("spade_ad.correspondence.search:_Search", "search", "GEMMs + candidates"),
+    ("spade_ad.correspondence.search:_MergedSearch", "first_bound", "GEMMs + candidates"),
+    ("spade_ad.correspondence.search:_MergedSearch", "process", "GEMMs + candidates"),
+    ("spade_ad.correspondence.search:_Search", "flush", "exact re-check"),
+    ("spade_ad.correspondence.search:_MergedSearch", "recheck", "exact re-check"),
+    ("spade_ad.correspondence.search", "_nn_distances", "search: rest"),
+    ("spade_ad.correspondence.search", "_merged", "search: rest"),
+    ("spade_ad.model", "combine_levels", "upsample + smooth"),
+    ("spade_ad.preprocess:Preprocessor", "map_to_image", "map to image size"),
+    ("spade_ad.model:Spade", "predict", "predict: rest"),
+]
+
+
+class StageClock:
+    """Wall time per stage, each wrapped call charged exclusive of the wrapped calls inside it."""
+
+    def __init__(self) -> None:
+        self.acc: dict[str, float] = {}
+        self.stack: list[float] = []
+        self.undo: list[tuple[Any, str, Any]] = []
+
+    def install(self) -> None:
+        import importlib
+
+        for target, attr, stage in PROFILE_HOOKS:
+            mod_name, _, cls_name = target.partition(":")
+            obj: Any = importlib.import_module(mod_name)
+            if cls_name:
+                obj = getattr(obj, cls_name, None)
+            fn = getattr(obj, attr, None) if obj is not None else None
+            if fn is None:
+                continue
+            self.undo.append((obj, attr, fn))
+            setattr(obj, attr, self._wrap(fn, stage))
+
+    def remove(self) -> None:
+        for obj, attr, fn in reversed(self.undo):
+            setattr(obj, attr, fn)
+        self.undo.clear()
+
+    def _wrap(self, fn: Callable[..., Any], stage: str) -> Callable[..., Any]:
+        def wrapped(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            self.stack.append(0.0)
+            try:
+                return fn(*a, **k)
+            finally:
+                dt = time.perf_counter() - t
+                inner = self.stack.pop()
+                self.acc[stage] = self.acc.get(stage, 0.0) + dt - inner
+                if self.stack:
+                    self.stack[-1] += dt
+
+        return wrapped
+
+
+def profile_predict(model: Spade, paths: list[Path], repeats: int) -> dict[str, Any]:
+    """Spade.predict on ``paths`` with every stage timed; the run with the smallest total is kept."""
+    clock = StageClock()
+    clock.install()
+    runs = []
+    try:
+        for _ in range(repeats):
+            clock.acc = {}
+            t = time.perf_counter()
+            model.predict(paths)
+            total = time.perf_counter() - t
+            runs.append((total, dict(clock.acc)))
+            print(f"  profile run: {1e3 * total / len(paths):.1f} ms/image", flush=True)
+    finally:
+        clock.remove()
+    total, acc = min(runs, key=lambda r: r[0])
+    stages = {k: 1e3 * v / len(paths) for k, v in sorted(acc.items(), key=lambda kv: -kv[1])}
+    return {"ms_per_image": stages, "total_ms_per_image": 1e3 * total / len(paths),
+            "runs_ms_per_image": [1e3 * r[0] / len(paths) for r in runs], "n_images": len(paths)}
+
+
+def print_profile(prof: dict[str, Any], title: str) -> None:
+    print(f"\n{title}")
+    for k, v in prof["ms_per_image"].items():
+        print(f"  {k:<28} {v:8.1f} ms/image")
+    print(f"  {'total (wall)':<28} {prof['total_ms_per_image']:8.1f} ms/image   (runs: "
+          + ", ".join(f"{x:.1f}" for x in prof["runs_ms_per_image"]) + ")")
+
+
 # ---------------------------------------------------------------------------------------------- bottle
 
 
@@ -224,17 +326,31 @@ def spread(samples: list[Any], n: int) -> list[Any]:
 
 def bottle(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
     cat = load_mvtec_category(args.data)
-    model = Spade(device=str(dev), calibration_images=0)
-    print(f"fit: {len(cat.train)} training images of {cat.name} ({model.settings.backbone}, "
-          f"k={model.settings.k}) ...", flush=True)
-    model._net()  # build the backbone outside the fit timing
-    t_fit, _ = timed(lambda: model.fit(cat.train), dev)
+    if args.model is not None:
+        model = Spade.load(args.model, device=str(dev))
+        t_fit = math.nan
+        print(f"model: {args.model} ({model.bank_.n} training images)", flush=True)
+    else:
+        model = Spade(device=str(dev), calibration_images=0)
+        print(f"fit: {len(cat.train)} training images of {cat.name} ({model.settings.backbone}, "
+              f"k={model.settings.k}) ...", flush=True)
+        model._net()  # build the backbone outside the fit timing
+        t_fit, _ = timed(lambda: model.fit(cat.train), dev)
+        print(f"fit: {t_fit:.1f} s, {len(cat.train) / t_fit:.2f} images/s", flush=True)
+        if args.save_model is not None:
+            model.save(args.save_model)
     rss_fit = peak_rss_mb()
-    print(f"fit: {t_fit:.1f} s, {len(cat.train) / t_fit:.2f} images/s, peak RSS so far {rss_fit:.0f} MB", flush=True)
     args.kappa = model.settings.kappa
     tests = spread(cat.test, args.n_images)
     paths = [s.path for s in tests]
     print(f"test images: {', '.join(f'{s.defect_type}/{s.path.name}' for s in tests)}")
+    if args.profile:
+        print("profile: warm-up ...", flush=True)
+        model.predict(paths[:2])
+        prof = profile_predict(model, paths, args.repeats)
+        return {"data": str(args.data), "backbone": model.settings.backbone, "k": model.settings.k,
+                "kappa": model.settings.kappa, "n_train": model.bank_.n, "test_images": [str(p) for p in paths],
+                "profile": prof, "peak_rss_mb": {"end": peak_rss_mb()}}
 
     net = model._net()
     with torch.no_grad():
@@ -371,6 +487,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch/faiss CPU threads (default: leave as is)")
     ap.add_argument("--no-predict-naive", dest="predict_naive", action="store_false",
                     help="bottle mode: skip Spade.predict with the cdist baseline patched in")
+    ap.add_argument("--profile", action="store_true",
+                    help="bottle mode: only time Spade.predict stage by stage (backbone, gallery, search, ...)")
+    ap.add_argument("--model", type=Path, default=None, help="bottle mode: load this model instead of fitting")
+    ap.add_argument("--save-model", type=Path, default=None, help="bottle mode: save the fitted model here")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -406,9 +526,17 @@ def main() -> None:
         **res,
         "wall_seconds": time.perf_counter() - t0,
     }
+    if args.profile:
+        mode = f"{mode}_profile"
     out = args.out or HERE / "results" / f"pixel_stage_{mode}_{dev.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1, default=float) + "\n")
+    if args.profile:
+        print_profile(res["profile"], f"Spade.predict stage by stage, {res['backbone']}, k={res['k']}, "
+                      f"{args.n_images} bottle test images, best of {args.repeats}, "
+                      f"torch threads {res['torch_threads']}")
+        print(f"wall {res['wall_seconds']:.0f} s; saved {out}")
+        return
 
     title = (f"pixel stage, {mode}, {res['backbone']}, k={res['k']}, kappa={res['kappa']}, device {dev}, "
              f"{args.n_images} images, best of {args.repeats}, torch threads {res['torch_threads']}")
