@@ -22,6 +22,7 @@ import torch
 from .backbones import FeatureExtractor, build_backbone
 from .bank import Bank, BankWriter
 from .correspondence import Correspondence, combine_levels, level_maps, match_pixel
+from .correspondence.cells import index_spec, write_index
 from .correspondence.runtime import COMPUTE_LOCK
 from .errors import NotFittedError, SpadeError
 from .features import batches, extract, level_shapes
@@ -175,6 +176,7 @@ class Spade:
             weakref.finalize(self, _unlink, bank_path)  # unless saved (then renamed) before
         spec: dict[str, tuple[tuple[int, ...], str]] = {f"level{i}": (sh, "F16") for i, sh in enumerate(shapes)}
         spec["thumbnails"] = ((THUMB, THUMB, 3), "U8")
+        spec.update(index_spec(shapes))  # the search index (stage 3), built after the features
         writer = BankWriter(bank_path, len(items), spec)
         thumb = Preprocessor("resize", THUMB)
         globals_: list[torch.Tensor] = []
@@ -190,6 +192,7 @@ class Spade:
                 globals_.append(gvec.cpu())
                 if progress:
                     progress("fit", b, len(items))
+            write_index(writer, s.k)
         except BaseException:
             writer.close()
             _unlink(bank_path)

@@ -1,13 +1,89 @@
 """Stage 3, first steps: gather the retrieved training images' pyramids (the gallery) from the bank and
-score every test position against all gallery positions of the same level (exact search)."""
+score every test position against all gallery positions of the same level (exact search).
+
+With a bank that holds the search index (:mod:`.cells`), each neighbour's rows are prepared once and kept
+in a bounded cache shared by all the test images of a model (work shared across test images: consecutive
+images share most of their neighbours), and a test image's gallery is merged from them; otherwise (older
+banks, GPUs, small problems) the gallery is gathered and searched as is. Both give the same bits.
+"""
 
 from __future__ import annotations
+
+import threading
+import weakref
+from collections import OrderedDict
 
 import numpy as np
 import torch
 
 from ..bank import Bank
-from .search import nn_distances
+from .cells import LevelIndex, Prepared, index_names, load_level, merge, prepare
+from .search import nn_distances, nn_distances_merged
+
+CACHE_BYTES = 256 << 20  # prepared neighbour rows kept per bank (least recently used ones are dropped)
+INDEX_MIN_WORK = 5e8  # queries x gallery rows x channels below which the plain search is as fast
+INDEX_MAX_KAPPA = 32  # above, the plain search (its bounds need kappa distinct rows per sub-block table)
+
+
+class GalleryCache:
+    """A bank's index (per level, or ``None``) and its prepared rows, least recently used dropped first."""
+
+    def __init__(self, bank: Bank, max_bytes: int = CACHE_BYTES) -> None:
+        self.bank = bank
+        self.levels: list[LevelIndex | None] = [load_level(bank, li) for li in range(bank.n_levels)]
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[tuple[int, int], Prepared] = OrderedDict()
+        self.bytes = 0
+        self.lock = threading.Lock()
+
+    def prepared(self, level: int, indices: list[int]) -> list[Prepared]:
+        """The prepared rows of training images ``indices`` at ``level`` (read and prepared if not cached)."""
+        lev = self.levels[level]
+        assert lev is not None
+        with self.lock:
+            missing = sorted({i for i in indices if (level, i) not in self.entries})
+            if missing:
+                unit_name, same_name = index_names(level)[:2]
+                rows = self.bank.gather(level, missing)
+                units = self.bank.rows(unit_name, missing)
+                sames = self.bank.rows(same_name, missing)
+                for j, i in enumerate(missing):
+                    p = prepare(rows[j], units[j], sames[j], lev, f"{self.bank.path} (training image {i})")
+                    self.entries[(level, i)] = p
+                    self.bytes += p.nbytes
+            out = []
+            for i in indices:
+                self.entries.move_to_end((level, i))
+                out.append(self.entries[(level, i)])
+            keep = {(level, i) for i in indices}
+            while self.bytes > self.max_bytes and len(self.entries) > len(keep):
+                key = next(k for k in self.entries if k not in keep)
+                self.bytes -= self.entries.pop(key).nbytes
+            return out
+
+
+_CACHES: weakref.WeakKeyDictionary[Bank, GalleryCache] = weakref.WeakKeyDictionary()
+_CACHES_LOCK = threading.Lock()
+
+
+def gallery_cache(bank: Bank) -> GalleryCache:
+    """The :class:`GalleryCache` of ``bank`` (one per bank object, dropped with it)."""
+    with _CACHES_LOCK:
+        cache = _CACHES.get(bank)
+        if cache is None:
+            cache = _CACHES[bank] = GalleryCache(bank)
+        return cache
+
+
+def release_galleries() -> None:
+    """Drop every bank's cached prepared rows (they are rebuilt on demand)."""
+    with _CACHES_LOCK:
+        _CACHES.clear()
+
+
+def indexed_pays(device: torch.device, n_q: int, n_g: int, dim: int, kappa: int) -> bool:
+    """Whether the merged gallery of the index is used (CPU, big enough, kappa not too large)."""
+    return device.type == "cpu" and kappa <= INDEX_MAX_KAPPA and float(n_q) * n_g * dim >= INDEX_MIN_WORK
 
 
 def level_maps(
@@ -24,15 +100,25 @@ def level_maps(
     The gallery of image b is every position of its k neighbours at the same level, read from ``bank``.
     """
     dev = levels[0].device
+    cache = gallery_cache(bank)
     out = []
     for li, (h, w) in enumerate(shapes):
         grid = torch.empty(len(neighbours), h * w, device=dev)
+        lev = cache.levels[li]
+        dim = levels[li].shape[-1]
         for b in range(len(neighbours)):
-            gallery = torch.from_numpy(bank.gather(li, np.asarray(neighbours[b])))
+            nb = [int(i) for i in np.asarray(neighbours[b])]
+            if lev is not None and indexed_pays(dev, h * w, len(nb) * h * w, dim, kappa):
+                parts = cache.prepared(li, nb)
+                if all(p.finite for p in parts):
+                    merged = merge(parts, lev, need_mult=kappa > 1)
+                    grid[b] = nn_distances_merged(levels[li][b], merged, kappa, tile_bytes)
+                    continue
+            gallery = torch.from_numpy(bank.gather(li, np.asarray(nb)))
             gallery = gallery.to(dev).float().reshape(-1, gallery.shape[-1])
             grid[b] = nn_distances(levels[li][b], gallery, kappa, tile_bytes, query_hw=(h, w), gallery_hw=(h, w))
         out.append(grid.view(-1, h, w))
     return out
 
 
-__all__ = ["level_maps"]
+__all__ = ["level_maps", "gallery_cache", "release_galleries", "GalleryCache", "CACHE_BYTES"]
