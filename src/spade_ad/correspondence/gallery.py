@@ -18,6 +18,7 @@ import torch
 
 from ..bank import Bank
 from .cells import LevelIndex, Prepared, index_names, load_level, merge, prepare
+from .runtime import engine_threads
 from .search import nn_distances, nn_distances_merged
 
 CACHE_BYTES = 256 << 20  # prepared neighbour rows kept per bank (least recently used ones are dropped)
@@ -109,9 +110,10 @@ def level_maps(
         for b in range(len(neighbours)):
             nb = [int(i) for i in np.asarray(neighbours[b])]
             if lev is not None and indexed_pays(dev, h * w, len(nb) * h * w, dim, kappa):
-                parts = cache.prepared(li, nb)
-                if all(p.finite for p in parts):
-                    merged = merge(parts, lev, need_mult=kappa > 1)
+                with engine_threads(1, 0.0):  # memory-bound copies: threads only add waiting
+                    parts = cache.prepared(li, nb)
+                    merged = merge(parts, lev, need_mult=kappa > 1) if all(p.finite for p in parts) else None
+                if merged is not None:
                     grid[b] = nn_distances_merged(levels[li][b], merged, kappa, tile_bytes)
                     continue
             gallery = torch.from_numpy(bank.gather(li, np.asarray(nb)))
