@@ -5,7 +5,10 @@
 
 In one process and on the same features, each test image's pixel stage is timed per pyramid level with
 
-* ``engine``: :func:`spade_ad.correspondence.nn_distances`, as ``Spade.predict`` calls it;
+* ``engine``: what ``Spade.predict`` runs: the search over the gallery merged from the fit-time index
+  (:func:`spade_ad.correspondence.nn_distances_merged`, merge included; the neighbours' rows are prepared
+  once per predict call and not timed here) where it pays, else ``plain``;
+* ``plain``: :func:`spade_ad.correspondence.nn_distances` on the gathered gallery (no index);
 * ``cdist``:  :func:`spade_ad.correspondence.cdist_baseline`, the whole ``torch.cdist`` matrix then ``topk``
   (the SPADE-pytorch approach, reduced on the right axis);
 * ``faiss``:  a ``faiss.IndexFlatL2`` built on that image's gallery and searched with kappa (the SPADE-fast
@@ -16,7 +19,8 @@ the best of ``--repeats``, so a noisy, shared machine hurts them alike. Every me
 against the float64 brute-force reference (:func:`nn_distances_reference`) on ``--check-queries`` random
 queries per image and level. In bottle mode ``Spade.fit`` (images/s) and ``Spade.predict`` end to end are
 timed as well, the latter once with the engine and once with ``nn_distances`` replaced by the cdist
-baseline inside ``spade_ad.correspondence.gallery`` (interleaved, best of ``--repeats``).
+baseline inside ``spade_ad.correspondence.gallery`` (and the index switched off; interleaved, best of
+``--repeats``). ``--profile`` times ``Spade.predict`` stage by stage instead (see :data:`PROFILE_HOOKS`).
 
 Results go to ``benchmarks/results/pixel_stage_<mode>_<device>.json`` with the machine described.
 """
@@ -42,7 +46,15 @@ sys.path.insert(0, str(HERE.parent / "src"))
 import spade_ad.correspondence as spade_correspondence  # noqa: E402
 import spade_ad.correspondence.gallery as spade_gallery  # noqa: E402
 from spade_ad.backbones import build_backbone  # noqa: E402
-from spade_ad.correspondence import cdist_baseline, nn_distances, nn_distances_reference  # noqa: E402
+from spade_ad.correspondence import (  # noqa: E402
+    cdist_baseline,
+    nn_distances,
+    nn_distances_merged,
+    nn_distances_reference,
+)
+from spade_ad.correspondence.cells import LevelIndex, Prepared, merge, prepare, train_level  # noqa: E402
+from spade_ad.correspondence.gallery import gallery_cache, indexed_pays  # noqa: E402
+from spade_ad.correspondence.runtime import engine_threads  # noqa: E402
 from spade_ad.data import load_mvtec_category  # noqa: E402
 from spade_ad.evaluate import machine_description  # noqa: E402
 from spade_ad.features import extract  # noqa: E402
@@ -57,8 +69,10 @@ try:
 except ImportError:  # optional: pip install faiss-cpu (extra "bench")
     faiss = None
 
-METHODS = ("engine", "cdist", "faiss")
-Case = tuple[torch.Tensor, torch.Tensor, tuple[int, int]]  # queries (P, C), gallery (k*P, C), grid (h, w)
+METHODS = ("engine", "plain", "cdist", "faiss")
+# queries (P, C), gallery (k*P, C), grid (h, w), and the gallery's prepared rows and level index when
+# Spade.predict would search it merged from the fit-time index (else None)
+Case = tuple[torch.Tensor, torch.Tensor, tuple[int, int], list[Prepared] | None, LevelIndex | None]
 
 
 def peak_rss_mb() -> float:
@@ -98,7 +112,7 @@ def run_case(
     case: Case, kappa: int, methods: list[str], repeats: int, n_check: int, dev: torch.device, seed: int
 ) -> dict[str, Any]:
     """Time the methods on one (image, level), interleaved, and check them against the reference."""
-    q, g, hw = case
+    q, g, hw, parts, lev = case
     q = q.to(dev).float().contiguous()
     g = g.to(dev).float().contiguous()
     qn = q.cpu().numpy() if "faiss" in methods else None
@@ -108,9 +122,14 @@ def run_case(
 
     def engine() -> torch.Tensor:
         stats.clear()
+        if parts is not None and lev is not None:
+            with engine_threads(1, 0.0):
+                merged = merge(parts, lev, need_mult=kappa > 1)  # (as level_maps does)
+            return nn_distances_merged(q, merged, kappa, stats=stats)
         return nn_distances(q, g, kappa, stats=stats, query_hw=hw, gallery_hw=hw)
 
     calls["engine"] = engine
+    calls["plain"] = lambda: nn_distances(q, g, kappa, query_hw=hw, gallery_hw=hw)
     calls["cdist"] = lambda: cdist_baseline(q, g, kappa)
     calls["faiss"] = lambda: faiss_search(qn, gn, kappa)
     times: dict[str, list[float]] = {m: [] for m in methods}
@@ -135,6 +154,8 @@ def run_case(
         "n_over_1e-4": {m: int((errs[m] > EXACT).sum()) for m in methods},
         "checked_queries": int(len(idx)),
         "engine_stats": dict(stats),
+        "indexed": parts is not None,
+        "engine_equals_plain_bitwise": bool(torch.equal(outs["engine"], outs["plain"])) if "plain" in outs else None,
     }
 
 
@@ -178,6 +199,8 @@ def summarise(rows: list[dict[str, Any]], levels: list[int], methods: list[str])
         "checked_queries": sum(r["checked_queries"] for r in rows),
         "ratios": {f"{m}/engine": total[m] / total["engine"] for m in methods if m != "engine"},
         "fallback_queries": sum(r["engine_stats"].get("fallback", 0) for r in rows),
+        "indexed_cases": sum(bool(r.get("indexed")) for r in rows),
+        "engine_equals_plain_bitwise": all(r.get("engine_equals_plain_bitwise") is not False for r in rows),
     }
 
 
@@ -201,7 +224,9 @@ def print_table(summary: dict[str, Any], methods: list[str], title: str) -> None
     print(line)
     bad = ", ".join(f"{m} {100 * summary['frac_over_1e-4'][m]:.1f}%" for m in methods)
     print(f"(ms per test image, mean over images of the best of the repeats; engine fallback queries: "
-          f"{summary['fallback_queries']})")
+          f"{summary['fallback_queries']}; cases searched through the index: "
+          f"{summary['indexed_cases']}; engine = plain bit for bit: "
+          f"{summary['engine_equals_plain_bitwise']})")
     print(f"checked queries off the float64 reference by more than 1e-4 relative ({summary['checked_queries']} "
           f"checked): {bad}")
 
@@ -217,6 +242,7 @@ PROFILE_HOOKS = [
     ("spade_ad.model", "image_knn", "image kNN"),
     ("spade_ad.bank:Bank", "rows", "gallery reads"),
     ("spade_ad.correspondence.gallery", "prepare", "index: prepare neighbours"),
+    ("spade_ad.correspondence.gallery", "prepare_many", "index: prepare neighbours"),
     ("spade_ad.correspondence.gallery", "merge", "index: merge gallery"),
     ("spade_ad.correspondence.search", "pruned_layout", "layout (cells, units)"),
     ("spade_ad.correspondence.pruning:Layout", "__init__", "layout (cells, units)"),
@@ -361,11 +387,16 @@ def bottle(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
         levels, gvec = extract(net, [load_image(p) for p in paths], model.prep, dev)
     _, neigh = image_knn(gvec.cpu(), model.global_, model.settings.k_image, model.settings.k)
     images: list[list[Case]] = []
+    cache = gallery_cache(model.bank_)
     for b in range(len(paths)):
-        per_level = []
+        per_level: list[Case] = []
         for li, (h, w) in enumerate(model.level_shapes_):
-            gal = torch.from_numpy(model.bank_.gather(li, neigh[b].numpy())).float()
-            per_level.append((levels[li][b].cpu(), gal.reshape(-1, gal.shape[-1]), (h, w)))
+            nb = neigh[b].tolist()
+            gal = torch.from_numpy(model.bank_.gather(li, nb)).float()
+            lev = cache.levels[li]
+            use = lev is not None and indexed_pays(dev, h * w, gal.shape[0] * h * w, gal.shape[-1], args.kappa)
+            parts = cache.prepared(li, nb) if use else None  # (prepared once per neighbour: not timed)
+            per_level.append((levels[li][b].cpu(), gal.reshape(-1, gal.shape[-1]), (h, w), parts, lev))
         images.append(per_level)
     del levels
     lv = args.levels if args.levels is not None else list(range(len(model.level_shapes_)))
@@ -379,12 +410,18 @@ def bottle(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
     def naive(queries: torch.Tensor, gallery: torch.Tensor, kappa: int = 1, *_: Any, **__: Any) -> torch.Tensor:
         return cdist_baseline(queries, gallery, kappa)
 
+    def never(*_: Any) -> bool:
+        return False
+
     def predict(patched: bool) -> None:
         spade_gallery.nn_distances = naive if patched else nn_distances
+        spade_gallery.indexed_pays = never if patched else indexed_pays  # the baseline never uses the index
+        spade_correspondence.release_galleries()  # each predict call prepares its neighbours
         try:
             model.predict(paths)
         finally:
             spade_gallery.nn_distances = nn_distances
+            spade_gallery.indexed_pays = indexed_pays
 
     print("predict: warm-up ...", flush=True)
     timed(lambda: model.predict(paths[:2]), dev)
@@ -444,12 +481,27 @@ def synthetic_wrn(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]
     with torch.no_grad():
         pyr, _ = net(torch.zeros(1, 3, args.image_size, args.image_size, device=dev))
     shapes = [(int(p.shape[2]), int(p.shape[3])) for p in pyr]
-    # Gallery rounded through fp16 as in the model's bank; same gallery for every test image.
+    # Gallery rounded through fp16 as in the model's bank; same gallery for every test image. Its index is
+    # built as fit builds it (on a sample of the gallery images) when Spade.predict would use it.
     galleries = [per_level[li][:k].reshape(-1, per_level[li].shape[-1]).half().float() for li in range(n_levels)]
-    images = [[(per_level[li][k + i], galleries[li], shapes[li]) for li in range(n_levels)]
+    indexes: list[tuple[list[Prepared] | None, LevelIndex | None]] = []
+    t = time.perf_counter()
+    for li, (h, w) in enumerate(shapes):
+        rows16 = per_level[li][:k].half().numpy()
+        if not indexed_pays(dev, h * w, k * h * w, rows16.shape[-1], args.kappa):
+            indexes.append((None, None))
+            continue
+        lev = train_level([rows16[i] for i in range(0, k, max(1, k // 16))], k * h * w)
+        parts = []
+        for i in range(k):
+            unit, same = lev.assign(rows16[i])
+            parts.append(prepare(rows16[i], unit, same, lev, "synthetic"))
+        indexes.append((parts, lev))
+    t_index = time.perf_counter() - t
+    images = [[(per_level[li][k + i], galleries[li], shapes[li], *indexes[li]) for li in range(n_levels)]
               for i in range(len(test_imgs))]
     desc = [f"{h}x{w}x{c}" for (h, w), c in zip(shapes, net.channels, strict=True)]
-    print(f"features: {t_feat:.1f} s; levels {desc}", flush=True)
+    print(f"features: {t_feat:.1f} s; index {t_index:.1f} s; levels {desc}", flush=True)
     lv = args.levels if args.levels is not None else list(range(n_levels))
     print(f"pixel stage: {len(images)} images, levels {lv}, methods {args.methods}, best of {args.repeats}",
           flush=True)
@@ -461,6 +513,7 @@ def synthetic_wrn(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]
         "image_size": args.image_size,
         "level_shapes": [[h, w, c] for (h, w), c in zip(shapes, net.channels, strict=True)],
         "feature_seconds": t_feat,
+        "index_seconds": t_index,
         "pixel_rows": rows,
         "pixel": summarise(rows, lv, args.methods),
         "peak_rss_mb": {"end": peak_rss_mb()},

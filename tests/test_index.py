@@ -152,6 +152,7 @@ def _write_bank(path: Path, levels: list[np.ndarray], with_index: bool, k: int) 
 def test_bank_index_and_level_maps_with_and_without_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Old banks (no index) and new ones give the same level maps bit for bit; the cache may evict."""
     monkeypatch.setattr(gallery_mod, "INDEX_MIN_WORK", 0)
+    monkeypatch.setattr(gallery_mod, "INDEX_MIN_QUERIES", 0)
     h = w = 12
     levels_np = [_images(10, h * w, 16, seed=10, kind="dense"), _images(10, 36, 24, seed=11, kind="smooth")]
     old = _write_bank(tmp_path / "old.safetensors", levels_np, False, 4)
@@ -176,6 +177,7 @@ def test_model_predictions_identical_with_or_without_index(
     small_train: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(gallery_mod, "INDEX_MIN_WORK", 0)
+    monkeypatch.setattr(gallery_mod, "INDEX_MIN_QUERIES", 0)
     model = Spade(k=4, k_image=2, image_size=64, calibration_images=2).fit(small_train / "train" / "good")
     files = sorted((small_train / "test").rglob("*.png"))[:3]
     with_index = model.predict(files)

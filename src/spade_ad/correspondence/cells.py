@@ -289,42 +289,69 @@ def _unit_radii(unit: torch.Tensor, gn: torch.Tensor, n_units: int) -> tuple[tor
 
 
 def prepare(rows16: np.ndarray, unit: np.ndarray, same: np.ndarray, lev: LevelIndex, where: str) -> Prepared:
-    """A training image's :class:`Prepared` rows from its (H*W, C) fp16 level rows and index rows; every
-    claim of the index (which rows are equal) is checked, so a damaged index is refused, never trusted."""
-    hw = rows16.shape[0]
-    n_sh = len(lev.shared)
-    bits = _bits(rows16)
-    same = same.astype(np.int64)
-    pos = np.arange(hw)
-    own = same < hw
-    ok = bool(((same >= 0) & (same < hw + n_sh)).all())
+    """A training image's :class:`Prepared` rows from its (H*W, C) fp16 level rows and index rows."""
+    return prepare_many(rows16[None], unit[None], same[None], lev, where)[0]
+
+
+def prepare_many(rows16: np.ndarray, unit: np.ndarray, same: np.ndarray, lev: LevelIndex, where: str) -> list[
+        Prepared]:
+    """:class:`Prepared` rows of B training images from their (B, H*W, C) fp16 level rows and (B, H*W) index
+    rows, all at once. Every claim of the index (which rows are equal) is checked, so a damaged index is
+    refused, never trusted; the units only affect speed."""
+    n, hw, dim = rows16.shape
+    n_sh, n_units = len(lev.shared), lev.n_units
+    bits = torch.from_numpy(np.ascontiguousarray(rows16, np.float16)).view(torch.int16).reshape(n * hw, dim)
+    same_t = torch.from_numpy(np.asarray(same, np.int64)).reshape(-1)
+    unit_t = torch.from_numpy(np.asarray(unit, np.int64)).reshape(-1)
+    img = torch.arange(n).repeat_interleave(hw)
+    pos = torch.arange(hw).repeat(n)
+    own = same_t < hw
+    ok = bool(((same_t >= 0) & (same_t < hw + n_sh)).all())
     if ok:
-        tgt = same[own]  # a row of this image: it must hold the same bits and stand for itself
-        ok = bool((same[tgt] == tgt).all()) and bool((bits[own] == bits[tgt]).all())
-        ok = ok and bool(((unit >= 0) & (unit < lev.n_units))[same == pos].all())
-        if ok and not own.all():
-            ok = bool((bits[~own] == _bits(lev.shared)[same[~own] - hw]).all())
+        rep = same_t == pos
+        o = (own & ~rep).nonzero().squeeze(1)  # duplicates of another row of the same image, which must
+        tgt = same_t.index_select(0, o) + img.index_select(0, o) * hw
+        ok = bool(rep.index_select(0, tgt).all())  # stand for itself
+        ok = ok and bool((bits.index_select(0, o) == bits.index_select(0, tgt)).all())  # and hold the same bits
+        ok = ok and bool(((unit_t >= 0) & (unit_t < n_units))[rep].all())
+        if ok and not bool(own.all()):
+            s = (~own).nonzero().squeeze(1)
+            sb = torch.from_numpy(_bits(lev.shared))
+            ok = bool((bits.index_select(0, s) == sb.index_select(0, same_t.index_select(0, s) - hw)).all())
     if not ok:
         raise SpadeError(f"{where}: damaged feature bank (search index)")
-    reps = np.nonzero(same == pos)[0]
-    mult = np.bincount(same[own], minlength=hw)[reps]
-    order = np.argsort(unit[reps], kind="stable")
-    reps, mult = reps[order], mult[order]
-    g16 = torch.from_numpy(np.ascontiguousarray(rows16[reps]))
-    u = torch.from_numpy(unit[reps].astype(np.int64))
+    mult_all = torch.bincount(tgt, minlength=n * hw).add_(1)  # (each representative counts itself)
+    reps = rep.nonzero().squeeze(1)  # by image, then position
+    key = img.index_select(0, reps) * n_units + unit_t.index_select(0, reps)
+    order = torch.argsort(key, stable=True)
+    reps, key = reps.index_select(0, order), key.index_select(0, order)
+    u = key % n_units
+    g16 = bits.index_select(0, reps).view(torch.float16)
     g = g16.float()
     aug, gn = _centre(g, u, lev)
-    r_in, r_out = _unit_radii(u, gn, lev.n_units)
-    return Prepared(
-        aug=aug,
-        g16=g16,
-        mult=torch.from_numpy(mult.astype(np.int64)),
-        counts=torch.bincount(u, minlength=lev.n_units),
-        r_in=r_in,
-        r_out=r_out,
-        shared=torch.from_numpy(np.bincount(same[~own] - hw, minlength=n_sh).astype(np.int64)),
-        finite=bool(torch.isfinite(g).all()),
-    )
+    r_in, r_out = _unit_radii(key, gn, n * n_units)
+    counts = torch.bincount(key, minlength=n * n_units).view(n, n_units)
+    s_img = img[~own] * n_sh + same_t[~own] - hw
+    shared = torch.bincount(s_img, minlength=n * n_sh).view(n, n_sh)
+    sizes = counts.sum(1).tolist()
+    bad = torch.zeros(n, dtype=torch.long).index_add_(0, key // n_units, (~torch.isfinite(gn)).long())
+    mult = mult_all.index_select(0, reps)
+    out = []
+    a = 0
+    for i, size in enumerate(sizes):  # (copies: each image's memory can be dropped on its own)
+        b = a + size
+        out.append(Prepared(
+            aug=aug[a:b].clone(),
+            g16=g16[a:b].clone(),
+            mult=mult[a:b].clone(),
+            counts=counts[i].clone(),
+            r_in=r_in[i * n_units : (i + 1) * n_units].clone(),
+            r_out=r_out[i * n_units : (i + 1) * n_units].clone(),
+            shared=shared[i].clone(),
+            finite=int(bad[i]) == 0,
+        ))
+        a = b
+    return out
 
 
 @dataclass(frozen=True)
@@ -447,5 +474,6 @@ def merge(parts: list[Prepared], lev: LevelIndex, need_mult: bool = False) -> Me
     )
 
 
-__all__ = ["LevelIndex", "Prepared", "Merged", "index_spec", "write_index", "load_level", "prepare", "merge",
+__all__ = ["LevelIndex", "Prepared", "Merged", "index_spec", "write_index", "load_level", "prepare", "prepare_many",
+           "merge",
            "n_cells", "train_level", "SHELLS", "NSB"]

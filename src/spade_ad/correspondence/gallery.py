@@ -17,12 +17,14 @@ import numpy as np
 import torch
 
 from ..bank import Bank
-from .cells import LevelIndex, Prepared, index_names, load_level, merge, prepare
+from .cells import LevelIndex, Prepared, index_names, load_level, merge, prepare_many
 from .runtime import engine_threads
 from .search import nn_distances, nn_distances_merged
 
 CACHE_BYTES = 256 << 20  # prepared neighbour rows kept per bank (least recently used ones are dropped)
 INDEX_MIN_WORK = 5e8  # queries x gallery rows x channels below which the plain search is as fast
+INDEX_MIN_QUERIES = 400  # with fewer queries, per-unit overheads outweigh what the bounds save
+PREPARE_ROWS = 1 << 14  # neighbour rows prepared at once (fewer ops; more would fall out of the caches)
 INDEX_MAX_KAPPA = 32  # above, the plain search (its bounds need kappa distinct rows per sub-block table)
 
 
@@ -48,10 +50,14 @@ class GalleryCache:
                 rows = self.bank.gather(level, missing)
                 units = self.bank.rows(unit_name, missing)
                 sames = self.bank.rows(same_name, missing)
-                for j, i in enumerate(missing):
-                    p = prepare(rows[j], units[j], sames[j], lev, f"{self.bank.path} (training image {i})")
-                    self.entries[(level, i)] = p
-                    self.bytes += p.nbytes
+                step = max(1, PREPARE_ROWS // rows.shape[1])
+                for a in range(0, len(missing), step):
+                    chunk = missing[a : a + step]
+                    where = f"{self.bank.path} (training images {chunk[0]}..{chunk[-1]})"
+                    prepared = prepare_many(rows[a : a + step], units[a : a + step], sames[a : a + step], lev, where)
+                    for i, p in zip(chunk, prepared, strict=True):
+                        self.entries[(level, i)] = p
+                        self.bytes += p.nbytes
             out = []
             for i in indices:
                 self.entries.move_to_end((level, i))
@@ -84,7 +90,8 @@ def release_galleries() -> None:
 
 def indexed_pays(device: torch.device, n_q: int, n_g: int, dim: int, kappa: int) -> bool:
     """Whether the merged gallery of the index is used (CPU, big enough, kappa not too large)."""
-    return device.type == "cpu" and kappa <= INDEX_MAX_KAPPA and float(n_q) * n_g * dim >= INDEX_MIN_WORK
+    return (device.type == "cpu" and kappa <= INDEX_MAX_KAPPA and n_q >= INDEX_MIN_QUERIES
+            and float(n_q) * n_g * dim >= INDEX_MIN_WORK)
 
 
 def level_maps(
