@@ -97,6 +97,24 @@ def test_any_codebook_is_exact() -> None:
             assert torch.equal(nn_distances_merged(q, merged, kappa), nn_distances_merged(q, want, kappa))
 
 
+def test_loops_split_over_two_threads_give_the_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    import spade_ad.correspondence.runtime as runtime
+
+    rows = _images(10, 300, 16, seed=13, kind="dense")
+    lev = train_level(list(rows[::2]), 10 * 300)
+    g, merged = _gallery(rows, lev, need_mult=True)
+    q = _queries(rows, 256, seed=14)
+    want = [nn_distances_merged(q, merged, kappa, threads=1) for kappa in (1, 3)]
+    monkeypatch.setattr(runtime, "_SPLIT_MIN_WORK", 0)
+    monkeypatch.setattr(runtime, "_THREADS_MIN_WORK", 0)
+    monkeypatch.setattr(runtime, "parallel_pays", lambda threads: True)
+    before = torch.get_num_threads()
+    for kappa, w in zip((1, 3), want, strict=True):
+        assert torch.equal(nn_distances_merged(q, merged, kappa, threads=2), w)
+        _check(q, g, merged, kappa)
+    assert torch.get_num_threads() == before
+
+
 def test_small_galleries_and_kappa_above_unit_sizes() -> None:
     rows = _images(1, 40, 6, seed=5, kind="smooth")
     lev = train_level([rows[0]], 40)

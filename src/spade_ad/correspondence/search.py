@@ -100,6 +100,7 @@ bounds, a chunk of pairs ((C + 1 + 32) floats each, ``tile_bytes`` in all) and a
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
 
@@ -108,7 +109,7 @@ import torch
 from .cells import NSB, SHELLS, Merged
 from .pruning import SUB_BOX, Layout, U, hash_bits, hash_vector, pruned_layout, pruning_pays
 from .reference import brute_topk_d2
-from .runtime import engine_threads, scratch, watch_threads
+from .runtime import engine_threads, scratch, split_work, watch_threads
 
 DEFAULT_TILE_BYTES = 8 << 20  # one query x gallery tile of fp32 squared distances
 _CACHE_TILE = 1 << 20  # CPU: bytes of a GEMM block reduced while it is still in cache
@@ -549,22 +550,27 @@ class _MergedSearch:
         low = torch.empty(order.numel(), kk)
         tile = max(1, min(self.tile_bytes, _CACHE_TILE) // 4)
         cells, per = torch.unique_consecutive(cell, return_counts=True)
-        p0 = 0
-        for c, n in zip(cells.tolist(), per.tolist(), strict=True):
-            r0, r1 = r0s[c], r1s[c]
-            at = m.aug[r0:r1].t()
-            step = max(1, tile // (r1 - r0))
-            for a in range(p0, p0 + n, step):
-                e = min(p0 + n, a + step)
-                d = torch.mm(x[a:e], at, out=scratch("mtile", (e - a, r1 - r0), x.device))
-                if kk == 1:
-                    torch.amin(d, 1, out=low[a:e, 0])
-                elif r1 - r0 >= kk:
-                    low[a:e] = d.topk(kk, 1, largest=False).values
-                else:
-                    low[a:e] = math.inf
-            self.counters["pairs"] += n * (r1 - r0)
-            p0 += n
+        cl, ncl = cells.tolist(), per.tolist()
+        starts = [0, *itertools.accumulate(ncl)]
+
+        def run(lo: int, hi: int) -> None:  # cells lo..hi-1
+            for c, n, p0 in zip(cl[lo:hi], ncl[lo:hi], starts[lo:hi], strict=True):
+                r0, r1 = r0s[c], r1s[c]
+                at = m.aug[r0:r1].t()
+                step = max(1, tile // (r1 - r0))
+                for a in range(p0, p0 + n, step):
+                    e = min(p0 + n, a + step)
+                    d = torch.mm(x[a:e], at, out=scratch("mtile", (e - a, r1 - r0), x.device))
+                    if kk == 1:
+                        torch.amin(d, 1, out=low[a:e, 0])
+                    elif r1 - r0 >= kk:
+                        low[a:e] = d.topk(kk, 1, largest=False).values
+                    else:
+                        low[a:e] = math.inf
+
+        work = [n * (r1s[c] - r0s[c]) for c, n in zip(cl, ncl, strict=True)]
+        self.counters["pairs"] += sum(work)
+        split_work(run, work)
         bound = low[:, -1].add_(nq * nq).add_(e_q).mul_(self.infl)
         self.ub.scatter_reduce_(0, order, bound, "amin")
 
@@ -578,20 +584,25 @@ class _MergedSearch:
         x = self.qa.index_select(0, pq).add_(self.cen2.index_select(0, unit // SHELLS))  # [-2 (q - c), 1]
         nq = torch.linalg.vector_norm(x[:, :dim], dim=1).mul_(0.5)  # |q - c|
         e_p = (nq + self.r_out.index_select(0, unit)).square_().mul_(self.gam)  # eps of the pair's rows
-        sbm = scratch("msbm", (n, NSB), pb.device)
+        sbm = torch.empty(n, NSB)
         blocks, per = torch.unique_consecutive(pb, return_counts=True)
         tile = max(1, min(self.tile_bytes, _CACHE_TILE) // 4)
-        p0 = 0
-        for b, nb in zip(blocks.tolist(), per.tolist(), strict=True):
-            r0, cols = self.bstart[b], self.bcols[b]
-            at = m.aug[r0 : r0 + cols].t()
-            step = max(1, tile // cols)
-            for a in range(p0, p0 + nb, step):
-                e = min(p0 + nb, a + step)
-                d = torch.mm(x[a:e], at, out=scratch("mtile", (e - a, cols), pb.device))  # D = d~ - |q - c|^2
-                torch.amin(d.view(e - a, cols // NSB, NSB), 1, out=sbm[a:e])  # sub-block j: rows r0 + j + NSB t
-            self.counters["pairs"] += nb * cols
-            p0 += nb
+        bl, nbl = blocks.tolist(), per.tolist()
+        starts = [0, *itertools.accumulate(nbl)]
+
+        def run(lo: int, hi: int) -> None:  # blocks lo..hi-1
+            for b, nb, p0 in zip(bl[lo:hi], nbl[lo:hi], starts[lo:hi], strict=True):
+                r0, cols = self.bstart[b], self.bcols[b]
+                at = m.aug[r0 : r0 + cols].t()
+                step = max(1, tile // cols)
+                for a in range(p0, p0 + nb, step):
+                    e = min(p0 + nb, a + step)
+                    d = torch.mm(x[a:e], at, out=scratch("mtile", (e - a, cols), pb.device))  # D = d~ - |q - c|^2
+                    torch.amin(d.view(e - a, cols // NSB, NSB), 1, out=sbm[a:e])  # sub-block j: rows r0 + j + NSB t
+
+        work = [nb * self.bcols[b] for b, nb in zip(bl, nbl, strict=True)]
+        self.counters["pairs"] += sum(work)
+        split_work(run, work)
         low = sbm.amin(1)
         nq2 = nq * nq
         if self.run is None:
