@@ -12,6 +12,8 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -19,7 +21,7 @@ import torch
 from ..bank import Bank
 from .cells import LevelIndex, Prepared, index_names, load_level, merge, prepare_many
 from .runtime import engine_threads
-from .search import nn_distances, nn_distances_merged
+from .search import nn_distances, search_merged
 
 CACHE_BYTES = 256 << 20  # prepared neighbour rows kept per bank (least recently used ones are dropped)
 INDEX_MIN_WORK = 5e8  # queries x gallery rows x channels below which the plain search is as fast
@@ -114,20 +116,68 @@ def level_maps(
         grid = torch.empty(len(neighbours), h * w, device=dev)
         lev = cache.levels[li]
         dim = levels[li].shape[-1]
-        for b in range(len(neighbours)):
-            nb = [int(i) for i in np.asarray(neighbours[b])]
-            if lev is not None and indexed_pays(dev, h * w, len(nb) * h * w, dim, kappa):
-                with engine_threads(1, 0.0):  # memory-bound copies: threads only add waiting
-                    parts = cache.prepared(li, nb)
-                    merged = merge(parts, lev, need_mult=kappa > 1) if all(p.finite for p in parts) else None
-                if merged is not None:
-                    grid[b] = nn_distances_merged(levels[li][b], merged, kappa, tile_bytes)
-                    continue
-            gallery = torch.from_numpy(bank.gather(li, np.asarray(nb)))
+        plain = list(range(len(neighbours)))
+        nbs = [[int(i) for i in np.asarray(neighbours[b])] for b in plain]
+        if lev is not None and indexed_pays(dev, h * w, len(nbs[0]) * h * w, dim, kappa):
+            with engine_threads(1, 0.0):  # memory-bound copies: threads only add waiting
+                cache.prepared(li, sorted({i for nb in nbs for i in nb}))  # every neighbour of the batch at once
+                parts = [cache.prepared(li, nb) for nb in nbs]
+            indexed = [b for b in plain if all(p.finite for p in parts[b])]
+            plain = [b for b in plain if b not in set(indexed)]
+            _search_images(levels[li], parts, lev, kappa, tile_bytes, grid, indexed)
+        for b in plain:
+            gallery = torch.from_numpy(bank.gather(li, np.asarray(nbs[b])))
             gallery = gallery.to(dev).float().reshape(-1, gallery.shape[-1])
             grid[b] = nn_distances(levels[li][b], gallery, kappa, tile_bytes, query_hw=(h, w), gallery_hw=(h, w))
         out.append(grid.view(-1, h, w))
     return out
+
+
+def _search_images(queries: torch.Tensor, parts: list[list[Prepared]], lev: LevelIndex, kappa: int, tile_bytes: int,
+                   grid: torch.Tensor, images: list[int]) -> None:
+    """``grid[b]``: the search of test image b's ``queries[b]`` in the gallery merged from ``parts[b]``."""
+
+    def one(b: int) -> None:
+        merged = merge(parts[b], lev, need_mult=kappa > 1)
+        grid[b] = search_merged(queries[b], merged, kappa, tile_bytes)
+
+    n_q, dim = queries.shape[1:]
+    _run_images(one, images, float(n_q) * sum(p.aug.shape[0] for p in parts[images[0]]) * dim if images else 0.0)
+
+
+_WORKERS: list[ThreadPoolExecutor] = []
+
+
+def _run_images(one: Callable[[int], None], images: list[int], work: float) -> None:
+    """``one(b)`` for each test image: with several CPU threads allowed, one image per thread at a time
+    (each single-threaded; whole images are independent, so a busy core delays only its own image, where
+    threads inside each GEMM would wait for each other), else under :func:`engine_threads`."""
+    n_threads = min(torch.get_num_threads(), len(images))
+    if n_threads < 2:
+        for b in images:
+            with engine_threads(None, work):
+                one(b)
+        return
+    if not _WORKERS or _WORKERS[0]._max_workers < n_threads - 1:  # noqa: SLF001
+        _WORKERS[:] = [ThreadPoolExecutor(max_workers=n_threads - 1, thread_name_prefix="spade-images")]
+    todo = iter(images)
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                b = next(todo, None)
+            if b is None:
+                return
+            one(b)
+
+    with engine_threads(1, 0.0):  # every search single-threaded, on its own thread
+        others = [_WORKERS[0].submit(worker) for _ in range(n_threads - 1)]
+        try:
+            worker()
+        finally:
+            for f in others:
+                f.result()
 
 
 __all__ = ["level_maps", "gallery_cache", "release_galleries", "GalleryCache", "CACHE_BYTES"]

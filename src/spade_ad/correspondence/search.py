@@ -665,6 +665,19 @@ def nn_distances_merged(
 ) -> torch.Tensor:
     """:func:`nn_distances` against a gallery merged from the fit-time index (:func:`.cells.merge`): the
     same exact result, bit for bit (CPU). ``gallery.n_rows`` counts the positions with multiplicity."""
+    with engine_threads(threads, float(queries.shape[0]) * gallery.n_rows * queries.shape[1]):
+        return search_merged(queries, gallery, kappa, tile_bytes, stats)
+
+
+def search_merged(
+    queries: torch.Tensor,
+    gallery: Merged,
+    kappa: int = 1,
+    tile_bytes: int = DEFAULT_TILE_BYTES,
+    stats: dict[str, int] | None = None,
+) -> torch.Tensor:
+    """:func:`nn_distances_merged` with torch's thread setting as it is and no lock taken: for callers that
+    run several searches at once on worker threads (each single-threaded), see :mod:`.gallery`."""
     if queries.ndim != 2 or queries.shape[1] != gallery.aug.shape[1] - 1:
         raise ValueError(f"queries {tuple(queries.shape)} do not match the gallery's {gallery.aug.shape[1] - 1} "
                          "channels")
@@ -673,8 +686,7 @@ def nn_distances_merged(
     if kappa > 1 and gallery.mult is None:
         raise ValueError("kappa > 1 needs a gallery merged with need_mult=True")
     q = queries.detach().to("cpu", torch.float32).contiguous()
-    with engine_threads(threads, float(q.shape[0]) * gallery.n_rows * q.shape[1]):
-        return _merged(q, gallery, kappa, tile_bytes, stats)
+    return _merged(q, gallery, kappa, tile_bytes, stats)
 
 
 def _merged(q: torch.Tensor, m: Merged, kappa: int, tile_bytes: int, stats: dict[str, int] | None) -> torch.Tensor:
@@ -718,4 +730,4 @@ def _merged(q: torch.Tensor, m: Merged, kappa: int, tile_bytes: int, stats: dict
     return mean_sqrt(result)
 
 
-__all__ = ["nn_distances", "nn_distances_merged", "exact_d2", "DEFAULT_TILE_BYTES"]
+__all__ = ["nn_distances", "nn_distances_merged", "search_merged", "exact_d2", "DEFAULT_TILE_BYTES"]
