@@ -21,7 +21,7 @@ import torch
 from ..bank import Bank
 from .cells import LevelIndex, Prepared, index_names, load_level, merge, prepare_many
 from .runtime import engine_threads
-from .search import nn_distances, search_merged
+from .search import nn_distances, search_merged, search_plain
 
 CACHE_BYTES = 256 << 20  # prepared neighbour rows kept per bank (least recently used ones are dropped)
 INDEX_MIN_WORK = 5e8  # queries x gallery rows x channels below which the plain search is as fast
@@ -125,7 +125,9 @@ def level_maps(
             indexed = [b for b in plain if all(p.finite for p in parts[b])]
             plain = [b for b in plain if b not in set(indexed)]
             _search_images(levels[li], parts, lev, kappa, tile_bytes, grid, indexed)
-        for b in plain:
+        if dev.type == "cpu":
+            _plain_images(levels[li], bank, li, nbs, (h, w), kappa, tile_bytes, grid, plain)
+        for b in plain if dev.type != "cpu" else []:
             gallery = torch.from_numpy(bank.gather(li, np.asarray(nbs[b])))
             gallery = gallery.to(dev).float().reshape(-1, gallery.shape[-1])
             grid[b] = nn_distances(levels[li][b], gallery, kappa, tile_bytes, query_hw=(h, w), gallery_hw=(h, w))
@@ -143,6 +145,19 @@ def _search_images(queries: torch.Tensor, parts: list[list[Prepared]], lev: Leve
 
     n_q, dim = queries.shape[1:]
     _run_images(one, images, float(n_q) * sum(p.aug.shape[0] for p in parts[images[0]]) * dim if images else 0.0)
+
+
+def _plain_images(queries: torch.Tensor, bank: Bank, level: int, nbs: list[list[int]], hw: tuple[int, int],
+                  kappa: int, tile_bytes: int, grid: torch.Tensor, images: list[int]) -> None:
+    """``grid[b]``: the plain search of test image b's ``queries[b]`` in its neighbours' rows (CPU)."""
+
+    def one(b: int) -> None:
+        gallery = torch.from_numpy(bank.gather(level, np.asarray(nbs[b])))
+        gallery = gallery.float().reshape(-1, gallery.shape[-1])
+        grid[b] = search_plain(queries[b], gallery, kappa, tile_bytes, query_hw=hw, gallery_hw=hw)
+
+    n_q, dim = queries.shape[1:]
+    _run_images(one, images, float(n_q) * len(nbs[0]) * hw[0] * hw[1] * dim if images else 0.0)
 
 
 _WORKERS: list[ThreadPoolExecutor] = []

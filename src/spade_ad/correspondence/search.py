@@ -391,6 +391,24 @@ def nn_distances(
         return _nn_distances(queries, gallery, kappa, tile_bytes, stats, query_hw, gallery_hw, prune)
 
 
+def search_plain(
+    queries: torch.Tensor,
+    gallery: torch.Tensor,
+    kappa: int = 1,
+    tile_bytes: int = DEFAULT_TILE_BYTES,
+    query_hw: tuple[int, int] | None = None,
+    gallery_hw: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """:func:`nn_distances` with torch's thread setting as it is and no lock taken (see :func:`search_merged`)."""
+    if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
+        raise ValueError(f"shapes {tuple(queries.shape)} and {tuple(gallery.shape)} do not match")
+    if gallery.shape[0] == 0:
+        raise ValueError("empty gallery")
+    if kappa < 1:
+        raise ValueError("kappa must be >= 1")
+    return _nn_distances(queries, gallery, kappa, tile_bytes, None, query_hw, gallery_hw, None)
+
+
 
 def _nn_distances(
     queries: torch.Tensor,
@@ -730,4 +748,4 @@ def _merged(q: torch.Tensor, m: Merged, kappa: int, tile_bytes: int, stats: dict
     return mean_sqrt(result)
 
 
-__all__ = ["nn_distances", "nn_distances_merged", "search_merged", "exact_d2", "DEFAULT_TILE_BYTES"]
+__all__ = ["nn_distances", "nn_distances_merged", "search_merged", "search_plain", "exact_d2", "DEFAULT_TILE_BYTES"]
