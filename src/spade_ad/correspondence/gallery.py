@@ -14,6 +14,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -41,23 +42,26 @@ class GalleryCache:
         self.bytes = 0
         self.lock = threading.Lock()
 
-    def prepared(self, level: int, indices: list[int]) -> list[Prepared]:
-        """The prepared rows of training images ``indices`` at ``level`` (read and prepared if not cached)."""
+    def prepared(self, level: int, indices: list[int], threads: int = 1) -> list[Prepared]:
+        """The prepared rows of training images ``indices`` at ``level`` (read and prepared if not cached,
+        on up to ``threads`` threads)."""
         lev = self.levels[level]
         assert lev is not None
         with self.lock:
             missing = sorted({i for i in indices if (level, i) not in self.entries})
             if missing:
                 unit_name, same_name = index_names(level)[:2]
-                rows = self.bank.gather(level, missing)
-                units = self.bank.rows(unit_name, missing)
-                sames = self.bank.rows(same_name, missing)
-                step = max(1, PREPARE_ROWS // rows.shape[1])
-                for a in range(0, len(missing), step):
-                    chunk = missing[a : a + step]
-                    where = f"{self.bank.path} (training images {chunk[0]}..{chunk[-1]})"
-                    prepared = prepare_many(rows[a : a + step], units[a : a + step], sames[a : a + step], lev, where)
-                    for i, p in zip(chunk, prepared, strict=True):
+                step = max(1, PREPARE_ROWS // self.bank.meta[f"level{level}"][1][1])
+
+                def chunk(a: int) -> list[Prepared]:
+                    ids = missing[a : a + step]
+                    where = f"{self.bank.path} (training images {ids[0]}..{ids[-1]})"
+                    return prepare_many(self.bank.gather(level, ids), self.bank.rows(unit_name, ids),
+                                        self.bank.rows(same_name, ids), lev, where)
+
+                starts = list(range(0, len(missing), step))
+                for a, prepared in zip(starts, _each(chunk, starts, threads), strict=True):
+                    for i, p in zip(missing[a : a + step], prepared, strict=True):
                         self.entries[(level, i)] = p
                         self.bytes += p.nbytes
             out = []
@@ -119,8 +123,9 @@ def level_maps(
         plain = list(range(len(neighbours)))
         nbs = [[int(i) for i in np.asarray(neighbours[b])] for b in plain]
         if lev is not None and indexed_pays(dev, h * w, len(nbs[0]) * h * w, dim, kappa):
-            with engine_threads(1, 0.0):  # memory-bound copies: threads only add waiting
-                cache.prepared(li, sorted({i for nb in nbs for i in nb}))  # every neighbour of the batch at once
+            threads = torch.get_num_threads()
+            with engine_threads(1, 0.0):  # (one thread per chunk of neighbours)
+                cache.prepared(li, sorted({i for nb in nbs for i in nb}), threads)  # the batch's neighbours at once
                 parts = [cache.prepared(li, nb) for nb in nbs]
             indexed = [b for b in plain if all(p.finite for p in parts[b])]
             plain = [b for b in plain if b not in set(indexed)]
@@ -160,39 +165,54 @@ def _plain_images(queries: torch.Tensor, bank: Bank, level: int, nbs: list[list[
     _run_images(one, images, float(n_q) * len(nbs[0]) * hw[0] * hw[1] * dim if images else 0.0)
 
 
-_WORKERS: list[ThreadPoolExecutor] = []
+_WORKERS: list[ThreadPoolExecutor] = []  # threads that search test images (or prepare neighbours) in parallel
 
 
 def _run_images(one: Callable[[int], None], images: list[int], work: float) -> None:
     """``one(b)`` for each test image: with several CPU threads allowed, one image per thread at a time
     (each single-threaded; whole images are independent, so a busy core delays only its own image, where
     threads inside each GEMM would wait for each other), else under :func:`engine_threads`."""
-    n_threads = min(torch.get_num_threads(), len(images))
-    if n_threads < 2:
+    threads = torch.get_num_threads()
+    if min(threads, len(images)) < 2:
         for b in images:
             with engine_threads(None, work):
                 one(b)
         return
-    if not _WORKERS or _WORKERS[0]._max_workers < n_threads - 1:  # noqa: SLF001
-        _WORKERS[:] = [ThreadPoolExecutor(max_workers=n_threads - 1, thread_name_prefix="spade-images")]
-    todo = iter(images)
+    with engine_threads(1, 0.0):  # every search single-threaded, on its own thread
+        _each(one, images, threads)
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _each(fn: Callable[[T], R], items: list[T], threads: int) -> list[R]:
+    """``[fn(x) for x in items]`` on up to ``threads`` threads (this one and workers), taking items in turn.
+    The caller sets torch to one thread per op (see :func:`_run_images`)."""
+    n = min(threads, len(items))
+    if n < 2:
+        return [fn(x) for x in items]
+    if not _WORKERS or _WORKERS[0]._max_workers < n - 1:  # noqa: SLF001
+        _WORKERS[:] = [ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="spade-images")]
+    todo = iter(enumerate(items))
     lock = threading.Lock()
+    out: dict[int, R] = {}
 
     def worker() -> None:
         while True:
             with lock:
-                b = next(todo, None)
-            if b is None:
+                nxt = next(todo, None)
+            if nxt is None:
                 return
-            one(b)
+            out[nxt[0]] = fn(nxt[1])
 
-    with engine_threads(1, 0.0):  # every search single-threaded, on its own thread
-        others = [_WORKERS[0].submit(worker) for _ in range(n_threads - 1)]
-        try:
-            worker()
-        finally:
-            for f in others:
-                f.result()
+    others = [_WORKERS[0].submit(worker) for _ in range(n - 1)]
+    try:
+        worker()
+    finally:
+        for f in others:
+            f.result()
+    return [out[i] for i in range(len(items))]
 
 
 __all__ = ["level_maps", "gallery_cache", "release_galleries", "GalleryCache", "CACHE_BYTES"]
