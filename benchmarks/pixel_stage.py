@@ -426,15 +426,24 @@ def bottle(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
     def never(*_: Any) -> bool:
         return False
 
+    def one_by_one(one: Callable[[int], None], images: list[int], work: float) -> None:
+        for b in images:  # the baseline as it always ran: image after image, torch's threads inside each op
+            one(b)
+
+    patches = {"nn_distances": naive, "search_plain": naive, "indexed_pays": never, "_run_images": one_by_one}
+    originals = {k: getattr(spade_gallery, k) for k in patches if hasattr(spade_gallery, k)}
+
     def predict(patched: bool) -> None:
-        spade_gallery.nn_distances = naive if patched else nn_distances
-        spade_gallery.indexed_pays = never if patched else indexed_pays  # the baseline never uses the index
-        spade_correspondence.release_galleries()  # each predict call prepares its neighbours
+        if patched:  # cdist on every level, never the index
+            for k in originals:
+                setattr(spade_gallery, k, patches[k])
+        if hasattr(spade_correspondence, "release_galleries"):
+            spade_correspondence.release_galleries()  # each predict call prepares its neighbours
         try:
             model.predict(paths)
         finally:
-            spade_gallery.nn_distances = nn_distances
-            spade_gallery.indexed_pays = indexed_pays
+            for k, v in originals.items():
+                setattr(spade_gallery, k, v)
 
     print("predict: warm-up ...", flush=True)
     timed(lambda: model.predict(paths[:2]), dev)
