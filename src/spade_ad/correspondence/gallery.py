@@ -5,6 +5,11 @@ With a bank that holds the search index (:mod:`.cells`), each neighbour's rows a
 in a bounded cache shared by all the test images of a model (work shared across test images: consecutive
 images share most of their neighbours), and a test image's gallery is merged from them; otherwise (older
 banks, GPUs, small problems) the gallery is gathered and searched as is. Both give the same bits.
+
+On a CPU with several threads allowed, the test images of a batch are searched at once on worker threads,
+one image per thread and one thread per op: the results do not depend on it (they are canonical, see
+:mod:`.search`), and whole images are independent work, so a core taken by another process delays only
+the image on it.
 """
 
 from __future__ import annotations
