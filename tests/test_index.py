@@ -134,6 +134,11 @@ def test_non_finite_queries_fall_back_like_the_engine() -> None:
     out = nn_distances_merged(q, merged, 1, stats=stats)  # type: ignore[arg-type]
     assert stats["fallback"] == 1
     torch.testing.assert_close(out, nn_distances(q, g, 1), equal_nan=True)
+    # a NaN query's nearest centroid is the first one, here a cell without rows
+    far = LevelIndex(torch.cat([torch.full((1, 8), -1e3), lev.centroids]),
+                     torch.cat([torch.full((1, 3), float("inf")), lev.cuts]), lev.shared, lev.shared_unit + 4)
+    _, empty_first = _gallery(rows, far, need_mult=False)
+    torch.testing.assert_close(nn_distances_merged(q, empty_first, 1), out, equal_nan=True)  # type: ignore[arg-type]
 
 
 def test_damaged_index_is_refused() -> None:

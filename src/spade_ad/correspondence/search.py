@@ -574,6 +574,9 @@ class _MergedSearch:
         def run(lo: int, hi: int) -> None:  # cells lo..hi-1
             for c, n, p0 in zip(cl[lo:hi], ncl[lo:hi], starts[lo:hi], strict=True):
                 r0, r1 = r0s[c], r1s[c]
+                if r1 == r0:  # (an empty cell: only for non-finite queries, whose nearest centroid is NaN)
+                    low[p0 : p0 + n] = math.inf
+                    continue
                 at = m.aug[r0:r1].t()
                 step = max(1, tile // (r1 - r0))
                 for a in range(p0, p0 + n, step):
