@@ -5,7 +5,10 @@
 
 In one process and on the same features, each test image's pixel stage is timed per pyramid level with
 
-* ``engine``: :func:`spade_ad.correspondence.nn_distances`, as ``Spade.predict`` calls it;
+* ``engine``: what ``Spade.predict`` runs: the search over the gallery merged from the fit-time index
+  (:func:`spade_ad.correspondence.nn_distances_merged`, merge included; the neighbours' rows are prepared
+  once per predict call and not timed here) where it pays, else ``plain``;
+* ``plain``: :func:`spade_ad.correspondence.nn_distances` on the gathered gallery (no index);
 * ``cdist``:  :func:`spade_ad.correspondence.cdist_baseline`, the whole ``torch.cdist`` matrix then ``topk``
   (the SPADE-pytorch approach, reduced on the right axis);
 * ``faiss``:  a ``faiss.IndexFlatL2`` built on that image's gallery and searched with kappa (the SPADE-fast
@@ -16,7 +19,8 @@ the best of ``--repeats``, so a noisy, shared machine hurts them alike. Every me
 against the float64 brute-force reference (:func:`nn_distances_reference`) on ``--check-queries`` random
 queries per image and level. In bottle mode ``Spade.fit`` (images/s) and ``Spade.predict`` end to end are
 timed as well, the latter once with the engine and once with ``nn_distances`` replaced by the cdist
-baseline inside ``spade_ad.correspondence.gallery`` (interleaved, best of ``--repeats``).
+baseline inside ``spade_ad.correspondence.gallery`` (and the index switched off; interleaved, best of
+``--repeats``). ``--profile`` times ``Spade.predict`` stage by stage instead (see :data:`PROFILE_HOOKS`).
 
 Results go to ``benchmarks/results/pixel_stage_<mode>_<device>.json`` with the machine described.
 """
@@ -28,6 +32,7 @@ import json
 import math
 import resource
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,9 +44,19 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
+import spade_ad.correspondence as spade_correspondence  # noqa: E402
 import spade_ad.correspondence.gallery as spade_gallery  # noqa: E402
 from spade_ad.backbones import build_backbone  # noqa: E402
 from spade_ad.correspondence import cdist_baseline, nn_distances, nn_distances_reference  # noqa: E402
+
+try:  # the fit-time index (absent from older versions of the code, which --profile can time too)
+    from spade_ad.correspondence import nn_distances_merged
+    from spade_ad.correspondence.cells import LevelIndex, Prepared, merge, prepare, train_level
+    from spade_ad.correspondence.gallery import gallery_cache, indexed_pays
+    from spade_ad.correspondence.runtime import engine_threads
+except ImportError:
+    nn_distances_merged = merge = prepare = train_level = gallery_cache = indexed_pays = engine_threads = None
+    LevelIndex = Prepared = Any
 from spade_ad.data import load_mvtec_category  # noqa: E402
 from spade_ad.evaluate import machine_description  # noqa: E402
 from spade_ad.features import extract  # noqa: E402
@@ -56,8 +71,10 @@ try:
 except ImportError:  # optional: pip install faiss-cpu (extra "bench")
     faiss = None
 
-METHODS = ("engine", "cdist", "faiss")
-Case = tuple[torch.Tensor, torch.Tensor, tuple[int, int]]  # queries (P, C), gallery (k*P, C), grid (h, w)
+METHODS = ("engine", "plain", "cdist", "faiss")
+# queries (P, C), gallery (k*P, C), grid (h, w), and the gallery's prepared rows and level index when
+# Spade.predict would search it merged from the fit-time index (else None)
+Case = tuple[torch.Tensor, torch.Tensor, tuple[int, int], list[Prepared] | None, LevelIndex | None]
 
 
 def peak_rss_mb() -> float:
@@ -97,7 +114,7 @@ def run_case(
     case: Case, kappa: int, methods: list[str], repeats: int, n_check: int, dev: torch.device, seed: int
 ) -> dict[str, Any]:
     """Time the methods on one (image, level), interleaved, and check them against the reference."""
-    q, g, hw = case
+    q, g, hw, parts, lev = case
     q = q.to(dev).float().contiguous()
     g = g.to(dev).float().contiguous()
     qn = q.cpu().numpy() if "faiss" in methods else None
@@ -107,9 +124,14 @@ def run_case(
 
     def engine() -> torch.Tensor:
         stats.clear()
+        if parts is not None and lev is not None:
+            with engine_threads(1, 0.0):
+                merged = merge(parts, lev, need_mult=kappa > 1)  # (as level_maps does)
+            return nn_distances_merged(q, merged, kappa, stats=stats)
         return nn_distances(q, g, kappa, stats=stats, query_hw=hw, gallery_hw=hw)
 
     calls["engine"] = engine
+    calls["plain"] = lambda: nn_distances(q, g, kappa, query_hw=hw, gallery_hw=hw)
     calls["cdist"] = lambda: cdist_baseline(q, g, kappa)
     calls["faiss"] = lambda: faiss_search(qn, gn, kappa)
     times: dict[str, list[float]] = {m: [] for m in methods}
@@ -134,6 +156,8 @@ def run_case(
         "n_over_1e-4": {m: int((errs[m] > EXACT).sum()) for m in methods},
         "checked_queries": int(len(idx)),
         "engine_stats": dict(stats),
+        "indexed": parts is not None,
+        "engine_equals_plain_bitwise": bool(torch.equal(outs["engine"], outs["plain"])) if "plain" in outs else None,
     }
 
 
@@ -177,6 +201,8 @@ def summarise(rows: list[dict[str, Any]], levels: list[int], methods: list[str])
         "checked_queries": sum(r["checked_queries"] for r in rows),
         "ratios": {f"{m}/engine": total[m] / total["engine"] for m in methods if m != "engine"},
         "fallback_queries": sum(r["engine_stats"].get("fallback", 0) for r in rows),
+        "indexed_cases": sum(bool(r.get("indexed")) for r in rows),
+        "engine_equals_plain_bitwise": all(r.get("engine_equals_plain_bitwise") is not False for r in rows),
     }
 
 
@@ -200,9 +226,128 @@ def print_table(summary: dict[str, Any], methods: list[str], title: str) -> None
     print(line)
     bad = ", ".join(f"{m} {100 * summary['frac_over_1e-4'][m]:.1f}%" for m in methods)
     print(f"(ms per test image, mean over images of the best of the repeats; engine fallback queries: "
-          f"{summary['fallback_queries']})")
+          f"{summary['fallback_queries']}; cases searched through the index: "
+          f"{summary['indexed_cases']}; engine = plain bit for bit: "
+          f"{summary['engine_equals_plain_bitwise']})")
     print(f"checked queries off the float64 reference by more than 1e-4 relative ({summary['checked_queries']} "
           f"checked): {bad}")
+
+
+# ---------------------------------------------------------------------------------------------- profile
+
+# (module, attribute, stage): functions whose time (exclusive of the other wrapped ones they call) is
+# charged to a stage of Spade.predict. Attributes missing in this version of the code are skipped, so the
+# same table profiles the engine before and after the search index.
+PROFILE_HOOKS = [
+    ("spade_ad.model", "read_item", "read + decode"),
+    ("spade_ad.model", "extract", "backbone"),
+    ("spade_ad.model", "image_knn", "image kNN"),
+    ("spade_ad.bank:Bank", "rows", "gallery reads"),
+    ("spade_ad.correspondence.gallery", "prepare", "index: prepare neighbours"),
+    ("spade_ad.correspondence.gallery", "prepare_many", "index: prepare neighbours"),
+    ("spade_ad.correspondence.gallery", "merge", "index: merge gallery"),
+    ("spade_ad.correspondence.gallery", "_search_images", "search: rest"),
+    ("spade_ad.correspondence.search", "pruned_layout", "layout (cells, units)"),
+    ("spade_ad.correspondence.pruning:Layout", "__init__", "layout (cells, units)"),
+    ("spade_ad.correspondence.pruning:Layout", "boxes", "bounds"),
+    ("spade_ad.correspondence.search", "_local_bound", "bounds"),
+    ("spade_ad.correspondence.search", "unit_bounds", "bounds"),
+    ("spade_ad.correspondence.search:_Search", "search", "GEMMs + candidates"),
+    ("spade_ad.correspondence.search:_MergedSearch", "first_bound", "GEMMs + candidates"),
+    ("spade_ad.correspondence.search:_MergedSearch", "process", "GEMMs + candidates"),
+    ("spade_ad.correspondence.search:_Search", "flush", "exact re-check"),
+    ("spade_ad.correspondence.search:_MergedSearch", "recheck", "exact re-check"),
+    ("spade_ad.correspondence.search", "_nn_distances", "search: rest"),
+    ("spade_ad.correspondence.search", "_merged", "search: rest"),
+    ("spade_ad.model", "combine_levels", "upsample + smooth"),
+    ("spade_ad.preprocess:Preprocessor", "map_to_image", "map to image size"),
+    ("spade_ad.model:Spade", "predict", "predict: rest"),
+]
+
+
+class StageClock:
+    """Wall time per stage, each wrapped call charged exclusive of the wrapped calls inside it, summed over
+    threads (where test images are searched on several threads, the stages add up to more than the wall
+    time of the whole)."""
+
+    def __init__(self) -> None:
+        self.acc: dict[str, float] = {}
+        self.local = threading.local()
+        self.lock = threading.Lock()
+        self.undo: list[tuple[Any, str, Any]] = []
+
+    def install(self) -> None:
+        import importlib
+
+        for target, attr, stage in PROFILE_HOOKS:
+            mod_name, _, cls_name = target.partition(":")
+            obj: Any = importlib.import_module(mod_name)
+            if cls_name:
+                obj = getattr(obj, cls_name, None)
+            fn = getattr(obj, attr, None) if obj is not None else None
+            if fn is None:
+                continue
+            self.undo.append((obj, attr, fn))
+            setattr(obj, attr, self._wrap(fn, stage))
+
+    def remove(self) -> None:
+        for obj, attr, fn in reversed(self.undo):
+            setattr(obj, attr, fn)
+        self.undo.clear()
+
+    def _wrap(self, fn: Callable[..., Any], stage: str) -> Callable[..., Any]:
+        def wrapped(*a: Any, **k: Any) -> Any:
+            stack = self.local.__dict__.setdefault("stack", [])
+            t = time.perf_counter()
+            stack.append(0.0)
+            try:
+                return fn(*a, **k)
+            finally:
+                dt = time.perf_counter() - t
+                inner = stack.pop()
+                with self.lock:
+                    self.acc[stage] = self.acc.get(stage, 0.0) + dt - inner
+                if stack:
+                    stack[-1] += dt
+
+        return wrapped
+
+
+def profile_predict(model: Spade, paths: list[Path], repeats: int) -> dict[str, Any]:
+    """Spade.predict on ``paths`` with every stage timed; the run with the smallest total is kept."""
+    clock = StageClock()
+    clock.install()
+    runs = []
+    try:
+        for _ in range(repeats):
+            clock.acc = {}
+            release = getattr(spade_correspondence, "release_galleries", None)
+            if release is not None:
+                release()  # each run pays for preparing its neighbours, as one predict call does
+            t, c = time.perf_counter(), time.process_time()
+            model.predict(paths)
+            total, cpu = time.perf_counter() - t, time.process_time() - c
+            runs.append((total, dict(clock.acc), cpu))
+            print(f"  profile run: {1e3 * total / len(paths):.1f} ms/image ({1e3 * cpu / len(paths):.1f} ms CPU)",
+                  flush=True)
+    finally:
+        clock.remove()
+    total, acc, cpu = min(runs, key=lambda r: r[0])
+    stages = {k: 1e3 * v / len(paths) for k, v in sorted(acc.items(), key=lambda kv: -kv[1])}
+    return {"ms_per_image": stages, "total_ms_per_image": 1e3 * total / len(paths),
+            "cpu_ms_per_image": 1e3 * cpu / len(paths),
+            "runs_ms_per_image": [1e3 * r[0] / len(paths) for r in runs],
+            "runs_cpu_ms_per_image": [1e3 * r[2] / len(paths) for r in runs], "n_images": len(paths)}
+
+
+def print_profile(prof: dict[str, Any], title: str) -> None:
+    print(f"\n{title}")
+    for k, v in prof["ms_per_image"].items():
+        print(f"  {k:<28} {v:8.1f} ms/image (summed over threads)")
+    print(f"  {'total (wall)':<28} {prof['total_ms_per_image']:8.1f} ms/image   (runs: "
+          + ", ".join(f"{x:.1f}" for x in prof["runs_ms_per_image"]) + ")")
+    print(f"  {'process CPU time':<28} {prof['cpu_ms_per_image']:8.1f} ms/image   (runs: "
+          + ", ".join(f"{x:.1f}" for x in prof["runs_cpu_ms_per_image"]) + ")")
 
 
 # ---------------------------------------------------------------------------------------------- bottle
@@ -224,28 +369,47 @@ def spread(samples: list[Any], n: int) -> list[Any]:
 
 def bottle(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
     cat = load_mvtec_category(args.data)
-    model = Spade(device=str(dev), calibration_images=0)
-    print(f"fit: {len(cat.train)} training images of {cat.name} ({model.settings.backbone}, "
-          f"k={model.settings.k}) ...", flush=True)
-    model._net()  # build the backbone outside the fit timing
-    t_fit, _ = timed(lambda: model.fit(cat.train), dev)
+    if args.model is not None:
+        model = Spade.load(args.model, device=str(dev))
+        t_fit = math.nan
+        print(f"model: {args.model} ({model.bank_.n} training images)", flush=True)
+    else:
+        model = Spade(device=str(dev), calibration_images=0)
+        print(f"fit: {len(cat.train)} training images of {cat.name} ({model.settings.backbone}, "
+              f"k={model.settings.k}) ...", flush=True)
+        model._net()  # build the backbone outside the fit timing
+        t_fit, _ = timed(lambda: model.fit(cat.train), dev)
+        print(f"fit: {t_fit:.1f} s, {len(cat.train) / t_fit:.2f} images/s", flush=True)
+        if args.save_model is not None:
+            model.save(args.save_model)
     rss_fit = peak_rss_mb()
-    print(f"fit: {t_fit:.1f} s, {len(cat.train) / t_fit:.2f} images/s, peak RSS so far {rss_fit:.0f} MB", flush=True)
     args.kappa = model.settings.kappa
     tests = spread(cat.test, args.n_images)
     paths = [s.path for s in tests]
     print(f"test images: {', '.join(f'{s.defect_type}/{s.path.name}' for s in tests)}")
+    if args.profile:
+        print("profile: warm-up ...", flush=True)
+        model.predict(paths[:2])
+        prof = profile_predict(model, paths, args.repeats)
+        return {"data": str(args.data), "backbone": model.settings.backbone, "k": model.settings.k,
+                "kappa": model.settings.kappa, "n_train": model.bank_.n, "test_images": [str(p) for p in paths],
+                "profile": prof, "peak_rss_mb": {"end": peak_rss_mb()}}
 
     net = model._net()
     with torch.no_grad():
         levels, gvec = extract(net, [load_image(p) for p in paths], model.prep, dev)
     _, neigh = image_knn(gvec.cpu(), model.global_, model.settings.k_image, model.settings.k)
     images: list[list[Case]] = []
+    cache = gallery_cache(model.bank_)
     for b in range(len(paths)):
-        per_level = []
+        per_level: list[Case] = []
         for li, (h, w) in enumerate(model.level_shapes_):
-            gal = torch.from_numpy(model.bank_.gather(li, neigh[b].numpy())).float()
-            per_level.append((levels[li][b].cpu(), gal.reshape(-1, gal.shape[-1]), (h, w)))
+            nb = neigh[b].tolist()
+            gal = torch.from_numpy(model.bank_.gather(li, nb)).float()
+            lev = cache.levels[li]
+            use = lev is not None and indexed_pays(dev, h * w, gal.shape[0] * h * w, gal.shape[-1], args.kappa)
+            parts = cache.prepared(li, nb) if use else None  # (prepared once per neighbour: not timed)
+            per_level.append((levels[li][b].cpu(), gal.reshape(-1, gal.shape[-1]), (h, w), parts, lev))
         images.append(per_level)
     del levels
     lv = args.levels if args.levels is not None else list(range(len(model.level_shapes_)))
@@ -259,25 +423,46 @@ def bottle(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
     def naive(queries: torch.Tensor, gallery: torch.Tensor, kappa: int = 1, *_: Any, **__: Any) -> torch.Tensor:
         return cdist_baseline(queries, gallery, kappa)
 
+    def never(*_: Any) -> bool:
+        return False
+
+    def one_by_one(one: Callable[[int], None], images: list[int], work: float) -> None:
+        for b in images:  # the baseline as it always ran: image after image, torch's threads inside each op
+            one(b)
+
+    patches = {"nn_distances": naive, "search_plain": naive, "indexed_pays": never, "_run_images": one_by_one}
+    originals = {k: getattr(spade_gallery, k) for k in patches if hasattr(spade_gallery, k)}
+
     def predict(patched: bool) -> None:
-        spade_gallery.nn_distances = naive if patched else nn_distances
+        if patched:  # cdist on every level, never the index
+            for k in originals:
+                setattr(spade_gallery, k, patches[k])
+        if hasattr(spade_correspondence, "release_galleries"):
+            spade_correspondence.release_galleries()  # each predict call prepares its neighbours
         try:
             model.predict(paths)
         finally:
-            spade_gallery.nn_distances = nn_distances
+            for k, v in originals.items():
+                setattr(spade_gallery, k, v)
 
     print("predict: warm-up ...", flush=True)
     timed(lambda: model.predict(paths[:2]), dev)
     pt: dict[str, list[float]] = {"engine": [], "naive": []}
+    pc: dict[str, list[float]] = {"engine": [], "naive": []}  # process CPU time (both threads): a shared
+    # machine's other jobs slow the wall clock more than the work done
     for r in range(args.repeats):
         order = ["engine", "naive"] if r % 2 == 0 else ["naive", "engine"]
         for m in order:
             if m == "naive" and not args.predict_naive:
                 continue
+            c = time.process_time()
             t, _ = timed(lambda m=m: predict(m == "naive"), dev)
+            c = time.process_time() - c
             pt[m].append(t)
-            print(f"  predict {len(paths)} images ({m}): {t:.2f} s", flush=True)
-    pred = {m: {"seconds": v, "ms_per_image": 1e3 * min(v) / len(paths), "images_per_s": len(paths) / min(v)}
+            pc[m].append(c)
+            print(f"  predict {len(paths)} images ({m}): {t:.2f} s wall, {c:.2f} s CPU", flush=True)
+    pred = {m: {"seconds": v, "ms_per_image": 1e3 * min(v) / len(paths), "images_per_s": len(paths) / min(v),
+                "cpu_seconds": pc[m], "cpu_ms_per_image": 1e3 * min(pc[m]) / len(paths)}
             for m, v in pt.items() if v}
     return {
         "data": str(args.data),
@@ -324,12 +509,27 @@ def synthetic_wrn(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]
     with torch.no_grad():
         pyr, _ = net(torch.zeros(1, 3, args.image_size, args.image_size, device=dev))
     shapes = [(int(p.shape[2]), int(p.shape[3])) for p in pyr]
-    # Gallery rounded through fp16 as in the model's bank; same gallery for every test image.
+    # Gallery rounded through fp16 as in the model's bank; same gallery for every test image. Its index is
+    # built as fit builds it (on a sample of the gallery images) when Spade.predict would use it.
     galleries = [per_level[li][:k].reshape(-1, per_level[li].shape[-1]).half().float() for li in range(n_levels)]
-    images = [[(per_level[li][k + i], galleries[li], shapes[li]) for li in range(n_levels)]
+    indexes: list[tuple[list[Prepared] | None, LevelIndex | None]] = []
+    t = time.perf_counter()
+    for li, (h, w) in enumerate(shapes):
+        rows16 = per_level[li][:k].half().numpy()
+        if not indexed_pays(dev, h * w, k * h * w, rows16.shape[-1], args.kappa):
+            indexes.append((None, None))
+            continue
+        lev = train_level([rows16[i] for i in range(0, k, max(1, k // 16))], k * h * w)
+        parts = []
+        for i in range(k):
+            unit, same = lev.assign(rows16[i])
+            parts.append(prepare(rows16[i], unit, same, lev, "synthetic"))
+        indexes.append((parts, lev))
+    t_index = time.perf_counter() - t
+    images = [[(per_level[li][k + i], galleries[li], shapes[li], *indexes[li]) for li in range(n_levels)]
               for i in range(len(test_imgs))]
     desc = [f"{h}x{w}x{c}" for (h, w), c in zip(shapes, net.channels, strict=True)]
-    print(f"features: {t_feat:.1f} s; levels {desc}", flush=True)
+    print(f"features: {t_feat:.1f} s; index {t_index:.1f} s; levels {desc}", flush=True)
     lv = args.levels if args.levels is not None else list(range(n_levels))
     print(f"pixel stage: {len(images)} images, levels {lv}, methods {args.methods}, best of {args.repeats}",
           flush=True)
@@ -341,6 +541,7 @@ def synthetic_wrn(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]
         "image_size": args.image_size,
         "level_shapes": [[h, w, c] for (h, w), c in zip(shapes, net.channels, strict=True)],
         "feature_seconds": t_feat,
+        "index_seconds": t_index,
         "pixel_rows": rows,
         "pixel": summarise(rows, lv, args.methods),
         "peak_rss_mb": {"end": peak_rss_mb()},
@@ -371,6 +572,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch/faiss CPU threads (default: leave as is)")
     ap.add_argument("--no-predict-naive", dest="predict_naive", action="store_false",
                     help="bottle mode: skip Spade.predict with the cdist baseline patched in")
+    ap.add_argument("--profile", action="store_true",
+                    help="bottle mode: only time Spade.predict stage by stage (backbone, gallery, search, ...)")
+    ap.add_argument("--model", type=Path, default=None, help="bottle mode: load this model instead of fitting")
+    ap.add_argument("--save-model", type=Path, default=None, help="bottle mode: save the fitted model here")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -406,9 +611,17 @@ def main() -> None:
         **res,
         "wall_seconds": time.perf_counter() - t0,
     }
+    if args.profile:
+        mode = f"{mode}_profile"
     out = args.out or HERE / "results" / f"pixel_stage_{mode}_{dev.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1, default=float) + "\n")
+    if args.profile:
+        print_profile(res["profile"], f"Spade.predict stage by stage, {res['backbone']}, k={res['k']}, "
+                      f"{args.n_images} bottle test images, best of {args.repeats}, "
+                      f"torch threads {res['torch_threads']}")
+        print(f"wall {res['wall_seconds']:.0f} s; saved {out}")
+        return
 
     title = (f"pixel stage, {mode}, {res['backbone']}, k={res['k']}, kappa={res['kappa']}, device {dev}, "
              f"{args.n_images} images, best of {args.repeats}, torch threads {res['torch_threads']}")
@@ -419,6 +632,8 @@ def main() -> None:
         if "naive" in p:
             line += (f", naive (cdist patched in) {p['naive']['ms_per_image']:.1f} ms/image, "
                      f"ratio {p['naive']['ms_per_image'] / p['engine']['ms_per_image']:.1f}x")
+            ce, cn = p["engine"]["cpu_ms_per_image"], p["naive"]["cpu_ms_per_image"]
+            line += f" (process CPU time: {ce:.1f} vs {cn:.1f} ms/image, {cn / ce:.1f}x)"
         print(line)
         print(f"fit: {res['n_train']} images in {res['fit']['seconds']:.1f} s = {res['fit']['images_per_s']:.2f} "
               f"images/s (no calibration); predict: {p['engine']['images_per_s']:.2f} images/s")

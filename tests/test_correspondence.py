@@ -222,6 +222,22 @@ def test_threads_probe_and_stall_watch(monkeypatch: pytest.MonkeyPatch, stall: f
         assert torch.get_num_threads() == before
 
 
+@pytest.mark.parametrize("kappa", [1, 4])
+def test_results_are_canonical(kappa: int) -> None:
+    """Layout, pruning, tile size, query batching and gallery order do not change a single bit: the answer
+    is a function of the gallery's rows alone (see 'Canonical results' in search.py)."""
+    h = w = 14
+    g = _images(16, h, w, 12, seed=16).half().float()
+    g.view(16, h, w, 12)[:, :4] = 3.0  # duplicates and exact ties
+    q = _images(1, h, w, 12, seed=17)
+    q[:20] = g[100:120]
+    want = nn_distances(q, g, kappa, prune=False)
+    for kw in ({"prune": True}, {"prune": True, "tile_bytes": 1 << 16}, {"query_hw": (h, w), "gallery_hw": (h, w)}):
+        assert torch.equal(nn_distances(q, g, kappa, **kw), want)  # type: ignore[arg-type]
+    assert torch.equal(nn_distances(q, g.flip(0), kappa, prune=True), want)
+    assert torch.equal(torch.cat([nn_distances(q[:50], g, kappa), nn_distances(q[50:], g, kappa)]), want)
+
+
 def test_stats_reports_fallback_and_work() -> None:
     gen = torch.Generator().manual_seed(13)
     q = torch.randn(50, 8, generator=gen)

@@ -4,6 +4,12 @@ The file is a valid safetensors file (fp16 tensors ``level0..levelL-1`` of shape
 ``thumbnails`` (N, T, T, 3)), written incrementally so that fitting never holds more than one batch in
 memory, and read back row by row with positioned reads, so that ``predict`` reads only the retrieved
 neighbours and resident memory does not grow with the number of training images.
+
+Banks written since the search index was introduced also hold that index
+(:mod:`spade_ad.correspondence.cells`): per training image, tensors ``cells<l>.*`` with one row per
+training image like the levels, and a few small model-wide tensors named ``codebook<l>.*`` (no row per
+training image; :meth:`BankWriter.append` adds them at the end of the file). The index is derived from
+the level rows alone; banks without it are read as before (the search then builds its cells per image).
 """
 
 from __future__ import annotations
@@ -18,34 +24,59 @@ import numpy as np
 
 from .errors import SpadeError
 
-_DTYPES = {"F16": np.float16, "F32": np.float32, "U8": np.uint8}
+_DTYPES = {"F16": np.float16, "F32": np.float32, "U8": np.uint8, "I32": np.int32}
+_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+_HEADER_RESERVE = 4096  # header bytes kept free for the tensors appended at the end
 
 
 class BankWriter:
-    """Pre-sized safetensors file that rows (training images) are written into, in any order."""
+    """Pre-sized safetensors file that rows (training images) are written into, in any order; small
+    whole tensors can be appended at the end (:meth:`append`) before :meth:`close`."""
 
     def __init__(self, path: Path, n: int, tensors: dict[str, tuple[tuple[int, ...], str]]) -> None:
         """``tensors``: name -> (per-row shape, safetensors dtype)."""
         self.path = Path(path)
         self.n = n
         self.tensors = tensors
-        header: dict[str, object] = {}
+        self.header: dict[str, object] = {}
         offset = 0
         self.row_bytes: dict[str, int] = {}
         self.starts: dict[str, int] = {}
         for name, (shape, dtype) in tensors.items():
             row = int(np.prod(shape)) * np.dtype(_DTYPES[dtype]).itemsize
-            header[name] = {"dtype": dtype, "shape": [n, *shape], "data_offsets": [offset, offset + n * row]}
+            self.header[name] = {"dtype": dtype, "shape": [n, *shape], "data_offsets": [offset, offset + n * row]}
             self.starts[name] = offset
             self.row_bytes[name] = row
             offset += n * row
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self.data_start = 8 + len(raw)
-        self.fh = open(self.path, "wb")
-        self.fh.write(struct.pack("<Q", len(raw)))
-        self.fh.write(raw)
+        self.end = offset
+        raw = json.dumps(self.header, separators=(",", ":")).encode()
+        self.header_len = len(raw) + _HEADER_RESERVE + (-(len(raw) + _HEADER_RESERVE) % 8)
+        self.data_start = 8 + self.header_len
+        self.fh = open(self.path, "w+b")
+        self.fh.write(struct.pack("<Q", self.header_len))
+        self.fh.write(raw.ljust(self.header_len))
         self.fh.truncate(self.data_start + offset)
+
+    def append(self, name: str, arr: np.ndarray) -> None:
+        """Add a whole tensor (no row per training image) at the end of the file."""
+        if name in self.header:
+            raise ValueError(f"{name}: tensor already in the bank")
+        arr = np.ascontiguousarray(arr)
+        data = arr.tobytes()
+        self.header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape),
+                             "data_offsets": [self.end, self.end + len(data)]}
+        raw = json.dumps(self.header, separators=(",", ":")).encode()
+        if len(raw) > self.header_len:
+            raise ValueError("bank header reserve exceeded")
+        self.fh.seek(self.data_start + self.end)
+        self.fh.write(data)
+        self.end += len(data)
+        self.fh.seek(8)
+        self.fh.write(raw.ljust(self.header_len))
+
+    def flush(self) -> None:
+        """Make what was written so far readable by :class:`Bank` (which sees the rows and appended tensors)."""
+        self.fh.flush()
 
     def write(self, index: int, rows: dict[str, np.ndarray]) -> None:
         """Write rows ``index .. index+B-1`` of each named tensor (arrays of shape (B, *row_shape))."""
@@ -127,6 +158,15 @@ class Bank:
     def gather(self, level: int, indices: np.ndarray | list[int]) -> np.ndarray:
         """Feature rows of one pyramid level: (B, H*W, C) fp16."""
         return self.rows(f"level{level}", indices)
+
+    def tensor(self, name: str) -> np.ndarray:
+        """A whole tensor (for the small model-wide ones) in its stored dtype and shape."""
+        start, shape, dtype = self.meta[name]
+        size = int(np.prod(shape)) * dtype.itemsize
+        data = os.pread(self._fd, size, start)
+        if len(data) != size:
+            raise SpadeError(f"{self.path}: damaged feature bank (short read)")
+        return np.frombuffer(data, dtype).reshape(shape).copy()
 
 
 def file_sha256(path: Path, chunk: int = 16 << 20) -> str:

@@ -23,6 +23,7 @@ import torch
 from .backbones import FeatureExtractor, build_backbone
 from .bank import Bank, BankWriter
 from .correspondence import Correspondence, combine_levels, level_maps, match_pixel
+from .correspondence.cells import index_spec, write_index
 from .correspondence.runtime import COMPUTE_LOCK
 from .errors import NotFittedError, SpadeError
 from .features import batches, extract, level_shapes
@@ -364,13 +365,15 @@ class Spade:
         shapes = [(h * w, c) for (h, w), c in zip(self.level_shapes_, net.channels, strict=True)]
         spec: dict[str, tuple[tuple[int, ...], str]] = {f"level{i}": (sh, "F16") for i, sh in enumerate(shapes)}
         spec["thumbnails"] = ((THUMB, THUMB, 3), "U8")
+        copied = list(spec)  # the index is rebuilt from the rows (it depends on the whole bank)
+        spec.update(index_spec(shapes))
         k, n = len(keep), len(names)
         writer = BankWriter(path, k + n, spec)
         global_ = np.zeros((k + n, net.global_dim), dtype=np.float32)
         seen = np.zeros(n, dtype=bool)
         try:
             for a, b in batches(k, 256):  # kept rows are copied, never recomputed
-                writer.write(a, {name: self.bank_.rows(name, keep[a:b]) for name in spec})
+                writer.write(a, {name: self.bank_.rows(name, keep[a:b]) for name in copied})
                 global_[a:b] = self.global_[keep[a:b]].numpy()
                 if progress:
                     progress("copy", b, k)
@@ -385,6 +388,7 @@ class Spade:
                     progress("fit", int(seen.sum()), n)
             if not seen.all():
                 raise SpadeError(f"{names[int(np.argmin(seen))]}: no features were computed for this image")
+            write_index(writer, self.settings.k)
         except BaseException:
             writer.close()
             _unlink(path)

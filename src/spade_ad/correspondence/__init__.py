@@ -3,6 +3,8 @@ against all positions of the gallery images' pyramids at the same level.
 
 * :mod:`.gallery` - gathers the gallery (the k training images of stage 2) from the bank and scores
   each level with the exact search;
+* :mod:`.cells` - the search index built at fit time (cells, shells, shared rows) and the galleries
+  merged from it at predict time;
 * :mod:`.search` - the exact search itself (mean distance to the kappa nearest gallery features);
   :mod:`.pruning` (CPU cells and bounds) and :mod:`.runtime` (threads, buffers) speed it up without
   changing a result; :mod:`.reference` holds the brute-force ground truth and the naive baselines;
@@ -13,11 +15,11 @@ against all positions of the gallery images' pyramids at the same level.
 from __future__ import annotations
 
 from .explain import Correspondence, match_pixel
-from .gallery import level_maps
+from .gallery import level_maps, release_galleries
 from .maps import combine_levels, gaussian_blur
 from .reference import cdist_baseline, nn_distances_reference, relative_error
 from .runtime import release_scratch
-from .search import DEFAULT_TILE_BYTES, nn_distances
+from .search import DEFAULT_TILE_BYTES, nn_distances, nn_distances_merged
 
 __all__ = [
     "Correspondence",
@@ -28,7 +30,9 @@ __all__ = [
     "level_maps",
     "match_pixel",
     "nn_distances",
+    "nn_distances_merged",
     "nn_distances_reference",
     "relative_error",
+    "release_galleries",
     "release_scratch",
 ]

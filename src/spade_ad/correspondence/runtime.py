@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
@@ -44,6 +45,40 @@ def engine_threads(threads: int | None, work: float) -> Iterator[None]:
             yield
         finally:
             torch.set_num_threads(before)
+
+
+_POOL: list[ThreadPoolExecutor] = []
+_SPLIT_MIN_WORK = 1 << 21  # pair-rows (multiply-adds / C) below which a loop is not split
+
+
+def split_work(run: Callable[[int, int], None], work: list[int]) -> None:
+    """Run ``run(lo, hi)`` over the items of a loop whose costs are ``work``: on this thread, or - when torch
+    would use several threads here (:func:`engine_threads` found that they pay) - split in two halves of
+    equal work, the second on a worker thread, both single-threaded. The items' outputs must be disjoint.
+    (The search's loops are many mid-sized GEMMs: one op per core beats two threads per op.)"""
+    n = len(work)
+    threads = torch.get_num_threads()
+    total = sum(work)
+    if threads < 2 or n < 2 or total < _SPLIT_MIN_WORK:
+        run(0, n)
+        return
+    acc, mid = 0, n
+    for i, w in enumerate(work):
+        acc += w
+        if 2 * acc >= total:
+            mid = max(1, min(n - 1, i + 1))
+            break
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="spade-engine"))
+    torch.set_num_threads(1)
+    try:
+        other = _POOL[0].submit(run, mid, n)
+        try:
+            run(0, mid)
+        finally:
+            other.result()
+    finally:
+        torch.set_num_threads(threads)
 
 
 _SCRATCH = threading.local()

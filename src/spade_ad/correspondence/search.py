@@ -38,31 +38,78 @@ distances to a *local* centre, not on the feature norms.
    rest are scored with direct differences on the original fp32 rows, and the answer is the mean of the
    kappa smallest (a duplicated row counting up to its multiplicity).
 
-Why it is exact: at the end, kappa distinct gallery rows have d^2 <= ub_q (every value ub ever took
-was d~ + eps or a direct-difference score of such rows). A row that was not re-checked either lies in a
-unit whose lower bound exceeded ub at that time (so d^2 >= l^2 > ub >= final ub), or had d~ - eps above
-a threshold that was never below the final ub (so d^2 > final ub), or was dropped at the end with
-d~ - eps > final ub. None of them can be among the kappa nearest, ties and duplicates included, so the
-re-checked rows contain the true kappa nearest and the answer is their direct-difference distance
-(relative error ~C u, far below 1e-4). There is no failure mode for finite inputs; a query left with
-fewer than kappa finite candidates (non-finite features) is recomputed by brute force and counted in
-``stats['fallback']``. If the user allowed reduced-precision fp32 matmuls (TF32/bf16), eps grows to
-match. Peak memory: a ``tile_bytes`` tile, O((P + M) C) buffers (some kept between calls as scratch,
-see :func:`release_scratch`) and a (units x P) table of lower bounds, about P M / 1000; never P x M.
+Why it is exact: at the end, kappa distinct gallery rows have d^2 <= ub_q / (1 + G) (every value ub ever
+took was d~ + eps or a direct-difference score of such rows, inflated by (1 + G), see below). A row that
+was not re-checked either lies in a unit whose lower bound exceeded ub at that time (so d^2 >= l^2 > ub
+>= final ub), or had d~ - eps above a threshold that was never below the final ub (so d^2 > final ub),
+or was dropped at the end with d~ - eps > final ub. None of them can be among the kappa nearest, ties
+and duplicates included, so the re-checked rows contain the true kappa nearest and the answer is their
+direct-difference distance (relative error ~C u, far below 1e-4). There is no failure mode for finite
+inputs; a query left with fewer than kappa finite candidates (non-finite features) is recomputed by brute
+force and counted in ``stats['fallback']``. If the user allowed reduced-precision fp32 matmuls
+(TF32/bf16), eps grows to match. Peak memory: a ``tile_bytes`` tile, O((P + M) C) buffers (some kept
+between calls as scratch, see :func:`release_scratch`) and a (units x P) table of lower bounds, about
+P M / 1000; never P x M.
+
+Canonical results. The direct-difference value e(g) of a row is computed by :func:`exact_d2` (a fixed
+summation tree: the same bits whatever else is computed with it), and |e - d^2| <= G d^2 / 4 with
+G = 4 gamma_{C+2} (:func:`G_E`). Let T be the kappa-th smallest e over all positions; the rows with
+e <= T have d^2 <= T / (1 - G/4) <= d_k^2 (1 + G) (d_k: the kappa-th smallest d, since the true kappa
+nearest have e <= d_k^2 (1 + G/4)). Every value put into ub is a valid bound times (1 + G), so the final
+ub >= d_k^2 (1 + G): all rows with e <= T are re-checked, and the answer, the mean of the square roots of
+the kappa smallest e (with multiplicity, summed in a fixed order, :func:`mean_sqrt`), is a function of the
+gallery's positions alone. Any layout, pruning, threads or batching - and the merged galleries of part
+II - give the same bits.
 
 The same code runs on a CUDA device (cells off by default: there a dense GEMM is cheap). On the CPU,
 threads are used only while they pay (see ``threads`` in :func:`nn_distances`).
+
+Part II: galleries merged from the fit-time index
+--------------------------------------------------
+:func:`nn_distances_merged` searches a gallery built by :func:`.cells.merge` from the neighbours' rows
+prepared with the index of :mod:`.cells`: distinct rows (exact duplicates within an image, and rows
+equal to a shared row, kept once with their multiplicity), grouped into units - shell t of cell j: rows
+whose centroid is c_j and whose computed |g - c_j| lies in [r_in, r_out] - cut into GEMM blocks of whole
+32-row groups (pads score +inf). Each row is stored as ``[g - c_j, |g - c_j|^2]``, so the GEMM form and
+eps above hold with c = c_j.
+
+1. Bounds (:func:`unit_bounds`). s = |q|^2 + |c|^2 - 2 q.c from one GEMM (queries x centroids) is within
+   err = gamma_{C+6} (|q| + |c|)^2 (inflated for TF32/bf16 GEMMs and computed norms) of |q - c|^2, so
+   d_lo = sqrt(max(s - err, 0)) (1 - 4u) <= |q - c| <= d_hi = sqrt(s + err) (1 + 4u). The true radii lie
+   within a factor (1 -+ 4 (C + 4) u) of the computed ones. By the triangle inequality every row g of
+   the unit has d >= max(|q - c| - |g - c|, |g - c| - |q - c|, 0) >= l = max(d_lo - r_out', r_in' - d_hi,
+   0) with the inflated radii; l^2 is shrunk by (1 - 8u) for the rounding of its own evaluation.
+2. First ub. Every query is matched against all rows of its nearest centroid's cell (one GEMM per cell,
+   a contiguous range of blocks); the kappa smallest D per query (distinct rows) + |q - c|^2 + eps with
+   the cell's largest radius give ``ub_q``.
+3. Search. Every (unit, query) pair with l^2 <= ub_q, per block of the unit, in chunks (pairs whose l^2
+   exceeds the ub of the time are dropped before each chunk): one GEMM per block gives D for the pairs,
+   reduced at once to minima over its 32 sub-blocks (rows j, j + 32, j + 64, ...; each minimum is reached
+   by a distinct row). The pair's smallest minimum + |q - c|^2 + eps (kappa = 1), or the kappa-th
+   smallest of all sub-block minima seen (distinct rows), tighten ``ub_q``; the sub-blocks whose
+   minimum is <= ub_q - |q - c|^2 + eps are candidates, and all their rows are re-checked.
+4. Exact re-check of the candidates' rows as in part I (e, with multiplicity), tightening ub with it.
+
+Why it is exact: ub only ever holds (1 + G) times valid bounds, as above. A row g with d^2 <= final ub
+belongs to a unit whose l^2 <= d^2 <= final ub <= ub at every earlier time, so every pair of it was
+processed; there d~ - eps <= d^2 <= ub, so D(g) <= ub - |q - c|^2 + eps (eps with r_out >= |g - c|)
+and its sub-block, whose minimum is <= D(g), was a candidate: g was re-checked. Hence all rows with
+d^2 <= final ub, which include the kappa nearest and every row with e <= T, are re-checked, and the
+result is the canonical one of part I, bit for bit (tests pin this). Peak memory: the (units x queries)
+bounds, a chunk of pairs ((C + 1 + 32) floats each, ``tile_bytes`` in all) and a ``tile_bytes`` tile.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
 
 import torch
 
+from .cells import NSB, SHELLS, Merged
 from .pruning import SUB_BOX, Layout, U, hash_bits, hash_vector, pruned_layout, pruning_pays
 from .reference import brute_topk_d2
-from .runtime import engine_threads, scratch, watch_threads
+from .runtime import engine_threads, scratch, split_work, watch_threads
 
 DEFAULT_TILE_BYTES = 8 << 20  # one query x gallery tile of fp32 squared distances
 _CACHE_TILE = 1 << 20  # CPU: bytes of a GEMM block reduced while it is still in cache
@@ -71,6 +118,17 @@ _MAX_COLS = 2048  # CPU: gallery rows per GEMM unit, at most (on a GPU, tiles ar
 
 def _gamma(n: int, u: float = U) -> float:
     return n * u / (1 - n * u)
+
+
+def _eps_factor(dim: int, u_in: float) -> float:
+    """gam with |d~ - d^2| <= eps = gam (|q - c| + |g - c|)^2 for the GEMM form about any centre c (module
+    docstring); the last factor covers norms that are themselves computed with rounding."""
+    return (_gamma(dim + 12) + 3 * u_in) * 1.01 * (1 + 4 * (dim + 4) * U) ** 2
+
+
+def G_E(dim: int) -> float:  # noqa: N802 - a constant of the proof
+    """|e - d^2| <= G_E d^2 / 4 for the direct-difference value e of :func:`exact_d2`."""
+    return 4 * _gamma(dim + 2)
 
 
 def _reduced_gemm_roundoff(device: torch.device) -> float:
@@ -87,6 +145,29 @@ def _reduced_gemm_roundoff(device: torch.device) -> float:
         reduced = True
     return 2.0**-8 if reduced else 0.0
 
+
+
+def exact_d2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Squared distances of paired fp32 rows ``a[i]``, ``b[i]`` by direct differences, summed by a fixed
+    pairwise tree over the coordinates (one rounding per elementwise operation): a pair gets the same
+    bits whatever else is computed with it, so results do not depend on batching, layout or threads."""
+    x = (a - b).square_()
+    while x.shape[1] > 1:
+        h = x.shape[1] // 2
+        y = x[:, :h] + x[:, h : 2 * h]
+        if x.shape[1] % 2:
+            y[:, 0] += x[:, 2 * h]
+        x = y
+    return x[:, 0].contiguous() if x.shape[1] else torch.zeros(x.shape[0], device=x.device)
+
+
+def mean_sqrt(d2: torch.Tensor) -> torch.Tensor:
+    """Mean of the square roots of each row of ``d2`` (sorted ascending), summed in a fixed order."""
+    x = d2.clamp_min(0).sqrt_()
+    acc = x[:, 0].clone()
+    for j in range(1, x.shape[1]):
+        acc += x[:, j]
+    return acc.div_(x.shape[1]) if x.shape[1] > 1 else acc
 
 
 def _smallest_per_row(qi: torch.Tensor, vals: torch.Tensor, n_rows: int, kk: int) -> torch.Tensor:
@@ -130,7 +211,8 @@ class _Search:
         self.chunk = max(1, tile_bytes // (4 * dim * 3))  # candidate rows per exact re-check batch
         self.cap = max(self.chunk, tile_bytes // 32)  # candidate rows held before a re-check
         self.gnorm = lay.aug[:, dim].sqrt()
-        self.g_e = 4 * _gamma(dim + 2)  # |e - d^2| <= g_e d^2 / 4 for the direct-difference value e
+        self.g_e = G_E(dim)  # |e - d^2| <= g_e d^2 / 4 for the direct-difference value e
+        self.infl = 1 + self.g_e  # every bound kept in ub is inflated by this (canonical results)
         self.run = torch.full((n_q, kk), math.inf, device=dev) if kk > 1 else None  # kk smallest bounds
         self.result = torch.full((n_q, kk), math.inf, device=dev)  # kk smallest exact d^2 re-checked
         self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -144,7 +226,7 @@ class _Search:
         for a in range(0, cq.numel(), self.chunk):
             qi, gi = cq[a : a + self.chunk], cg[a : a + self.chunk]
             rows = self.lay.src.index_select(0, gi)
-            e = (self.g.index_select(0, rows) - self.q.index_select(0, qi)).square_().sum(1)
+            e = exact_d2(self.g.index_select(0, rows), self.q.index_select(0, qi))
             if self.run is None:
                 self.result[:, 0].scatter_reduce_(0, qi, e, "amin")
             else:
@@ -168,7 +250,7 @@ class _Search:
         # the pair's own rounding bound (the loop used the unit's largest norm): tighter ub, fewer re-checks
         e_pair = (cn + self.gnorm.index_select(0, cg)).square_().mul_(self.gam)
         dq = cv.add_(cn.square_())  # d~
-        hi_v = dq + e_pair
+        hi_v = (dq + e_pair).mul_(self.infl)
         ub = self.ub
         if self.run is None:
             ub.scatter_reduce_(0, cq, hi_v, "amin")
@@ -177,7 +259,7 @@ class _Search:
             top = (dq <= low.index_select(0, cq)).nonzero().squeeze(1)
             self.recheck(cq.index_select(0, top), cg.index_select(0, top))
             dq.index_fill_(0, top, math.inf)  # done
-            torch.minimum(ub, self.result[:, 0] * (1 + self.g_e), out=ub)
+            torch.minimum(ub, self.result[:, 0] * ((1 + self.g_e) * self.infl), out=ub)
         else:
             assert self.lay.mult is not None
             # distinct rows (with their multiplicity) only
@@ -185,7 +267,7 @@ class _Search:
             best = _smallest_per_row(
                 cq.repeat_interleave(rep), hi_v.repeat_interleave(rep), self.n_q, self.kk
             )
-            torch.minimum(ub, torch.minimum(best[:, -1], self.result[:, -1] * (1 + self.g_e)), out=ub)
+            torch.minimum(ub, torch.minimum(best[:, -1], self.result[:, -1] * ((1 + self.g_e) * self.infl)), out=ub)
         keep = (dq - e_pair <= ub.index_select(0, cq)).nonzero().squeeze(1)
         self.recheck(cq.index_select(0, keep), cg.index_select(0, keep))
 
@@ -220,7 +302,7 @@ class _Search:
             # the bound stays in absolute units (a round trip through D units would lose it to rounding
             # when it is much smaller than |q - c|^2); the threshold for the rows is in units of D
             if self.run is None:
-                new = torch.minimum(self.ub.index_select(0, qi), low + qn_u + e_q)
+                new = torch.minimum(self.ub.index_select(0, qi), (low + qn_u + e_q).mul_(self.infl))
             else:
                 # kk increasing values, each reached by distinct rows, among the previous ones and this
                 # unit's sub-block minima: repeated min-and-drop (ties dropped together only loosen the
@@ -234,7 +316,7 @@ class _Search:
                     vals.masked_fill_(vals <= mins[-1], math.inf)
                 top = torch.cat(mins, 1)
                 self.run.index_copy_(0, qi, top)
-                new = torch.minimum(self.ub.index_select(0, qi), top[:, -1])
+                new = torch.minimum(self.ub.index_select(0, qi), top[:, -1] * self.infl)
             self.ub.index_copy_(0, qi, new)
             thr = new.sub_(qn_u).add_(e_q)  # rows with D <= thr may be among the kk nearest
             hit = (low <= thr).nonzero().squeeze(1)  # queries with at least one candidate row here
@@ -309,6 +391,24 @@ def nn_distances(
         return _nn_distances(queries, gallery, kappa, tile_bytes, stats, query_hw, gallery_hw, prune)
 
 
+def search_plain(
+    queries: torch.Tensor,
+    gallery: torch.Tensor,
+    kappa: int = 1,
+    tile_bytes: int = DEFAULT_TILE_BYTES,
+    query_hw: tuple[int, int] | None = None,
+    gallery_hw: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """:func:`nn_distances` with torch's thread setting as it is and no lock taken (see :func:`search_merged`)."""
+    if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
+        raise ValueError(f"shapes {tuple(queries.shape)} and {tuple(gallery.shape)} do not match")
+    if gallery.shape[0] == 0:
+        raise ValueError("empty gallery")
+    if kappa < 1:
+        raise ValueError("kappa must be >= 1")
+    return _nn_distances(queries, gallery, kappa, tile_bytes, None, query_hw, gallery_hw, None)
+
+
 
 def _nn_distances(
     queries: torch.Tensor,
@@ -330,7 +430,7 @@ def _nn_distances(
     u_in = _reduced_gemm_roundoff(dev)
     # |d~ - d^2| <= eps = gam (|q - c| + |g - c|)^2 for the GEMM form about any centre c (module
     # docstring); the last factor covers norms that are themselves computed with rounding
-    gam = (_gamma(dim + 12) + 3 * u_in) * 1.01 * (1 + 4 * (dim + 4) * U) ** 2
+    gam = _eps_factor(dim, u_in)
 
     if prune is None:  # cells pay on a CPU, for big problems with few channels
         prune = pruning_pays(dev, n_q, n_g, dim)
@@ -342,7 +442,7 @@ def _nn_distances(
     if prune and query_hw is not None and gallery_hw is not None and tuple(query_hw) == tuple(gallery_hw):
         hw = int(query_hw[0]) * int(query_hw[1])
         if hw == n_q and n_g % hw == 0 and n_g // hw >= kk:
-            ub, local = _local_bound(q, g, hw, kk, gam), True
+            ub, local = _local_bound(q, g, hw, kk, gam).mul_(1 + G_E(dim)), True
 
     # ---- layout (cells, units) and, with cells, the lower bound on d^2 of every (unit, query) pair
     max_cols = tile_bytes // (4 * max(1, min(n_q, 512)))
@@ -387,8 +487,268 @@ def _nn_distances(
         stats["pairs"] = stats.get("pairs", 0) + counters["pairs"]
         stats["rechecked"] = stats.get("rechecked", 0) + counters["rechecked"]
         stats["candidates"] = stats.get("candidates", 0) + counters["candidates"]
-    return result.clamp_min_(0).sqrt_().mean(1)
+    return mean_sqrt(result)
 
 
 
-__all__ = ["nn_distances", "DEFAULT_TILE_BYTES"]
+# ------------------------------------------------------------------------------------------ merged galleries
+
+
+def unit_bounds(q: torch.Tensor, m: Merged, u_in: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lb`` (units x queries): lower bounds on d^2 from each query to every row of each unit of ``m``
+    (rigorous under rounding, see the module docstring), and ``s`` (cells x queries): the computed
+    |q - c|^2 to each centroid."""
+    cen = m.lev.centroids
+    n_cells, dim = cen.shape
+    cn = torch.linalg.vector_norm(cen, dim=1)
+    qn = torch.linalg.vector_norm(q, dim=1)
+    s = torch.addmm((cn * cn)[:, None], cen, q.t(), alpha=-2.0).add_((qn * qn)[None])
+    err = (cn[:, None] + qn[None]).square_().mul_((_gamma(dim + 6) + 3 * u_in) * 1.02 * (1 + 4 * (dim + 4) * U) ** 2)
+    d_lo = (s - err).clamp_min_(0).sqrt_().mul_(1 - 4 * U)  # <= |q - c|
+    d_hi = (s + err).sqrt_().mul_(1 + 4 * U)  # >= |q - c|
+    rr = 4 * (dim + 4) * U  # relative error of a computed |g - c|
+    r_out = (m.r_out * (1 + rr)).view(n_cells, SHELLS, 1)
+    r_in = (m.r_in * (1 - rr)).view(n_cells, SHELLS, 1)
+    lb = torch.maximum(d_lo.view(n_cells, 1, -1) - r_out, r_in - d_hi.view(n_cells, 1, -1)).clamp_min_(0)
+    return lb.square_().mul_(1 - 8 * U).view(n_cells * SHELLS, -1), s
+
+
+def _to_blocks(m: Merged, unit: torch.Tensor, q: torch.Tensor, lbv: torch.Tensor | None) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(unit, query) pairs sorted by unit -> (block, query) pairs sorted by block (a unit's pairs repeated
+    for each of its blocks); ``lbv`` (the pairs' bounds) follows."""
+    nb = m.nblocks.index_select(0, unit)
+    if bool((nb == 1).all()):
+        return m.first_block.index_select(0, unit), q, lbv
+    units, n_u = torch.unique_consecutive(unit, return_counts=True)
+    m_u = m.nblocks.index_select(0, units)
+    tot = n_u * m_u
+    t = torch.arange(int(tot.sum())) - torch.repeat_interleave(torch.cumsum(tot, 0) - tot, tot)
+    nn = torch.repeat_interleave(n_u, tot)
+    src = torch.repeat_interleave(torch.cumsum(n_u, 0) - n_u, tot) + t % nn
+    blk = torch.repeat_interleave(m.first_block.index_select(0, units), tot) + t // nn
+    return blk, q.index_select(0, src), None if lbv is None else lbv.index_select(0, src)
+
+
+class _MergedSearch:
+    """GEMM blocks of a merged gallery against the queries of (block, query) pairs, sub-block minima,
+    the running bound ``ub``, candidate sub-blocks and their exact re-check (module docstring, part II)."""
+
+    def __init__(self, q: torch.Tensor, m: Merged, kk: int, gam: float, tile_bytes: int) -> None:
+        self.q, self.m, self.kk, self.gam, self.tile_bytes = q, m, kk, gam, tile_bytes
+        n_q, dim = q.shape
+        self.n_q, self.dim = n_q, dim
+        self.ub = torch.full((n_q,), math.inf)
+        self.qa = torch.cat([q * -2.0, torch.ones(n_q, 1)], dim=1)
+        self.cen2 = torch.cat([m.lev.centroids * 2.0, torch.zeros(m.lev.centroids.shape[0], 1)], dim=1)
+        self.r_out = m.r_out * (1 + 4 * (dim + 4) * U)  # >= every |g - c| of the unit
+        self.all_q = torch.arange(n_q)
+        self.g_e = G_E(dim)
+        self.infl = 1 + self.g_e
+        self.run = torch.full((n_q, kk), math.inf) if kk > 1 else None  # kk smallest bounds of distinct rows
+        self.result = torch.full((n_q, kk), math.inf)  # kk smallest exact d^2 re-checked (with multiplicity)
+        self.bstart = m.bstart.tolist()
+        self.bcols = m.bcols.tolist()
+        self.counters = {"pairs": 0, "candidates": 0, "rechecked": 0}
+
+    def first_bound(self, cell: torch.Tensor) -> None:
+        """ub from every query's whole ``cell`` (a cell's rows are contiguous): one GEMM per cell and the
+        kk smallest D of each query's row (distinct rows; pads score +inf)."""
+        m, dim, kk = self.m, self.dim, self.kk
+        order = torch.argsort(cell, stable=True)
+        cell = cell.index_select(0, order)
+        x = self.qa.index_select(0, order).add_(self.cen2.index_select(0, cell))
+        nq = torch.linalg.vector_norm(x[:, :dim], dim=1).mul_(0.5)
+        rad = self.r_out.view(-1, SHELLS).amax(1).clamp_min_(0).index_select(0, cell)
+        e_q = (nq + rad).square_().mul_(self.gam)
+        row = torch.cat([m.bstart, (m.bstart[-1:] + m.bcols[-1:]) if m.bstart.numel() else m.bstart.new_zeros(1)])
+        first = m.first_block.view(-1, SHELLS)
+        r0s = row.index_select(0, first[:, 0]).tolist()
+        r1s = row.index_select(0, first[:, -1] + m.nblocks.view(-1, SHELLS)[:, -1]).tolist()
+        low = torch.empty(order.numel(), kk)
+        tile = max(1, min(self.tile_bytes, _CACHE_TILE) // 4)
+        cells, per = torch.unique_consecutive(cell, return_counts=True)
+        cl, ncl = cells.tolist(), per.tolist()
+        starts = [0, *itertools.accumulate(ncl)]
+
+        def run(lo: int, hi: int) -> None:  # cells lo..hi-1
+            for c, n, p0 in zip(cl[lo:hi], ncl[lo:hi], starts[lo:hi], strict=True):
+                r0, r1 = r0s[c], r1s[c]
+                if r1 == r0:  # (an empty cell: only for non-finite queries, whose nearest centroid is NaN)
+                    low[p0 : p0 + n] = math.inf
+                    continue
+                at = m.aug[r0:r1].t()
+                step = max(1, tile // (r1 - r0))
+                for a in range(p0, p0 + n, step):
+                    e = min(p0 + n, a + step)
+                    d = torch.mm(x[a:e], at, out=scratch("mtile", (e - a, r1 - r0), x.device))
+                    if kk == 1:
+                        torch.amin(d, 1, out=low[a:e, 0])
+                    elif r1 - r0 >= kk:
+                        low[a:e] = d.topk(kk, 1, largest=False).values
+                    else:
+                        low[a:e] = math.inf
+
+        work = [n * (r1s[c] - r0s[c]) for c, n in zip(cl, ncl, strict=True)]
+        self.counters["pairs"] += sum(work)
+        split_work(run, work)
+        bound = low[:, -1].add_(nq * nq).add_(e_q).mul_(self.infl)
+        self.ub.scatter_reduce_(0, order, bound, "amin")
+
+    def process(self, pb: torch.Tensor, pq: torch.Tensor) -> None:
+        """All (block ``pb``, query ``pq``) pairs, sorted by block."""
+        n = pb.numel()
+        if n == 0:
+            return
+        m, dim, kk = self.m, self.dim, self.kk
+        unit = m.bunit.index_select(0, pb)
+        x = self.qa.index_select(0, pq).add_(self.cen2.index_select(0, unit // SHELLS))  # [-2 (q - c), 1]
+        nq = torch.linalg.vector_norm(x[:, :dim], dim=1).mul_(0.5)  # |q - c|
+        e_p = (nq + self.r_out.index_select(0, unit)).square_().mul_(self.gam)  # eps of the pair's rows
+        sbm = torch.empty(n, NSB)
+        blocks, per = torch.unique_consecutive(pb, return_counts=True)
+        tile = max(1, min(self.tile_bytes, _CACHE_TILE) // 4)
+        bl, nbl = blocks.tolist(), per.tolist()
+        starts = [0, *itertools.accumulate(nbl)]
+
+        def run(lo: int, hi: int) -> None:  # blocks lo..hi-1
+            for b, nb, p0 in zip(bl[lo:hi], nbl[lo:hi], starts[lo:hi], strict=True):
+                r0, cols = self.bstart[b], self.bcols[b]
+                at = m.aug[r0 : r0 + cols].t()
+                step = max(1, tile // cols)
+                for a in range(p0, p0 + nb, step):
+                    e = min(p0 + nb, a + step)
+                    d = torch.mm(x[a:e], at, out=scratch("mtile", (e - a, cols), pb.device))  # D = d~ - |q - c|^2
+                    torch.amin(d.view(e - a, cols // NSB, NSB), 1, out=sbm[a:e])  # sub-block j: rows r0 + j + NSB t
+
+        work = [nb * self.bcols[b] for b, nb in zip(bl, nbl, strict=True)]
+        self.counters["pairs"] += sum(work)
+        split_work(run, work)
+        low = sbm.amin(1)
+        nq2 = nq * nq
+        if self.run is None:
+            self.ub.scatter_reduce_(0, pq, (low + nq2 + e_p).mul_(self.infl), "amin")
+        else:
+            kt = min(kk, NSB)  # sub-block minima are reached by distinct rows
+            top = sbm.topk(kt, 1, largest=False).values.add_((nq2 + e_p)[:, None])
+            self.run = _smallest_per_row(
+                torch.cat([self.all_q.repeat_interleave(kk), pq.repeat_interleave(kt)]),
+                torch.cat([self.run.reshape(-1), top.reshape(-1)]),
+                self.n_q,
+                kk,
+            )
+            torch.minimum(self.ub, self.run[:, -1] * self.infl, out=self.ub)
+        thr = self.ub.index_select(0, pq).sub_(nq2).add_(e_p)  # rows with D <= thr may be among the kk nearest
+        hit = (low <= thr).nonzero().squeeze(1)
+        if hit.numel() == 0:
+            return
+        i, j = (sbm.index_select(0, hit) <= thr.index_select(0, hit)[:, None]).nonzero(as_tuple=True)
+        cp = hit.index_select(0, i)
+        blk = pb.index_select(0, cp)
+        sub = m.bcols.index_select(0, blk) // NSB
+        t = torch.arange(int(sub.sum())) - torch.repeat_interleave(torch.cumsum(sub, 0) - sub, sub)
+        rows = torch.repeat_interleave(m.bstart.index_select(0, blk) + j, sub) + t * NSB
+        rq = torch.repeat_interleave(pq.index_select(0, cp), sub)
+        real = torch.isfinite(m.aug[:, dim].index_select(0, rows)).nonzero().squeeze(1)  # pads are not rows
+        self.recheck(rq.index_select(0, real), rows.index_select(0, real))
+
+    def recheck(self, rq: torch.Tensor, rows: torch.Tensor) -> None:
+        """Exact (direct-difference) d^2 of candidate rows, merged into ``result``; ub tightened with it."""
+        m, kk = self.m, self.kk
+        self.counters["candidates"] += rows.numel()
+        self.counters["rechecked"] += rows.numel()
+        chunk = max(1, self.tile_bytes // (4 * self.dim * 3))
+        for a in range(0, rows.numel(), chunk):
+            qi, ri = rq[a : a + chunk], rows[a : a + chunk]
+            e = exact_d2(m.g16.index_select(0, m.src.index_select(0, ri)).float(), self.q.index_select(0, qi))
+            if kk == 1:
+                self.result[:, 0].scatter_reduce_(0, qi, e, "amin")
+            else:
+                assert m.mult is not None
+                rep = m.mult.index_select(0, ri).clamp_max(kk)  # a repeated row counts up to kk times
+                self.result = _smallest_per_row(
+                    torch.cat([self.all_q.repeat_interleave(kk), qi.repeat_interleave(rep)]),
+                    torch.cat([self.result.reshape(-1), e.repeat_interleave(rep)]),
+                    self.n_q,
+                    kk,
+                )
+        torch.minimum(self.ub, self.result[:, -1] * ((1 + self.g_e) * self.infl), out=self.ub)
+
+
+def nn_distances_merged(
+    queries: torch.Tensor,
+    gallery: Merged,
+    kappa: int = 1,
+    tile_bytes: int = DEFAULT_TILE_BYTES,
+    stats: dict[str, int] | None = None,
+    *,
+    threads: int | None = None,
+) -> torch.Tensor:
+    """:func:`nn_distances` against a gallery merged from the fit-time index (:func:`.cells.merge`): the
+    same exact result, bit for bit (CPU). ``gallery.n_rows`` counts the positions with multiplicity."""
+    with engine_threads(threads, float(queries.shape[0]) * gallery.n_rows * queries.shape[1]):
+        return search_merged(queries, gallery, kappa, tile_bytes, stats)
+
+
+def search_merged(
+    queries: torch.Tensor,
+    gallery: Merged,
+    kappa: int = 1,
+    tile_bytes: int = DEFAULT_TILE_BYTES,
+    stats: dict[str, int] | None = None,
+) -> torch.Tensor:
+    """:func:`nn_distances_merged` with torch's thread setting as it is and no lock taken: for callers that
+    run several searches at once on worker threads (each single-threaded), see :mod:`.gallery`."""
+    if queries.ndim != 2 or queries.shape[1] != gallery.aug.shape[1] - 1:
+        raise ValueError(f"queries {tuple(queries.shape)} do not match the gallery's {gallery.aug.shape[1] - 1} "
+                         "channels")
+    if kappa < 1:
+        raise ValueError("kappa must be >= 1")
+    if kappa > 1 and gallery.mult is None:
+        raise ValueError("kappa > 1 needs a gallery merged with need_mult=True")
+    q = queries.detach().to("cpu", torch.float32).contiguous()
+    return _merged(q, gallery, kappa, tile_bytes, stats)
+
+
+def _merged(q: torch.Tensor, m: Merged, kappa: int, tile_bytes: int, stats: dict[str, int] | None) -> torch.Tensor:
+    n_q, dim = q.shape
+    kk = min(kappa, m.n_rows)
+    if n_q == 0:
+        return torch.empty(0)
+    u_in = _reduced_gemm_roundoff(q.device)
+    lb, s = unit_bounds(q, m, u_in)
+    n_cells = m.lev.centroids.shape[0]
+    # a first, tight ub: every query against all rows of its nearest centroid's cell (among the cells
+    # with at least kk rows)
+    ok = m.count.view(n_cells, SHELLS).sum(1) >= kk
+    srch = _MergedSearch(q, m, kk, _eps_factor(dim, u_in), tile_bytes)
+    if bool(ok.any()):
+        srch.first_bound(torch.where(ok[:, None], s, math.inf).argmin(0))
+    # every (unit, query) pair whose bound does not exceed ub, in chunks (ub tightens between them)
+    unit, qi = (lb <= srch.ub[None]).nonzero(as_tuple=True)
+    pb, pq, lbv = _to_blocks(m, unit, qi, lb[unit, qi])
+    assert lbv is not None
+    chunk = max(1024, tile_bytes // (4 * (NSB + dim + 1)))
+    for a in range(0, pb.numel(), chunk):
+        keep = (lbv[a : a + chunk] <= srch.ub.index_select(0, pq[a : a + chunk])).nonzero().squeeze(1)
+        srch.process(pb[a : a + chunk].index_select(0, keep), pq[a : a + chunk].index_select(0, keep))
+    result, counters = srch.result, srch.counters
+    bad = ~torch.isfinite(result[:, -1])
+    n_bad = int(bad.sum())
+    if n_bad:  # non-finite features: brute force over every position
+        real = torch.isfinite(m.aug[:, dim]).nonzero().squeeze(1)
+        mult = torch.ones(m.g16.shape[0], dtype=torch.long)
+        if m.mult is not None:
+            mult[m.src.index_select(0, real)] = m.mult.index_select(0, real)
+        g = m.g16.float().repeat_interleave(mult.clamp_max(kk), dim=0)
+        which = bad.nonzero().squeeze(1)
+        result[which] = brute_topk_d2(q[which], g, kk, tile_bytes)
+    if stats is not None:
+        stats["fallback"] = stats.get("fallback", 0) + n_bad
+        stats["queries"] = stats.get("queries", 0) + n_q
+        for key, v in counters.items():
+            stats[key] = stats.get(key, 0) + v
+    return mean_sqrt(result)
+
+
+__all__ = ["nn_distances", "nn_distances_merged", "search_merged", "search_plain", "exact_d2", "DEFAULT_TILE_BYTES"]
