@@ -4,17 +4,19 @@ import numpy as np
 import pytest
 import torch
 
-from spade_ad.backbones import build_backbone, lite0_imagenet_state_dict
+from spade_ad.backbones import BACKBONES, build_backbone, bundled_state_dict
 from spade_ad.errors import SpadeError
 
 
-def test_lite0_has_genuine_imagenet_weights_cat_is_a_cat() -> None:
-    """The bundled weights, mapped in order onto timm's tf_efficientnet_lite0, classify chelsea as a cat."""
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_bundled_lites_have_genuine_imagenet_weights_cat_is_a_cat(name: str) -> None:
+    """The bundled weights, mapped in order onto timm's tf_efficientnet_liteN, classify chelsea as a cat."""
     import timm
     from skimage.data import chelsea
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    model.load_state_dict(lite0_imagenet_state_dict())
+    spec = BACKBONES[name]
+    model = timm.create_model(spec.timm_name, pretrained=False)
+    model.load_state_dict(bundled_state_dict(spec))
     model.eval()
     img = torch.from_numpy(chelsea().copy()).permute(2, 0, 1)[None].float()
     img = torch.nn.functional.interpolate(img, size=(224, 224), mode="bilinear", antialias=True)
@@ -33,6 +35,14 @@ def test_lite0_pyramid_shapes() -> None:
     pyr, g = net(net.normalise(torch.zeros(2, 3, 224, 224)))
     assert [tuple(p.shape) for p in pyr] == [(2, 24, 56, 56), (2, 40, 28, 28), (2, 112, 14, 14)]
     assert tuple(g.shape) == (2, 320)
+
+
+@pytest.mark.parametrize(("name", "channels", "gdim"), [("efficientnet_lite1", [24, 40, 112], 320),
+                                                         ("efficientnet_lite2", [24, 48, 120], 352)])
+def test_larger_lites_pyramid_shapes(name: str, channels: list[int], gdim: int) -> None:
+    net = build_backbone(name)
+    assert net.channels == channels and net.strides == [4, 8, 16] and net.global_dim == gdim
+    assert net.weights_id.startswith("sha256:")
 
 
 @pytest.mark.parametrize(

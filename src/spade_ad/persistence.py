@@ -273,6 +273,10 @@ def load_model(cls: type[Spade], folder: Path, runtime: dict[str, Any], verify: 
         calibration = header["calibration"]
         if not isinstance(calibration, dict):
             raise SpadeError(f"{hpath}: calibration must be a mapping")
+        scales = calibration.get("score_scales", [1.0, 1.0])
+        if not isinstance(scales, list) or len(scales) != 2 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in scales):
+            raise SpadeError(f"{hpath}: calibration.score_scales must be two positive numbers")
         weights_id = header["weights"]
         if not isinstance(weights_id, str):
             raise SpadeError(f"{hpath}: weights must be a checksum string")

@@ -25,6 +25,8 @@ from .errors import SpadeError
 from .io import MAX_PIXELS
 from .preprocess import PREPROCESS_MODES
 
+LEVEL_CHOICES = ("0,1,2", "1,2", "0,1", "0,2", "0", "1", "2")
+
 
 @dataclass(frozen=True)
 class SettingSpec:
@@ -38,6 +40,7 @@ class SettingSpec:
     cli: bool = True  # offered as a command-line option of fit / benchmark / report
     open_low: bool = False  # the lower bound itself is excluded
     open_high: bool = False
+    implied: bool = False  # added after models were first saved: a model without it had the default
 
 
 def setting(default: Any, help: str, **spec: Any) -> Any:
@@ -50,6 +53,8 @@ class SpadeSettings:
     """All settings of a SPADE model, validated on creation (a :class:`~spade_ad.SpadeError` names the bad one).
 
     Args:
+        preset: the named set of settings these started from (``paper``, ``accurate``, ``fast``; see
+            :data:`PRESETS` and :meth:`from_preset`); a label, recorded with the model.
         backbone: ImageNet CNN giving the feature pyramid and the global vector.
         k: training images retrieved (stage 2) as the gallery of the pixel stage.
         k_image: nearest training images whose mean distance is the image score.
@@ -59,6 +64,11 @@ class SpadeSettings:
         preprocess: how an image becomes the network input: ``resize`` (the whole image, squashed to
             a square) or ``paper`` (the paper's protocol: resize to ``image_size * 8 / 7``, then
             centre-crop ``image_size``; outside the crop the map is 0: that part is not inspected).
+        levels: the pyramid levels (0, 1, 2: strides 4, 8, 16) whose maps are averaged, e.g. ``"1,2"``.
+        aggregate: p: each pyramid feature is the mean of its p x p neighbourhood (1: off, the paper).
+        image_score: ``knn`` (the paper: mean distance of the global vector to its ``k_image`` nearest
+            training images), ``max`` (the maximum of the anomaly map), or ``combined`` (the sum of the
+            two, each divided by its median over the calibration images).
         calibration_images: good training images scored leave-one-out to set the thresholds.
         false_alarm_rate: target fraction of good images flagged by the calibrated thresholds.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (runtime).
@@ -77,6 +87,8 @@ class SpadeSettings:
         spade_ad.errors.SpadeError: k must be an integer between 1 and 10000, got 0
     """
 
+    preset: str = setting("paper", "named set of settings to start from; explicit options override it",
+                          choices=("paper", "accurate", "fast"), implied=True)
     backbone: str = setting("efficientnet_lite0", "ImageNet backbone (efficientnet_lite0 has bundled weights)",
                             choices=tuple(BACKBONES))
     k: int = setting(50, "training images retrieved as the pixel-stage gallery", low=1, high=10_000)
@@ -87,6 +99,13 @@ class SpadeSettings:
     image_size: int = setting(224, "side of the square network input", low=32, high=1024)
     preprocess: str = setting("resize", "resize: whole image to a square; paper: resize to 8/7 of the input "
                               "size, centre-crop (map is 0 outside the crop)", choices=PREPROCESS_MODES)
+    levels: str = setting("0,1,2", "pyramid levels used (0, 1, 2: strides 4, 8, 16)", choices=LEVEL_CHOICES,
+                          implied=True)
+    aggregate: int = setting(1, "features averaged over p x p neighbourhoods (odd p; 1 = off, the paper)", low=1,
+                             high=9, implied=True)
+    image_score: str = setting("knn", "knn: global kNN (the paper); max: maximum of the map; combined: both, "
+                               "each scaled by its calibration median", choices=("knn", "max", "combined"),
+                               implied=True)
     calibration_images: int = setting(16, "good training images scored leave-one-out to set the thresholds",
                                       low=0, high=100_000)
     false_alarm_rate: float = setting(0.01, "target fraction of good images flagged by the thresholds",
@@ -104,6 +123,25 @@ class SpadeSettings:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _check(f.name, getattr(self, f.name), hints[f.name], spec_of(f)))
+        if self.aggregate % 2 == 0:
+            raise SpadeError(f"aggregate must be odd (a neighbourhood centred on each position), got {self.aggregate}")
+
+    @classmethod
+    def from_preset(cls, preset: str = "paper", **explicit: Any) -> SpadeSettings:
+        """The settings of a preset, with ``explicit`` settings overriding the preset's.
+
+        Example:
+            >>> SpadeSettings.from_preset("accurate", k=20).k
+            20
+        """
+        if preset not in PRESETS:
+            raise SpadeError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[preset], **explicit, "preset": preset})
+
+    @property
+    def level_indices(self) -> tuple[int, ...]:
+        """The ``levels`` setting as indices."""
+        return tuple(int(v) for v in self.levels.split(","))
 
     # ------------------------------------------------------------------ derived views
     def replace(self, **changes: Any) -> SpadeSettings:
@@ -128,6 +166,8 @@ class SpadeSettings:
         if not isinstance(stored, dict):
             raise SpadeError(f"{where}: settings are not a mapping")
         want = {f.name for f in dataclasses.fields(cls) if spec_of(f).stored}
+        implied = {f.name: f.default for f in dataclasses.fields(cls) if spec_of(f).implied}
+        stored = {**{k: v for k, v in implied.items() if k not in stored}, **stored}
         missing, extra = sorted(want - set(stored)), sorted(set(stored) - want)
         if missing:
             raise SpadeError(f"{where}: setting {missing[0]!r} is missing (model written by another version?)")
@@ -141,6 +181,16 @@ class SpadeSettings:
             return cls(**stored, **runtime)
         except SpadeError as exc:
             raise SpadeError(f"{where}: {exc}") from None
+
+
+# Each preset is a named set of settings, chosen by measurement (benchmarks/ablation.py; README "Results").
+# "paper" is the method as published (every setting at its default).
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "accurate": {"backbone": "efficientnet_lite2", "levels": "1,2", "aggregate": 3, "image_size": 320,
+                 "image_score": "combined"},
+    "fast": {"levels": "1,2", "aggregate": 3, "k": 10, "image_score": "combined"},
+}
 
 
 def spec_of(f: dataclasses.Field[Any]) -> SettingSpec:
@@ -210,4 +260,4 @@ def _check(name: str, value: Any, annotation: Any, spec: SettingSpec) -> Any:
     return value
 
 
-__all__ = ["SpadeSettings", "SettingSpec", "setting", "fields", "names", "spec_of", "PREPROCESS_MODES"]
+__all__ = ["SpadeSettings", "SettingSpec", "setting", "fields", "names", "spec_of", "PREPROCESS_MODES", "PRESETS"]

@@ -102,7 +102,7 @@ def _settings(given: dict[str, Any], protocol: str | None = None) -> settings.Sp
         if protocol == "paper" and given.get("preprocess", "paper") != "paper":
             raise SpadeError("--protocol paper evaluates on the paper's centre crop: it needs --preprocess paper "
                              f"(got --preprocess {given['preprocess']})")
-    return settings.SpadeSettings(**given)
+    return settings.SpadeSettings.from_preset(**given)
 
 
 class _RateColumn(ProgressColumn):
