@@ -328,13 +328,14 @@ class _Scorer:
 class _Featurizer:
     """Actor of the fit pool: builds the backbone once, then turns batches of training images into bank rows."""
 
-    def __init__(self, settings: SpadeSettings, threads: int) -> None:
+    def __init__(self, settings: SpadeSettings, threads: int, input_shape: tuple[int, int]) -> None:
         import torch
 
         from .features import level_shapes
 
         torch.set_num_threads(threads)
         self.model = Spade(settings)
+        self.model.input_shape_ = input_shape
         net = self.model._net()
         self.shapes = [(h * w, c) for (h, w), c in zip(level_shapes(net, self.model.prep), net.channels, strict=True)]
         self.global_dim = net.global_dim
@@ -406,13 +407,15 @@ def fit(
     files = [x for x in items if isinstance(x, (str, Path))]
     if len(files) != len(items):
         raise SpadeError("a distributed fit reads image files on the workers: give a folder or a list of files")
+    model.fix_input_shape(files)
     worker_settings = model.settings.replace(device=_worker_device(model.settings.device, gpus_per_worker))
     with connected(address) as ray:
         _quiet_data(ray)
         pool = _pool(ray, len(files), workers, gpus_per_worker, threads, batch_size)
         todo = [{"index": i, "path": os.path.abspath(p), "file": names[i]} for i, p in enumerate(files)]
         ds = ray.data.from_items(todo, override_num_blocks=math.ceil(len(todo) / pool.batch_size)).map_batches(
-            _Featurizer, fn_constructor_kwargs={"settings": worker_settings, "threads": pool.threads},
+            _Featurizer, fn_constructor_kwargs={"settings": worker_settings, "threads": pool.threads,
+                                              "input_shape": model.input_shape_},
             **pool.map_args(pool.batch_size))
 
         def rows() -> Iterator[BankRows]:

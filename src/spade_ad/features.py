@@ -48,7 +48,7 @@ def extract(
 def level_shapes(backbone: FeatureExtractor, prep: Preprocessor) -> list[tuple[int, int]]:
     """(H, W) of each pyramid level for the network input of ``prep``."""
     with torch.no_grad():
-        pyramid, _ = backbone(torch.zeros(1, 3, prep.size, prep.size, device=backbone.mean.device))
+        pyramid, _ = backbone(torch.zeros(1, 3, *prep.input_shape, device=backbone.mean.device))
     return [(int(p.shape[2]), int(p.shape[3])) for p in pyramid]
 
 

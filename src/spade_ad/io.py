@@ -388,6 +388,22 @@ def load_image(path: str | Path, *, max_pixels: int | None = None) -> np.ndarray
     return to_rgb_uint8(_open(path, max_pixels), str(path))
 
 
+def image_shape(path: str | Path, *, max_pixels: int | None = None) -> tuple[int, int]:
+    """(height, width) that :func:`load_image` gives for ``path`` (upright), read from the header alone.
+
+    A file whose header cannot be read this way is decoded in full, so that its error is the usual one.
+    """
+    try:
+        with _open_regular(Path(path)) as fh, _own_pixel_limit():
+            img = Image.open(fh)  # lazy: reads the header only
+            width, height = img.size
+            orientation = img.getexif().get(_ORIENTATION, 1)
+        return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+    except Exception:  # noqa: BLE001 - any trouble: decode it, which names the problem in one line
+        arr = load_image(path, max_pixels=max_pixels)
+        return int(arr.shape[0]), int(arr.shape[1])
+
+
 def decode_image(data: bytes, name: str = "upload", max_pixels: int | None = None) -> np.ndarray:
     """Image file bytes (an upload) -> HxWx3 uint8 RGB, or a SpadeError naming ``name``.
 

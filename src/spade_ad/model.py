@@ -28,9 +28,9 @@ from .correspondence.cells import index_spec, write_index
 from .correspondence.runtime import COMPUTE_LOCK
 from .errors import NotFittedError, SpadeError
 from .features import batches, extract, level_shapes
-from .io import list_images, load_image, to_rgb_uint8
+from .io import image_shape, list_images, load_image, to_rgb_uint8
 from .persistence import clean_stale, crash_point, is_staging, staging_path, utc_now
-from .preprocess import Preprocessor
+from .preprocess import Preprocessor, aspect_shape
 from .result import Prediction
 from .retrieval import image_knn
 from .settings import SpadeSettings
@@ -118,6 +118,7 @@ class Spade:
         settings: the validated settings.
         global_: (N, D) float32 global vectors of the training images (stage 2's index).
         bank_: the feature bank on disk (per training image: pyramid and thumbnail).
+        input_shape_: (height, width) of the network input (see the ``preprocess`` setting).
         level_shapes_: (h, w) of each pyramid level.
         train_names_: the training images' names (paths as given to ``fit``).
         weights_id_: checksum of the backbone weights.
@@ -153,8 +154,23 @@ class Spade:
     # ------------------------------------------------------------------ settings
     @property
     def prep(self) -> Preprocessor:
-        """How images become the network input (the ``preprocess`` and ``image_size`` settings)."""
-        return Preprocessor(self.settings.preprocess, self.settings.image_size)
+        """How images become the network input (the ``preprocess`` and ``image_size`` settings, and for
+        ``aspect`` the input shape fixed by ``fit``)."""
+        return Preprocessor(self.settings.preprocess, self.settings.image_size, getattr(self, "input_shape_", None))
+
+    def fix_input_shape(self, items: Sequence[ImageInput]) -> None:
+        """Before fitting: the network input shape of the training images ``items`` (``input_shape_``).
+
+        A square of ``image_size`` except with ``preprocess="aspect"``, where the training images'
+        median aspect ratio decides it (read from the files' headers).
+        """
+        s = self.settings
+        if s.preprocess != "aspect":
+            self.input_shape_ = (s.image_size, s.image_size)
+            return
+        sizes = [image_shape(x, max_pixels=s.max_pixels) if isinstance(x, (str, Path))
+                 else (int(np.shape(x)[0]), int(np.shape(x)[1])) for x in items]
+        self.input_shape_ = aspect_shape(s.image_size, sizes)
 
     @property
     def device(self) -> torch.device:
@@ -199,6 +215,7 @@ class Spade:
         """
         pick_device(self.settings.device)
         items, names = resolve_images(images)
+        self.fix_input_shape(items)
         return self.fit_rows(names, self._rows(items, names), progress, workdir)
 
     def bank_rows(self, arrays: Sequence[np.ndarray], start: int) -> BankRows:
@@ -234,6 +251,10 @@ class Spade:
         if not names:
             raise SpadeError("no images given")
         _check_unique(names)
+        if self.settings.preprocess != "aspect":
+            self.fix_input_shape([])
+        elif not hasattr(self, "input_shape_"):
+            raise SpadeError("preprocess=aspect: call fix_input_shape(training images) before fit_rows")
         net = self._net()
         self.level_shapes_ = level_shapes(net, self.prep)
         self.weights_id_ = net.weights_id
@@ -474,7 +495,7 @@ class Spade:
         with COMPUTE_LOCK:
             scores, neigh = image_knn(gvec, self.global_, s.k_image, s.k, exclude)
             grids = level_maps(levels, neigh, self.bank_, self.level_shapes_, s.kappa, s.tile_bytes)
-            maps = combine_levels(grids, s.image_size, s.sigma)
+            maps = combine_levels(grids, self.prep.input_shape, s.sigma)
         if not raw:
             scores = self._image_scores(scores, maps.amax(dim=(1, 2)).to(scores))
         return scores, maps, neigh

@@ -158,6 +158,7 @@ def _save_locked(model: Spade, out: Path) -> Path:
         "package_version": __version__,
         "weights": model.weights_id_,
         "settings": model.settings.model_dict(),
+        "input_shape": list(model.input_shape_),
         "level_shapes": [list(s) for s in model.level_shapes_],
         "bank_dtype": "float16",
         "n_train": int(model.bank_.n),
@@ -269,6 +270,12 @@ def load_model(cls: type[Spade], folder: Path, runtime: dict[str, Any], verify: 
             isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) and v > 0 for v in s) for s in shapes
         ):
             raise SpadeError(f"{hpath}: level_shapes must be a list of [height, width] pairs")
+        input_shape = header.get("input_shape", [settings.image_size] * 2)  # written since preprocess=aspect
+        if not (isinstance(input_shape, list) and len(input_shape) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and 32 <= v <= 4 * 1024 for v in input_shape)
+                and (settings.preprocess == "aspect" or input_shape == [settings.image_size] * 2)):
+            raise SpadeError(f"{hpath}: input_shape must be [height, width] of the network input "
+                             f"(the image_size square unless preprocess is aspect), got {input_shape!r}")
         thresholds = {k: _threshold(header[k], k, hpath) for k in ("image_threshold", "pixel_threshold")}
         calibration = header["calibration"]
         if not isinstance(calibration, dict):
@@ -310,6 +317,7 @@ def load_model(cls: type[Spade], folder: Path, runtime: dict[str, Any], verify: 
                          "pass the weights file it was fitted with (--weights PATH, Spade.load(..., weights=PATH))")
     model = cls(settings)
     model.global_ = glob
+    model.input_shape_ = (int(input_shape[0]), int(input_shape[1]))
     model.level_shapes_ = [(int(h), int(w)) for h, w in shapes]
     model.train_names_ = list(names)
     model.weights_id_ = weights_id
@@ -326,7 +334,7 @@ def load_model(cls: type[Spade], folder: Path, runtime: dict[str, Any], verify: 
             f"({net.weights_id} != {weights_id})"
         )
     if [tuple(s) for s in model.level_shapes_] != [(h, w) for h, w in _shapes_of(model)]:
-        raise SpadeError(f"{hpath}: level_shapes disagree with the backbone at image_size {settings.image_size}")
+        raise SpadeError(f"{hpath}: level_shapes disagree with the backbone at input shape {model.input_shape_}")
     return model
 
 

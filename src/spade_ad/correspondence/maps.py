@@ -36,10 +36,12 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return x[:, 0]
 
 
-def combine_levels(level_maps: list[torch.Tensor], size: int, sigma: float) -> torch.Tensor:
-    """Upsample each (B, h, w) level map to size x size (bilinear), average with equal weight, smooth."""
+def combine_levels(level_maps: list[torch.Tensor], shape: int | tuple[int, int], sigma: float) -> torch.Tensor:
+    """Upsample each (B, h, w) level map to ``shape`` (H, W; an int: a square) bilinearly, average with
+    equal weight, smooth."""
+    hw = (shape, shape) if isinstance(shape, int) else shape
     up = [
-        F.interpolate(m[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+        F.interpolate(m[:, None], size=hw, mode="bilinear", align_corners=False)[:, 0]
         for m in level_maps
     ]
     return gaussian_blur(torch.stack(up).mean(0), sigma)
