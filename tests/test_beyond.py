@@ -188,3 +188,15 @@ def test_damaged_score_scales_or_input_shape_are_refused(tmp_path: Path, small_t
         (folder / "model.json").write_text(json.dumps(header))
         with pytest.raises(SpadeError, match=message):
             Spade.load(folder)
+
+
+def test_scores_and_maps_do_not_depend_on_the_batch(small_train: Path) -> None:
+    """Bit for bit: an image's map and score are the same whether scored alone or with others."""
+    model = Spade(**SMALL).fit(small_train / "train" / "good")
+    files = sorted((small_train / "test").rglob("*.png"))
+    together = model.set_params(batch_size=16).predict(files)
+    alone = model.set_params(batch_size=1).predict(files)
+    pairs = model.set_params(batch_size=2).predict(files[::-1])
+    assert np.array_equal(together.scores, alone.scores) and np.array_equal(together.scores, pairs.scores[::-1])
+    assert all(map(np.array_equal, together.maps, alone.maps))
+    assert all(map(np.array_equal, together.maps, pairs.maps[::-1]))

@@ -44,7 +44,10 @@ def combine_levels(level_maps: list[torch.Tensor], shape: int | tuple[int, int],
         F.interpolate(m[:, None], size=hw, mode="bilinear", align_corners=False)[:, 0]
         for m in level_maps
     ]
-    return gaussian_blur(torch.stack(up).mean(0), sigma)
+    mean = torch.stack(up).mean(0)
+    # one map at a time: a convolution's rounding depends on the batch shape, a map must not depend on
+    # which other images were scored with it
+    return torch.cat([gaussian_blur(mean[i : i + 1], sigma) for i in range(mean.shape[0])])
 
 
 __all__ = ["gaussian_blur", "combine_levels", "gaussian_kernel1d"]
