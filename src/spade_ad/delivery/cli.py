@@ -503,10 +503,10 @@ def demo(
     cat = load_mvtec_category(make_dataset(out / "data"))
     chosen = settings.SpadeSettings(device=device)
     with progress_bars() as cb:
-        ev = evaluate_category(cat, chosen, "full", cb)
+        ev = evaluate_category(cat, chosen, "full", cb, keep_maps=True)
     ev.model.save(out / "model")
     shown = out / "outputs"
-    for s, res in zip(cat.test, ev.pred, strict=True):
+    for s, res in zip(cat.test, ev.kept()[0], strict=True):
         save_png(shown / f"{s.defect_type}_{s.path.stem}_overlay.png",
                  overlay(load_image(s.path), res.map, res.pixel_threshold, res.mask))
     doc = {"categories": {cat.name: ev.row}, "mean": {k: ev.row[k] for k in ("image_auroc", "pixel_auroc", "aupro")},
@@ -540,7 +540,7 @@ def report(
                          f"(e.g. {cats[0]})")
     cat = load_mvtec_category(cats[0])
     with progress_bars() as cb:
-        ev = evaluate_category(cat, chosen, protocol, cb)
+        ev = evaluate_category(cat, chosen, protocol, cb, keep_maps=True)
     if model_out is not None:
         ev.model.save(model_out)
     path = write_report(out / "report.html", ev, title=f"spade-ad report: {cat.name} (protocol {protocol})")
