@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import __version__, metrics
-from .data import Category, check_protocol, find_categories, load_mvtec_category, load_truth
+from .data import Category, check_protocol, load_categories, load_truth, resolve_layout
 from .errors import SpadeError
 from .io import load_image
 from .model import Progress, Spade
@@ -113,11 +113,13 @@ def evaluate_category(
     over all of them would make, hence the same numbers) and each image's (mask, map) goes to a
     :class:`~spade_ad.metrics.PixelMetrics` and is dropped: memory does not grow with the test set,
     unless ``keep_maps`` asks to keep every map, mask and result (for :func:`spade_ad.delivery.report.write_report`).
+    A test set without any mask file (a generic folder without masks) gets ``None`` pixel metrics.
     """
     settings = protocol_settings(settings, protocol)
     labels = [s.label for s in category.test]
     if not any(labels) or all(labels):
         raise SpadeError(f"{category.root}: the test set needs both good and defective images")
+    with_masks = any(s.mask_path is not None for s in category.test)
     t0 = time.perf_counter()
     model = Spade(settings).fit([str(p) for p in category.train], progress=progress)
     fit_s = time.perf_counter() - t0
@@ -141,7 +143,8 @@ def evaluate_category(
                     mask, amap = model.prep.mask_to_input(truth), part.input_maps[j]
                 else:
                     mask, amap = truth, part.maps[j]
-                acc.add(mask, amap)
+                if with_masks:
+                    acc.add(mask, amap)
                 if keep_maps:
                     masks.append(mask)
                     maps.append(amap)
@@ -150,8 +153,8 @@ def evaluate_category(
             del part
             if progress:
                 progress("predict", min(a + step, n), n)
-        pixel_auroc = acc.pixel_auroc()
-        aupro = acc.aupro()
+        pixel_auroc = acc.pixel_auroc() if with_masks else None
+        aupro = acc.aupro() if with_masks else None
     all_scores = np.concatenate(scores)
     row: dict[str, Any] = {
         "image_auroc": metrics.image_auroc(labels, all_scores),
@@ -169,20 +172,28 @@ def evaluate_category(
 
 
 def run_benchmark(
-    data: str | Path, settings: SpadeSettings, protocol: str = "full", progress: Progress | None = None
+    data: str | Path,
+    settings: SpadeSettings,
+    protocol: str = "full",
+    progress: Progress | None = None,
+    layout: str = "auto",
 ) -> dict[str, Any]:
-    """All categories under ``data``; returns the ``metrics.json`` document. No map is kept: memory does not
-    grow with the test sets."""
-    cats = [load_mvtec_category(p) for p in find_categories(data)]
+    """All categories under ``data`` (see :func:`spade_ad.data.load_categories` for ``layout``); returns the
+    ``metrics.json`` document. No map is kept: memory does not grow with the test sets."""
+    cats = load_categories(data, layout)
     settings = protocol_settings(settings, protocol)
     results: dict[str, Any] = {}
     for cat in cats:
         results[cat.name] = evaluate_category(cat, settings, protocol, progress).row
-    mean = {k: float(np.mean([r[k] for r in results.values()])) for k in METRIC_KEYS}
+    mean: dict[str, float | None] = {}
+    for k in METRIC_KEYS:  # over the categories where the metric is defined (pixel metrics need masks)
+        values = [r[k] for r in results.values() if r[k] is not None]
+        mean[k] = float(np.mean(values)) if values else None
     return {
         "categories": results,
         "mean": mean,
         "settings": {**settings.as_dict(), "protocol": protocol},
+        "layout": resolve_layout(data, layout),
         "machine": machine_description(),
         "package_version": __version__,
     }

@@ -450,17 +450,21 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 # --------------------------------------------------------------------------- benchmark / report / demo
+def _metric(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"  # pixel metrics of a folder without masks: undefined
+
+
 def _print_table(doc: dict[str, Any]) -> None:
     table = Table(title=f"spade-ad benchmark (protocol: {doc['settings']['protocol']})")
     for col in ("category", "image AUROC", "pixel AUROC", "AUPRO", "train", "test", "fit s", "predict s/img"):
         table.add_column(col, justify="right" if col != "category" else "left")
     for name, r in doc["categories"].items():
-        table.add_row(name, f"{r['image_auroc']:.4f}", f"{r['pixel_auroc']:.4f}", f"{r['aupro']:.4f}",
+        table.add_row(name, _metric(r["image_auroc"]), _metric(r["pixel_auroc"]), _metric(r["aupro"]),
                       str(r["n_train"]), str(r["n_test"]), f"{r['fit_seconds']:.1f}",
                       f"{r['predict_seconds_per_image']:.3f}")
     m = doc["mean"]
     if len(doc["categories"]) > 1:
-        table.add_row("mean", f"{m['image_auroc']:.4f}", f"{m['pixel_auroc']:.4f}", f"{m['aupro']:.4f}",
+        table.add_row("mean", _metric(m["image_auroc"]), _metric(m["pixel_auroc"]), _metric(m["aupro"]),
                       "", "", "", "")
     out_console.print(table)
 
@@ -468,18 +472,23 @@ def _print_table(doc: dict[str, Any]) -> None:
 @app.command()
 @settings_options
 def benchmark(
-    data: Annotated[Path, typer.Argument(help="an MVTec-layout category folder, or a root holding several")],
+    data: Annotated[Path, typer.Argument(help="an MVTec-layout category folder or a root holding several, or a "
+                                              "generic folder (good/ or train/good/, test/<label>/, optional masks/)")],
     out: Annotated[Path, typer.Option("--out", help="folder for metrics.json")],
     given: dict[str, Any],
     protocol: ProtocolOpt = "full",
+    layout: Annotated[str, typer.Option(help="auto: tell the layouts apart; mvtec: train/good, test/<defect>/, "
+                                             "ground_truth/<defect>/; folder: good/ (or train/good/), "
+                                             "test/good/ and test/<defect>/, optional masks/ (<stem>.png or "
+                                             "<stem>_mask.png)")] = "auto",
 ) -> None:
-    """Fit on train/good, evaluate on test/ with ground_truth/, print a table, write metrics.json."""
+    """Fit on the good training images, evaluate on the test images and masks, print a table, write metrics.json."""
     from ..evaluate import run_benchmark
     from ..io import save_json
 
     chosen = _settings(given, protocol)
     with progress_bars() as cb:
-        doc = run_benchmark(data, chosen, protocol, cb)
+        doc = run_benchmark(data, chosen, protocol, cb, layout)
     save_json(out / "metrics.json", doc)
     _print_table(doc)
     say(f"metrics written to {out / 'metrics.json'}")
