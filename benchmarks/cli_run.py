@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -19,9 +20,13 @@ print("RESULT", code, time.perf_counter() - t, resource.getrusage(resource.RUSAG
 """
 
 
-def run(args: list[str]) -> dict[str, float]:
-    """``spade-ad ARGS`` in a fresh process: its wall seconds (start-up excluded) and peak RSS (MB)."""
-    out = subprocess.run([sys.executable, "-c", RUNNER, *args], capture_output=True, text=True)
+def run(args: list[str], src: str | None = None) -> dict[str, float]:
+    """``spade-ad ARGS`` in a fresh process: its wall seconds (start-up excluded) and peak RSS (MB).
+
+    ``src``: import ``spade_ad`` from this folder (another checkout's ``src``) rather than the installed one.
+    """
+    env = None if src is None else {**os.environ, "PYTHONPATH": src}
+    out = subprocess.run([sys.executable, "-c", RUNNER, *args], capture_output=True, text=True, env=env)
     line = [x for x in out.stdout.splitlines() if x.startswith("RESULT")]
     if out.returncode or not line or line[-1].split()[1] != "0":
         raise SystemExit(f"command failed: spade-ad {' '.join(args)}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")

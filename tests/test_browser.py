@@ -223,7 +223,8 @@ def test_report_filters_in_the_browser(browser: Any, small_train: Path, tmp_path
     from spade_ad.evaluate import evaluate_category
 
     cat = load_mvtec_category(small_train)
-    ev = evaluate_category(cat, SpadeSettings(k=3, k_image=2, image_size=64, calibration_images=4), "full")
+    ev = evaluate_category(cat, SpadeSettings(k=3, k_image=2, image_size=64, calibration_images=4), "full",
+                           keep_maps=True)
     path = write_report(tmp_path / "report.html", ev)
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     pg = context.new_page()

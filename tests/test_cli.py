@@ -88,6 +88,10 @@ def test_bad_inputs_give_one_line_and_keep_earlier_outputs(model_dir: Path, smal
         (["predict", "{tmp}/nomodel", "{train}", "--out", "{tmp}/o"], "model folder does not exist"),
         (["predict", "{empty}", "{train}", "--out", "{tmp}/o"], "model.json: model file is missing"),
         (["benchmark", "{empty}", "--out", "{tmp}/b"], "no MVTec-layout category"),
+        (["benchmark", "{empty}", "--out", "{tmp}/b"], "/empty/train/good, and {tmp}/empty/test)"),
+        (["benchmark", "{empty}", "--out", "{tmp}/b", "--layout", "folder"],
+         "empty: generic folder has no good/ (or train/good/) folder"),
+        (["benchmark", "{root}", "--out", "{tmp}/b", "--layout", "odd"], "unknown layout 'odd'"),
         (["benchmark", "{root}", "--out", "{tmp}/b", "--protocol", "odd"], "unknown protocol 'odd'"),
     ],
 )
@@ -101,6 +105,7 @@ def test_errors(argv: list[str], message: str, small_train: Path, tmp_path: Path
         for k, v in subs.items():
             a = a.replace(k, v)
         args.append(a)
+    message = message.replace("{tmp}", str(tmp_path))
     code, _, err = run(args, capsys)
     assert code != 0
     assert message in " ".join(err.split()), err
@@ -136,3 +141,61 @@ def test_benchmark_writes_metrics(small_train: Path, tmp_path: Path, capsys: pyt
     assert row["n_train"] == 8 and row["n_test"] == 6 and 0 <= row["aupro"] <= 1
     assert doc["settings"]["protocol"] == "paper" and "mean" in doc
     assert "image AUROC" in out
+
+
+def _generic_folder(bottle: Path, root: Path, train: str, masks: bool) -> Path:
+    """A generic-layout folder copied from real bottle images: 4 training images in ``train``, test/good (2),
+    test/broken_large (2) and, with ``masks``, their masks in masks/ as <stem>_mask.png."""
+    import shutil
+
+    def copy(src: Path, dst: Path) -> None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, dst)
+
+    for f in sorted((bottle / "train" / "good").glob("*.png"))[:4]:
+        copy(f, root / train / f.name)
+    for f in sorted((bottle / "test" / "good").glob("*.png"))[:2]:
+        copy(f, root / "test" / "good" / f.name)
+    for f in sorted((bottle / "test" / "broken_large").glob("*.png"))[:2]:
+        copy(f, root / "test" / "broken_large" / f"bl_{f.name}")
+        if masks:
+            gt = bottle / "ground_truth" / "broken_large" / f"{f.stem}_mask.png"
+            copy(gt, root / "masks" / f"bl_{f.stem}_mask.png")
+    return root
+
+
+@pytest.mark.parametrize(("train", "masks", "extra"), [
+    ("good", True, []),  # detected: good/ at the top
+    ("train/good", True, []),  # detected: masks/ and no ground_truth/
+    ("train/good", False, ["--layout", "folder"]),  # no masks: no pixel metrics
+])
+def test_benchmark_on_a_generic_folder(bottle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                       train: str, masks: bool, extra: list[str]) -> None:
+    import math
+
+    root = _generic_folder(bottle, tmp_path / "parts", train, masks)
+    code, out, err = run(["benchmark", str(root), "--out", str(tmp_path / "b"), "--k", "2", "--k-image", "2",
+                          "--image-size", "64", "--calibration-images", "0", *extra], capsys)
+    assert code == 0, err
+    doc = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert doc["layout"] == "folder" and list(doc["categories"]) == ["parts"]
+    row = doc["categories"]["parts"]
+    assert set(row) >= {"image_auroc", "pixel_auroc", "aupro", "n_train", "n_test", "fit_seconds",
+                        "predict_seconds_per_image"}
+    assert row["n_train"] == 4 and row["n_test"] == 4
+    pixel = ("pixel_auroc", "aupro")
+    for k in ("image_auroc", *pixel) if masks else ("image_auroc",):
+        assert math.isfinite(row[k]) and 0 <= row[k] <= 1 and doc["mean"][k] == row[k], k
+    if not masks:
+        assert all(row[k] is None and doc["mean"][k] is None for k in pixel)
+    assert "image AUROC" in out and "parts" in out
+
+
+def test_generic_folder_with_a_missing_mask(bottle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = _generic_folder(bottle, tmp_path / "parts", "good", masks=True)
+    missing = sorted((root / "masks").iterdir())[0]
+    missing.unlink()
+    code, _, err = run(["benchmark", str(root), "--out", str(tmp_path / "b")], capsys)
+    assert code != 0 and "Traceback" not in err
+    image = root / "test" / "broken_large" / missing.name.replace("_mask", "")
+    assert f"{image}: no mask in {root / 'masks'}" in " ".join(err.split())

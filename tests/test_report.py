@@ -22,7 +22,7 @@ PARAMS = SpadeSettings(k=3, k_image=2, image_size=64, calibration_images=4)
 @pytest.fixture(scope="module")
 def evaluated(small_train: Path) -> tuple[Any, ...]:
     cat = load_mvtec_category(small_train)
-    ev = evaluate_category(cat, PARAMS, "full")
+    ev = evaluate_category(cat, PARAMS, "full", keep_maps=True)
     return cat, ev.row, ev.model, ev.pred, ev.masks, ev.labels, ev
 
 
@@ -99,7 +99,7 @@ def test_threshold_metrics_edge_cases() -> None:
 
 
 def test_report_title_and_paper_protocol(small_train: Path, tmp_path: Path) -> None:
-    ev = evaluate_category(load_mvtec_category(small_train), PARAMS, "paper")
+    ev = evaluate_category(load_mvtec_category(small_train), PARAMS, "paper", keep_maps=True)
     out = write_report(tmp_path / "r.html", ev, title="paper crop")
     assert "<title>paper crop</title>" in out.read_text(encoding="utf-8")
     doc = json.loads(out.with_suffix(".json").read_text())

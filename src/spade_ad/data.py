@@ -14,6 +14,11 @@ PROTOCOLS = ("full", "paper")
 """full: metrics at each mask's own resolution; paper: the paper's preprocessing (resize, centre crop) and
 metrics on the crop (see :mod:`spade_ad.evaluate`)."""
 
+LAYOUTS = ("auto", "mvtec", "folder")
+"""Dataset layouts: auto (detect), mvtec (``train/good``, ``test/<defect>``, ``ground_truth/<defect>``; one
+category or a root of several), folder (generic: ``good/`` or ``train/good``, ``test/<label>``, optional
+``masks/``; see :func:`load_folder_category`)."""
+
 
 def check_protocol(protocol: str) -> str:
     if protocol not in PROTOCOLS:
@@ -44,8 +49,11 @@ def is_mvtec_category(path: Path) -> bool:
     return (path / "train" / "good").is_dir() or ((path / "train").is_dir() and (path / "test").is_dir())
 
 
-def find_categories(data: str | Path) -> list[Path]:
-    """``data`` is one MVTec-layout category folder or a root holding several."""
+def find_categories(data: str | Path, also: str = "") -> list[Path]:
+    """``data`` is one MVTec-layout category folder or a root holding several.
+
+    ``also`` is appended to the error raised when there is none (e.g. another layout that was looked for).
+    """
     root = Path(data)
     if not root.is_dir():
         raise SpadeError(f"{root}: dataset folder does not exist")
@@ -55,8 +63,74 @@ def find_categories(data: str | Path) -> list[Path]:
     if not cats:
         raise SpadeError(
             f"{root}: no MVTec-layout category here (expected {root}/train/good or {root}/<category>/train/good)"
+            + also
         )
     return cats
+
+
+def _folder_train_dir(root: Path) -> Path | None:
+    for d in (root / "good", root / "train" / "good"):
+        if d.is_dir():
+            return d
+    return None
+
+
+def is_folder_dataset(path: Path) -> bool:
+    """The generic layout (rather than MVTec's): a ``test/`` folder, training images in ``good/``, or
+    training images in ``train/good`` with masks in ``masks/`` and no ``ground_truth/``."""
+    if not (path / "test").is_dir():
+        return False
+    if (path / "good").is_dir():
+        return True
+    return (path / "train" / "good").is_dir() and (path / "masks").is_dir() and not (path / "ground_truth").is_dir()
+
+
+def load_folder_category(path: str | Path) -> Category:
+    """A generic folder as one category, read by :func:`load_folder_dataset`::
+
+        root/good/ (or root/train/good/)   defect-free training images
+        root/test/good/                    defect-free test images
+        root/test/<label>/                 defective test images, one folder per kind (any name)
+        root/masks/                        optional: masks named <stem>.png or <stem>_mask.png
+
+    With ``masks/``, every defective test image needs its mask; without it the pixel metrics are undefined.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise SpadeError(f"{root}: dataset folder does not exist")
+    train_dir = _folder_train_dir(root)
+    if train_dir is None:
+        raise SpadeError(f"{root}: generic folder has no good/ (or train/good/) folder of training images")
+    test_root = root / "test"
+    test_dirs = {d.name: d for d in sorted(test_root.iterdir()) if d.is_dir()} if test_root.is_dir() else {}
+    if not test_dirs:
+        raise SpadeError(f"{root}: generic folder has no test/<label>/ folders (test/good/, test/<defect>/)")
+    masks_dir = root / "masks" if (root / "masks").is_dir() else None
+    cat = load_folder_dataset(train_dir, test_dirs, masks_dir)
+    if masks_dir is not None:
+        for s in cat.test:
+            if s.label and s.mask_path is None:
+                raise SpadeError(f"{s.path}: no mask in {masks_dir} ({s.path.stem}.png or {s.path.stem}_mask.png)")
+    return Category(root.name, root, cat.train, cat.test)
+
+
+def resolve_layout(data: str | Path, layout: str = "auto") -> str:
+    """``mvtec`` or ``folder``: ``layout`` itself, or for ``auto`` the one :func:`is_folder_dataset` tells."""
+    if layout not in LAYOUTS:
+        raise SpadeError(f"unknown layout {layout!r}; use one of: {', '.join(LAYOUTS)}")
+    if layout != "auto":
+        return layout
+    root = Path(data)
+    return "folder" if root.is_dir() and is_folder_dataset(root) else "mvtec"
+
+
+def load_categories(data: str | Path, layout: str = "auto") -> list[Category]:
+    """The categories of ``data`` in ``layout`` (one of :data:`LAYOUTS`; ``auto`` tells them apart)."""
+    root = Path(data)
+    if resolve_layout(root, layout) == "folder":
+        return [load_folder_category(root)]
+    also = "" if layout == "mvtec" else f", nor a generic folder ({root}/good or {root}/train/good, and {root}/test)"
+    return [load_mvtec_category(p) for p in find_categories(root, also)]
 
 
 def _mask_for(gt_dir: Path, image: Path) -> Path | None:

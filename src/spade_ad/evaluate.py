@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import __version__, metrics
-from .data import Category, check_protocol, find_categories, load_mvtec_category, load_truth
+from .data import Category, check_protocol, load_categories, load_truth, resolve_layout
 from .errors import SpadeError
 from .io import load_image
 from .model import Progress, Spade
@@ -53,22 +53,51 @@ def protocol_settings(settings: SpadeSettings, protocol: str) -> SpadeSettings:
 
 @dataclass
 class Evaluation:
-    """One category's evaluation. ``masks`` and ``maps`` are in the protocol's frame (the crop for
-    ``paper``, each image's own pixels for ``full``); ``pred`` holds the model's results as any user
-    gets them."""
+    """One category's evaluation.
+
+    ``scores`` are the test images' scores, in the order of ``names`` and ``labels``. With
+    ``keep_maps=True``, ``masks`` and ``maps`` are in the protocol's frame (the crop for ``paper``, each
+    image's own pixels for ``full``) and ``pred`` holds the model's results as any user gets them;
+    otherwise (the default: memory bounded whatever the test set's size) all three are ``None``.
+    """
 
     row: dict[str, Any]
     model: Spade
-    pred: Prediction
-    masks: list[np.ndarray]
-    maps: list[np.ndarray]
+    scores: np.ndarray
+    names: list[str]
     labels: list[int]
     protocol: str
+    pred: Prediction | None = None
+    masks: list[np.ndarray] | None = None
+    maps: list[np.ndarray] | None = None
+
+    def kept(self) -> tuple[Prediction, list[np.ndarray], list[np.ndarray]]:
+        """``(pred, masks, maps)``; an error when the evaluation was made without ``keep_maps=True``."""
+        if self.pred is None or self.masks is None or self.maps is None:
+            raise SpadeError("this evaluation kept no maps: use evaluate_category(..., keep_maps=True)")
+        return self.pred, self.masks, self.maps
 
     def picture(self, i: int) -> np.ndarray:
         """Test image ``i`` in the protocol's frame (what the maps cover)."""
-        img = load_image(self.pred.names[i])
+        img = load_image(self.names[i])
         return self.model.prep.input_view(img) if self.protocol == "paper" else img
+
+
+def _joined(parts: list[Prediction]) -> Prediction:
+    """One Prediction of the images of ``parts`` (predictions of consecutive slices by one model)."""
+    first = parts[0]
+    return Prediction(
+        scores=np.concatenate([p.scores for p in parts]),
+        maps=[m for p in parts for m in p.maps],
+        input_maps=[m for p in parts for m in p.input_maps],
+        neighbours=np.concatenate([p.neighbours for p in parts]),
+        names=[n for p in parts for n in p.names],
+        image_threshold=first.image_threshold,
+        pixel_threshold=first.pixel_threshold,
+        train_names=first.train_names,
+        sizes=[s for p in parts for s in p.sizes],
+        model=first.model,
+    )
 
 
 def evaluate_category(
@@ -76,53 +105,95 @@ def evaluate_category(
     settings: SpadeSettings,
     protocol: str = "full",
     progress: Progress | None = None,
+    keep_maps: bool = False,
 ) -> Evaluation:
-    """Fit on the category's good training images, predict its test set, compute the metrics."""
+    """Fit on the category's good training images, predict its test set, compute the metrics.
+
+    The test images are predicted ``settings.batch_size`` at a time (the batches one ``predict`` call
+    over all of them would make, hence the same numbers) and each image's (mask, map) goes to a
+    :class:`~spade_ad.metrics.PixelMetrics` and is dropped: memory does not grow with the test set,
+    unless ``keep_maps`` asks to keep every map, mask and result (for :func:`spade_ad.delivery.report.write_report`).
+    A test set without any mask file (a generic folder without masks) gets ``None`` pixel metrics.
+    """
     settings = protocol_settings(settings, protocol)
-    t0 = time.perf_counter()
-    model = Spade(settings).fit([str(p) for p in category.train], progress=progress)
-    fit_s = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    pred = model.predict([str(s.path) for s in category.test], progress=progress)
-    pred_s = time.perf_counter() - t1
-    masks, maps = [], []
-    for i, s in enumerate(category.test):
-        truth = load_truth(s, pred.sizes[i])
-        if protocol == "paper":
-            masks.append(model.prep.mask_to_input(truth))
-            maps.append(pred.input_maps[i])
-        else:
-            masks.append(truth)
-            maps.append(pred.maps[i])
     labels = [s.label for s in category.test]
     if not any(labels) or all(labels):
         raise SpadeError(f"{category.root}: the test set needs both good and defective images")
+    with_masks = any(s.mask_path is not None for s in category.test)
+    t0 = time.perf_counter()
+    model = Spade(settings).fit([str(p) for p in category.train], progress=progress)
+    fit_s = time.perf_counter() - t0
+    paths = [str(s.path) for s in category.test]
+    n = len(paths)
+    step = max(1, settings.batch_size)
+    parts: list[Prediction] = []
+    scores: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
+    maps: list[np.ndarray] = []
+    pred_s = 0.0
+    with metrics.PixelMetrics() as acc:
+        for a in range(0, n, step):
+            t1 = time.perf_counter()
+            part = model.predict(paths[a : a + step])
+            pred_s += time.perf_counter() - t1
+            scores.append(part.scores)
+            for j, s in enumerate(category.test[a : a + step]):
+                truth = load_truth(s, part.sizes[j])
+                if protocol == "paper":
+                    mask, amap = model.prep.mask_to_input(truth), part.input_maps[j]
+                else:
+                    mask, amap = truth, part.maps[j]
+                if with_masks:
+                    acc.add(mask, amap)
+                if keep_maps:
+                    masks.append(mask)
+                    maps.append(amap)
+            if keep_maps:
+                parts.append(part)
+            del part
+            if progress:
+                progress("predict", min(a + step, n), n)
+        pixel_auroc = acc.pixel_auroc() if with_masks else None
+        aupro = acc.aupro() if with_masks else None
+    all_scores = np.concatenate(scores)
     row: dict[str, Any] = {
-        "image_auroc": metrics.image_auroc(labels, pred.scores),
-        "pixel_auroc": metrics.pixel_auroc(masks, maps),
-        "aupro": metrics.aupro(masks, maps),
+        "image_auroc": metrics.image_auroc(labels, all_scores),
+        "pixel_auroc": pixel_auroc,
+        "aupro": aupro,
         "n_train": len(category.train),
-        "n_test": len(category.test),
+        "n_test": n,
         "fit_seconds": round(fit_s, 3),
-        "predict_seconds_per_image": round(pred_s / len(category.test), 4),
+        "predict_seconds_per_image": round(pred_s / n, 4),
     }
-    return Evaluation(row, model, pred, masks, maps, labels, protocol)
+    ev = Evaluation(row, model, all_scores, paths, labels, protocol)
+    if keep_maps:
+        ev.pred, ev.masks, ev.maps = _joined(parts), masks, maps
+    return ev
 
 
 def run_benchmark(
-    data: str | Path, settings: SpadeSettings, protocol: str = "full", progress: Progress | None = None
+    data: str | Path,
+    settings: SpadeSettings,
+    protocol: str = "full",
+    progress: Progress | None = None,
+    layout: str = "auto",
 ) -> dict[str, Any]:
-    """All categories under ``data``; returns the ``metrics.json`` document."""
-    cats = [load_mvtec_category(p) for p in find_categories(data)]
+    """All categories under ``data`` (see :func:`spade_ad.data.load_categories` for ``layout``); returns the
+    ``metrics.json`` document. No map is kept: memory does not grow with the test sets."""
+    cats = load_categories(data, layout)
     settings = protocol_settings(settings, protocol)
     results: dict[str, Any] = {}
     for cat in cats:
         results[cat.name] = evaluate_category(cat, settings, protocol, progress).row
-    mean = {k: float(np.mean([r[k] for r in results.values()])) for k in METRIC_KEYS}
+    mean: dict[str, float | None] = {}
+    for k in METRIC_KEYS:  # over the categories where the metric is defined (pixel metrics need masks)
+        values = [r[k] for r in results.values() if r[k] is not None]
+        mean[k] = float(np.mean(values)) if values else None
     return {
         "categories": results,
         "mean": mean,
         "settings": {**settings.as_dict(), "protocol": protocol},
+        "layout": resolve_layout(data, layout),
         "machine": machine_description(),
         "package_version": __version__,
     }

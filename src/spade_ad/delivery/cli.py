@@ -450,17 +450,21 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 # --------------------------------------------------------------------------- benchmark / report / demo
+def _metric(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"  # pixel metrics of a folder without masks: undefined
+
+
 def _print_table(doc: dict[str, Any]) -> None:
     table = Table(title=f"spade-ad benchmark (protocol: {doc['settings']['protocol']})")
     for col in ("category", "image AUROC", "pixel AUROC", "AUPRO", "train", "test", "fit s", "predict s/img"):
         table.add_column(col, justify="right" if col != "category" else "left")
     for name, r in doc["categories"].items():
-        table.add_row(name, f"{r['image_auroc']:.4f}", f"{r['pixel_auroc']:.4f}", f"{r['aupro']:.4f}",
+        table.add_row(name, _metric(r["image_auroc"]), _metric(r["pixel_auroc"]), _metric(r["aupro"]),
                       str(r["n_train"]), str(r["n_test"]), f"{r['fit_seconds']:.1f}",
                       f"{r['predict_seconds_per_image']:.3f}")
     m = doc["mean"]
     if len(doc["categories"]) > 1:
-        table.add_row("mean", f"{m['image_auroc']:.4f}", f"{m['pixel_auroc']:.4f}", f"{m['aupro']:.4f}",
+        table.add_row("mean", _metric(m["image_auroc"]), _metric(m["pixel_auroc"]), _metric(m["aupro"]),
                       "", "", "", "")
     out_console.print(table)
 
@@ -468,18 +472,23 @@ def _print_table(doc: dict[str, Any]) -> None:
 @app.command()
 @settings_options
 def benchmark(
-    data: Annotated[Path, typer.Argument(help="an MVTec-layout category folder, or a root holding several")],
+    data: Annotated[Path, typer.Argument(help="an MVTec-layout category folder or a root holding several, or a "
+                                              "generic folder (good/ or train/good/, test/<label>/, optional masks/)")],
     out: Annotated[Path, typer.Option("--out", help="folder for metrics.json")],
     given: dict[str, Any],
     protocol: ProtocolOpt = "full",
+    layout: Annotated[str, typer.Option(help="auto: tell the layouts apart; mvtec: train/good, test/<defect>/, "
+                                             "ground_truth/<defect>/; folder: good/ (or train/good/), "
+                                             "test/good/ and test/<defect>/, optional masks/ (<stem>.png or "
+                                             "<stem>_mask.png)")] = "auto",
 ) -> None:
-    """Fit on train/good, evaluate on test/ with ground_truth/, print a table, write metrics.json."""
+    """Fit on the good training images, evaluate on the test images and masks, print a table, write metrics.json."""
     from ..evaluate import run_benchmark
     from ..io import save_json
 
     chosen = _settings(given, protocol)
     with progress_bars() as cb:
-        doc = run_benchmark(data, chosen, protocol, cb)
+        doc = run_benchmark(data, chosen, protocol, cb, layout)
     save_json(out / "metrics.json", doc)
     _print_table(doc)
     say(f"metrics written to {out / 'metrics.json'}")
@@ -503,10 +512,10 @@ def demo(
     cat = load_mvtec_category(make_dataset(out / "data"))
     chosen = settings.SpadeSettings(device=device)
     with progress_bars() as cb:
-        ev = evaluate_category(cat, chosen, "full", cb)
+        ev = evaluate_category(cat, chosen, "full", cb, keep_maps=True)
     ev.model.save(out / "model")
     shown = out / "outputs"
-    for s, res in zip(cat.test, ev.pred, strict=True):
+    for s, res in zip(cat.test, ev.kept()[0], strict=True):
         save_png(shown / f"{s.defect_type}_{s.path.stem}_overlay.png",
                  overlay(load_image(s.path), res.map, res.pixel_threshold, res.mask))
     doc = {"categories": {cat.name: ev.row}, "mean": {k: ev.row[k] for k in ("image_auroc", "pixel_auroc", "aupro")},
@@ -540,7 +549,7 @@ def report(
                          f"(e.g. {cats[0]})")
     cat = load_mvtec_category(cats[0])
     with progress_bars() as cb:
-        ev = evaluate_category(cat, chosen, protocol, cb)
+        ev = evaluate_category(cat, chosen, protocol, cb, keep_maps=True)
     if model_out is not None:
         ev.model.save(model_out)
     path = write_report(out / "report.html", ev, title=f"spade-ad report: {cat.name} (protocol {protocol})")

@@ -274,13 +274,15 @@ def _metrics_table(items: list[tuple[str, Any]]) -> str:
 def write_report(path: str | Path, ev: Evaluation, title: str | None = None, max_side: int = THUMB_SIDE) -> Path:
     """Write the HTML report of an evaluation to ``path`` and its numbers to ``path`` with suffix ``.json``.
 
-    ``ev`` is what :func:`spade_ad.evaluate.evaluate_category` returns: every number per image comes from
+    ``ev`` is what :func:`spade_ad.evaluate.evaluate_category` returns with ``keep_maps=True`` (the pictures
+    need every map): every number per image comes from
     its :class:`~spade_ad.ImageResult`; pictures, maps and ground truth are shown in the protocol's frame
     (the paper's crop, or the whole image). The JSON holds the metrics row, the thresholds,
     :func:`threshold_metrics` and one entry per image.
     """
     path = Path(path)
-    model, pred, row = ev.model, ev.pred, ev.row
+    pred, masks, maps = ev.kept()
+    model, row = ev.model, ev.row
     n = len(pred)
     y = np.asarray(ev.labels, dtype=int)
     scores = np.asarray(pred.scores, dtype=np.float64)
@@ -297,7 +299,7 @@ def write_report(path: str | Path, ev: Evaluation, title: str | None = None, max
         i = int(i)
         res = pred[i]
         img = ev.picture(i)
-        amap = np.asarray(ev.maps[i])
+        amap = np.asarray(maps[i])
         hw = small_size(img.shape[0], img.shape[1], max_side)
         small_img = resize_rgb(img, hw)
         small_map = resize_map(amap, hw)
@@ -309,7 +311,7 @@ def write_report(path: str | Path, ev: Evaluation, title: str | None = None, max
                                               ("good", 1): "fn"}[(verdict, int(y[i]))]
         gt_cell = '<td class="muted">no defect</td>'
         if y[i] == 1:
-            gt_uri = data_uri(mask_picture(resize_mask(np.asarray(ev.masks[i]), hw)), "PNG")
+            gt_uri = data_uri(mask_picture(resize_mask(np.asarray(masks[i]), hw)), "PNG")
             gt_cell = f'<td><img class="pic" alt="ground truth" src="{gt_uri}"></td>'
         pred_cell = '<td class="muted">no threshold</td>'
         if small_pred is not None:
@@ -337,7 +339,7 @@ def write_report(path: str | Path, ev: Evaluation, title: str | None = None, max
 
     # figures -------------------------------------------------------------------------------------
     roc = _roc_figure(y.astype(bool), scores, row.get("image_auroc"))
-    pro = _pro_figure(ev.masks, ev.maps, row.get("aupro"))
+    pro = _pro_figure(masks, maps, row.get("aupro"))
     hist = _histogram_figure(y, scores, img_thr, decision.get("best_f1_threshold"))
     bar = data_uri(colour_bar(height=200, width=70, threshold=pix_thr), "PNG")
     figs = "".join(f'<img alt="{alt}" src="{uri}">' for alt, uri in (("ROC curve", roc), ("PRO curve", pro),
@@ -346,7 +348,7 @@ def write_report(path: str | Path, ev: Evaluation, title: str | None = None, max
     # good test images with any pixel over the pixel threshold
     good_any = None
     if pix_thr is not None and (y == 0).any():
-        good_any = float(np.mean([float(np.asarray(ev.maps[i]).max()) >= pix_thr for i in np.flatnonzero(y == 0)]))
+        good_any = float(np.mean([float(np.asarray(maps[i]).max()) >= pix_thr for i in np.flatnonzero(y == 0)]))
 
     calib = model.calibration_ or {}
     summary = [
