@@ -236,8 +236,9 @@ class _Scorer:
 
     For :func:`predict` each input row is one *step* of a local run (column ``step``: JSON
     ``[[index, path, file, stem], ...]``, ``batch_size`` consecutive inputs): its images are scored together,
-    as the local run scores them (results do not depend on the batch), and one row per image comes out (``index``). For :func:`score_dataset` a batch holds arrays
-    (``image_column``, named by ``name_column``) and keeps its other columns. Either way the output has
+    as the local run scores them (results do not depend on the batch), and one row per image comes out
+    (``index``). For :func:`score_dataset` a batch holds arrays (``image_column``, named by ``name_column``)
+    and keeps its other columns. Either way the output has
     ``prediction`` (the ``predictions.jsonl`` line) and ``failed``; with ``stats``, also ``worker``,
     ``busy_s`` (seconds per image) and ``load_s`` (this worker's model load).
     """
