@@ -33,6 +33,7 @@ CONFIGS: dict[str, list[str]] = {
     "backbone=lite1": ["--backbone", "efficientnet_lite1"],
     "backbone=lite2": ["--backbone", "efficientnet_lite2"],
     "image_size=320": ["--image-size", "320"],
+    "image_size=320,sigma=6": ["--image-size", "320", "--sigma", "6"],
     "preset=accurate": ["--preset", "accurate"],
     "preset=fast": ["--preset", "fast"],
 }
@@ -44,8 +45,13 @@ def main() -> None:
     ap.add_argument("--only", help="comma-separated configuration names (default: all)")
     ap.add_argument("--category", action="append", choices=list(CATEGORIES), help="default: both")
     ap.add_argument("--protocol", action="append", choices=["paper", "full"], help="default: both")
+    ap.add_argument("--config", action="append", default=[], metavar="NAME=OPTIONS",
+                    help='an extra configuration, e.g. "agg5=--aggregate 5 --levels 1,2" (repeatable)')
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "ablation.json"))
     args = ap.parse_args()
+    for extra in args.config:
+        name, _, options = extra.partition("=")
+        CONFIGS[name] = options.split()
     names = args.only.split(",") if args.only else list(CONFIGS)
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:

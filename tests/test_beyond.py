@@ -133,7 +133,7 @@ def test_presets_are_named_settings_and_explicit_settings_win(tmp_path: Path, sm
         assert s.preset == name and all(getattr(s, k) == v for k, v in values.items())
     acc = Spade(preset="accurate", k=7)
     assert acc.settings.k == 7 and acc.settings.preset == "accurate"
-    assert acc.settings.backbone == PRESETS["accurate"]["backbone"]
+    assert acc.settings.aggregate == PRESETS["accurate"]["aggregate"] and acc.settings.image_size == 320
     assert Spade().settings == SpadeSettings()  # the paper preset is the default
     with pytest.raises(SpadeError, match="unknown preset"):
         SpadeSettings.from_preset("best")

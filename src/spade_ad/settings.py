@@ -187,8 +187,7 @@ class SpadeSettings:
 # "paper" is the method as published (every setting at its default).
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
-    "accurate": {"backbone": "efficientnet_lite2", "levels": "1,2", "aggregate": 3, "image_size": 320,
-                 "image_score": "combined"},
+    "accurate": {"aggregate": 3, "image_size": 320, "sigma": 6.0, "image_score": "combined"},
     "fast": {"levels": "1,2", "aggregate": 3, "k": 10, "image_score": "combined"},
 }
 
