@@ -33,7 +33,7 @@ CONFIGS: dict[str, list[str]] = {
     "backbone=lite1": ["--backbone", "efficientnet_lite1"],
     "backbone=lite2": ["--backbone", "efficientnet_lite2"],
     "image_size=320": ["--image-size", "320"],
-    "image_size=320,sigma=6": ["--image-size", "320", "--sigma", "6"],
+    "image_size=320+sigma=6": ["--image-size", "320", "--sigma", "6"],
     "preset=accurate": ["--preset", "accurate"],
     "preset=fast": ["--preset", "fast"],
 }
