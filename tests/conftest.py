@@ -10,6 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
 REPO = Path(__file__).resolve().parents[1]
 BOTTLE = REPO.parent / "shared" / "datasets" / "mvtec_ad" / "bottle"
+METAL_PLATE = REPO.parent / "shared" / "datasets" / "mpdd" / "metal_plate"
 
 
 @pytest.fixture(scope="session")
@@ -17,6 +18,13 @@ def bottle() -> Path:
     if not BOTTLE.is_dir():
         pytest.fail(f"real data missing: {BOTTLE} (the MVTec AD bottle category must sit in ../shared)")
     return BOTTLE
+
+
+@pytest.fixture(scope="session")
+def metal_plate() -> Path:
+    if not METAL_PLATE.is_dir():
+        pytest.fail(f"real data missing: {METAL_PLATE} (the MPDD metal_plate category must sit in ../shared)")
+    return METAL_PLATE
 
 
 @pytest.fixture(scope="session")
