@@ -18,7 +18,7 @@ from conftest import run_cli
 from spade_ad import Spade, SpadeError, SpadeSettings
 from spade_ad.correspondence import combine_levels, nn_distances_reference
 from spade_ad.io import load_image, save_png
-from spade_ad.preprocess import MAX_ASPECT, aspect_shape
+from spade_ad.preprocess import MAX_ASPECT, aspect_shape, is_aspect_shape
 from spade_ad.settings import PRESETS
 
 SMALL = dict(k=3, k_image=2, image_size=64, calibration_images=4)
@@ -124,6 +124,11 @@ def test_aspect_shape_rule() -> None:
     assert aspect_shape(224, [(1250, 500), (1000, 500), (1300, 500)]) == (576, 224)
     assert aspect_shape(224, [(900, 900)]) == (224, 224)
     assert aspect_shape(100, [(10, 1000)]) == (100, round(100 * MAX_ASPECT / 32) * 32)  # clipped
+    for size in (32, 100, 120, 224, 1024):  # a stored input shape is checked against the same rule
+        for ratio in (0.1, 0.4, 1.0, 1.3, 2.5, 9.0):
+            assert is_aspect_shape(size, aspect_shape(size, [(round(1000 * ratio), 1000)]))
+    assert not is_aspect_shape(64, (64, 100)) and not is_aspect_shape(64, (64, 1024))
+    assert not is_aspect_shape(64, (60, 128))
 
 
 def test_presets_are_named_settings_and_explicit_settings_win(tmp_path: Path, small_train: Path,

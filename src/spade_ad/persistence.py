@@ -36,6 +36,7 @@ from .backbones import BACKBONES
 from .bank import Bank, file_sha256
 from .errors import SpadeError
 from .io import atomic_write, fsync_dir, save_json
+from .preprocess import is_aspect_shape
 from .settings import SpadeSettings
 
 if TYPE_CHECKING:
@@ -272,8 +273,9 @@ def load_model(cls: type[Spade], folder: Path, runtime: dict[str, Any], verify: 
             raise SpadeError(f"{hpath}: level_shapes must be a list of [height, width] pairs")
         input_shape = header.get("input_shape", [settings.image_size] * 2)  # written since preprocess=aspect
         if not (isinstance(input_shape, list) and len(input_shape) == 2
-                and all(isinstance(v, int) and not isinstance(v, bool) and 32 <= v <= 4 * 1024 for v in input_shape)
-                and (settings.preprocess == "aspect" or input_shape == [settings.image_size] * 2)):
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in input_shape)
+                and (input_shape == [settings.image_size] * 2
+                     or settings.preprocess == "aspect" and is_aspect_shape(settings.image_size, input_shape))):
             raise SpadeError(f"{hpath}: input_shape must be [height, width] of the network input "
                              f"(the image_size square unless preprocess is aspect), got {input_shape!r}")
         thresholds = {k: _threshold(header[k], k, hpath) for k in ("image_threshold", "pixel_threshold")}

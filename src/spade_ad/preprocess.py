@@ -45,6 +45,13 @@ def aspect_shape(size: int, sizes: list[tuple[int, int]]) -> tuple[int, int]:
     return (long, size) if ratio > 1.0 else (size, long)
 
 
+def is_aspect_shape(size: int, shape: tuple[int, int] | list[int]) -> bool:
+    """Whether :func:`aspect_shape` can give ``shape`` for ``size`` (checks a stored input shape)."""
+    short, long = min(shape), max(shape)
+    cap = max(size, round(size * MAX_ASPECT / ALIGN) * ALIGN)
+    return short == size and size <= long <= cap and (long == size or long % ALIGN == 0)
+
+
 @dataclass(frozen=True)
 class Preprocessor:
     """One preprocessing mode at one input size (``shape``: the fitted input shape of ``aspect``)."""
@@ -121,4 +128,4 @@ def _resize_map(amap: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.interpolate(amap[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
 
 
-__all__ = ["Preprocessor", "PAPER_RATIO", "PREPROCESS_MODES", "MAX_ASPECT", "aspect_shape"]
+__all__ = ["Preprocessor", "PAPER_RATIO", "PREPROCESS_MODES", "MAX_ASPECT", "aspect_shape", "is_aspect_shape"]

@@ -351,6 +351,16 @@ def _local_bound(q: torch.Tensor, g: torch.Tensor, hw: int, kk: int, gam: float)
 
 
 
+def _check_search(queries: torch.Tensor, gallery: torch.Tensor, kappa: int) -> None:
+    """The arguments of a plain search: (P, C) queries, a non-empty (M, C) gallery, kappa >= 1."""
+    if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
+        raise ValueError(f"shapes {tuple(queries.shape)} and {tuple(gallery.shape)} do not match")
+    if gallery.shape[0] == 0:
+        raise ValueError("empty gallery")
+    if kappa < 1:
+        raise ValueError("kappa must be >= 1")
+
+
 def nn_distances(
     queries: torch.Tensor,
     gallery: torch.Tensor,
@@ -379,12 +389,7 @@ def nn_distances(
     force; 0 for finite features), ``pairs`` (query-gallery distances the GEMMs computed), ``candidates``
     (rows recorded as possible nearest) and ``rechecked`` (rows scored exactly).
     """
-    if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
-        raise ValueError(f"shapes {tuple(queries.shape)} and {tuple(gallery.shape)} do not match")
-    if gallery.shape[0] == 0:
-        raise ValueError("empty gallery")
-    if kappa < 1:
-        raise ValueError("kappa must be >= 1")
+    _check_search(queries, gallery, kappa)
     if queries.device.type != "cpu":
         return _nn_distances(queries, gallery, kappa, tile_bytes, stats, query_hw, gallery_hw, prune)
     with engine_threads(threads, float(queries.shape[0]) * gallery.shape[0] * queries.shape[1]):
@@ -400,12 +405,7 @@ def search_plain(
     gallery_hw: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """:func:`nn_distances` with torch's thread setting as it is and no lock taken (see :func:`search_merged`)."""
-    if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
-        raise ValueError(f"shapes {tuple(queries.shape)} and {tuple(gallery.shape)} do not match")
-    if gallery.shape[0] == 0:
-        raise ValueError("empty gallery")
-    if kappa < 1:
-        raise ValueError("kappa must be >= 1")
+    _check_search(queries, gallery, kappa)
     return _nn_distances(queries, gallery, kappa, tile_bytes, None, query_hw, gallery_hw, None)
 
 
