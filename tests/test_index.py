@@ -115,6 +115,21 @@ def test_loops_split_over_two_threads_give_the_same_bits(monkeypatch: pytest.Mon
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.parametrize("tile_bytes", [1 << 10, 5 << 10, 1 << 16])
+def test_work_tiles_do_not_change_a_bit(tile_bytes: int) -> None:
+    """GEMM blocks of one width share a buffer that is reduced when full: blocks cut across buffers, many small
+    blocks in one buffer and widths changing within a chunk all give the bits of the default tiles."""
+    rows = _images(10, 300, 16, seed=21, kind="dense")  # wide blocks and NSB-row blocks (near-ties)
+    lev = train_level(list(rows[::2]), 10 * 300)
+    g, merged = _gallery(rows, lev, need_mult=True)
+    q = _queries(rows, 256, seed=22)
+    assert len(set(merged.bcols.tolist())) > 2
+    for kappa in (1, 3):
+        want = nn_distances_merged(q, merged, kappa)
+        assert torch.equal(nn_distances_merged(q, merged, kappa, tile_bytes=tile_bytes), want)
+    _check(q, g, merged, 2)
+
+
 def test_small_galleries_and_kappa_above_unit_sizes() -> None:
     rows = _images(1, 40, 6, seed=5, kind="smooth")
     lev = train_level([rows[0]], 40)

@@ -530,6 +530,12 @@ def _to_blocks(m: Merged, unit: torch.Tensor, q: torch.Tensor, lbv: torch.Tensor
     return blk, q.index_select(0, src), None if lbv is None else lbv.index_select(0, src)
 
 
+def _sub_block_minima(d: torch.Tensor, rows: int, out: torch.Tensor) -> None:
+    """``out`` (rows, NSB): the minima of the first ``rows`` rows of ``d`` over each sub-block of NSB columns
+    apart (sub-block j of a block: its rows j, j + NSB, j + 2 NSB, ...)."""
+    torch.amin(d[:rows].view(rows, d.shape[1] // NSB, NSB), 1, out=out)
+
+
 class _MergedSearch:
     """GEMM blocks of a merged gallery against the queries of (block, query) pairs, sub-block minima,
     the running bound ``ub``, candidate sub-blocks and their exact re-check (module docstring, part II)."""
@@ -549,6 +555,7 @@ class _MergedSearch:
         self.result = torch.full((n_q, kk), math.inf)  # kk smallest exact d^2 re-checked (with multiplicity)
         self.bstart = m.bstart.tolist()
         self.bcols = m.bcols.tolist()
+        self.aug_t = m.aug.t()  # (C + 1, R): a block's GEMM operand is one slice of it
         self.counters = {"pairs": 0, "candidates": 0, "rechecked": 0}
 
     def first_bound(self, cell: torch.Tensor) -> None:
@@ -572,18 +579,21 @@ class _MergedSearch:
         starts = [0, *itertools.accumulate(ncl)]
 
         def run(lo: int, hi: int) -> None:  # cells lo..hi-1
+            buf = scratch("mtile", (max([tile, *(r1s[c] - r0s[c] for c in cl[lo:hi])]),), x.device)
+            low0 = low[:, 0]
             for c, n, p0 in zip(cl[lo:hi], ncl[lo:hi], starts[lo:hi], strict=True):
                 r0, r1 = r0s[c], r1s[c]
                 if r1 == r0:  # (an empty cell: only for non-finite queries, whose nearest centroid is NaN)
                     low[p0 : p0 + n] = math.inf
                     continue
-                at = m.aug[r0:r1].t()
+                at = self.aug_t[:, r0:r1]
                 step = max(1, tile // (r1 - r0))
+                grid = buf[: step * (r1 - r0)].view(step, r1 - r0)
                 for a in range(p0, p0 + n, step):
                     e = min(p0 + n, a + step)
-                    d = torch.mm(x[a:e], at, out=scratch("mtile", (e - a, r1 - r0), x.device))
+                    d = torch.mm(x[a:e], at, out=grid[: e - a])
                     if kk == 1:
-                        torch.amin(d, 1, out=low[a:e, 0])
+                        torch.amin(d, 1, out=low0[a:e])
                     elif r1 - r0 >= kk:
                         low[a:e] = d.topk(kk, 1, largest=False).values
                     else:
@@ -601,6 +611,10 @@ class _MergedSearch:
         if n == 0:
             return
         m, dim, kk = self.m, self.dim, self.kk
+        # blocks of one width side by side, so that one op takes the sub-block minima of many blocks (nothing
+        # below depends on the order of the pairs): fewer, larger ops for the many small blocks
+        order = torch.argsort(m.bcols.index_select(0, pb) * m.bcols.numel() + pb, stable=True)
+        pb, pq = pb.index_select(0, order), pq.index_select(0, order)
         unit = m.bunit.index_select(0, pb)
         x = self.qa.index_select(0, pq).add_(self.cen2.index_select(0, unit // SHELLS))  # [-2 (q - c), 1]
         nq = torch.linalg.vector_norm(x[:, :dim], dim=1).mul_(0.5)  # |q - c|
@@ -609,17 +623,31 @@ class _MergedSearch:
         blocks, per = torch.unique_consecutive(pb, return_counts=True)
         tile = max(1, min(self.tile_bytes, _CACHE_TILE) // 4)
         bl, nbl = blocks.tolist(), per.tolist()
+        widths = [self.bcols[b] for b in bl]
         starts = [0, *itertools.accumulate(nbl)]
 
         def run(lo: int, hi: int) -> None:  # blocks lo..hi-1
-            for b, nb, p0 in zip(bl[lo:hi], nbl[lo:hi], starts[lo:hi], strict=True):
-                r0, cols = self.bstart[b], self.bcols[b]
-                at = m.aug[r0 : r0 + cols].t()
-                step = max(1, tile // cols)
-                for a in range(p0, p0 + nb, step):
-                    e = min(p0 + nb, a + step)
-                    d = torch.mm(x[a:e], at, out=scratch("mtile", (e - a, cols), pb.device))  # D = d~ - |q - c|^2
-                    torch.amin(d.view(e - a, cols // NSB, NSB), 1, out=sbm[a:e])  # sub-block j: rows r0 + j + NSB t
+            buf = scratch("mtile", (max([tile, *widths[lo:hi]]),), pb.device)  # at least one row of each width
+            i = lo
+            while i < hi:  # blocks of one width: their D rows fill a cache-sized buffer, reduced when full
+                cols = widths[i]
+                cap = max(1, tile // cols)
+                grid = buf[: cap * cols].view(cap, cols)
+                first, fill = starts[i], 0  # the pair of the buffer's first row, rows in the buffer
+                while i < hi and widths[i] == cols:
+                    r0 = self.bstart[bl[i]]
+                    at = self.aug_t[:, r0 : r0 + cols]
+                    a, end = starts[i], starts[i + 1]
+                    while a < end:
+                        take = min(end - a, cap - fill)
+                        torch.mm(x[a : a + take], at, out=grid[fill : fill + take])  # D = d~ - |q - c|^2
+                        fill, a = fill + take, a + take
+                        if fill == cap:
+                            _sub_block_minima(grid, fill, sbm[first : first + fill])
+                            first, fill = first + fill, 0
+                    i += 1
+                if fill:
+                    _sub_block_minima(grid, fill, sbm[first : first + fill])
 
         work = [nb * self.bcols[b] for b, nb in zip(bl, nbl, strict=True)]
         self.counters["pairs"] += sum(work)
