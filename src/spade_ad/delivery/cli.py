@@ -13,6 +13,7 @@ import sys
 import time
 import typing
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -285,13 +286,7 @@ def predict(
     thr = model.pixel_threshold_ if threshold is None else threshold
     run = run_record(model_dir, len(pairs), model.image_threshold_, thr, written)
     t0 = time.perf_counter()
-    try:
-        _predict_into(model, pairs, out, threshold, thr, raw, rows, written, jsonl, run, policy)
-    except BaseException:
-        if rows:  # this run already replaced predictions.jsonl: say how far it got
-            run.update(status="interrupted", n_images=len(rows))
-            save_json(out / "run.json", run)
-        raise
+    _predict_into(model, pairs, out, threshold, thr, raw, rows, written, jsonl, run, policy)
     elapsed = time.perf_counter() - t0
     n_failed = sum("error" in r for r in rows)
     run.update(status="complete", n_images=len(rows), n_failed=n_failed, seconds=round(elapsed, 3))
@@ -370,11 +365,6 @@ def error_row(file: str, message: str) -> dict[str, Any]:
     return {"file": file, "error": message}
 
 
-def row_files(row: dict[str, Any]) -> list[str]:
-    """The output files a row points at."""
-    return [row[k] for k in ("overlay", "map", "mask") if row.get(k)]
-
-
 def jsonl_line(row: dict[str, Any]) -> str:
     return json.dumps(row, allow_nan=False) + "\n"
 
@@ -411,35 +401,90 @@ def _predict_into(model: Any, pairs: list[tuple[Path, str]], out: Path, threshol
     """Score ``pairs`` chunk by chunk, writing each image's files and the JSON lines as they come.
 
     With ``on_error="skip"`` an image that cannot be read gets an error row and the others are scored.
+    A chunk's images are decoded, and their files written, on one thread per core (Pillow's decoder, zlib
+    and the file writes run outside Python's lock); the model scores the chunk in between. A chunk is
+    committed (``run.json`` listing its files, then ``predictions.jsonl`` with its rows) before the next is
+    read. (Overlapping the chunks, decoding and writing while the model scores, was measured: no faster on
+    two cores, where the search already keeps both busy, and it holds three chunks in memory.)
+
+    On any exception once a chunk's files are being written (a full disk, Ctrl+C), the writes not started
+    are dropped, the running ones finish, and ``run.json`` says ``interrupted``, with the rows committed
+    and every file the run may have written, so a later run into OUT still owns them.
     """
+    import torch
+
     from ..io import load_image, save_json
 
+    def read(f: Path) -> np.ndarray | str:  # the image, or why it could not be read
+        try:
+            return load_image(f, max_pixels=model.settings.max_pixels)
+        except SpadeError as exc:
+            if on_error == "stop":
+                raise
+            return str(exc)
+
+    def write(job: tuple[str, np.ndarray, Any]) -> dict[str, str | None]:
+        stem, img, res = job
+        return write_image_outputs(out, stem, img, res, thr, raw)
+
     step = model.settings.batch_size
-    with progress_bars() as cb:
-        for s in range(0, len(pairs), step):
-            chunk = pairs[s : s + step]
-            arrays: list[np.ndarray | str] = []  # the image, or why it could not be read
-            for f, _ in chunk:
-                try:
-                    arrays.append(load_image(f, max_pixels=model.settings.max_pixels))
-                except SpadeError as exc:
-                    if on_error == "stop":
-                        raise
-                    arrays.append(str(exc))
-            readable = [a for a in arrays if isinstance(a, np.ndarray)]
-            results = iter(model.predict(readable, pixel_threshold=threshold) if readable else [])
-            for (f, stem), img in zip(chunk, arrays, strict=True):
-                if isinstance(img, str):
-                    rows.append(error_row(str(f), img))
-                    continue
-                res = next(results)
-                row = prediction_row(str(f), res, write_image_outputs(out, stem, img, res, thr, raw))
-                written.extend(n for n in row_files(row) if n not in written)
-                rows.append(row)
-            run["n_images"] = len(rows)
-            save_json(out / "run.json", run)  # status "running": lists the files before the rows point at them
-            _write_jsonl(jsonl, rows)
-            cb("predict", s + len(chunk), len(pairs))
+    pool = ThreadPoolExecutor(max(1, torch.get_num_threads()), "spade-predict-io")
+    writing = False
+    try:
+        with progress_bars() as cb, _shut_down_at_exit(pool):
+            for s in range(0, len(pairs), step):
+                chunk = pairs[s : s + step]
+                arrays = list(pool.map(read, [f for f, _ in chunk]))  # the first error, in input order, is raised
+                ok = [i for i, a in enumerate(arrays) if isinstance(a, np.ndarray)]
+                results = list(model.predict([arrays[i] for i in ok], pixel_threshold=threshold)) if ok else []
+                jobs = [(chunk[i][1], arrays[i], res) for i, res in zip(ok, results, strict=True)]
+                have = set(written)  # every file the chunk may write is ours from now on, written or not
+                written.extend(n for stem, _, res in jobs for n in output_names(stem, raw, res.mask is not None)
+                               .values() if n and n not in have)
+                writing = True
+                files = _each_or_none(pool, write, jobs)
+                scored = dict(zip(ok, zip(results, files, strict=True), strict=True))
+                for i, ((f, _), img) in enumerate(zip(chunk, arrays, strict=True)):
+                    rows.append(error_row(str(f), img) if isinstance(img, str)
+                                else prediction_row(str(f), *scored[i]))
+                run["n_images"] = len(rows)
+                save_json(out / "run.json", run)  # status "running": lists the files before the rows point at them
+                _write_jsonl(jsonl, rows)
+                cb("predict", len(rows), len(pairs))
+    except BaseException:
+        if writing:  # this run wrote into OUT: say how far it got and list every file it may have written
+            run.update(status="interrupted", n_images=len(rows))
+            try:
+                save_json(out / "run.json", run)
+                if not rows:  # (predictions.jsonl of an earlier run would not describe the files now in OUT)
+                    _write_jsonl(jsonl, rows)
+            except SpadeError:  # (a full disk refuses this too: the error to report is the first one)
+                pass
+        raise
+
+
+def _each_or_none(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], jobs: list[Any]) -> list[Any]:
+    """``[fn(job) for job in jobs]`` on ``pool``; if one fails (or the wait is interrupted), the jobs not started
+    are cancelled and the running ones finish before the exception is raised: nothing writes afterwards."""
+    futures = [pool.submit(fn, job) for job in jobs]
+    try:
+        return [fut.result() for fut in futures]
+    except BaseException:
+        for fut in futures:
+            fut.cancel()
+        wait(futures)
+        raise
+
+
+@contextmanager
+def _shut_down_at_exit(pool: ThreadPoolExecutor) -> Iterator[None]:
+    """Shut ``pool`` down when the block ends; on an exception its queued work is dropped first."""
+    try:
+        yield
+    except BaseException:
+        pool.shutdown(cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
