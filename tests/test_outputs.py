@@ -121,6 +121,23 @@ def test_images_decoded_on_threads_are_the_ones_decoded_alone(bottle: Path) -> N
     assert all(np.array_equal(a, b) for a, b in zip(alone * 2, together, strict=True))
 
 
+def test_read_items_keeps_order_and_raises_the_first_error(bottle: Path, tmp_path: Path) -> None:
+    from spade_ad.errors import SpadeError
+    from spade_ad.model import read_item, read_items
+
+    files = sorted((bottle / "test" / "good").glob("*.png"))[:5]
+    arr = np.zeros((16, 16, 3), np.uint8)
+    items: list[Path | np.ndarray] = [files[0], arr, *files[1:]]
+    names = [str(x) for x in items]
+    got = read_items(items, names)
+    assert all(np.array_equal(a, read_item(x, n)) for a, x, n in zip(got, items, names, strict=True))
+    bad1, bad2 = tmp_path / "bad1.png", tmp_path / "bad2.png"
+    bad1.write_bytes(b"not an image")
+    bad2.write_bytes(b"")
+    with pytest.raises(SpadeError, match="bad1.png: not an image file"):
+        read_items([files[0], bad1, files[1], bad2], [str(files[0]), str(bad1), str(files[1]), str(bad2)])
+
+
 def test_other_formats_still_decode_under_the_limit_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """GIF checks Pillow's pixel limit while loading: it is loaded with the limit lifted (under the lock)."""
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)

@@ -15,6 +15,7 @@ import tempfile
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -73,6 +74,16 @@ def read_item(item: ImageInput, name: str, max_pixels: int | None = None) -> np.
     if isinstance(item, (str, Path)):
         return load_image(item, max_pixels=max_pixels)
     return to_rgb_uint8(item, name)
+
+
+def read_items(items: Sequence[ImageInput], names: Sequence[str], max_pixels: int | None = None) -> list[np.ndarray]:
+    """:func:`read_item` for each item, files decoded on up to one thread per core (torch's thread count;
+    Pillow decodes outside Python's lock): the same arrays in the same order, the first error raised."""
+    threads = min(torch.get_num_threads(), sum(isinstance(x, (str, Path)) for x in items))
+    if threads < 2:
+        return [read_item(x, n, max_pixels) for x, n in zip(items, names, strict=True)]
+    with ThreadPoolExecutor(threads, "spade-read") as pool:
+        return list(pool.map(read_item, items, names, [max_pixels] * len(items)))
 
 
 def _check_unique(names: list[str], new: list[str] | None = None) -> None:
@@ -233,7 +244,7 @@ class Spade:
     def _rows(self, items: list[ImageInput], names: list[str]) -> Iterator[BankRows]:
         s = self.settings
         for a, b in batches(len(items), s.batch_size):
-            yield self.bank_rows([read_item(items[i], names[i], s.max_pixels) for i in range(a, b)], a)
+            yield self.bank_rows(read_items(items[a:b], names[a:b], s.max_pixels), a)
 
     def fit_rows(self, names: Sequence[str], rows: Iterable[BankRows], progress: Progress | None = None,
                  workdir: str | Path | None = None) -> Spade:
@@ -533,7 +544,7 @@ class Spade:
         kept: list[list[np.ndarray]] = []
         sizes: list[tuple[int, int]] = []
         for a, b in batches(len(items), self.settings.batch_size):
-            arrays = [read_item(items[i], names[i], self.settings.max_pixels) for i in range(a, b)]
+            arrays = read_items(items[a:b], names[a:b], self.settings.max_pixels)
             with COMPUTE_LOCK:
                 levels, gvec = extract(net, arrays, prep, dev)
                 scores, maps, neigh = self._score(levels, gvec)
@@ -626,4 +637,4 @@ class Spade:
         return load_model(cls, Path(model_dir), {"device": device, "weights": weights, **runtime}, verify)
 
 
-__all__ = ["Spade", "BankRows", "resolve_images", "read_item", "pick_device", "THUMB"]
+__all__ = ["Spade", "BankRows", "resolve_images", "read_item", "read_items", "pick_device", "THUMB"]
