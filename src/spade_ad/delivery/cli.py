@@ -442,7 +442,7 @@ def _predict_into(model: Any, pairs: list[tuple[Path, str]], out: Path, threshol
                 written.extend(n for stem, _, res in jobs for n in output_names(stem, raw, res.mask is not None)
                                .values() if n and n not in have)
                 writing = True
-                files = _each_or_none(pool, write, jobs)
+                files = _run_all(pool, write, jobs)
                 scored = dict(zip(ok, zip(results, files, strict=True), strict=True))
                 for i, ((f, _), img) in enumerate(zip(chunk, arrays, strict=True)):
                     rows.append(error_row(str(f), img) if isinstance(img, str)
@@ -463,7 +463,7 @@ def _predict_into(model: Any, pairs: list[tuple[Path, str]], out: Path, threshol
         raise
 
 
-def _each_or_none(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], jobs: list[Any]) -> list[Any]:
+def _run_all(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], jobs: list[Any]) -> list[Any]:
     """``[fn(job) for job in jobs]`` on ``pool``; if one fails (or the wait is interrupted), the jobs not started
     are cancelled and the running ones finish before the exception is raised: nothing writes afterwards."""
     futures = [pool.submit(fn, job) for job in jobs]
