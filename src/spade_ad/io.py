@@ -524,10 +524,10 @@ def png_bytes(array: np.ndarray) -> bytes:
 
     Pillow reads these files (and every PNG reader does: one IHDR, one IDAT, IEND), but they are not
     written with Pillow: its encoder tries four filters on every row to pick the best, which takes about
-    twice as long as compressing, and ``spade-ad predict`` writes two or three pictures per image. Here
-    every row uses one filter (Up: each byte minus the byte above it, which turns the smooth overlays and
-    the masks into mostly zeros) and zlib's run-length strategy: a third of Pillow's time at level 1 for a
-    900x900 overlay, the file within 10% of its size, the same pixels.
+    as long as compressing (31 of 59 ms for a 900x900 overlay at level 1), and ``spade-ad predict`` writes
+    two or three pictures per image. Here every row uses one filter (Up: each byte minus the byte above it,
+    which turns the smooth overlays and the masks into mostly zeros) and zlib's run-length strategy: 32-36
+    ms where Pillow took 89-91 in the same run, files 8% smaller, the same pixels.
     """
     a = np.asarray(array)
     if a.dtype == np.uint8 and (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)):
