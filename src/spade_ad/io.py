@@ -523,11 +523,11 @@ def png_bytes(array: np.ndarray) -> bytes:
     """A uint8 (HxW gray or HxWx3 RGB) or uint16 (HxW gray) array as the bytes of a lossless PNG file.
 
     Pillow reads these files (and every PNG reader does: one IHDR, one IDAT, IEND), but they are not
-    written with Pillow: its encoder tries four filters on every row to pick the best, which takes about
-    as long as compressing (31 of 59 ms for a 900x900 overlay at level 1), and ``spade-ad predict`` writes
-    two or three pictures per image. Here every row uses one filter (Up: each byte minus the byte above it,
-    which turns the smooth overlays and the masks into mostly zeros) and zlib's run-length strategy: 32-36
-    ms where Pillow took 89-91 in the same run, files 8% smaller, the same pixels.
+    written with Pillow: its encoder tries four filters on every row to pick the best, which costs about as
+    much as compressing, and ``spade-ad predict`` writes two or three pictures per image. Here every row
+    uses one filter (Up: each byte minus the byte above it, which turns the smooth overlays and the masks
+    into mostly zeros) and zlib's run-length strategy: the same pixels, written faster and smaller (measured
+    in docs/performance.md).
     """
     a = np.asarray(array)
     if a.dtype == np.uint8 and (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)):

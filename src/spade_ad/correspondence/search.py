@@ -3,100 +3,11 @@ gallery rows, exact (checked against :func:`.reference.nn_distances_reference`),
 the distance matrix. The pruning cells live in :mod:`.pruning`, the thread and buffer heuristics in
 :mod:`.runtime`.
 
-Engine
-------
-Notation: q a query row, g a gallery row (fp32), d = |q - g| the exact distance of those fp32 vectors.
-For a centre c, the GEMM form is d~ = |q - c|^2 + |g - c|^2 - 2 (q - c).(g - c) evaluated in fp32.
-Dot-product error analysis (any summation order, FMA or not) plus the rounding of the centring gives
-``|d~ - d^2| <= eps = gamma_{C+12} (|q - c| + |g - c|)^2`` (gamma_n = n u / (1 - n u), u = 2^-24; the
-analysis needs C + 6, the rest absorbs the roundings of the threshold arithmetic, which is always done
-at the scale of that same pair; computed norms are inflated slightly). The error thus depends on the
-distances to a *local* centre, not on the feature norms.
-
-1. Layout. The gallery is rotated onto its principal axes (eigendecomposition of a sample's C x C
-   covariance) and cut into a grid of ~M/1024 cells by quantiles of the top 4 coordinates. One int32
-   sort on (cell, hash of the row) groups each cell and puts identical rows side by side: exact
-   duplicates (uniform background, fp16 bank) are kept once, with their multiplicity. The rows near the
-   most repeated rows (dense clusters: a uniform background) get cells of their own. Cells are padded to
-   whole 32-row blocks (pads score +inf); small neighbouring cells share a GEMM unit, big ones are cut
-   into units of at most 2048 rows. Each unit is centred on its own mean and stores ``[g - c, |g - c|^2]``
-   as the GEMM operand, so eps is tiny where rows are dense.
-2. Bounds. Lower: the box of each unit in the top 6 principal coordinates gives every (unit, query)
-   pair a lower bound l <= d for all its rows (shrunk by a margin for the rounding of the rotation).
-   Upper: ``ub_q`` >= the kappa-th smallest d^2, first from the k rows at the query's own grid position
-   when ``query_hw == gallery_hw`` describe the layout (a batched dot product), otherwise from a pass of
-   every query against its home unit (smallest l). Without cells (small or high-dimensional problems,
-   GPUs) every query meets every unit.
-3. Search. For each unit, only the queries with ``l^2 <= ub_q`` take part; one GEMM gives
-   D = d~ - |q - c|^2 for the tile (queries x unit) in cache-sized blocks, each reduced at once to
-   minima over sub-blocks of rows. The row minimum + eps (kappa = 1), or the kappa-th smallest of minima
-   over disjoint groups of rows (distinct rows) + eps, tighten ``ub_q`` (kept in absolute units); rows
-   with ``d~ - eps <= ub_q`` are recorded as candidates (found through the sub-block minima, then row by
-   row). ub only decreases.
-4. Exact re-check. ``ub_q`` is tightened once more with each candidate's own eps and with the direct-
-   difference score of each query's best candidate; candidates with ``d~ - eps > ub_q`` are dropped; the
-   rest are scored with direct differences on the original fp32 rows, and the answer is the mean of the
-   kappa smallest (a duplicated row counting up to its multiplicity).
-
-Why it is exact: at the end, kappa distinct gallery rows have d^2 <= ub_q / (1 + G) (every value ub ever
-took was d~ + eps or a direct-difference score of such rows, inflated by (1 + G), see below). A row that
-was not re-checked either lies in a unit whose lower bound exceeded ub at that time (so d^2 >= l^2 > ub
->= final ub), or had d~ - eps above a threshold that was never below the final ub (so d^2 > final ub),
-or was dropped at the end with d~ - eps > final ub. None of them can be among the kappa nearest, ties
-and duplicates included, so the re-checked rows contain the true kappa nearest and the answer is their
-direct-difference distance (relative error ~C u, far below 1e-4). There is no failure mode for finite
-inputs; a query left with fewer than kappa finite candidates (non-finite features) is recomputed by brute
-force and counted in ``stats['fallback']``. If the user allowed reduced-precision fp32 matmuls
-(TF32/bf16), eps grows to match. Peak memory: a ``tile_bytes`` tile, O((P + M) C) buffers (some kept
-between calls as scratch, see :func:`release_scratch`) and a (units x P) table of lower bounds, about
-P M / 1000; never P x M.
-
-Canonical results. The direct-difference value e(g) of a row is computed by :func:`exact_d2` (a fixed
-summation tree: the same bits whatever else is computed with it), and |e - d^2| <= G d^2 / 4 with
-G = 4 gamma_{C+2} (:func:`G_E`). Let T be the kappa-th smallest e over all positions; the rows with
-e <= T have d^2 <= T / (1 - G/4) <= d_k^2 (1 + G) (d_k: the kappa-th smallest d, since the true kappa
-nearest have e <= d_k^2 (1 + G/4)). Every value put into ub is a valid bound times (1 + G), so the final
-ub >= d_k^2 (1 + G): all rows with e <= T are re-checked, and the answer, the mean of the square roots of
-the kappa smallest e (with multiplicity, summed in a fixed order, :func:`mean_sqrt`), is a function of the
-gallery's positions alone. Any layout, pruning, threads or batching - and the merged galleries of part
-II - give the same bits.
-
-The same code runs on a CUDA device (cells off by default: there a dense GEMM is cheap). On the CPU,
-threads are used only while they pay (see ``threads`` in :func:`nn_distances`).
-
-Part II: galleries merged from the fit-time index
---------------------------------------------------
-:func:`nn_distances_merged` searches a gallery built by :func:`.cells.merge` from the neighbours' rows
-prepared with the index of :mod:`.cells`: distinct rows (exact duplicates within an image, and rows
-equal to a shared row, kept once with their multiplicity), grouped into units - shell t of cell j: rows
-whose centroid is c_j and whose computed |g - c_j| lies in [r_in, r_out] - cut into GEMM blocks of whole
-32-row groups (pads score +inf). Each row is stored as ``[g - c_j, |g - c_j|^2]``, so the GEMM form and
-eps above hold with c = c_j.
-
-1. Bounds (:func:`unit_bounds`). s = |q|^2 + |c|^2 - 2 q.c from one GEMM (queries x centroids) is within
-   err = gamma_{C+6} (|q| + |c|)^2 (inflated for TF32/bf16 GEMMs and computed norms) of |q - c|^2, so
-   d_lo = sqrt(max(s - err, 0)) (1 - 4u) <= |q - c| <= d_hi = sqrt(s + err) (1 + 4u). The true radii lie
-   within a factor (1 -+ 4 (C + 4) u) of the computed ones. By the triangle inequality every row g of
-   the unit has d >= max(|q - c| - |g - c|, |g - c| - |q - c|, 0) >= l = max(d_lo - r_out', r_in' - d_hi,
-   0) with the inflated radii; l^2 is shrunk by (1 - 8u) for the rounding of its own evaluation.
-2. First ub. Every query is matched against all rows of its nearest centroid's cell (one GEMM per cell,
-   a contiguous range of blocks); the kappa smallest D per query (distinct rows) + |q - c|^2 + eps with
-   the cell's largest radius give ``ub_q``.
-3. Search. Every (unit, query) pair with l^2 <= ub_q, per block of the unit, in chunks (pairs whose l^2
-   exceeds the ub of the time are dropped before each chunk): one GEMM per block gives D for the pairs,
-   reduced at once to minima over its 32 sub-blocks (rows j, j + 32, j + 64, ...; each minimum is reached
-   by a distinct row). The pair's smallest minimum + |q - c|^2 + eps (kappa = 1), or the kappa-th
-   smallest of all sub-block minima seen (distinct rows), tighten ``ub_q``; the sub-blocks whose
-   minimum is <= ub_q - |q - c|^2 + eps are candidates, and all their rows are re-checked.
-4. Exact re-check of the candidates' rows as in part I (e, with multiplicity), tightening ub with it.
-
-Why it is exact: ub only ever holds (1 + G) times valid bounds, as above. A row g with d^2 <= final ub
-belongs to a unit whose l^2 <= d^2 <= final ub <= ub at every earlier time, so every pair of it was
-processed; there d~ - eps <= d^2 <= ub, so D(g) <= ub - |q - c|^2 + eps (eps with r_out >= |g - c|)
-and its sub-block, whose minimum is <= D(g), was a candidate: g was re-checked. Hence all rows with
-d^2 <= final ub, which include the kappa nearest and every row with e <= T, are re-checked, and the
-result is the canonical one of part I, bit for bit (tests pin this). Peak memory: the (units x queries)
-bounds, a chunk of pairs ((C + 1 + 32) floats each, ``tile_bytes`` in all) and a ``tile_bytes`` tile.
+The design and the correctness argument (the GEMM form's error bound ``eps``, the lower bounds, why every
+row that can be among the kappa nearest is re-checked, and why the answer is canonical: the same bits
+whatever the layout, pruning, threads or batching) are in ``docs/engine.md``: part I for
+:func:`nn_distances`, part II for :func:`nn_distances_merged` over galleries merged from the fit-time
+index of :mod:`.cells`.
 """
 from __future__ import annotations
 
@@ -121,8 +32,8 @@ def _gamma(n: int, u: float = U) -> float:
 
 
 def _eps_factor(dim: int, u_in: float) -> float:
-    """gam with |d~ - d^2| <= eps = gam (|q - c| + |g - c|)^2 for the GEMM form about any centre c (module
-    docstring); the last factor covers norms that are themselves computed with rounding."""
+    """gam with |d~ - d^2| <= eps = gam (|q - c| + |g - c|)^2 for the GEMM form about any centre c
+    (docs/engine.md); the last factor covers norms that are themselves computed with rounding."""
     return (_gamma(dim + 12) + 3 * u_in) * 1.01 * (1 + 4 * (dim + 4) * U) ** 2
 
 
@@ -428,8 +339,8 @@ def _nn_distances(
     if n_q == 0:
         return torch.empty(0, device=dev)
     u_in = _reduced_gemm_roundoff(dev)
-    # |d~ - d^2| <= eps = gam (|q - c| + |g - c|)^2 for the GEMM form about any centre c (module
-    # docstring); the last factor covers norms that are themselves computed with rounding
+    # |d~ - d^2| <= eps = gam (|q - c| + |g - c|)^2 for the GEMM form about any centre c
+    # (docs/engine.md); the last factor covers norms that are themselves computed with rounding
     gam = _eps_factor(dim, u_in)
 
     if prune is None:  # cells pay on a CPU, for big problems with few channels
@@ -496,7 +407,7 @@ def _nn_distances(
 
 def unit_bounds(q: torch.Tensor, m: Merged, u_in: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``lb`` (units x queries): lower bounds on d^2 from each query to every row of each unit of ``m``
-    (rigorous under rounding, see the module docstring), and ``s`` (cells x queries): the computed
+    (rigorous under rounding, see docs/engine.md), and ``s`` (cells x queries): the computed
     |q - c|^2 to each centroid."""
     cen = m.lev.centroids
     n_cells, dim = cen.shape
@@ -538,7 +449,7 @@ def _sub_block_minima(d: torch.Tensor, rows: int, out: torch.Tensor) -> None:
 
 class _MergedSearch:
     """GEMM blocks of a merged gallery against the queries of (block, query) pairs, sub-block minima,
-    the running bound ``ub``, candidate sub-blocks and their exact re-check (module docstring, part II)."""
+    the running bound ``ub``, candidate sub-blocks and their exact re-check (docs/engine.md, part II)."""
 
     def __init__(self, q: torch.Tensor, m: Merged, kk: int, gam: float, tile_bytes: int) -> None:
         self.q, self.m, self.kk, self.gam, self.tile_bytes = q, m, kk, gam, tile_bytes
