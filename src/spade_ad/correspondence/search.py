@@ -17,12 +17,12 @@ import time
 
 import torch
 
+from ..settings import DEFAULT_TILE_BYTES
 from .cells import NSB, SHELLS, Merged
 from .pruning import SUB_BOX, Layout, U, hash_bits, hash_vector, pruned_layout, pruning_pays
 from .reference import brute_topk_d2
 from .runtime import engine_threads, scratch, split_work, watch_threads
 
-DEFAULT_TILE_BYTES = 8 << 20  # one query x gallery tile of fp32 squared distances
 _CACHE_TILE = 1 << 20  # CPU: bytes of a GEMM block reduced while it is still in cache
 _MAX_COLS = 2048  # CPU: gallery rows per GEMM unit, at most (on a GPU, tiles are as big as tile_bytes allows)
 
