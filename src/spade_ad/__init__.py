@@ -5,11 +5,10 @@ The method's three stages: :mod:`spade_ad.features` (stage 1: feature pyramid an
 correspondence). :class:`Spade` puts them together; :class:`SpadeSettings` defines every setting.
 """
 
-__version__ = "0.1.0"
-
-from .errors import SpadeError  # noqa: E402
-from .model import Spade  # noqa: E402
-from .result import ImageResult, Prediction  # noqa: E402
-from .settings import SpadeSettings  # noqa: E402
+from .errors import SpadeError
+from .model import Spade
+from .result import ImageResult, Prediction
+from .settings import SpadeSettings
+from .version import __version__
 
 __all__ = ["Spade", "SpadeSettings", "Prediction", "ImageResult", "SpadeError", "__version__"]

@@ -19,13 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__, metrics
+from . import metrics
 from .data import Category, check_protocol, load_categories, load_truth, resolve_layout
 from .errors import SpadeError
 from .io import load_image
 from .model import Progress, Spade
 from .result import Prediction
 from .settings import SpadeSettings
+from .version import __version__
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro")
 

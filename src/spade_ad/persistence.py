@@ -31,13 +31,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import __version__
 from .backbones import BACKBONES
 from .bank import Bank, file_sha256
 from .errors import SpadeError
 from .io import atomic_write, fsync_dir, save_json
 from .preprocess import is_aspect_shape
 from .settings import SpadeSettings
+from .version import __version__
 
 if TYPE_CHECKING:
     from .model import Spade

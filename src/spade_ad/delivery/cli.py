@@ -25,8 +25,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from .. import __version__, settings
+from .. import settings
 from ..errors import SpadeError
+from ..version import __version__
 
 app = typer.Typer(
     add_completion=False,

@@ -33,11 +33,11 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from .. import __version__
 from ..errors import SpadeError
 from ..io import decode_image
 from ..model import Spade
 from ..result import Prediction, normalised
+from ..version import __version__
 from ..viz import SCALE_MAX, colour_bar, data_uri, encode, overlay, resize_map, resize_rgb, small_size
 
 __all__ = ["create_app"]
