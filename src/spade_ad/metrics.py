@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import weakref
 from collections.abc import Generator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,8 @@ __all__ = [
 
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
+IntArray = npt.NDArray[np.int64]
+_Chunk = tuple[np.ndarray, IntArray, IntArray, FloatArray]  # thresholds, FP, TP, W of one chunk
 
 _STRUCTURE_8 = np.ones((3, 3), dtype=bool)
 
@@ -274,6 +277,35 @@ class _SortedRuns:
             self._load(r, s)
         out: np.ndarray = self.blocks[rows, pos - start]
         return out
+
+
+@dataclass
+class _Walk:
+    """Where one pass down the score axis stands (see :meth:`PixelMetrics._points`)."""
+
+    reader: _SortedRuns
+    sizes_file: io.BufferedRandom
+    base: IntArray  # first position of each run
+    is_def: BoolArray  # the run holds defect scores
+    aux: IntArray  # the run's start in the sizes file
+    cur: IntArray  # run r still holds positions [base[r], cur[r])
+    tops: np.ndarray  # the largest remaining score of each run
+    fp: int = 0
+    tp: int = 0
+    w: float = 0.0
+    prev_density: float | None = None  # pixels per key unit in the previous chunk
+
+    def read_sizes(self, start: int, stop: int) -> IntArray:
+        out = np.empty(stop - start, dtype=np.int64)
+        _read_into(self.sizes_file, out, start * 8)
+        return out
+
+    def advance(self, act: IntArray, lb: IntArray) -> None:
+        """Drop the chunk ``[lb, cur)`` of the active runs ``act``."""
+        moved = act[(lb < self.cur[act]) & (lb > self.base[act])]  # runs with scores left below this chunk: new top
+        self.cur[act] = lb
+        if moved.size:
+            self.tops[moved] = self.reader.values_at(moved, self.cur[moved] - 1)
 
 
 class PixelMetrics:
@@ -571,113 +603,121 @@ class PixelMetrics:
         value: np.generic = np.array([bits], dtype=self._key_dtype).view(self._dtype)[0]
         return value
 
-    def _points(
-        self,
-    ) -> Generator[tuple[np.ndarray, npt.NDArray[np.int64], npt.NDArray[np.int64], FloatArray, bool], None, None]:
+    def _points(self) -> Generator[tuple[np.ndarray, IntArray, IntArray, FloatArray, bool], None, None]:
         """Yield, chunk by chunk in decreasing score order, ``(thresholds, FP, TP, W, is_last)`` per distinct score.
 
         FP, TP and W are cumulative from the highest score (see the class docstring).
         """
+        walk = self._start_walk()
+        while (act := np.flatnonzero(walk.cur > walk.base)).size:
+            top = walk.tops[act].max()
+            c_act = walk.cur[act]
+            lb = np.minimum(walk.reader.lower_bounds(top, act), c_act)
+            n_top = int((c_act - lb).sum())
+            if n_top > self._chunk:  # one score shared by more than a chunk of pixels: sum it up in pieces
+                out = self._tie_point(walk, act, lb, top, n_top)
+            else:
+                lb = self._chunk_bound(walk, act, lb, top, n_top)
+                out = self._chunk_points(walk, act, lb)
+            walk.advance(act, lb)
+            yield (*out, not bool((walk.cur > walk.base).any()))
+
+    def _start_walk(self) -> _Walk:
+        """The pass's start: every run whole, with its largest score."""
         vals_file, sizes_file = self._files()
         vals_file.flush()
         sizes_file.flush()
         runs = np.array(self._runs, dtype=np.int64).reshape(-1, 5)
-        base, is_def, aux = runs[:, 0], runs[:, 2].astype(bool), runs[:, 3]
         reader = _SortedRuns(vals_file, self._dtype, runs, self._samples)
         cur = reader.end.copy()  # run r still holds positions [base[r], cur[r])
         every = np.arange(runs.shape[0], dtype=np.int64)
         tops = reader.values_at(every, cur - 1)  # the largest remaining score of each run
+        return _Walk(reader, sizes_file, runs[:, 0], runs[:, 2].astype(bool), runs[:, 3], cur, tops)
 
-        def read_sizes(start: int, stop: int) -> npt.NDArray[np.int64]:
-            out = np.empty(stop - start, dtype=np.int64)
-            _read_into(sizes_file, out, start * 8)
-            return out
-
+    def _tie_point(self, walk: _Walk, act: IntArray, lb: IntArray, top: np.generic, n_top: int) -> _Chunk:
+        """The one point of score ``top``: the ``n_top`` pixels ``[lb, cur)`` of the active runs, W summed in pieces."""
         chunk = self._chunk
-        n_comp = self._n_comp
-        fp = tp = 0
-        w = 0.0
-        prev_density: float | None = None  # pixels per key unit in the previous chunk
-        while True:
-            act = np.flatnonzero(cur > base)
-            if act.size == 0:
-                return
-            b_act, c_act, d_act = base[act], cur[act], is_def[act]
-            top = tops[act].max()
-            lb = np.minimum(reader.lower_bounds(top, act), c_act)
-            n_top = int((c_act - lb).sum())
-            if n_top > chunk:  # one score shared by more than a chunk of pixels: sum it up in pieces
-                counts = c_act - lb
-                n_normal = int(counts[~d_act].sum())
-                w_parts = [np.array([w])]
-                budget = 0
-                for r in np.flatnonzero(d_act & (counts > 0)):
-                    start = int(aux[act[r]] + (lb[r] - b_act[r]))
-                    stop = int(aux[act[r]] + (c_act[r] - b_act[r]))
-                    for s in range(start, stop, chunk):
-                        part = 1.0 / (n_comp * read_sizes(s, min(s + chunk, stop)).astype(np.float64))
-                        w_parts.append(part)
-                        budget += part.size
-                        if budget >= chunk:
-                            w_parts = [np.cumsum(np.concatenate(w_parts))[-1:]]
-                            budget = 0
-                w = float(np.cumsum(np.concatenate(w_parts))[-1])
-                fp += n_normal
-                tp += n_top - n_normal
-                thr = np.array([top], dtype=self._dtype)
-                out = (thr, np.array([fp], dtype=np.int64), np.array([tp], dtype=np.int64), np.array([w]))
+        b_act, c_act, d_act = walk.base[act], walk.cur[act], walk.is_def[act]
+        counts = c_act - lb
+        n_normal = int(counts[~d_act].sum())
+        w_parts = [np.array([walk.w])]
+        budget = 0
+        for r in np.flatnonzero(d_act & (counts > 0)):
+            start = int(walk.aux[act[r]] + (lb[r] - b_act[r]))
+            stop = int(walk.aux[act[r]] + (c_act[r] - b_act[r]))
+            for s in range(start, stop, chunk):
+                part = 1.0 / (self._n_comp * walk.read_sizes(s, min(s + chunk, stop)).astype(np.float64))
+                w_parts.append(part)
+                budget += part.size
+                if budget >= chunk:
+                    w_parts = [np.cumsum(np.concatenate(w_parts))[-1:]]
+                    budget = 0
+        walk.w = float(np.cumsum(np.concatenate(w_parts))[-1])
+        walk.fp += n_normal
+        walk.tp += n_top - n_normal
+        thr = np.array([top], dtype=self._dtype)
+        return thr, np.array([walk.fp], dtype=np.int64), np.array([walk.tp], dtype=np.int64), np.array([walk.w])
+
+    def _chunk_bound(self, walk: _Walk, act: IntArray, lb: IntArray, top: np.generic, n_top: int) -> IntArray:
+        """The chunk's lower end in each active run: all that is left when it fits in a chunk, else searched."""
+        b_act, c_act = walk.base[act], walk.cur[act]
+        n_all = int((c_act - b_act).sum())
+        if n_all <= self._chunk:
+            return b_act
+        return self._search_bound(walk, act, lb, top, n_top, n_all)
+
+    def _search_bound(
+        self, walk: _Walk, act: IntArray, lb: IntArray, top: np.generic, n_top: int, n_all: int
+    ) -> IntArray:
+        """The first position ``>= b`` in each active run (``lb``, ``n_top``: those of ``top``; ``n_all``: all left)."""
+        # Search the key axis for a lower bound b with chunk / 2 <= count(>= b) <= chunk, keeping the
+        # bracket count(>= key(hi)) <= chunk < count(>= key(lo)). Trial points interpolate the
+        # counts (first guess: the previous chunk's density), falling back to bisection whenever
+        # a step fails to halve the bracket, so it takes O(log key range) steps at worst.
+        chunk, c_act = self._chunk, walk.cur[act]
+        k_top = self._key(top)
+        k_hi, lb_hi, n_hi = k_top, lb, n_top
+        k_lo, n_lo = self._key(walk.reader.first_samples(act).min()), n_all
+        target = (3 * chunk) // 4
+        guess = None if walk.prev_density is None else k_top - int(target / walk.prev_density)
+        bisect = False
+        while k_hi - k_lo > 1 and n_hi < chunk // 2:
+            if guess is not None:
+                k_mid, guess = guess, None
+            elif bisect:
+                k_mid = (k_lo + k_hi) // 2
             else:
-                n_all = int((c_act - b_act).sum())
-                if n_all > chunk:
-                    # Search the key axis for a lower bound b with chunk / 2 <= count(>= b) <= chunk, keeping the
-                    # bracket count(>= key(hi)) <= chunk < count(>= key(lo)). Trial points interpolate the
-                    # counts (first guess: the previous chunk's density), falling back to bisection whenever
-                    # a step fails to halve the bracket, so it takes O(log key range) steps at worst.
-                    k_top = self._key(top)
-                    k_hi, lb_hi, n_hi = k_top, lb, n_top
-                    k_lo, n_lo = self._key(reader.first_samples(act).min()), n_all
-                    target = (3 * chunk) // 4
-                    guess = None if prev_density is None else k_top - int(target / prev_density)
-                    bisect = False
-                    while k_hi - k_lo > 1 and n_hi < chunk // 2:
-                        if guess is not None:
-                            k_mid, guess = guess, None
-                        elif bisect:
-                            k_mid = (k_lo + k_hi) // 2
-                        else:
-                            k_mid = k_hi - int((k_hi - k_lo) * ((target - n_hi) / (n_lo - n_hi)))
-                        k_mid = min(max(k_mid, k_lo + 1), k_hi - 1)
-                        lb_mid = np.minimum(reader.lower_bounds(self._from_key(k_mid), act), c_act)
-                        n_mid = int((c_act - lb_mid).sum())
-                        width = k_hi - k_lo
-                        if n_mid <= chunk:
-                            k_hi, lb_hi, n_hi = k_mid, lb_mid, n_mid
-                        else:
-                            k_lo, n_lo = k_mid, n_mid
-                        bisect = 2 * (k_hi - k_lo) > width
-                    lb = lb_hi
-                    prev_density = max(n_hi, 1) / max(k_top - k_hi, 1)
-                else:
-                    lb = b_act
-                normal_parts: list[np.ndarray] = []
-                def_parts: list[np.ndarray] = []
-                size_parts: list[np.ndarray] = []
-                for r in np.flatnonzero(c_act > lb):
-                    lo_r, hi_r = int(lb[r]), int(c_act[r])
-                    if d_act[r]:
-                        def_parts.append(reader.read(lo_r, hi_r))
-                        shift = int(aux[act[r]] - b_act[r])
-                        size_parts.append(read_sizes(shift + lo_r, shift + hi_r))
-                    else:
-                        normal_parts.append(reader.read(lo_r, hi_r))
-                out = self._reduce_chunk(normal_parts, def_parts, size_parts, fp, tp, w)
-                del normal_parts, def_parts, size_parts
-                fp, tp, w = int(out[1][-1]), int(out[2][-1]), float(out[3][-1])
-            moved = act[(lb < c_act) & (lb > b_act)]  # runs with scores left below this chunk: new top
-            cur[act] = lb
-            if moved.size:
-                tops[moved] = reader.values_at(moved, cur[moved] - 1)
-            yield (*out, not bool((cur > base).any()))
+                k_mid = k_hi - int((k_hi - k_lo) * ((target - n_hi) / (n_lo - n_hi)))
+            k_mid = min(max(k_mid, k_lo + 1), k_hi - 1)
+            lb_mid = np.minimum(walk.reader.lower_bounds(self._from_key(k_mid), act), c_act)
+            n_mid = int((c_act - lb_mid).sum())
+            width = k_hi - k_lo
+            if n_mid <= chunk:
+                k_hi, lb_hi, n_hi = k_mid, lb_mid, n_mid
+            else:
+                k_lo, n_lo = k_mid, n_mid
+            bisect = 2 * (k_hi - k_lo) > width
+        walk.prev_density = max(n_hi, 1) / max(k_top - k_hi, 1)
+        return lb_hi
+
+    def _chunk_points(self, walk: _Walk, act: IntArray, lb: IntArray) -> _Chunk:
+        """Read the scores (and defect component sizes) ``[lb, cur)`` of the active runs; one point per score."""
+        b_act, c_act, d_act = walk.base[act], walk.cur[act], walk.is_def[act]
+        normal_parts: list[np.ndarray] = []
+        def_parts: list[np.ndarray] = []
+        size_parts: list[np.ndarray] = []
+        for r in np.flatnonzero(c_act > lb):
+            lo_r, hi_r = int(lb[r]), int(c_act[r])
+            if d_act[r]:
+                def_parts.append(walk.reader.read(lo_r, hi_r))
+                shift = int(walk.aux[act[r]] - b_act[r])
+                size_parts.append(walk.read_sizes(shift + lo_r, shift + hi_r))
+            else:
+                normal_parts.append(walk.reader.read(lo_r, hi_r))
+        out = self._reduce_chunk(normal_parts, def_parts, size_parts, walk.fp, walk.tp, walk.w)
+        del normal_parts, def_parts, size_parts
+        walk.fp, walk.tp, walk.w = int(out[1][-1]), int(out[2][-1]), float(out[3][-1])
+        return out
 
     def _reduce_chunk(
         self,

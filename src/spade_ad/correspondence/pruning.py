@@ -9,6 +9,7 @@ skip most (query, unit) pairs. Without cells (small problems, many channels, GPU
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -24,6 +25,18 @@ CELL_ROWS = 1024  # target gallery rows per cell
 _DENSE_CLUSTERS = 2  # at most this many dense clusters get cells of their own
 _DENSE_MIN_REPEATS = 8  # ... when their centre row is repeated at least this often
 _DENSE_RADIUS = 0.02  # ... of this radius, relative to the gallery's rms distance from its mean
+
+
+@dataclass
+class _Placement:
+    """Where the distinct rows go in the operand: ``dest`` (per distinct row), ``src`` (per operand row: its
+    gallery row), the ``excluded`` operand rows (pads, repeats), and the segments cut into units."""
+
+    n_rows: int
+    src: torch.Tensor
+    excluded: torch.Tensor
+    dest: torch.Tensor
+    segments: list[tuple[int, int]]
 
 
 class Layout:
@@ -49,119 +62,43 @@ class Layout:
         coords: torch.Tensor | None = None,
         merge_rows: int = 0,
     ) -> None:
-        dev = g.device
-        m, dim = g.shape
-        # sorted by key = (cell, hash of the row): identical rows are adjacent; keep the first of each run
-        skey, order = torch.sort(key, stable=True)
-        first = torch.ones(m, dtype=torch.bool, device=dev)
-        same = (skey[1:] == skey[:-1]).nonzero().squeeze(1)
-        if same.numel():
-            dup = (g.index_select(0, order[same]) == g.index_select(0, order[same + 1])).all(1)
-            first[same[dup] + 1] = False
-        uorder = order[first]
-        n_u = uorder.numel()
-        run_len = torch.bincount(torch.cumsum(first, 0) - 1, minlength=n_u)
+        m = g.shape[0]
+        order, first, uorder, run_len, skey = _distinct_rows(g, key)
         ucell = None if cell_shift is None else skey[first] >> cell_shift
         n_grid = 0 if ucell is None else int(ucell.max()) + 1  # ids from n_grid on: dense-cluster cells
         if ucell is not None and coords is not None and dense_radius > 0:
-            # Dense clusters (a uniform background: thousands of near-identical rows) get cells of their
-            # own around their most repeated row, so that their units are tiny, their rounding bound
-            # eps ~ (|q - c| + |g - c|)^2 too, and a query there has few near-ties to re-check. (A
-            # grouping heuristic: any partition of the rows is valid.)
-            pos = torch.full((m,), -1, dtype=torch.long, device=dev)
-            pos[uorder] = torch.arange(n_u, device=dev)
-            taken = torch.zeros(n_u, dtype=torch.bool, device=dev)
-            new_id = ucell.clone()
-            extra = n_grid
-            for _ in range(_DENSE_CLUSTERS):
-                heavy = torch.where(taken, 0, run_len)
-                top = int(heavy.argmax())
-                if int(heavy[top]) < _DENSE_MIN_REPEATS:
-                    break
-                c = int(uorder[top])
-                cand = ((coords - coords[c]).abs_().amax(1) <= dense_radius).nonzero().squeeze(1)
-                cand = cand[pos[cand] >= 0]
-                cand = cand[(g.index_select(0, cand) - g[c]).square_().sum(1) <= dense_radius**2]
-                iu = pos[cand]
-                iu = iu[~taken[iu]]
-                new_id[iu] = extra
-                taken[iu] = True
-                extra += 1
-            if bool(taken.any()):
-                moved = taken.nonzero().squeeze(1)
-                moved = moved[torch.argsort(new_id[moved], stable=True)]
-                o = torch.cat([(~taken).nonzero().squeeze(1), moved])
-                uorder, ucell, run_len = uorder[o], new_id[o], run_len[o]
-        mult_len = run_len if need_mult else None
-        if cell_shift is None:  # gallery order, one segment
-            n_rows = m
-            src = torch.arange(m, device=dev)
-            excluded = order[~first]
-            dest = uorder
-            segments = [(0, m)]
+            uorder, ucell, run_len = _dense_cells(g, coords, dense_radius, uorder, ucell, run_len, n_grid)
+        if ucell is None:  # no cells: gallery order, one segment
+            place = _Placement(m, torch.arange(m, device=g.device), order[~first], uorder, [(0, m)])
         else:
-            counts = torch.unique_consecutive(ucell, return_counts=True)[1]
-            n_blk = (counts + SUB_BOX - 1) // SUB_BOX
-            n_cells = counts.numel()
-            starts = torch.cumsum(counts, 0) - counts
-            pstarts = (torch.cumsum(n_blk, 0) - n_blk) * SUB_BOX
-            cell_of_row = torch.repeat_interleave(torch.arange(n_cells, device=dev), counts)
-            dest = pstarts[cell_of_row] + torch.arange(n_u, device=dev) - starts[cell_of_row]
-            n_rows = int(n_blk.sum()) * SUB_BOX
-            src = uorder[starts[torch.repeat_interleave(torch.arange(n_cells, device=dev), n_blk * SUB_BOX)]]
-            src[dest] = uorder
-            is_pad = torch.ones(n_rows, dtype=torch.bool, device=dev)
-            is_pad[dest] = False
-            excluded = is_pad.nonzero().squeeze(1)
-            # consecutive small cells (neighbours along the last grid axis) share a unit: fewer, fuller GEMMs
-            # for the price of a slightly looser box; the dense-cluster cells stay apart
-            sizes = (n_blk * SUB_BOX).tolist()
-            special = (torch.unique_consecutive(ucell) >= n_grid).tolist()
-            segments, r0, end = [], 0, 0
-            for size, alone in zip(sizes, special, strict=True):
-                if end > r0 and (alone or end - r0 + size > merge_rows):
-                    segments.append((r0, end))
-                    r0 = end
-                end += size
-                if alone:
-                    segments.append((r0, end))
-                    r0 = end
-            if end > r0:
-                segments.append((r0, end))
-        self.src = src
+            place = _cell_placement(uorder, ucell, n_grid, merge_rows)
+        self.src = place.src
         self.mult: torch.Tensor | None = None
-        if mult_len is not None:
-            self.mult = torch.zeros(n_rows, dtype=torch.long, device=dev)
-            self.mult[dest] = mult_len
-        units = []
-        for r0, end in segments:
-            # whole 32-row multiples, then (no cells) a ragged tail of < 32 rows
-            cuts = [*range(r0, end - (end - r0) % 32, max_cols), end - (end - r0) % 32, end]
-            for a0, a1 in zip(cuts[:-1], cuts[1:], strict=True):
-                cols = a1 - a0
-                if cols == 0:
-                    continue
-                # sub-block minima reduce over the middle axis of (rows, sub, nsb): fastest when nsb is a
-                # multiple of 32; the tail has single-row sub-blocks
-                nsb = next((j for j in (128, 64, 32) if cols % j == 0 and cols // j >= 8), 32)
-                units.append((a0, a1, cols // nsb, nsb) if cols % 32 == 0 else (a0, a1, 1, cols))
+        if need_mult:
+            self.mult = torch.zeros(place.n_rows, dtype=torch.long, device=g.device)
+            self.mult[place.dest] = run_len
+        self._operands(g, place, _cut_units(place.segments, max_cols), permuted=ucell is not None)
+
+    def _operands(
+        self, g: torch.Tensor, place: _Placement, units: list[tuple[int, int, int, int]], permuted: bool
+    ) -> None:
+        """Centre, radius and ``aug`` of each unit (``permuted``: the operand rows are not in gallery order)."""
+        dev, dim, n_rows = g.device, g.shape[1], place.n_rows
         n_units = len(units)
         ulen = torch.tensor([u[1] - u[0] for u in units], device=dev)
         unit_of_row = torch.repeat_interleave(torch.arange(n_units, device=dev), ulen)
-        gp = (
-            g if cell_shift is None else torch.index_select(g, 0, src, out=scratch("gp", (n_rows, dim), dev))
-        )
+        gp = g if not permuted else torch.index_select(g, 0, place.src, out=scratch("gp", (n_rows, dim), dev))
         aug = scratch("aug", (n_rows, dim + 1), dev)
         self.cen = torch.empty(n_units, dim, device=dev)
         for j, (a0, a1, _, _) in enumerate(units):
             torch.mean(gp[a0:a1], 0, out=self.cen[j])  # (any centre is valid; this one is near the rows)
             torch.sub(gp[a0:a1], self.cen[j], out=aug[a0:a1, :dim])
         gn = torch.linalg.vector_norm(aug[:, :dim], dim=1)
-        gn.index_fill_(0, excluded, 0.0)
+        gn.index_fill_(0, place.excluded, 0.0)
         self.rad = torch.zeros(n_units, device=dev).scatter_reduce_(0, unit_of_row, gn, "amax")
         aug[:, dim] = gn.square_()
-        aug.index_fill_(0, excluded, 0.0)
-        aug[excluded, dim] = math.inf
+        aug.index_fill_(0, place.excluded, 0.0)
+        aug[place.excluded, dim] = math.inf
         self.aug = aug
         self.unit_of_row = unit_of_row
         self.cen2 = torch.cat([self.cen * 2.0, torch.zeros(n_units, 1, device=dev)], dim=1)
@@ -230,6 +167,123 @@ def pruned_layout(
         lb2.addcmul_(a, a)
     lb2.mul_(shrink2).sub_(offset)
     return lay, lb2
+
+
+def _distinct_rows(
+    g: torch.Tensor, key: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(order, first, uorder, run_len, skey)``: the rows sorted by key, which of them start a run of
+    identical rows, the gallery index and run length of each distinct row, and the sorted keys."""
+    m = g.shape[0]
+    # sorted by key = (cell, hash of the row): identical rows are adjacent; keep the first of each run
+    skey, order = torch.sort(key, stable=True)
+    first = torch.ones(m, dtype=torch.bool, device=g.device)
+    same = (skey[1:] == skey[:-1]).nonzero().squeeze(1)
+    if same.numel():
+        dup = (g.index_select(0, order[same]) == g.index_select(0, order[same + 1])).all(1)
+        first[same[dup] + 1] = False
+    uorder = order[first]
+    run_len = torch.bincount(torch.cumsum(first, 0) - 1, minlength=uorder.numel())
+    return order, first, uorder, run_len, skey
+
+
+def _dense_cells(
+    g: torch.Tensor,
+    coords: torch.Tensor,
+    dense_radius: float,
+    uorder: torch.Tensor,
+    ucell: torch.Tensor,
+    run_len: torch.Tensor,
+    n_grid: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(uorder, ucell, run_len)`` with the rows of up to ``_DENSE_CLUSTERS`` dense clusters moved to the
+    end, in cells of their own (ids from ``n_grid`` on)."""
+    # Dense clusters (a uniform background: thousands of near-identical rows) get cells of their
+    # own around their most repeated row, so that their units are tiny, their rounding bound
+    # eps ~ (|q - c| + |g - c|)^2 too, and a query there has few near-ties to re-check. (A
+    # grouping heuristic: any partition of the rows is valid.)
+    dev, m, n_u = g.device, g.shape[0], uorder.numel()
+    pos = torch.full((m,), -1, dtype=torch.long, device=dev)
+    pos[uorder] = torch.arange(n_u, device=dev)
+    taken = torch.zeros(n_u, dtype=torch.bool, device=dev)
+    new_id = ucell.clone()
+    extra = n_grid
+    for _ in range(_DENSE_CLUSTERS):
+        heavy = torch.where(taken, 0, run_len)
+        top = int(heavy.argmax())
+        if int(heavy[top]) < _DENSE_MIN_REPEATS:
+            break
+        c = int(uorder[top])
+        cand = ((coords - coords[c]).abs_().amax(1) <= dense_radius).nonzero().squeeze(1)
+        cand = cand[pos[cand] >= 0]
+        cand = cand[(g.index_select(0, cand) - g[c]).square_().sum(1) <= dense_radius**2]
+        iu = pos[cand]
+        iu = iu[~taken[iu]]
+        new_id[iu] = extra
+        taken[iu] = True
+        extra += 1
+    if not bool(taken.any()):
+        return uorder, ucell, run_len
+    moved = taken.nonzero().squeeze(1)
+    moved = moved[torch.argsort(new_id[moved], stable=True)]
+    o = torch.cat([(~taken).nonzero().squeeze(1), moved])
+    return uorder[o], new_id[o], run_len[o]
+
+
+def _cell_placement(uorder: torch.Tensor, ucell: torch.Tensor, n_grid: int, merge_rows: int) -> _Placement:
+    """Each cell a contiguous run of the operand, padded to whole ``SUB_BOX``-row blocks."""
+    dev, n_u = uorder.device, uorder.numel()
+    counts = torch.unique_consecutive(ucell, return_counts=True)[1]
+    n_blk = (counts + SUB_BOX - 1) // SUB_BOX
+    n_cells = counts.numel()
+    starts = torch.cumsum(counts, 0) - counts
+    pstarts = (torch.cumsum(n_blk, 0) - n_blk) * SUB_BOX
+    cell_of_row = torch.repeat_interleave(torch.arange(n_cells, device=dev), counts)
+    dest = pstarts[cell_of_row] + torch.arange(n_u, device=dev) - starts[cell_of_row]
+    n_rows = int(n_blk.sum()) * SUB_BOX
+    src = uorder[starts[torch.repeat_interleave(torch.arange(n_cells, device=dev), n_blk * SUB_BOX)]]
+    src[dest] = uorder
+    is_pad = torch.ones(n_rows, dtype=torch.bool, device=dev)
+    is_pad[dest] = False
+    excluded = is_pad.nonzero().squeeze(1)
+    special = (torch.unique_consecutive(ucell) >= n_grid).tolist()
+    return _Placement(n_rows, src, excluded, dest, _merged_segments((n_blk * SUB_BOX).tolist(), special, merge_rows))
+
+
+def _merged_segments(sizes: list[int], special: list[bool], merge_rows: int) -> list[tuple[int, int]]:
+    """Row ranges of the units' segments, from the cells' padded ``sizes`` (``special``: a dense-cluster cell)."""
+    # consecutive small cells (neighbours along the last grid axis) share a unit: fewer, fuller GEMMs
+    # for the price of a slightly looser box; the dense-cluster cells stay apart
+    segments: list[tuple[int, int]] = []
+    r0, end = 0, 0
+    for size, alone in zip(sizes, special, strict=True):
+        if end > r0 and (alone or end - r0 + size > merge_rows):
+            segments.append((r0, end))
+            r0 = end
+        end += size
+        if alone:
+            segments.append((r0, end))
+            r0 = end
+    if end > r0:
+        segments.append((r0, end))
+    return segments
+
+
+def _cut_units(segments: list[tuple[int, int]], max_cols: int) -> list[tuple[int, int, int, int]]:
+    """``(first row, end row, rows per sub-block, sub-blocks)`` of each unit: the segments cut at ``max_cols``."""
+    units = []
+    for r0, end in segments:
+        # whole 32-row multiples, then (no cells) a ragged tail of < 32 rows
+        cuts = [*range(r0, end - (end - r0) % 32, max_cols), end - (end - r0) % 32, end]
+        for a0, a1 in zip(cuts[:-1], cuts[1:], strict=True):
+            cols = a1 - a0
+            if cols == 0:
+                continue
+            # sub-block minima reduce over the middle axis of (rows, sub, nsb): fastest when nsb is a
+            # multiple of 32; the tail has single-row sub-blocks
+            nsb = next((j for j in (128, 64, 32) if cols % j == 0 and cols // j >= 8), 32)
+            units.append((a0, a1, cols // nsb, nsb) if cols % 32 == 0 else (a0, a1, 1, cols))
+    return units
 
 
 def _grid_key(y: torch.Tensor, ev: torch.Tensor, n_cells: int) -> tuple[torch.Tensor, int]:

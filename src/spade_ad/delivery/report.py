@@ -13,6 +13,7 @@ import io
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import numpy as np
 from .. import metrics
 from ..evaluate import Evaluation
 from ..io import atomic_write, save_json
+from ..result import ImageResult, Prediction
 from ..viz import (
     SCALE_MAX,
     colour_bar,
@@ -271,87 +273,119 @@ def _metrics_table(items: list[tuple[str, Any]]) -> str:
     return f'<table class="metrics">{rows}</table>'
 
 
-def write_report(path: str | Path, ev: Evaluation, title: str | None = None, max_side: int = THUMB_SIDE) -> Path:
-    """Write the HTML report of an evaluation to ``path`` and its numbers to ``path`` with suffix ``.json``.
+@dataclass
+class _Page:
+    """What every section of the report reads: one evaluation, its kept maps and the decision numbers."""
 
-    ``ev`` is what :func:`spade_ad.evaluate.evaluate_category` returns with ``keep_maps=True`` (the pictures
-    need every map): every number per image comes from
-    its :class:`~spade_ad.ImageResult`; pictures, maps and ground truth are shown in the protocol's frame
-    (the paper's crop, or the whole image). The JSON holds the metrics row, the thresholds,
-    :func:`threshold_metrics` and one entry per image.
-    """
-    path = Path(path)
-    pred, masks, maps = ev.kept()
-    model, row = ev.model, ev.row
-    n = len(pred)
-    y = np.asarray(ev.labels, dtype=int)
-    scores = np.asarray(pred.scores, dtype=np.float64)
-    img_thr: float | None = pred.image_threshold
-    pix_thr: float | None = pred.pixel_threshold
-    decision = threshold_metrics(y, scores, img_thr)
+    ev: Evaluation
+    pred: Prediction
+    masks: list[np.ndarray]
+    maps: list[np.ndarray]
+    y: np.ndarray  # 1 = defective
+    scores: np.ndarray
+    img_thr: float | None
+    pix_thr: float | None
+    decision: dict[str, Any]
 
-    # per image -----------------------------------------------------------------------------------
-    thumbs = _Thumbs(model)
-    order = np.argsort(-scores, kind="stable")
-    row_html: list[str] = []
+    @classmethod
+    def of(cls, ev: Evaluation) -> _Page:
+        pred, masks, maps = ev.kept()
+        y = np.asarray(ev.labels, dtype=int)
+        scores = np.asarray(pred.scores, dtype=np.float64)
+        img_thr: float | None = pred.image_threshold
+        decision = threshold_metrics(y, scores, img_thr)
+        return cls(ev, pred, masks, maps, y, scores, img_thr, pred.pixel_threshold, decision)
+
+
+def _outcome(verdict: str | None, label: int) -> str:
+    """tp / fp / tn / fn of a verdict against the truth, "" without a threshold."""
+    if verdict is None:
+        return ""
+    return {("defective", 1): "tp", ("defective", 0): "fp", ("good", 0): "tn", ("good", 1): "fn"}[(verdict, label)]
+
+
+def _mask_cells(page: _Page, i: int, hw: tuple[int, int], small_pred: np.ndarray | None) -> str:
+    """The predicted-mask and ground-truth cells of image ``i`` (placeholders where there is nothing to show)."""
+    pred_cell = '<td class="muted">no threshold</td>'
+    if small_pred is not None:
+        pred_cell = f'<td><img class="pic" alt="predicted mask" src="{data_uri(mask_picture(small_pred))}"></td>'
+    gt_cell = '<td class="muted">no defect</td>'
+    if page.y[i] == 1:
+        gt_uri = data_uri(mask_picture(resize_mask(np.asarray(page.masks[i]), hw)), "PNG")
+        gt_cell = f'<td><img class="pic" alt="ground truth" src="{gt_uri}"></td>'
+    return pred_cell + gt_cell
+
+
+def _neighbour_cell(res: ImageResult, thumbs: _Thumbs) -> str:
+    """The thumbnails of the nearest normal images, with their names."""
+    nb_html = []
+    for j, nm in list(zip(res.neighbours, res.neighbour_names, strict=True))[:N_NEIGHBOURS]:
+        pic = f'<img class="nb" alt="normal image {j}" src="{thumbs.get(j)}">'
+        nb_html.append(f'<figure>{pic}<figcaption>{html.escape(_short_name(nm, 1))}</figcaption></figure>')
+    return f'<td><div class="nbs">{"".join(nb_html)}</div></td>'
+
+
+def _image_row(page: _Page, rank: int, i: int, thumbs: _Thumbs, max_side: int) -> tuple[str, dict[str, Any]]:
+    """Test image ``i``'s table row (pictures downscaled to ``max_side``) and its entry in report.json."""
+    res = page.pred[i]
+    img = page.ev.picture(i)
+    hw = small_size(img.shape[0], img.shape[1], max_side)
+    small_img = resize_rgb(img, hw)
+    small_map = resize_map(np.asarray(page.maps[i]), hw)
+    small_pred = small_map >= page.pix_thr if page.pix_thr is not None else None
+    over = overlay(small_img, small_map, page.pix_thr, small_pred)
+    label = "defective" if page.y[i] == 1 else "good"
+    outcome = _outcome(res.verdict, int(page.y[i]))
+    outcome_html = f' <span class="outcome o-{outcome}">{outcome.upper()}</span>' if outcome else ""
+    shown = res.verdict or "–"
+    row = (
+        f'<tr data-label="{label}" data-outcome="{outcome}" data-score="{res.score!r}">'
+        f'<td>{rank + 1}</td>'
+        f'<td class="name">{html.escape(_short_name(res.name))}<br><span class="muted">truth: {label}</span></td>'
+        f'<td><img class="pic" alt="image" src="{data_uri(small_img, "JPEG")}"></td>'
+        f'<td><img class="pic" alt="heatmap overlay" src="{data_uri(over, "JPEG")}"></td>'
+        f"{_mask_cells(page, i, hw, small_pred)}"
+        f"<td>{_fmt(res.score)}<br><span class=\"muted\">normalised {_fmt(res.normalised_score, 3)}</span></td>"
+        f'<td><span class="verdict-{shown}">{shown}</span>{outcome_html}</td>'
+        f"{_neighbour_cell(res, thumbs)}</tr>"
+    )
+    entry = {"name": res.name, "label": int(page.y[i]), **res.summary(), "outcome": outcome or None,
+             "neighbours": list(res.neighbour_names[:N_NEIGHBOURS])}
+    return row, entry
+
+
+def _image_rows(page: _Page, max_side: int) -> tuple[list[str], list[dict[str, Any]]]:
+    """Every test image's row, highest score first (ties in test-set order), and its JSON entry."""
+    thumbs = _Thumbs(page.ev.model)
+    rows: list[str] = []
     per_image: list[dict[str, Any]] = []
-    for rank, i in enumerate(order):
-        i = int(i)
-        res = pred[i]
-        img = ev.picture(i)
-        amap = np.asarray(maps[i])
-        hw = small_size(img.shape[0], img.shape[1], max_side)
-        small_img = resize_rgb(img, hw)
-        small_map = resize_map(amap, hw)
-        small_pred = small_map >= pix_thr if pix_thr is not None else None
-        over = overlay(small_img, small_map, pix_thr, small_pred)
-        label = "defective" if y[i] == 1 else "good"
-        verdict = res.verdict
-        outcome = "" if verdict is None else {("defective", 1): "tp", ("defective", 0): "fp", ("good", 0): "tn",
-                                              ("good", 1): "fn"}[(verdict, int(y[i]))]
-        gt_cell = '<td class="muted">no defect</td>'
-        if y[i] == 1:
-            gt_uri = data_uri(mask_picture(resize_mask(np.asarray(masks[i]), hw)), "PNG")
-            gt_cell = f'<td><img class="pic" alt="ground truth" src="{gt_uri}"></td>'
-        pred_cell = '<td class="muted">no threshold</td>'
-        if small_pred is not None:
-            pred_cell = f'<td><img class="pic" alt="predicted mask" src="{data_uri(mask_picture(small_pred))}"></td>'
-        nb_html = []
-        for j, nm in list(zip(res.neighbours, res.neighbour_names, strict=True))[:N_NEIGHBOURS]:
-            pic = f'<img class="nb" alt="normal image {j}" src="{thumbs.get(j)}">'
-            nb_html.append(f'<figure>{pic}<figcaption>{html.escape(_short_name(nm, 1))}</figcaption></figure>')
-        outcome_html = f' <span class="outcome o-{outcome}">{outcome.upper()}</span>' if outcome else ""
-        shown = verdict or "–"
-        row_html.append(
-            f'<tr data-label="{label}" data-outcome="{outcome}" data-score="{res.score!r}">'
-            f'<td>{rank + 1}</td>'
-            f'<td class="name">{html.escape(_short_name(res.name))}<br><span class="muted">truth: {label}</span></td>'
-            f'<td><img class="pic" alt="image" src="{data_uri(small_img, "JPEG")}"></td>'
-            f'<td><img class="pic" alt="heatmap overlay" src="{data_uri(over, "JPEG")}"></td>'
-            f"{pred_cell}{gt_cell}"
-            f"<td>{_fmt(res.score)}<br><span class=\"muted\">normalised {_fmt(res.normalised_score, 3)}</span></td>"
-            f'<td><span class="verdict-{shown}">{shown}</span>{outcome_html}</td>'
-            f'<td><div class="nbs">{"".join(nb_html)}</div></td></tr>'
-        )
-        per_image.append({"name": res.name, "label": int(y[i]), **res.summary(), "outcome": outcome or None,
-                          "neighbours": list(res.neighbour_names[:N_NEIGHBOURS])})
-        del img, amap
+    for rank, i in enumerate(np.argsort(-page.scores, kind="stable")):
+        row, entry = _image_row(page, rank, int(i), thumbs, max_side)
+        rows.append(row)
+        per_image.append(entry)
+    return rows, per_image
 
-    # figures -------------------------------------------------------------------------------------
-    roc = _roc_figure(y.astype(bool), scores, row.get("image_auroc"))
-    pro = _pro_figure(masks, maps, row.get("aupro"))
-    hist = _histogram_figure(y, scores, img_thr, decision.get("best_f1_threshold"))
-    bar = data_uri(colour_bar(height=200, width=70, threshold=pix_thr), "PNG")
-    figs = "".join(f'<img alt="{alt}" src="{uri}">' for alt, uri in (("ROC curve", roc), ("PRO curve", pro),
-                                                                      ("score histogram", hist)) if uri)
 
-    # good test images with any pixel over the pixel threshold
-    good_any = None
-    if pix_thr is not None and (y == 0).any():
-        good_any = float(np.mean([float(np.asarray(maps[i]).max()) >= pix_thr for i in np.flatnonzero(y == 0)]))
+def _curves(page: _Page) -> str:
+    """The ROC curve, the PRO curve and the score histogram (those defined) as inline images."""
+    row = page.ev.row
+    roc = _roc_figure(page.y.astype(bool), page.scores, row.get("image_auroc"))
+    pro = _pro_figure(page.masks, page.maps, row.get("aupro"))
+    hist = _histogram_figure(page.y, page.scores, page.img_thr, page.decision.get("best_f1_threshold"))
+    return "".join(f'<img alt="{alt}" src="{uri}">' for alt, uri in (("ROC curve", roc), ("PRO curve", pro),
+                                                                     ("score histogram", hist)) if uri)
 
-    calib = model.calibration_ or {}
-    summary = [
+
+def _good_with_flagged_pixels(page: _Page) -> float | None:
+    """The fraction of good test images with any pixel over the pixel threshold."""
+    if page.pix_thr is None or not (page.y == 0).any():
+        return None
+    return float(np.mean([float(np.asarray(page.maps[i]).max()) >= page.pix_thr for i in np.flatnonzero(page.y == 0)]))
+
+
+def _summary_items(row: dict[str, Any], n: int) -> list[tuple[str, Any]]:
+    """The metrics row: the three AUCs, the data's size and the timings."""
+    return [
         ("image AUROC", row.get("image_auroc")),
         ("pixel AUROC", row.get("pixel_auroc")),
         ("AUPRO (FPR ≤ 0.3)", row.get("aupro")),
@@ -360,12 +394,17 @@ def write_report(path: str | Path, ev: Evaluation, title: str | None = None, max
         ("fit seconds", row.get("fit_seconds")),
         ("predict seconds / image", row.get("predict_seconds_per_image")),
     ]
-    thresholds = [
+
+
+def _threshold_items(page: _Page, calib: dict[str, Any], good_any: float | None) -> list[tuple[str, Any]]:
+    """The calibration, the thresholds and the decision quality at the calibrated and the best-F1 threshold."""
+    decision = page.decision
+    return [
         ("calibration", calib.get("method", "none")),
         ("calibration images", calib.get("n_images")),
         ("target false-alarm rate", calib.get("false_alarm_rate")),
-        ("image threshold (calibrated)", img_thr),
-        ("pixel threshold (calibrated)", pix_thr),
+        ("image threshold (calibrated)", page.img_thr),
+        ("pixel threshold (calibrated)", page.pix_thr),
         ("false-alarm rate on good test images", decision["false_alarm_rate"]),
         ("good test images with any flagged pixel", good_any),
         ("miss rate on defective test images", decision["miss_rate"]),
@@ -379,29 +418,33 @@ def write_report(path: str | Path, ev: Evaluation, title: str | None = None, max
          None if decision["best_f1"] is None
          else f"{decision['best_f1_precision']:.4f} / {decision['best_f1_recall']:.4f}"),
     ]
-    counts = (f"TP {decision['true_positives']}, FP {decision['false_positives']}, "
-              f"TN {decision['true_negatives']}, FN {decision['false_negatives']}" if img_thr is not None else "")
-    settings = {**model.settings.as_dict(), "protocol": ev.protocol}
-    title = title or "spade-ad report"
-    n_fn = sum(1 for r in per_image if r["outcome"] == "fn")
-    n_fp = sum(1 for r in per_image if r["outcome"] == "fp")
-    doc = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head>
-<body>
-<h1>{html.escape(title)}</h1>
-<p class="muted">settings: {html.escape(json.dumps(settings))}</p>
-<h2>Metrics</h2>
-<div class="figs"><div>{_metrics_table(summary)}</div><div>{_metrics_table(thresholds)}
+
+
+def _metrics_section(page: _Page, calib: dict[str, Any], good_any: float | None) -> str:
+    """The two tables of numbers, the confusion counts and the heatmaps' colour bar."""
+    d = page.decision
+    counts = (f"TP {d['true_positives']}, FP {d['false_positives']}, "
+              f"TN {d['true_negatives']}, FN {d['false_negatives']}" if page.img_thr is not None else "")
+    bar = data_uri(colour_bar(height=200, width=70, threshold=page.pix_thr), "PNG")
+    summary = _metrics_table(_summary_items(page.ev.row, len(page.pred)))
+    thresholds = _metrics_table(_threshold_items(page, calib, good_any))
+    return f"""<h2>Metrics</h2>
+<div class="figs"><div>{summary}</div><div>{thresholds}
 <p class="muted">{counts}</p></div>
 <div><img alt="colour bar" src="{bar}"><p class="muted" style="max-width:18em">Heatmap colours: pixel score divided
 by the pixel threshold, on a fixed scale from 0 to {SCALE_MAX:g} (1.0 = threshold, labels show raw scores).
 Cyan outline: predicted defect region.</p></div></div>
-<h2>Curves</h2>
-<div class="figs">{figs}</div>
-<h2>Test images</h2>
+"""
+
+
+def _images_section(page: _Page, rows: list[str], per_image: list[dict[str, Any]]) -> str:
+    """The filter and sort buttons (with their counts) over the table of test images."""
+    n_fn = sum(1 for r in per_image if r["outcome"] == "fn")
+    n_fp = sum(1 for r in per_image if r["outcome"] == "fp")
+    y = page.y
+    return f"""<h2>Test images</h2>
 <div class="controls">
-<button data-filter="all" class="active">all ({n})</button>
+<button data-filter="all" class="active">all ({len(page.pred)})</button>
 <button data-filter="misses">misses ({n_fn})</button>
 <button data-filter="false-alarms">false alarms ({n_fp})</button>
 <button data-filter="defective">defective ({int((y == 1).sum())})</button>
@@ -411,18 +454,51 @@ Cyan outline: predicted defect region.</p></div></div>
 <table class="rows" id="rows"><thead><tr><th>#</th><th>image</th><th></th><th>heatmap overlay</th>
 <th>predicted mask</th><th>ground truth</th><th>score</th><th>verdict</th><th>nearest normal images</th></tr></thead>
 <tbody>
-{"".join(row_html)}
+{"".join(rows)}
 </tbody></table>
-<script>{_JS}</script>
+"""
+
+
+def _document(title: str, settings: dict[str, Any], metrics_html: str, curves: str, images_html: str) -> str:
+    """The whole page: head with the inline CSS, the sections, the inline script."""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head>
+<body>
+<h1>{html.escape(title)}</h1>
+<p class="muted">settings: {html.escape(json.dumps(settings))}</p>
+{metrics_html}<h2>Curves</h2>
+<div class="figs">{curves}</div>
+{images_html}<script>{_JS}</script>
 </body></html>
 """
+
+
+def write_report(path: str | Path, ev: Evaluation, title: str | None = None, max_side: int = THUMB_SIDE) -> Path:
+    """Write the HTML report of an evaluation to ``path`` and its numbers to ``path`` with suffix ``.json``.
+
+    ``ev`` is what :func:`spade_ad.evaluate.evaluate_category` returns with ``keep_maps=True`` (the pictures
+    need every map): every number per image comes from
+    its :class:`~spade_ad.ImageResult`; pictures, maps and ground truth are shown in the protocol's frame
+    (the paper's crop, or the whole image). The JSON holds the metrics row, the thresholds,
+    :func:`threshold_metrics` and one entry per image.
+    """
+    path = Path(path)
+    page = _Page.of(ev)
+    rows, per_image = _image_rows(page, max_side)
+    curves = _curves(page)
+    good_any = _good_with_flagged_pixels(page)
+    calib = ev.model.calibration_ or {}
+    settings = {**ev.model.settings.as_dict(), "protocol": ev.protocol}
+    doc = _document(title or "spade-ad report", settings, _metrics_section(page, calib, good_any), curves,
+                    _images_section(page, rows, per_image))
     atomic_write(path, lambda tmp: tmp.write_text(doc, encoding="utf-8"))
     save_json(path.with_suffix(".json"), {
-        "metrics": row,
-        "image_threshold": img_thr,
-        "pixel_threshold": pix_thr,
+        "metrics": ev.row,
+        "image_threshold": page.img_thr,
+        "pixel_threshold": page.pix_thr,
         "calibration": {k: v for k, v in calib.items() if k not in ("image_scores", "map_maxima")},
-        "decision": decision,
+        "decision": page.decision,
         "good_images_with_flagged_pixels": good_any,
         "settings": settings,
         "images": per_image,
