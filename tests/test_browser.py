@@ -284,9 +284,15 @@ def test_mark_as_normal_and_remove_from_normals(browser: Any, update_server: str
     after = number(pg.inner_text("#score"))
     assert after < before
     pg.wait_for_selector(".remove-normal")
+    # the screenshot waits for the new generation's thumbnails: it used to be taken while they loaded, and
+    # only the new image (the one thumbnail the browser had not cached) came out blank
+    pg.wait_for_function("Array.from(document.querySelectorAll('#neighbours img'))"
+                         ".every(i => i.complete && i.naturalWidth > 0)")
     shot(pg, "inspector_mark_as_normal.png")
     first = pg.locator("#neighbours figure").first
     assert "001.png" in first.inner_text()  # its nearest normal image is now itself
+    assert "generation=2" in (first.locator("img").get_attribute("src") or "")
+    assert first.locator("img").evaluate("i => i.naturalWidth") == 128  # its thumbnail, not a blank
     first.locator(".remove-normal").click()
     pg.wait_for_function("document.getElementById('generation').textContent === '3'")
     msg = pg.inner_text("#message")

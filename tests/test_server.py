@@ -236,3 +236,86 @@ def test_explain_cache_keeps_the_last_uploads(model_dir: Path, test_files: list[
 def test_create_app_errors(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="does not exist"):
         create_app(tmp_path / "missing")
+
+
+TOKEN = "token-for-the-read-side-tests-0123"
+
+
+def _thumb_pixels(client: TestClient, url: str) -> np.ndarray:
+    r = client.get(url)
+    assert r.status_code == 200, r.text
+    assert r.headers["cache-control"] == "no-store"  # never kept by the browser across generations
+    return np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"))
+
+
+def test_thumbnails_and_explanations_name_their_generation(model_dir: Path, test_files: list[Path],
+                                                           tmp_path: Path) -> None:
+    import gc
+    import shutil
+    import weakref
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    first = Spade.load(folder)
+    old = weakref.ref(first)
+    c = TestClient(create_app(folder, model=first, allow_updates=True, token=TOKEN), base_url="http://localhost")
+    del first
+    j = post(c, test_files[0]).json()
+    assert j["generation"] == 1
+    url = j["neighbours"][0]["thumbnail_url"]
+    assert url == f"/thumbnail/{j['neighbours'][0]['index']}?generation=1"
+    assert np.array_equal(_thumb_pixels(c, url), Spade.load(folder).thumbnail(j["neighbours"][0]["index"]))
+    e = c.get("/explain", params={"id": j["id"], "y": 3, "x": 4}).json()
+    assert e["generation"] == 1 and e["thumbnail_url"] == f"/thumbnail/{e['neighbour']}?generation=1"
+    # another generation: the image just scored becomes a training image
+    r = c.post("/normals", json={"id": j["id"]}, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 200 and r.json()["generation"] == 2
+    # the first model is not kept alive by the upload cache (nor its bank file, deleted if replaced)
+    gc.collect()
+    assert old() is None
+    # the old generation's references are refused, not answered from the new model
+    r = c.get(url)
+    assert r.status_code == 409 and "generation 1" in r.json()["detail"] and "generation 2" in r.json()["detail"]
+    r = c.get("/explain", params={"id": j["id"], "y": 3, "x": 4})
+    assert r.status_code == 409 and "upload the image again" in r.json()["detail"]
+    # scored again: its nearest normal image is itself, listed first, and its thumbnail is that image
+    again = post(c, test_files[0]).json()
+    model = Spade.load(folder)
+    assert again["generation"] == 2 and again["neighbours"][0]["index"] == model.bank_.n - 1
+    assert np.array_equal(_thumb_pixels(c, again["neighbours"][0]["thumbnail_url"]), model.thumbnail(model.bank_.n - 1))
+    for y, x in ((0, 0), (20, 30)):
+        e = c.get("/explain", params={"id": again["id"], "y": y, "x": x}).json()
+        assert e["generation"] == 2
+        assert np.array_equal(_thumb_pixels(c, e["thumbnail_url"]), model.thumbnail(e["neighbour"]))
+
+
+def test_thumbnail_urls_name_the_image_id(model_dir: Path, test_files: list[Path]) -> None:
+    model = Spade.load(model_dir)
+    model.train_ids_ = [f"{i:064x}" for i in range(model.bank_.n)]  # (models saved with image ids)
+    c = TestClient(create_app(model=model), base_url="http://localhost")
+    j = post(c, test_files[1]).json()
+    n = j["neighbours"][0]
+    assert n["id"] == f"{n['index']:064x}" and n["thumbnail_url"].endswith(f"&id={n['id']}")
+    e = c.get("/explain", params={"id": j["id"], "y": 0, "x": 0}).json()
+    assert e["neighbour_id"] == f"{e['neighbour']:064x}" and e["thumbnail_url"].endswith(f"&id={e['neighbour_id']}")
+    assert c.get(n["thumbnail_url"]).status_code == 200
+    r = c.get(f"/thumbnail/{n['index']}", params={"generation": 1, "id": f"{n['index'] + 1:064x}"})
+    assert r.status_code == 409 and "is not image" in r.json()["detail"]
+
+
+def test_error_bodies_quote_client_values_shortened(client: TestClient, model_dir: Path) -> None:
+    huge = "A" * 50_000  # (URLs: the test client's limit; bodies: a megabyte)
+    writer = TestClient(create_app(model_dir, allow_updates=True, token=TOKEN), base_url="http://localhost")
+    for r in (client.get("/explain", params={"id": huge, "y": 0, "x": 0}),
+              client.get(f"/thumbnail/{huge}"),
+              client.get("/thumbnail/0", params={"generation": 1, "id": huge}),
+              client.get("/explain", params={"id": "x", "y": huge, "x": 0}),
+              client.get("/info", headers={"host": huge}),
+              writer.post("/normals", json={"id": "C" * 1_000_000}, headers={"Authorization": f"Bearer {TOKEN}"})):
+        assert 400 <= r.status_code < 500
+        assert len(r.content) < 2000, (r.status_code, len(r.content))
+    r = post(client, data=b"not an image", name="B" * 300 + ".png")  # (longer names: the multipart parser refuses)
+    assert r.status_code == 400 and "B" * 100 not in r.text
+    assert r.json()["detail"].endswith("(cannot identify its format)")
+    r = client.get("/explain", params={"id": "a\nb\x1b[31m", "y": 0, "x": 0})
+    assert r.status_code == 404 and "'a\\nb\\x1b[31m'" in r.json()["detail"]  # escaped, not raw

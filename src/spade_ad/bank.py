@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import struct
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -132,11 +133,9 @@ class Bank:
             raise SpadeError(f"{self.path}: damaged feature bank (no feature levels)")
         self.n = self.meta["level0"][1][0]
         self._fd = os.open(self.path, os.O_RDONLY)
-
-    def __del__(self) -> None:
-        fd = getattr(self, "_fd", None)
-        if fd is not None:
-            os.close(fd)
+        # closed when the bank is collected (a deleted bank file's space is freed then): nothing may keep a
+        # bank alive beyond its model (caches refer to banks weakly, see correspondence.gallery)
+        weakref.finalize(self, os.close, self._fd)
 
     def rows(self, name: str, indices: np.ndarray | list[int]) -> np.ndarray:
         """Rows ``indices`` of tensor ``name`` as an array (B, *row_shape) in the stored dtype."""

@@ -34,7 +34,7 @@ class TestSample:
 
     @property
     def label(self) -> int:
-        return 0 if self.defect_type == "good" else 1
+        return 0 if self.defect_type == GOOD else 1
 
 
 @dataclass
@@ -45,8 +45,33 @@ class Category:
     test: list[TestSample]
 
 
+GOOD = "good"
+"""The defect-free folders' name (``train/good``, ``test/good``), recognised in any case (``Good``, ``GOOD``)."""
+
+LOSSY_MASK_SUFFIXES = (".jpg", ".jpeg")
+"""Mask files refused: JPEG's compression noise around a defect's edges reads as extra defect pixels (4% more
+on a bottle mask at Pillow's default quality, far more on thin defects), which silently shifts every pixel
+metric; masks are read as non-zero = defect, so a lossless format keeps them exact."""
+
+
+def _child_dir(parent: Path, name: str) -> Path | None:
+    """The folder ``parent/name``, its name matched in any case; an error names them if several match."""
+    if not parent.is_dir():
+        return None
+    hits = sorted(d for d in parent.iterdir() if d.name.lower() == name.lower() and d.is_dir())
+    if len(hits) > 1:
+        names = ", ".join(d.name for d in hits)
+        raise SpadeError(f"{parent}: several folders named {name!r} in different cases ({names}); keep one")
+    return hits[0] if hits else None
+
+
+def _label(folder: Path) -> str:
+    """A test folder's defect type: ``good`` for the defect-free one (in any case), else the folder's name."""
+    return GOOD if folder.name.lower() == GOOD else folder.name
+
+
 def is_mvtec_category(path: Path) -> bool:
-    return (path / "train" / "good").is_dir() or ((path / "train").is_dir() and (path / "test").is_dir())
+    return (path / "train").is_dir() and (_child_dir(path / "train", GOOD) is not None or (path / "test").is_dir())
 
 
 def find_categories(data: str | Path, also: str = "") -> list[Path]:
@@ -69,10 +94,10 @@ def find_categories(data: str | Path, also: str = "") -> list[Path]:
 
 
 def _folder_train_dir(root: Path) -> Path | None:
-    for d in (root / "good", root / "train" / "good"):
-        if d.is_dir():
-            return d
-    return None
+    good = _child_dir(root, GOOD)
+    if good is not None:
+        return good
+    return _child_dir(root / "train", GOOD)
 
 
 def is_folder_dataset(path: Path) -> bool:
@@ -80,20 +105,23 @@ def is_folder_dataset(path: Path) -> bool:
     training images in ``train/good`` with masks in ``masks/`` and no ``ground_truth/``."""
     if not (path / "test").is_dir():
         return False
-    if (path / "good").is_dir():
+    if _child_dir(path, GOOD) is not None:
         return True
-    return (path / "train" / "good").is_dir() and (path / "masks").is_dir() and not (path / "ground_truth").is_dir()
+    return (_child_dir(path / "train", GOOD) is not None and (path / "masks").is_dir()
+            and not (path / "ground_truth").is_dir())
 
 
 def load_folder_category(path: str | Path) -> Category:
-    """A generic folder as one category, read by :func:`load_folder_dataset`::
+    """A generic folder as one category::
 
         root/good/ (or root/train/good/)   defect-free training images
-        root/test/good/                    defect-free test images
+        root/test/good/                    defect-free test images (``good`` in any case)
         root/test/<label>/                 defective test images, one folder per kind (any name)
-        root/masks/                        optional: masks named <stem>.png or <stem>_mask.png
+        root/masks/<label>/                optional: masks named <stem>_mask.png or <stem>.png, mirroring test/
+        root/masks/                        or all masks in one folder, when no stem occurs in two test folders
 
-    With ``masks/``, every defective test image needs its mask; without it the pixel metrics are undefined.
+    With masks, every defective test image needs its mask and every mask belongs to exactly one defective
+    test image (see :func:`_match_masks`); without them the pixel metrics are undefined.
     """
     root = Path(path)
     if not root.is_dir():
@@ -102,16 +130,86 @@ def load_folder_category(path: str | Path) -> Category:
     if train_dir is None:
         raise SpadeError(f"{root}: generic folder has no good/ (or train/good/) folder of training images")
     test_root = root / "test"
-    test_dirs = {d.name: d for d in sorted(test_root.iterdir()) if d.is_dir()} if test_root.is_dir() else {}
+    test_dirs = sorted(d for d in test_root.iterdir() if d.is_dir()) if test_root.is_dir() else []
     if not test_dirs:
         raise SpadeError(f"{root}: generic folder has no test/<label>/ folders (test/good/, test/<defect>/)")
-    masks_dir = root / "masks" if (root / "masks").is_dir() else None
-    cat = load_folder_dataset(train_dir, test_dirs, masks_dir)
-    if masks_dir is not None:
-        for s in cat.test:
-            if s.label and s.mask_path is None:
-                raise SpadeError(f"{s.path}: no mask in {masks_dir} ({s.path.stem}.png or {s.path.stem}_mask.png)")
-    return Category(root.name, root, cat.train, cat.test)
+    tests = _test_images(test_root, test_dirs)
+    defects = {t: files for t, files in tests.items() if t != GOOD}
+    masks_dir = root / "masks"
+    masks: dict[Path, Path] = {}
+    if masks_dir.is_dir():
+        if any(d.is_dir() for d in masks_dir.iterdir()):
+            masks = _masks_by_type(masks_dir, defects)
+        else:
+            masks = _match_masks(list_images(masks_dir), [f for fs in defects.values() for f in fs], masks_dir,
+                                 f": put each defect type's masks in {masks_dir}/<type>/ (mirroring test/<type>/)")
+    test = [TestSample(f, t, masks.get(f)) for t, files in tests.items() for f in files]
+    return Category(root.name, root, list_images(train_dir), test)
+
+
+def _test_images(test_root: Path, dirs: list[Path]) -> dict[str, list[Path]]:
+    """The images of each test folder by defect type (:func:`_label`); ``good`` once, in whatever case."""
+    out: dict[str, list[Path]] = {}
+    for d in dirs:
+        label = _label(d)
+        if label in out:
+            names = ", ".join(x.name for x in dirs if _label(x) == label)
+            raise SpadeError(f"{test_root}: several folders of defect-free test images ({names}); keep one")
+        out[label] = list_images(d)
+    return out
+
+
+def _match_masks(masks: list[Path], images: list[Path], folder: Path, advice: str = "") -> dict[Path, Path]:
+    """Each of ``images`` (defective test images) to its mask among ``masks`` (files of ``folder``), by name:
+    ``<stem>_mask.<ext>`` or ``<stem>.<ext>``. A mask must belong to exactly one image and every image needs
+    exactly one mask; masks saved as JPEG are refused (:data:`LOSSY_MASK_SUFFIXES`). ``advice`` ends the
+    error for a mask that several images claim."""
+    for m in masks:
+        if m.suffix.lower() in LOSSY_MASK_SUFFIXES:
+            raise SpadeError(f"{m}: masks saved as JPEG are refused (its compression noise would count as defect "
+                             "pixels); save the masks losslessly, e.g. as PNG")
+    by_stem: dict[str, list[Path]] = {}
+    for m in masks:
+        by_stem.setdefault(m.stem, []).append(m)
+    claims = {img: [m for stem in (f"{img.stem}_mask", img.stem) for m in by_stem.get(stem, [])] for img in images}
+    owners: dict[Path, list[Path]] = {}
+    for img, found in claims.items():
+        for m in found:
+            owners.setdefault(m, []).append(img)
+    for m, imgs in owners.items():
+        if len(imgs) > 1:
+            raise SpadeError(f"{m}: the mask of several test images ({', '.join(map(str, imgs))}){advice}")
+    for img, found in claims.items():
+        if len(found) > 1:
+            raise SpadeError(f"{img}: several masks match it ({', '.join(map(str, found))}); keep one")
+        if not found:
+            raise SpadeError(f"{img}: no mask in {folder} ({img.stem}_mask.png or {img.stem}.png)")
+    unused = sorted(set(masks) - set(owners))
+    if unused:
+        more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
+        raise SpadeError(f"{unused[0]}: a mask that matches no defective test image{more}; remove it or name it "
+                         "<stem>_mask.png after its image")
+    return {img: found[0] for img, found in claims.items()}
+
+
+def _masks_by_type(gt_root: Path, defects: dict[str, list[Path]]) -> dict[Path, Path]:
+    """Masks in ``gt_root/<type>/`` for the defective test images of each type (``defects``); a folder there
+    with no test folder of its name holding masks, or a mask file beside the folders, is an error (``good`` is
+    skipped: defect-free images have no masks)."""
+    for d in sorted(gt_root.iterdir()):
+        if d.is_dir() and d.name not in defects and _label(d) != GOOD and any(
+                f.suffix.lower() in IMAGE_SUFFIXES for f in d.iterdir()):
+            raise SpadeError(f"{d}: masks for a defect type with no test/{d.name}/ folder")
+        if d.is_file() and d.suffix.lower() in IMAGE_SUFFIXES:
+            raise SpadeError(f"{d}: a mask beside the per-type folders of {gt_root}; put it in {gt_root}/<type>/ "
+                             "(mirroring test/<type>/)")
+    out: dict[Path, Path] = {}
+    for label, images in defects.items():
+        folder = gt_root / label
+        if not folder.is_dir():
+            raise SpadeError(f"{images[0]}: no mask folder {folder} for test/{label}/")
+        out.update(_match_masks(list_images(folder), images, folder))
+    return out
 
 
 def resolve_layout(data: str | Path, layout: str = "auto") -> str:
@@ -133,49 +231,25 @@ def load_categories(data: str | Path, layout: str = "auto") -> list[Category]:
     return [load_mvtec_category(p) for p in find_categories(root, also)]
 
 
-def _mask_for(gt_dir: Path, image: Path) -> Path | None:
-    for cand in (f"{image.stem}_mask", image.stem):
-        for suffix in IMAGE_SUFFIXES:
-            p = gt_dir / f"{cand}{suffix}"
-            if p.is_file():
-                return p
-    return None
-
-
 def load_mvtec_category(path: str | Path) -> Category:
+    """An MVTec-layout category: ``train/good``, ``test/<type>``, ``ground_truth/<type>/<stem>_mask.png``."""
     root = Path(path)
-    train_dir = root / "train" / "good"
-    if not train_dir.is_dir():
+    train_dir = _child_dir(root / "train", GOOD)
+    if train_dir is None:
         raise SpadeError(f"{root}: category has no train/good folder")
     test_dir = root / "test"
     if not test_dir.is_dir():
         raise SpadeError(f"{root}: category has no test folder")
-    train = list_images(train_dir)
-    test: list[TestSample] = []
-    for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
-        files = list_images(defect_dir)
-        for f in files:
-            mask = None
-            if defect_dir.name != "good":
-                mask = _mask_for(root / "ground_truth" / defect_dir.name, f)
-                if mask is None:
-                    raise SpadeError(f"{f}: no ground-truth mask in {root / 'ground_truth' / defect_dir.name}")
-            test.append(TestSample(f, defect_dir.name, mask))
-    if not test:
+    tests = _test_images(test_dir, sorted(p for p in test_dir.iterdir() if p.is_dir()))
+    if not tests:
         raise SpadeError(f"{test_dir}: no test images")
-    return Category(root.name, root, train, test)
-
-
-def load_folder_dataset(train_dir: str | Path, test_dirs: dict[str, Path], masks_dir: Path | None) -> Category:
-    """Generic layout: good images in ``train_dir``; test folders by label ("good" = defect-free);
-    optional ``masks_dir`` with masks matched by file stem (``stem.png`` or ``stem_mask.png``)."""
-    train = list_images(train_dir)
-    test: list[TestSample] = []
-    for label, d in test_dirs.items():
-        for f in list_images(d):
-            mask = _mask_for(masks_dir, f) if masks_dir is not None and label != "good" else None
-            test.append(TestSample(f, label, mask))
-    return Category(Path(train_dir).name, Path(train_dir), train, test)
+    defects = {t: files for t, files in tests.items() if t != GOOD}
+    gt = root / "ground_truth"
+    if defects and not gt.is_dir():
+        raise SpadeError(f"{root}: category has no ground_truth folder (the masks of test/<type>/ images)")
+    masks = _masks_by_type(gt, defects) if gt.is_dir() else {}
+    test = [TestSample(f, t, masks.get(f)) for t, files in tests.items() for f in files]
+    return Category(root.name, root, list_images(train_dir), test)
 
 
 def load_sample(sample: TestSample) -> tuple[np.ndarray, np.ndarray]:

@@ -37,32 +37,45 @@ INDEX_MAX_KAPPA = 32  # above, the plain search (its bounds need kappa distinct 
 
 
 class GalleryCache:
-    """A bank's index (per level, or ``None``) and its prepared rows, least recently used dropped first."""
+    """A bank's index (per level, or ``None``) and its prepared rows, least recently used dropped first.
+
+    It refers to its bank weakly: the caches are kept in a map weakly keyed by bank, and a strong reference
+    from the value would keep the key (and its open, possibly deleted, file) alive for ever.
+    """
 
     def __init__(self, bank: Bank, max_bytes: int = CACHE_BYTES) -> None:
-        self.bank = bank
+        self._bank = weakref.ref(bank)
         self.levels: list[LevelIndex | None] = [load_level(bank, li) for li in range(bank.n_levels)]
         self.max_bytes = max_bytes
         self.entries: OrderedDict[tuple[int, int], Prepared] = OrderedDict()
         self.bytes = 0
         self.lock = threading.Lock()
 
+    @property
+    def bank(self) -> Bank:
+        """The bank (alive while anybody uses this cache: its callers hold it)."""
+        bank = self._bank()
+        if bank is None:
+            raise RuntimeError("the bank of this gallery cache was released")
+        return bank
+
     def prepared(self, level: int, indices: list[int], threads: int = 1) -> list[Prepared]:
         """The prepared rows of training images ``indices`` at ``level`` (read and prepared if not cached,
         on up to ``threads`` threads)."""
         lev = self.levels[level]
         assert lev is not None
+        bank = self.bank
         with self.lock:
             missing = sorted({i for i in indices if (level, i) not in self.entries})
             if missing:
                 unit_name, same_name = index_names(level)[:2]
-                step = max(1, PREPARE_ROWS // self.bank.meta[f"level{level}"][1][1])
+                step = max(1, PREPARE_ROWS // bank.meta[f"level{level}"][1][1])
 
                 def chunk(a: int) -> list[Prepared]:
                     ids = missing[a : a + step]
-                    where = f"{self.bank.path} (training images {ids[0]}..{ids[-1]})"
-                    return prepare_many(self.bank.gather(level, ids), self.bank.rows(unit_name, ids),
-                                        self.bank.rows(same_name, ids), lev, where)
+                    where = f"{bank.path} (training images {ids[0]}..{ids[-1]})"
+                    return prepare_many(bank.gather(level, ids), bank.rows(unit_name, ids),
+                                        bank.rows(same_name, ids), lev, where)
 
                 starts = list(range(0, len(missing), step))
                 for a, prepared in zip(starts, _each(chunk, starts, threads), strict=True):

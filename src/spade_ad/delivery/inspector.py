@@ -9,7 +9,14 @@ Endpoints (all documented at ``/docs`` and ``/openapi.json``; the docs page's as
   a client can recompute masks at any threshold.
 * ``GET /explain?id=&y=&x=`` - for a recent upload (the server keeps the features of the last
   ``cache_size`` uploads), the normal image and the patch in it that pixel (y, x) was matched to.
-* ``GET /thumbnail/{index}`` - a training image's thumbnail (PNG), ``GET /colour-bar.png``, ``GET /info``.
+* ``GET /thumbnail/{index}?generation=&id=`` - a training image's thumbnail (PNG), ``GET /colour-bar.png``,
+  ``GET /info``.
+
+Every answer names the model generation it comes from, and a training image by its index in that generation
+and its id: a thumbnail or explanation asked for with another generation's references is refused (409)
+rather than answered from the current model (indices shift when images are removed), and thumbnails are
+never cached by the browser. Error bodies quote what the client sent shortened and escaped
+(:func:`_clip`, at most ``MAX_ECHO`` characters).
 
 The model serialises its own compute (reproducible results under concurrency); decoding, drawing and
 encoding run in parallel in FastAPI's thread pool.
@@ -21,6 +28,7 @@ import base64
 import hmac
 import threading
 import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -29,9 +37,11 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import SpadeError
 from ..io import decode_image
@@ -48,13 +58,18 @@ MAX_PIXELS = 50_000_000  # larger uploads are refused from their header (memory)
 MAP_SIDE = 256  # the raw map sent to clients is downsampled to at most this many pixels a side
 OVERLAY_SIDE = 768  # the overlay picture is downsampled to at most this many pixels a side
 N_NEIGHBOURS = 5  # nearest normal images listed per prediction
+MAX_ECHO = 80  # characters of a client's value (an id, a host, a file name) quoted in an answer
+MAX_DETAIL = 1000  # characters of an error message (everything quoted in it is clipped already)
+NO_STORE = {"Cache-Control": "no-store"}  # answers that depend on the model generation
 COLOUR_SCALE = f"map / pixel_threshold on a fixed scale [0, {SCALE_MAX:g}] (inferno); 1.0 = at the pixel threshold"
 
 
 class Neighbour(BaseModel):
-    index: int = Field(description="training image index")
+    index: int = Field(description="training image index (in the response's model generation)")
+    id: str | None = Field(None, description="training image id: SHA-256 of its pixels (null in models saved "
+                                             "before ids)")
     name: str = Field(description="training image file name (no folders)")
-    thumbnail_url: str
+    thumbnail_url: str = Field(description="its thumbnail in this generation (names the generation and id)")
 
 
 class RawMap(BaseModel):
@@ -77,6 +92,7 @@ class PredictResponse(BaseModel):
     max_pixel_score: float
     defect_fraction: float | None = Field(description="fraction of pixels at or over the pixel threshold")
     neighbours: list[Neighbour] = Field(description="nearest normal training images, nearest first")
+    generation: int = Field(description="the model generation that scored the image (its training images)")
     overlay: str = Field(description="data URI (JPEG): the image blended with its heatmap, fixed colour scale")
     mask: str | None = Field(description="data URI (PNG): mask at the pixel threshold, at the image's resolution")
     map: RawMap
@@ -87,14 +103,16 @@ class ExplainResponse(BaseModel):
     id: str
     y: int
     x: int
-    neighbour: int = Field(description="training image index of the matched normal feature")
+    generation: int = Field(description="the model generation that scored the upload and matched the pixel")
+    neighbour: int = Field(description="training image index of the matched normal feature (in `generation`)")
+    neighbour_id: str | None = Field(description="its id (see Neighbour.id)")
     neighbour_name: str
     level: int = Field(description="feature pyramid level (0 = finest)")
     distance: float = Field(description="feature distance to the matched normal feature")
     y_frac: float = Field(description="centre of the matched patch, fraction of the normal image's height")
     x_frac: float
     box_frac: list[float] = Field(description="matched patch (y0, x0, y1, x1) as fractions of the normal image")
-    thumbnail_url: str
+    thumbnail_url: str = Field(description="the matched image's thumbnail (names the generation and id)")
     pixel_score: float = Field(description="anomaly map value near (y, x)")
     pixel_score_normalised: float | None
 
@@ -137,7 +155,9 @@ class ErrorResponse(BaseModel):
 
 @dataclass
 class _Entry:
-    pred: Prediction  # one image, features kept, maps dropped
+    pred: Prediction  # one image, features kept, maps dropped, no reference to its model (see scored_by)
+    scored_by: weakref.ref[Spade]  # the model that scored it (weakly: an old generation is not kept alive)
+    generation: int
     small_map: np.ndarray  # map at <= MAP_SIDE, for the pixel score at a clicked point
     image: np.ndarray | None  # the decoded upload (kept only when updates are allowed: "mark as normal")
     filename: str
@@ -155,6 +175,50 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 def _public_name(name: str) -> str:
     """A training image's file name without its folders (the server does not reveal paths)."""
     return PurePath(name.replace("\\", "/")).name or name
+
+
+def _clip(value: object, limit: int = MAX_ECHO) -> str:
+    """A client's value quoted for an answer: escaped (``repr``) and, if long, cut with its length said."""
+    text = str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text):,} characters)"
+
+
+def _bounded(detail: str) -> str:
+    """An error message cut to ``MAX_DETAIL`` characters (a last guard: values in it are clipped already)."""
+    return detail if len(detail) <= MAX_DETAIL else f"{detail[:MAX_DETAIL]}... ({len(detail):,} characters)"
+
+
+def _short_name(name: str, limit: int = MAX_ECHO) -> str:
+    """An upload's file name as the server repeats it: printable, at most ``limit`` characters (end kept)."""
+    name = "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
+    return name if len(name) <= limit else f"{name[: limit // 2]}...{name[-(limit // 2) + 3 :]}"
+
+
+def _generation(spade: Spade) -> int:
+    """The model's generation (1 = as fitted; each update adds one)."""
+    return len(getattr(spade, "history_", []))
+
+
+def _image_id(spade: Spade, index: int) -> str | None:
+    """Training image ``index``'s id, which it keeps across generations (``Spade.train_ids_``: SHA-256 of its
+    pixels), or None for models without ids."""
+    ids = getattr(spade, "train_ids_", None)
+    return ids[index] if ids is not None else None
+
+
+def _thumbnail_url(spade: Spade, index: int) -> str:
+    """Where training image ``index`` of ``spade`` is served: the URL names the generation and the image id,
+    so it never stands for another image (see ``GET /thumbnail``)."""
+    image_id = _image_id(spade, index)
+    return f"/thumbnail/{index}?generation={_generation(spade)}" + (f"&id={image_id}" if image_id else "")
+
+
+def _neighbour(spade: Spade, index: int) -> Neighbour:
+    """Training image ``index`` of ``spade`` as the API shows it (index, id, name without folders, thumbnail)."""
+    return Neighbour(index=index, id=_image_id(spade, index), name=_public_name(spade.train_names_[index]),
+                     thumbnail_url=_thumbnail_url(spade, index))
 
 
 def _host_only(value: str) -> str:
@@ -181,7 +245,7 @@ class _SameOrigin:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
         host = headers.get("host", "")
         if _host_only(host) not in self.hosts:
-            await JSONResponse({"detail": f"host {host!r} is not served here (start the inspector with "
+            await JSONResponse({"detail": f"host {_clip(host)} is not served here (start the inspector with "
                                           "--allow-host to add one)"}, status_code=421)(scope, receive, send)
             return
         if scope.get("method") in ("POST", "PUT", "PATCH", "DELETE"):
@@ -264,7 +328,7 @@ def create_app(
     update_lock = threading.Lock()
     cache_lock = threading.Lock()
     cache: OrderedDict[str, _Entry] = OrderedDict()
-    thumbs: dict[tuple[int, int], bytes] = {}
+    thumbs: dict[tuple[int, int], bytes] = {}  # (generation, index) -> PNG, of the current model only
 
     app = FastAPIOffline(
         title="spade-ad inspector",
@@ -283,7 +347,20 @@ def create_app(
 
     @app.exception_handler(SpadeError)
     async def _spade_error(request: Request, exc: SpadeError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=400)
+        return JSONResponse({"detail": _bounded(str(exc))}, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        return JSONResponse({"detail": _bounded(detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """FastAPI's 422 answer, with each offending value quoted by :func:`_clip` (not echoed whole)."""
+        errs = [{"loc": [str(x)[:MAX_ECHO] for x in e.get("loc", ())], "msg": _bounded(str(e.get("msg", ""))),
+                 "type": str(e.get("type", "")), **({"input": _clip(e["input"])} if "input" in e else {})}
+                for e in exc.errors()[:10]]
+        return JSONResponse({"detail": errs}, status_code=422)
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
@@ -302,7 +379,7 @@ def create_app(
             image_size=spade.settings.image_size, preprocess=spade.settings.preprocess,
             image_threshold=spade.image_threshold_,
             pixel_threshold=spade.pixel_threshold_, calibration=calib, max_upload_bytes=max_upload_bytes,
-            generation=len(getattr(spade, "history_", [])), updates_allowed=allow_updates,
+            generation=_generation(spade), updates_allowed=allow_updates,
             scale_max=SCALE_MAX, colour_scale=COLOUR_SCALE,
         )
 
@@ -318,22 +395,37 @@ def create_app(
                          media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     @app.get("/thumbnail/{index}", summary="Thumbnail (PNG) of training image `index`", response_class=Response,
-             responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorResponse}})
-    def thumbnail(index: int) -> Response:
+             responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorResponse},
+                        409: {"model": ErrorResponse, "description": "the model changed since that generation"}})
+    def thumbnail(
+        index: int,
+        generation: Annotated[int | None, Query(description="the generation `index` refers to (as in the "
+                                                             "thumbnail_url of /predict and /explain)")] = None,
+        id: Annotated[str | None, Query(description="the image's id in that generation")] = None,
+    ) -> Response:
         spade = state["model"]
+        now = _generation(spade)
+        if generation is not None and generation != now:
+            raise HTTPException(409, f"training image {index} of generation {generation} is not served any more "
+                                     f"(the model is at generation {now}): upload the image again")
         if not (0 <= index < spade.bank_.n):
             raise HTTPException(404, f"no training image {index} (the model has {spade.bank_.n})")
-        key = (id(spade), index)
+        if id is not None and id != _image_id(spade, index):
+            raise HTTPException(409, f"training image {index} is not image {_clip(id)} in generation {now}")
+        key = (now, index)
         data = thumbs.get(key)
         if data is None:
-            data = thumbs[key] = encode(np.asarray(spade.thumbnail(index)))
-        return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+            data = encode(np.asarray(spade.thumbnail(index)))
+            with cache_lock:
+                if state["model"] is spade:  # (not after an update cleared the cache for the new model)
+                    thumbs[key] = data
+        return Response(data, media_type="image/png", headers=NO_STORE)
 
     @app.post("/predict", response_model=PredictResponse, responses=errors,
               summary="Score one uploaded image (multipart field `file`)")
     def predict(file: Annotated[UploadFile, File(description="an image file (PNG, JPEG, BMP, TIFF, WebP)")]
                 ) -> PredictResponse:
-        name = Path(file.filename or "upload").name
+        name = _short_name(Path(file.filename or "upload").name)
         data = file.file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             raise _TooLarge(max_upload_bytes)
@@ -350,8 +442,9 @@ def create_app(
         mh, mw = small_size(h, w, MAP_SIDE)
         small_map = resize_map(res.map, (mh, mw))
         key = uuid.uuid4().hex
-        entry = _Entry(pred=replace(pred, maps=[], input_maps=[]), small_map=small_map,
-                       image=image if allow_updates else None, filename=name)
+        entry = _Entry(pred=replace(pred, maps=[], input_maps=[], model=None), scored_by=weakref.ref(spade),
+                       generation=_generation(spade), small_map=small_map, image=image if allow_updates else None,
+                       filename=name)
         with cache_lock:
             cache[key] = entry
             while len(cache) > cache_size:
@@ -362,8 +455,8 @@ def create_app(
             normalised_score=res.normalised_score, verdict=res.verdict,
             image_threshold=res.image_threshold, pixel_threshold=thr, max_pixel_score=res.max_pixel_score,
             defect_fraction=summary["defect_fraction"],
-            neighbours=[Neighbour(index=j, name=_public_name(nm), thumbnail_url=f"/thumbnail/{j}")
-                        for j, nm in list(zip(res.neighbours, res.neighbour_names, strict=True))[:N_NEIGHBOURS]],
+            neighbours=[_neighbour(spade, int(j)) for j in res.neighbours[:N_NEIGHBOURS]],
+            generation=_generation(spade),
             overlay=data_uri(over, "JPEG"),
             mask=data_uri(mask, "PNG") if mask is not None else None,
             map=RawMap(width=mw, height=mh, dtype="float32-le",
@@ -383,17 +476,22 @@ def create_app(
             if entry is not None:
                 cache.move_to_end(id)
         if entry is None:
-            raise HTTPException(404, f"upload {id!r} is no longer cached (the server keeps the last {cache_size}); "
-                                     "upload the image again")
-        c = entry.pred.correspondence(0, y, x, level)
+            raise HTTPException(404, f"upload {_clip(id)} is no longer cached (the server keeps the last "
+                                     f"{cache_size}); upload the image again")
+        spade = state["model"]
+        if entry.scored_by() is not spade:
+            raise HTTPException(409, f"upload {_clip(id)} was scored by generation {entry.generation} and the model "
+                                     f"is now at generation {_generation(spade)}: upload the image again")
+        c = replace(entry.pred, model=spade).correspondence(0, y, x, level)
         h, w = entry.pred.sizes[0]
         sm = entry.small_map
         v = float(sm[min(sm.shape[0] - 1, int(y * sm.shape[0] / h)), min(sm.shape[1] - 1, int(x * sm.shape[1] / w))])
         thr = entry.pred.pixel_threshold
         return ExplainResponse(
-            id=id, y=y, x=x, neighbour=c.neighbour, neighbour_name=_public_name(c.neighbour_name), level=c.level,
+            id=id, y=y, x=x, generation=entry.generation, neighbour=c.neighbour,
+            neighbour_id=_image_id(spade, c.neighbour), neighbour_name=_public_name(c.neighbour_name), level=c.level,
             distance=c.distance, y_frac=c.y_frac, x_frac=c.x_frac, box_frac=list(c.box_frac),
-            thumbnail_url=f"/thumbnail/{c.neighbour}", pixel_score=v,
+            thumbnail_url=_thumbnail_url(spade, c.neighbour), pixel_score=v,
             pixel_score_normalised=normalised(v, thr),
         )
 

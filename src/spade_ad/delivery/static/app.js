@@ -173,9 +173,16 @@
     res.neighbours.forEach(function (n) {
       var fig = document.createElement('figure');
       var im = document.createElement('img');
+      var cap = document.createElement('figcaption');
+      // the URL names the model generation and the image: after a change of the model the server refuses
+      // it (409) rather than send another image; say so instead of showing a blank picture
+      im.onerror = function () {
+        fig.classList.add('missing');
+        im.alt = 'thumbnail unavailable: the model changed since this image was scored; upload it again';
+        im.title = im.alt;
+      };
       im.src = n.thumbnail_url;
       im.alt = 'normal image ' + n.index;
-      var cap = document.createElement('figcaption');
       cap.textContent = n.name.split(/[\\/]/).pop();
       cap.title = n.name;
       fig.appendChild(im);
@@ -279,6 +286,10 @@
   function showExplanation(c) {
     $('explain').hidden = false;
     var thumb = $('neighbour-thumb');
+    thumb.onerror = function () {
+      showMessage('The matched normal image is not served any more: the model changed since this image was ' +
+        'scored (generation ' + c.generation + '); upload it again.', 'error');
+    };
     thumb.src = c.thumbnail_url;
     var size = 256, minSide = 12;  // the displayed thumbnail's side; keep the box visible
     var b = c.box_frac;
