@@ -284,7 +284,7 @@ def _print_table(doc: dict[str, Any]) -> None:
     if len(doc["categories"]) > 1:
         table.add_row("mean", _metric(m["image_auroc"]), _metric(m["pixel_auroc"]), _metric(m["aupro"]),
                       "", "", "", "")
-    out_console.print(table)
+    out_console.print(table, markup=False, highlight=False)  # category names are folder names: printed literally
 
 
 @app.command()
@@ -434,7 +434,7 @@ def history(model_dir: Annotated[Path, typer.Argument(help="model folder")]) -> 
     """List the model's generations: time, what was added or removed, counts and thresholds before/after."""
     from ..persistence import read_history
 
-    table = Table(title=f"history of {model_dir}")
+    table = Table(title=Text(f"history of {model_dir}"))  # (a title is read as markup: a folder name is not)
     for col in ("gen", "time (UTC)", "change", "by", "training images", "image threshold", "pixel threshold"):
         table.add_column(col, overflow="fold")
     entries = read_history(model_dir)
@@ -546,6 +546,30 @@ def _update_token(token_file: Path | None) -> str:
     return token
 
 
+def command() -> Any:
+    """The click command of ``app`` with every help text literal.
+
+    Typer reads help texts and docstrings as Rich markup, where ``[ray]`` (as in ``pip install
+    'spade-ad[ray]'``) or a bracketed word in a setting's help is a style tag and vanishes from ``--help``.
+    Every command's and option's help is escaped here, once, so that square brackets always print.
+    """
+    from rich.markup import escape
+
+    root = typer.main.get_command(app)
+
+    def literal(cmd: Any) -> None:
+        if cmd.help:
+            cmd.help = escape(cmd.help)
+        for param in cmd.params:
+            if getattr(param, "help", None):
+                param.help = escape(param.help)
+        for sub in getattr(cmd, "commands", {}).values():
+            literal(sub)
+
+    literal(root)
+    return root
+
+
 def main() -> None:
     """Entry point: one clear line per error (``--debug`` for the traceback), non-zero exit.
 
@@ -556,7 +580,7 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        code = app(standalone_mode=False)
+        code = command()(standalone_mode=False)
     except SpadeError as exc:
         if _state["debug"]:
             raise
