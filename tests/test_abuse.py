@@ -194,18 +194,18 @@ def test_ctrl_c_and_sigterm_exit_non_zero_without_debris(small_train: Path, tmp_
 def test_interrupted_predict_says_so_in_run_json(model_dir: Path, small_train: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    import spade_ad.delivery.cli as cli
+    from spade_ad import runs
 
     calls = {"n": 0}
-    real = cli._write_jsonl
+    real = runs.RowWriter.add
 
-    def interrupt_second(path: Path, rows: list) -> None:
+    def interrupt_second(self: runs.RowWriter, *args: object) -> bool:
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
-        real(path, rows)
+        return real(self, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(cli, "_write_jsonl", interrupt_second)
+    monkeypatch.setattr(runs.RowWriter, "add", interrupt_second)
     out = tmp_path / "o"
     code, _, err = run_cli(["predict", str(model_dir), str(small_train / "test" / "scratch"),
                             str(small_train / "test" / "blob"), "--out", str(out), "--batch-size", "1"], capsys)

@@ -92,6 +92,57 @@ def test_predict_equals_a_local_run_field_for_field_and_byte_for_byte(
     assert not [p.name for p in (tmp_path / "ray").iterdir() if p.name.startswith(".")]  # no spool, no temp files
 
 
+def test_colliding_names_get_their_own_files_as_in_a_local_run(
+        model_dir: Path, small_train: Path, tmp_path: Path, local_ray: None,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from test_runs import colliding_inputs
+
+    inputs = colliding_inputs(small_train, tmp_path / "in")
+    code, _, err = run_cli(["predict", str(model_dir), *inputs, "--out", str(tmp_path / "local"), "--batch-size", "2"],
+                           capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["predict", str(model_dir), *inputs, "--out", str(tmp_path / "ray"), "--batch-size", "2",
+                            "--ray", "local"], capsys)
+    assert code == 0, err
+    local, remote = _files(tmp_path / "local"), _files(tmp_path / "ray")
+    assert remote == local and len(local) == 1 + 6 * 3  # every input its own three files, the same names and bytes
+    run = json.loads((tmp_path / "ray" / "run.json").read_text())
+    assert sorted(run["outputs"]) == sorted(n for n in remote if n != "predictions.jsonl")
+
+
+def test_workers_load_the_generation_the_driver_pinned(
+        model_dir: Path, small_train: Path, tmp_path: Path, local_ray: None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from spade_ad import runs
+
+    folder, before = tmp_path / "model", tmp_path / "before"
+    shutil.copytree(model_dir, folder)
+    shutil.copytree(model_dir, before)
+    real_pin = runs.pin_model
+
+    def pin_then_update(d: str | Path) -> runs.ModelPin:
+        pin = real_pin(d)
+        model = Spade.load(folder)  # an update committed after the driver pinned, before the workers load
+        model.add([str(small_train / "test" / "good" / "001.png")], names=["extra.png"]).save(folder)
+        return pin
+
+    monkeypatch.setattr(runs, "pin_model", pin_then_update)
+    inputs = [small_train / "test" / "scratch", small_train / "test" / "good"]
+    distributed.predict(folder, inputs, tmp_path / "o", batch_size=2)
+    header = json.loads((before / "model.json").read_text())
+    assert json.loads((folder / "model.json").read_text())["generation"] == header["generation"] + 1
+    run = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert (run["generation"], run["header_sha256"]) == (header["generation"], header["header_sha256"])
+    old = Spade.load(before)
+    assert (run["image_threshold"], run["pixel_threshold"]) == (old.image_threshold_, old.pixel_threshold_)
+    rows = [json.loads(x) for x in (tmp_path / "o" / "predictions.jsonl").read_text().splitlines()]
+    assert {r["generation"] for r in rows} == {header["generation"]}
+    expected = [old.predict([r["file"] for r in rows[a : a + 2]]) for a in range(0, len(rows), 2)]
+    assert [r["score"] for r in rows] == [float(s) for p in expected for s in p.scores]
+
+
 def test_fit_on_ray_writes_the_same_model_files(small_train: Path, tmp_path: Path, local_ray: None,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     train = str(small_train / "train" / "good")
@@ -168,7 +219,7 @@ def test_score_dataset_scores_arrays_like_predict(model_dir: Path, local_ray: No
     model = Spade.load(model_dir)
     expected = [model.predict([img])[0] for img in images]  # one image per batch, as batch_size=1
     for r, res in zip((rows[0], rows[2]), expected, strict=True):
-        assert json.loads(r["prediction"]) == {"file": r["name"], **res.summary()}
+        assert json.loads(r["prediction"]) == {"file": r["name"], **res.summary(), "generation": len(model.history_)}
 
 
 def test_every_input_exactly_once_when_a_worker_is_killed_and_a_node_removed(

@@ -171,9 +171,9 @@ def model_dir(small_train: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 def _failing_writes(monkeypatch: pytest.MonkeyPatch, fail_on: str, exc: BaseException) -> None:
     """Make writing the outputs of the image whose stem ends with ``fail_on`` raise ``exc`` (after its overlay)."""
-    import spade_ad.delivery.cli as cli
+    from spade_ad import runs
 
-    real = cli.write_image_outputs
+    real = runs.write_image_outputs
 
     def write(out: Path, stem: str, *args: object) -> dict[str, str | None]:
         if stem.endswith(fail_on):
@@ -181,7 +181,7 @@ def _failing_writes(monkeypatch: pytest.MonkeyPatch, fail_on: str, exc: BaseExce
             raise exc
         return real(out, stem, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(cli, "write_image_outputs", write)
+    monkeypatch.setattr(runs, "write_image_outputs", write)
 
 
 @pytest.mark.parametrize("failure", ["disk full", "interrupt"])

@@ -14,9 +14,14 @@ How the work is split:
   (atomically, by the same code as a local run), so the model folder, the inputs and OUT must be on a file
   system every node sees. ``fit``'s workers send the bank rows back; the driver writes them into the bank
   at each image's index as they arrive, then calibrates and saves exactly as a local fit.
-* Results stream back in whatever order workers finish (``iter_batches``). The driver keeps one offset per
-  image, not the results: rows are appended to a spool file in OUT and ``predictions.jsonl`` is written from
-  it in the order of the inputs (the order of a local run) at the end, or when the run is interrupted.
+* The driver pins the model generation (:func:`spade_ad.runs.pin_model`); every worker loads exactly that
+  generation (:func:`spade_ad.runs.load_pinned`), even if the folder is updated while the run starts, and
+  ``run.json`` and every row name it.
+* Results stream back in whatever order workers finish (``iter_batches``). The driver keeps no results:
+  rows go to ``predictions.jsonl`` through the same append-only writer as a local run
+  (:class:`spade_ad.runs.RowWriter`), in input order, rows that arrive early waiting in a spool file in OUT.
+  The inputs, their output names, ``run.json`` and the output folder's rules are those of
+  :mod:`spade_ad.runs` too.
 * Faults: Ray Data restarts a dead worker process (its actor pools default to ``max_restarts=-1``) and
   runs its batch again (``max_task_retries=-1``), on another node if its node is gone; outputs are
   rewritten identically and a batch delivered twice is counted once, so every input gets exactly one row.
@@ -41,14 +46,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import runs
 from .errors import SpadeError
 from .model import BankRows, Spade, resolve_images
+from .runs import RunSummary
 from .settings import SpadeSettings
 
 INSTALL_HINT = "pip install 'spade-ad[ray]'"
@@ -92,21 +99,6 @@ def connected(address: str = "local") -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
-
-
-@dataclass
-class RunSummary:
-    """What :func:`predict` did (also in ``OUT/run.json``)."""
-
-    n_rows: int  # rows in predictions.jsonl: one per input
-    n_failed: int  # rows with an "error" (images that could not be read)
-    n_defective: int  # rows with verdict "defective"
-    seconds: float  # wall time of the run, from the first batch sent to the last row written
-    workers: dict[str, dict[str, float]] = field(default_factory=dict)  # per worker: images, busy_s, load_s
-
-    @property
-    def images_per_second(self) -> float:
-        return (self.n_rows - self.n_failed) / max(self.seconds, 1e-9)
 
 
 # --------------------------------------------------------------------------- options
@@ -221,11 +213,6 @@ def _batches(ds: Any) -> Iterator[dict[str, np.ndarray]]:
         yield b
 
 
-def _as_given(message: str, path: str, file: str) -> str:
-    """A worker reads ``path`` (absolute); its error message names the file as the user gave it."""
-    return file + message[len(path):] if message.startswith(path) else message
-
-
 def _safe_stem(name: str) -> bool:
     return bool(name) and len(name) <= 200 and not name.startswith(".") and not any(c in name for c in "/\\\0")
 
@@ -243,15 +230,16 @@ class _Scorer:
     ``busy_s`` (seconds per image) and ``load_s`` (this worker's model load).
     """
 
-    def __init__(self, model_dir: str, runtime: dict[str, Any], threads: int, out: str | None,
+    def __init__(self, pin: runs.ModelPin, runtime: dict[str, Any], threads: int, out: str | None,
                  threshold: float | None, raw: str, image_column: str | None, name_column: str,
                  stats: bool) -> None:
         import torch
 
         torch.set_num_threads(threads)
         t0 = time.perf_counter()
-        self.model = Spade.load(model_dir, **runtime)
+        self.model = runs.load_pinned(pin, **runtime)  # exactly the generation the driver pinned, or one line
         self.load_s = time.perf_counter() - t0
+        self.generation = len(self.model.history_)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.out = Path(out) if out else None
         self.threshold, self.raw, self.stats = threshold, raw, stats
@@ -288,12 +276,7 @@ class _Scorer:
 
     def _read(self, path: str, file: str) -> np.ndarray | str:
         """The decoded image, or why it could not be read (naming the file as given)."""
-        from .io import load_image
-
-        try:
-            return load_image(path, max_pixels=self.model.settings.max_pixels)
-        except SpadeError as exc:
-            return _as_given(str(exc), path, file)
+        return runs.read_input(path, file, self.model.settings.max_pixels, "skip")
 
     def _array(self, arr: Any, name: str) -> np.ndarray | str:
         from .io import to_rgb_uint8
@@ -308,19 +291,18 @@ class _Scorer:
     def _score(self, files: list[str], stems: list[str], images: list[np.ndarray | str]
                ) -> tuple[list[str], list[bool]]:
         """Score the readable ``images`` as one batch (as a local step does); one JSON line per image."""
-        from .delivery.cli import error_row, jsonl_line, prediction_row, write_image_outputs
-
         readable = [a for a in images if isinstance(a, np.ndarray)]
         results = iter(self.model.predict(readable, pixel_threshold=self.threshold) if readable else [])
         lines, failed = [], []
         for file, stem, img in zip(files, stems, images, strict=True):
             if isinstance(img, str):
-                row = error_row(file, img)
+                row = runs.error_row(file, img)
             else:
                 res = next(results)
-                outputs = {} if self.out is None else write_image_outputs(self.out, stem, img, res, self.thr, self.raw)
-                row = prediction_row(file, res, outputs)
-            lines.append(jsonl_line(row))
+                outputs = {} if self.out is None else runs.write_image_outputs(self.out, stem, img, res, self.thr,
+                                                                               self.raw)
+                row = runs.prediction_row(file, res, outputs, self.generation)
+            lines.append(runs.jsonl_line(row))
             failed.append(isinstance(img, str))
         return lines, failed
 
@@ -341,7 +323,6 @@ class _Featurizer:
         self.global_dim = net.global_dim
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .io import load_image
         from .model import THUMB
 
         n = len(batch["index"])
@@ -349,11 +330,12 @@ class _Featurizer:
         images: list[np.ndarray] = []
         ok: list[int] = []
         for j, (path, file) in enumerate(zip(batch["path"], batch["file"], strict=True)):
-            try:
-                images.append(load_image(str(path), max_pixels=self.model.settings.max_pixels))
+            img = runs.read_input(str(path), str(file), self.model.settings.max_pixels, "skip")
+            if isinstance(img, str):
+                errors[j] = img
+            else:
+                images.append(img)
                 ok.append(j)
-            except SpadeError as exc:
-                errors[j] = _as_given(str(exc), str(path), str(file))
         out: dict[str, np.ndarray] = {"index": batch["index"], "error": np.array(errors, dtype=object)}
         for li, shape in enumerate(self.shapes):
             out[f"level{li}"] = np.zeros((n, *shape), np.float16)
@@ -474,122 +456,68 @@ def predict(
     Returns:
         A :class:`RunSummary`. The command line exits with code 2 when ``n_failed`` > 0.
     """
-    from .delivery import cli
-    from .io import save_json
-    from .persistence import clean_stale, staging_path
-
     model_dir, out = Path(model_dir), Path(out)
     given = [Path(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
-    cli.check_predict_options(raw, threshold, on_error)
+    runs.check_options(raw, threshold, on_error)
     _check_pool(workers, gpus_per_worker, threads, batch_size)
     runtime: dict[str, Any] = {"device": _worker_device(device, gpus_per_worker), "weights": weights}
     runtime.update({k: v for k, v in (("batch_size", batch_size), ("max_pixels", max_pixels)) if v is not None})
-    model = Spade.load(model_dir, **{**runtime, "device": "cpu"})  # one clear line here if anything is wrong
+    pin = runs.pin_model(model_dir)  # the generation every worker loads, whatever is committed meanwhile
+    model = runs.load_pinned(pin, **{**runtime, "device": "cpu"})  # one clear line here if anything is wrong
     thr = model.pixel_threshold_ if threshold is None else threshold
     image_threshold, step = model.image_threshold_, model.settings.batch_size
     del model
-    pairs = cli._output_stems(given)
-    cli._check_output_folder(out, given, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    clean_stale(out)
-    previous = cli._previous_outputs(out)  # files of earlier runs stay ours
-    known = set(previous)
-    planned = [n for _, stem in pairs for n in cli.output_names(stem, raw, thr is not None).values()
-               if n and n not in known]
-    run = cli.run_record(model_dir, len(pairs), image_threshold, thr, previous + planned)
-    _remove_debris(out, set(planned))  # left by workers of a killed run
-    started = False
+    items = runs.expand_inputs(given)
+    runs.check_output_folder(out, given, overwrite)
+    run = runs.Run(out, items, model_dir, pin, image_threshold, thr, raw)
+    status, workers_seen = "interrupted", dict[str, dict[str, float]]()
     try:
         with connected(address) as ray:
             _quiet_data(ray)
-            pool = _pool(ray, len(pairs), workers, gpus_per_worker, threads, step)
-            run["ray"] = pool.describe(address)
-            save_json(out / "run.json", run)  # status "running", listing every file this run may write, before any
-            started = True
-            steps = [{"step": json.dumps([[i, os.path.abspath(f), str(f), stem] for i, (f, stem) in
-                                          enumerate(pairs[a : a + step], start=a)])}
-                     for a in range(0, len(pairs), step)]
+            pool = _pool(ray, len(items), workers, gpus_per_worker, threads, step)
+            run.record["ray"] = pool.describe(address)
+            run.start()  # run.json lists every file this run may write before any worker writes one
+            steps = [{"step": json.dumps([[it.index, os.path.abspath(it.path), it.file, it.stem]
+                                          for it in items[a : a + step]])}
+                     for a in range(0, len(items), step)]
             ds = ray.data.from_items(steps, override_num_blocks=len(steps)).map_batches(
                 _Scorer, fn_constructor_kwargs={
-                    "model_dir": os.path.abspath(model_dir), "runtime": runtime, "threads": pool.threads,
+                    "pin": pin, "runtime": runtime, "threads": pool.threads,
                     "out": os.path.abspath(out), "threshold": threshold, "raw": raw, "image_column": None,
                     "name_column": "file", "stats": True}, **pool.map_args(1))
             del steps
-            return _collect(ds, out, run, len(pairs), on_error, progress, staging_path(out, ".rows.jsonl"))
+            workers_seen = _collect(ds, run, on_error, progress)
+            status = "complete"
     finally:
-        if started:  # the workers are gone (or going): list exactly the files of this run that exist
-            _remove_debris(out, set(planned))
-            run["outputs"] = previous + [n for n in planned if (out / n).is_file()]
-            save_json(out / "run.json", run)
-
-
-def _remove_debris(out: Path, names: set[str]) -> None:
-    """Remove the temporary files (``.<name>.<random>.tmp``) of outputs ``names`` that a killed worker left."""
-    for p in out.iterdir():
-        if p.name.startswith(".") and p.name.endswith(".tmp") and p.name[1:].rsplit(".", 2)[0] in names:
-            p.unlink(missing_ok=True)
-
-
-def _collect(ds: Any, out: Path, run: dict[str, Any], n: int, on_error: str, progress: Progress | None,
-             spool: Path) -> RunSummary:
-    """Stream the rows of ``ds`` into a spool file (one offset per input kept here), then write
-    ``predictions.jsonl`` in input order and mark ``run`` complete; on any exception, the rows so far and
-    ``status: interrupted``. (The caller saves ``run`` as ``run.json``.)"""
-    offsets = np.full(n, -1, dtype=np.int64)
-    summary = RunSummary(0, 0, 0, 0.0)
-    t0 = time.perf_counter()
-    try:
-        with open(spool, "w+b") as fh:
-            for b in _batches(ds):
-                for j, i in enumerate(b["index"]):
-                    if offsets[i] >= 0:
-                        continue  # a batch delivered again after a retry
-                    line = str(b["prediction"][j])
-                    offsets[i] = fh.tell()
-                    fh.write(line.encode())
-                    summary.n_rows += 1
-                    w = summary.workers.setdefault(str(b["worker"][j]), {"images": 0, "busy_s": 0.0, "load_s": 0.0})
-                    w["images"] += 1
-                    w["busy_s"] += float(b["busy_s"][j])
-                    w["load_s"] = float(b["load_s"][j])
-                    row = json.loads(line)
-                    if b["failed"][j]:
-                        summary.n_failed += 1
-                        if on_error == "stop":
-                            raise SpadeError(row["error"])
-                    summary.n_defective += row.get("verdict") == "defective"
-                if progress:
-                    progress("predict", summary.n_rows, n)
-            summary.seconds = time.perf_counter() - t0
-            missing = np.flatnonzero(offsets < 0)
-            if len(missing):  # Ray Data delivers every block or raises; this guards the promise anyway
-                raise RuntimeError(f"the Ray run returned no row for {len(missing)} inputs (e.g. input {missing[0]})")
-            _write_rows(out / "predictions.jsonl", fh, offsets)
-            run.update(status="complete", n_images=summary.n_rows, n_failed=summary.n_failed,
-                       seconds=round(summary.seconds, 3), workers=summary.workers)
-    except BaseException:
-        if spool.exists():  # say how far it got: the rows so far, in input order
-            with open(spool, "rb") as fh:
-                _write_rows(out / "predictions.jsonl", fh, offsets)
-        run.update(status="interrupted", n_images=summary.n_rows, n_failed=summary.n_failed)
-        raise
-    finally:
-        spool.unlink(missing_ok=True)
+        if run.started:  # the workers are gone (or going): list exactly the files of this run that exist
+            summary = run.finish(status, **({"workers": workers_seen} if status == "complete" else {}))
     return summary
 
 
-def _write_rows(path: Path, spool: Any, offsets: np.ndarray) -> None:
-    """``predictions.jsonl`` from the spool: the rows received, in input order, one at a time."""
-    from .io import atomic_write
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            for off in offsets[offsets >= 0]:
-                spool.seek(int(off))
-                f.write(spool.readline())
-
-    spool.flush()
-    atomic_write(path, write)
+def _collect(ds: Any, run: runs.Run, on_error: str, progress: Progress | None) -> dict[str, dict[str, float]]:
+    """Stream the rows of ``ds`` into ``run`` (in any order; a row delivered again after a retry counts once);
+    returns the per-worker statistics. ``on_error="stop"``: the first unreadable image stops the run."""
+    n = run.rows.n
+    workers: dict[str, dict[str, float]] = {}
+    for b in _batches(ds):
+        for j, i in enumerate(b["index"]):
+            line = str(b["prediction"][j])
+            row = json.loads(line)
+            if not run.add(int(i), line, row):
+                continue  # a batch delivered again after a retry
+            w = workers.setdefault(str(b["worker"][j]), {"images": 0, "busy_s": 0.0, "load_s": 0.0})
+            w["images"] += 1
+            w["busy_s"] += float(b["busy_s"][j])
+            w["load_s"] = float(b["load_s"][j])
+            if b["failed"][j] and on_error == "stop":
+                raise SpadeError(row["error"])
+        run.rows.flush()
+        if progress:
+            progress("predict", run.rows.n_rows, n)
+    missing = np.flatnonzero(~run.rows.seen)
+    if len(missing):  # Ray Data delivers every block or raises; this guards the promise anyway
+        raise RuntimeError(f"the Ray run returned no row for {len(missing)} inputs (e.g. input {missing[0]})")
+    return workers
 
 
 # --------------------------------------------------------------------------- datasets
@@ -624,17 +552,16 @@ def score_dataset(
         >>> for row in scored.iter_rows():                                       # doctest: +SKIP
         ...     print(row["name"], json.loads(row["prediction"])["verdict"])
     """
-    from .delivery.cli import check_predict_options
-
     ray = _ray()
-    check_predict_options(raw, threshold, "skip")
+    runs.check_options(raw, threshold, "skip")
     _check_pool(workers, gpus_per_worker, threads, batch_size)
-    Spade.load(model_dir, device="cpu", weights=weights)  # one clear line here if the folder is damaged
+    pin = runs.pin_model(model_dir)  # every worker loads this generation
+    runs.load_pinned(pin, device="cpu", weights=weights)  # one clear line here if the folder is damaged
     pool = _pool(ray, 10**9, workers, gpus_per_worker, threads, batch_size)
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
     return ds.map_batches(_Scorer, fn_constructor_kwargs={
-        "model_dir": os.path.abspath(model_dir), "runtime": {"device": _worker_device(device, gpus_per_worker),
+        "pin": pin, "runtime": {"device": _worker_device(device, gpus_per_worker),
                                                             "weights": weights},
         "threads": pool.threads, "out": None if out is None else os.path.abspath(out), "threshold": threshold,
         "raw": raw, "image_column": image_column, "name_column": name_column, "stats": False},

@@ -106,18 +106,32 @@ def _is_regular(entry: os.DirEntry[str]) -> bool:
         return False
 
 
-def list_images(folder: str | Path) -> list[Path]:
+def _is_broken_link(entry: os.DirEntry[str]) -> bool:
+    """A symbolic link whose target cannot be reached (missing, or a loop)."""
+    if not entry.is_symlink():
+        return False
+    try:
+        os.stat(entry.path)
+    except OSError as exc:
+        return exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR)
+    return False
+
+
+def list_images(folder: str | Path, *, broken_links: bool = False) -> list[Path]:
     """Image files directly inside ``folder``, sorted by name. Errors if none.
 
     Only regular files (or symbolic links to them) count: named pipes, devices, sockets, sub-folders and
-    broken links with an image suffix are skipped, so listing never blocks on them.
+    broken links with an image suffix are skipped, so listing never blocks on them. With ``broken_links``,
+    symbolic links with an image suffix that lead nowhere (a missing target, a loop) are listed too, so that
+    reading them says which and why (``predict`` reports them instead of skipping them silently).
     """
     folder = Path(folder)
     try:
         if not stat.S_ISDIR(os.stat(folder).st_mode):
             raise SpadeError(f"{folder}: not a folder")
         with os.scandir(folder) as it:
-            files = sorted(Path(e.path) for e in it if Path(e.name).suffix.lower() in IMAGE_SUFFIXES and _is_regular(e))
+            files = sorted(Path(e.path) for e in it if Path(e.name).suffix.lower() in IMAGE_SUFFIXES
+                           and (_is_regular(e) or broken_links and _is_broken_link(e)))
     except OSError as exc:
         raise _os_error(folder, exc, "folder") from None
     if not files:

@@ -13,12 +13,10 @@ import sys
 import time
 import typing
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
@@ -210,27 +208,6 @@ def fit(
         f"{_fmt(model.image_threshold_)}, pixel threshold {_fmt(model.pixel_threshold_)}; model written to {out}")
 
 
-def _output_stems(inputs: list[Path]) -> list[tuple[Path, str]]:
-    """(image file, unique output stem) for files and folders given on the command line."""
-    from ..io import list_images
-
-    pairs: list[tuple[Path, str]] = []
-    for item in inputs:
-        if item.is_dir():
-            pairs += [(f, f"{item.name}_{f.stem}") for f in list_images(item)]
-        elif item.exists() or item.is_symlink():  # a broken link or a loop: reading it says which
-            pairs.append((item, item.stem))
-        else:
-            raise SpadeError(f"{item}: file or folder does not exist")
-    seen: dict[str, int] = {}
-    out = []
-    for f, stem in pairs:
-        n = seen.get(stem, 0)
-        seen[stem] = n + 1
-        out.append((f, stem if n == 0 else f"{stem}_{n}"))
-    return out
-
-
 @app.command()
 def predict(
     model_dir: Annotated[Path, typer.Argument(help="model folder written by fit")],
@@ -260,60 +237,24 @@ def predict(
     OUT must be empty, new, or a folder this command wrote before (its run.json lists every file in it);
     anything else is refused unless --overwrite, so a user's own files are never overwritten.
     """
-    from ..io import save_json
-    from ..model import Spade
+    from .. import runs
 
     policy = on_error or ("stop" if ray is None else "skip")
-    check_predict_options(raw, threshold, policy)
+    runs.check_options(raw, threshold, policy)
     _ray_options(ray, workers=workers, gpus_per_worker=gpus_per_worker, threads_per_worker=threads_per_worker)
-    if ray is not None:
-        from ..distributed import predict as predict_on_ray
+    with progress_bars() as cb:
+        if ray is None:
+            summary = runs.predict(model_dir, images, out, device=device, weights=weights, threshold=threshold,
+                                   raw=raw, batch_size=batch_size, max_pixels=max_pixels, on_error=policy,
+                                   overwrite=overwrite, progress=cb)
+        else:
+            from ..distributed import predict as predict_on_ray
 
-        with progress_bars() as cb:
             summary = predict_on_ray(model_dir, images, out, address=ray, workers=workers,
                                      gpus_per_worker=gpus_per_worker or 0, threads=threads_per_worker, device=device,
                                      weights=weights, threshold=threshold, raw=raw, batch_size=batch_size,
                                      max_pixels=max_pixels, on_error=policy, overwrite=overwrite, progress=cb)
-        report_predictions(out, summary.n_rows, summary.n_failed, summary.n_defective, summary.seconds)
-        return
-    runtime: dict[str, Any] = {"batch_size": batch_size, "max_pixels": max_pixels}
-    model = Spade.load(model_dir, device=device, weights=weights,
-                       **{k: v for k, v in runtime.items() if v is not None})
-    pairs = _output_stems(images)
-    _check_output_folder(out, images, overwrite)
-    rows: list[dict[str, Any]] = []
-    written: list[str] = _previous_outputs(out)  # files of earlier runs stay ours
-    jsonl = out / "predictions.jsonl"
-    thr = model.pixel_threshold_ if threshold is None else threshold
-    run = run_record(model_dir, len(pairs), model.image_threshold_, thr, written)
-    t0 = time.perf_counter()
-    _predict_into(model, pairs, out, threshold, thr, raw, rows, written, jsonl, run, policy)
-    elapsed = time.perf_counter() - t0
-    n_failed = sum("error" in r for r in rows)
-    run.update(status="complete", n_images=len(rows), n_failed=n_failed, seconds=round(elapsed, 3))
-    save_json(out / "run.json", run)
-    report_predictions(out, len(rows), n_failed, sum(r.get("verdict") == "defective" for r in rows), elapsed)
-
-
-def check_predict_options(raw: str, threshold: float | None, on_error: str) -> None:
-    """Refuse bad ``--raw``, ``--threshold`` and ``--on-error`` values (local and Ray predict)."""
-    import math
-
-    if raw not in ("npy", "png16"):
-        raise SpadeError(f"--raw must be npy or png16, got {raw!r}")
-    if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
-        raise SpadeError(f"--threshold must be a positive number, got {threshold}")
-    if on_error not in ("skip", "stop"):
-        raise SpadeError(f"--on-error must be skip or stop, got {on_error!r}")
-
-
-def run_record(model_dir: Path, n_inputs: int, image_threshold: float | None, pixel_threshold: float | None,
-               written: list[str]) -> dict[str, Any]:
-    """The ``run.json`` of a predict run as it starts (status ``running``); ``outputs`` is ``written``, the list
-    of files spade-ad wrote into OUT, which the caller extends as it goes."""
-    return {"model": str(model_dir), "status": "running", "n_images": 0, "n_inputs": n_inputs,
-            "image_threshold": image_threshold, "pixel_threshold": pixel_threshold,
-            "colour_scale": "map / pixel_threshold on [0, 2]; 1.0 = threshold", "outputs": written}
+    report_predictions(out, summary.n_rows, summary.n_failed, summary.n_defective, summary.seconds)
 
 
 def report_predictions(out: Path, n_rows: int, n_failed: int, n_defective: int, seconds: float) -> None:
@@ -325,174 +266,6 @@ def report_predictions(out: Path, n_rows: int, n_failed: int, n_defective: int, 
     if n_failed:
         raise SpadeError(f"{n_failed} of {n_rows} images could not be read; their rows in "
                          f"{out / 'predictions.jsonl'} say why")
-
-
-def output_names(stem: str, raw: str, masked: bool) -> dict[str, str | None]:
-    """The files ``predict`` writes for one image (the ``overlay``, ``map`` and ``mask`` fields of its row)."""
-    return {"overlay": f"{stem}_overlay.png", "map": f"{stem}_map.{'npy' if raw == 'npy' else 'png'}",
-            "mask": f"{stem}_mask.png" if masked else None}
-
-
-def write_image_outputs(out: Path, stem: str, img: np.ndarray, res: Any, thr: float | None,
-                        raw: str) -> dict[str, str | None]:
-    """Write one image's overlay, raw map and mask into ``out``, each atomically (local and Ray predict).
-
-    ``res`` is its :class:`~spade_ad.ImageResult`, ``thr`` the pixel threshold in force. Returns
-    :func:`output_names`.
-    """
-    from ..io import save_npy, save_png
-    from ..viz import overlay
-
-    mask = res.mask
-    names = output_names(stem, raw, mask is not None)
-    save_png(out / f"{stem}_overlay.png", overlay(img, res.map, thr, mask))
-    if raw == "npy":
-        save_npy(out / f"{stem}_map.npy", res.map.astype(np.float32))
-    else:
-        scale = 65535.0 / (2.0 * thr) if thr else 65535.0 / max(res.max_pixel_score, 1e-12)
-        save_png(out / f"{stem}_map.png", np.clip(res.map * scale, 0, 65535).astype(np.uint16))
-    if mask is not None:
-        save_png(out / f"{stem}_mask.png", mask.astype(np.uint8) * 255)
-    return names
-
-
-def prediction_row(file: str, res: Any, outputs: dict[str, str | None]) -> dict[str, Any]:
-    """One ``predictions.jsonl`` row: the file as given, the result's numbers, its output files."""
-    return {"file": file, **res.summary(), **outputs}
-
-
-def error_row(file: str, message: str) -> dict[str, Any]:
-    """The row of an image that could not be read (``--on-error skip``)."""
-    return {"file": file, "error": message}
-
-
-def jsonl_line(row: dict[str, Any]) -> str:
-    return json.dumps(row, allow_nan=False) + "\n"
-
-
-def _check_output_folder(out: Path, inputs: list[Path], overwrite: bool) -> None:
-    """Refuse an output folder that is an input folder, or that holds files spade-ad did not write."""
-    if out.exists() and not out.is_dir():
-        raise SpadeError(f"{out}: --out exists and is not a folder")
-    for item in inputs:
-        if item.is_dir() and item.resolve() == out.resolve():
-            raise SpadeError(f"{out}: --out is also an input folder (its outputs would be read as inputs next "
-                             "time); choose another folder")
-    if overwrite or not out.is_dir():
-        return
-    ours = {"run.json", "predictions.jsonl", *_previous_outputs(out)}
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith("."))
-    if foreign:
-        raise SpadeError(f"{out}: --out holds files spade-ad did not write (e.g. {foreign[0]}); choose an empty "
-                         "folder or pass --overwrite")
-
-
-def _previous_outputs(out: Path) -> list[str]:
-    """The files an earlier ``predict`` into ``out`` wrote (listed in its run.json)."""
-    try:
-        names = json.loads((out / "run.json").read_text()).get("outputs", [])
-    except (OSError, ValueError, AttributeError):
-        return []
-    return [n for n in names if isinstance(n, str) and "/" not in n] if isinstance(names, list) else []
-
-
-def _predict_into(model: Any, pairs: list[tuple[Path, str]], out: Path, threshold: float | None,
-                  thr: float | None, raw: str, rows: list[dict[str, Any]], written: list[str], jsonl: Path,
-                  run: dict[str, Any], on_error: str = "stop") -> None:
-    """Score ``pairs`` chunk by chunk, writing each image's files and the JSON lines as they come.
-
-    With ``on_error="skip"`` an image that cannot be read gets an error row and the others are scored.
-    A chunk's images are decoded, and their files written, on one thread per core (Pillow's decoder, zlib
-    and the file writes run outside Python's lock); the model scores the chunk in between. A chunk is
-    committed (``run.json`` listing its files, then ``predictions.jsonl`` with its rows) before the next is
-    read. (Overlapping the chunks, decoding and writing while the model scores, was measured: no faster on
-    two cores, where the search already keeps both busy, and it holds three chunks in memory.)
-
-    On any exception once a chunk's files are being written (a full disk, Ctrl+C), the writes not started
-    are dropped, the running ones finish, and ``run.json`` says ``interrupted``, with the rows committed
-    and every file the run may have written, so a later run into OUT still owns them.
-    """
-    import torch
-
-    from ..io import load_image, save_json
-
-    def read(f: Path) -> np.ndarray | str:  # the image, or why it could not be read
-        try:
-            return load_image(f, max_pixels=model.settings.max_pixels)
-        except SpadeError as exc:
-            if on_error == "stop":
-                raise
-            return str(exc)
-
-    def write(job: tuple[str, np.ndarray, Any]) -> dict[str, str | None]:
-        stem, img, res = job
-        return write_image_outputs(out, stem, img, res, thr, raw)
-
-    step = model.settings.batch_size
-    pool = ThreadPoolExecutor(max(1, torch.get_num_threads()), "spade-predict-io")
-    writing = False
-    try:
-        with progress_bars() as cb, _shut_down_at_exit(pool):
-            for s in range(0, len(pairs), step):
-                chunk = pairs[s : s + step]
-                arrays = list(pool.map(read, [f for f, _ in chunk]))  # the first error, in input order, is raised
-                ok = [i for i, a in enumerate(arrays) if isinstance(a, np.ndarray)]
-                results = list(model.predict([arrays[i] for i in ok], pixel_threshold=threshold)) if ok else []
-                jobs = [(chunk[i][1], arrays[i], res) for i, res in zip(ok, results, strict=True)]
-                have = set(written)  # every file the chunk may write is ours from now on, written or not
-                written.extend(n for stem, _, res in jobs for n in output_names(stem, raw, res.mask is not None)
-                               .values() if n and n not in have)
-                writing = True
-                files = _run_all(pool, write, jobs)
-                scored = dict(zip(ok, zip(results, files, strict=True), strict=True))
-                for i, ((f, _), img) in enumerate(zip(chunk, arrays, strict=True)):
-                    rows.append(error_row(str(f), img) if isinstance(img, str)
-                                else prediction_row(str(f), *scored[i]))
-                run["n_images"] = len(rows)
-                save_json(out / "run.json", run)  # status "running": lists the files before the rows point at them
-                _write_jsonl(jsonl, rows)
-                cb("predict", len(rows), len(pairs))
-    except BaseException:
-        if writing:  # this run wrote into OUT: say how far it got and list every file it may have written
-            run.update(status="interrupted", n_images=len(rows))
-            try:
-                save_json(out / "run.json", run)
-                if not rows:  # (predictions.jsonl of an earlier run would not describe the files now in OUT)
-                    _write_jsonl(jsonl, rows)
-            except SpadeError:  # (a full disk refuses this too: the error to report is the first one)
-                pass
-        raise
-
-
-def _run_all(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], jobs: list[Any]) -> list[Any]:
-    """``[fn(job) for job in jobs]`` on ``pool``; if one fails (or the wait is interrupted), the jobs not started
-    are cancelled and the running ones finish before the exception is raised: nothing writes afterwards."""
-    futures = [pool.submit(fn, job) for job in jobs]
-    try:
-        return [fut.result() for fut in futures]
-    except BaseException:
-        for fut in futures:
-            fut.cancel()
-        wait(futures)
-        raise
-
-
-@contextmanager
-def _shut_down_at_exit(pool: ThreadPoolExecutor) -> Iterator[None]:
-    """Shut ``pool`` down when the block ends; on an exception its queued work is dropped first."""
-    try:
-        yield
-    except BaseException:
-        pool.shutdown(cancel_futures=True)
-        raise
-    pool.shutdown()
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    from ..io import atomic_write
-
-    text = "".join(jsonl_line(r) for r in rows)
-    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 # --------------------------------------------------------------------------- benchmark / report / demo
@@ -512,7 +285,7 @@ def _print_table(doc: dict[str, Any]) -> None:
     if len(doc["categories"]) > 1:
         table.add_row("mean", _metric(m["image_auroc"]), _metric(m["pixel_auroc"]), _metric(m["aupro"]),
                       "", "", "", "")
-    out_console.print(table)
+    out_console.print(table, markup=False, highlight=False)  # category names are folder names: printed literally
 
 
 @app.command()
@@ -662,7 +435,7 @@ def history(model_dir: Annotated[Path, typer.Argument(help="model folder")]) -> 
     """List the model's generations: time, what was added or removed, counts and thresholds before/after."""
     from ..persistence import read_history
 
-    table = Table(title=f"history of {model_dir}")
+    table = Table(title=Text(f"history of {model_dir}"))  # (a title is read as markup: a folder name is not)
     for col in ("gen", "time (UTC)", "change", "by", "training images", "image threshold", "pixel threshold"):
         table.add_column(col, overflow="fold")
     entries = read_history(model_dir)
@@ -774,6 +547,30 @@ def _update_token(token_file: Path | None) -> str:
     return token
 
 
+def command() -> Any:
+    """The click command of ``app`` with every help text literal.
+
+    Typer reads help texts and docstrings as Rich markup, where ``[ray]`` (as in ``pip install
+    'spade-ad[ray]'``) or a bracketed word in a setting's help is a style tag and vanishes from ``--help``.
+    Every command's and option's help is escaped here, once, so that square brackets always print.
+    """
+    from rich.markup import escape
+
+    root = typer.main.get_command(app)
+
+    def literal(cmd: Any) -> None:
+        if cmd.help:
+            cmd.help = escape(cmd.help)
+        for param in cmd.params:
+            if getattr(param, "help", None):
+                param.help = escape(param.help)
+        for sub in getattr(cmd, "commands", {}).values():
+            literal(sub)
+
+    literal(root)
+    return root
+
+
 def main() -> None:
     """Entry point: one clear line per error (``--debug`` for the traceback), non-zero exit.
 
@@ -784,7 +581,7 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        code = app(standalone_mode=False)
+        code = command()(standalone_mode=False)
     except SpadeError as exc:
         if _state["debug"]:
             raise
