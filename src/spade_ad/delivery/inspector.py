@@ -29,6 +29,7 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi import Path as Path_
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
@@ -37,6 +38,7 @@ from .. import __version__
 from ..errors import SpadeError
 from ..io import decode_image
 from ..model import Spade
+from ..persistence import folder_lock
 from ..result import Prediction, normalised
 from ..viz import SCALE_MAX, colour_bar, data_uri, encode, overlay, resize_map, resize_rgb, small_size
 
@@ -52,9 +54,16 @@ COLOUR_SCALE = f"map / pixel_threshold on a fixed scale [0, {SCALE_MAX:g}] (infe
 
 
 class Neighbour(BaseModel):
-    index: int = Field(description="training image index")
+    index: int = Field(description="training image index (in the response's model generation)")
+    id: str | None = Field(None, description="training image id: SHA-256 of its pixels (null in models saved "
+                                             "before ids)")
     name: str = Field(description="training image file name (no folders)")
     thumbnail_url: str
+
+
+class NormalsResponse(BaseModel):
+    generation: int = Field(description="the model generation these training images belong to")
+    normals: list[Neighbour] = Field(description="the training images, by index")
 
 
 class RawMap(BaseModel):
@@ -77,6 +86,7 @@ class PredictResponse(BaseModel):
     max_pixel_score: float
     defect_fraction: float | None = Field(description="fraction of pixels at or over the pixel threshold")
     neighbours: list[Neighbour] = Field(description="nearest normal training images, nearest first")
+    generation: int = Field(description="the model generation that scored the image (its training images)")
     overlay: str = Field(description="data URI (JPEG): the image blended with its heatmap, fixed colour scale")
     mask: str | None = Field(description="data URI (PNG): mask at the pixel threshold, at the image's resolution")
     map: RawMap
@@ -155,6 +165,21 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 def _public_name(name: str) -> str:
     """A training image's file name without its folders (the server does not reveal paths)."""
     return PurePath(name.replace("\\", "/")).name or name
+
+
+def _neighbour(spade: Spade, index: int) -> Neighbour:
+    """Training image ``index`` of ``spade`` as the API shows it (index, id, name without folders, thumbnail)."""
+    return Neighbour(index=index, id=spade.train_ids_[index], name=_public_name(spade.train_names_[index]),
+                     thumbnail_url=f"/thumbnail/{index}")
+
+
+def _header_stat(folder: Path | None) -> tuple[int, int, int] | None:
+    """What tells that ``model.json`` was replaced (inode, modification time, size); None if unreadable."""
+    try:
+        st = (folder / "model.json").stat() if folder is not None else None
+    except OSError:
+        return None
+    return None if st is None else (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def _host_only(value: str) -> str:
@@ -242,8 +267,11 @@ def create_app(
     ``max_pixels``: refuse uploads with more pixels, read from their header (default ``MAX_PIXELS``).
     ``allowed_hosts``: host names accepted in the ``Host`` header (default: this machine's loopback names);
     any other is refused (DNS rebinding). Requests that change anything must come from the same origin.
-    ``allow_updates``: offer ``POST /normals`` and ``DELETE /normals/{index}`` (they change the model in
-    ``model_dir``), each with ``Authorization: Bearer <token>``; without it the inspector is read-only.
+    ``allow_updates``: offer ``POST /normals`` and ``DELETE /normals/{id}?generation=G`` (they change the model
+    in ``model_dir``), each with ``Authorization: Bearer <token>``; without it the inspector is read-only.
+    A change holds the folder's lock (:func:`spade_ad.persistence.folder_lock`) across load -> change -> save,
+    so it applies to the model as it is on disk then, whoever else (``spade-ad update``, another server)
+    writes the folder; a removal names the generation it was chosen in and is refused (409) once that moved.
     """
     from fastapi_offline import FastAPIOffline
 
@@ -261,6 +289,7 @@ def create_app(
         raise SpadeError("updates need the model folder and a token")
     folder = Path(model_dir) if model_dir is not None else None
     state: dict[str, Spade] = {"model": model}  # swapped whole on an update: a request uses one model
+    seen: dict[str, tuple[int, int, int] | None] = {"header": _header_stat(folder)}
     update_lock = threading.Lock()
     cache_lock = threading.Lock()
     cache: OrderedDict[str, _Entry] = OrderedDict()
@@ -281,6 +310,22 @@ def create_app(
         413: {"model": ErrorResponse, "description": "upload larger than the server's limit"},
     }
 
+    def current() -> Spade:
+        """The model as the folder holds it now: reloaded once ``model.json`` changed (another writer, such as
+        ``spade-ad update`` or ``rollback``); the last good one while the folder cannot be read."""
+        stat = _header_stat(folder)
+        if folder is None or stat is None or stat == seen["header"]:
+            return state["model"]
+        with update_lock:
+            if stat != seen["header"]:
+                try:
+                    state["model"] = Spade.load(folder, device=device, weights=weights)
+                except SpadeError:
+                    return state["model"]
+                seen["header"] = stat
+                thumbs.clear()
+        return state["model"]
+
     @app.exception_handler(SpadeError)
     async def _spade_error(request: Request, exc: SpadeError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=400)
@@ -295,7 +340,7 @@ def create_app(
 
     @app.get("/info", response_model=InfoResponse, summary="The model: thresholds, settings, upload limit")
     def info() -> InfoResponse:
-        spade = state["model"]
+        spade = current()
         calib = {k: v for k, v in (spade.calibration_ or {}).items() if k not in ("image_scores", "map_maxima")}
         return InfoResponse(
             version=__version__, backbone=spade.settings.backbone, n_train=int(spade.bank_.n), k=spade.settings.k,
@@ -339,7 +384,7 @@ def create_app(
             raise _TooLarge(max_upload_bytes)
         image = decode_image(data, name, max_pixels=max_pixels)
         del data
-        spade = state["model"]
+        spade = current()
         pred = spade.predict([image], keep_features=True)
         res = pred[0]
         h, w = image.shape[:2]
@@ -362,8 +407,8 @@ def create_app(
             normalised_score=res.normalised_score, verdict=res.verdict,
             image_threshold=res.image_threshold, pixel_threshold=thr, max_pixel_score=res.max_pixel_score,
             defect_fraction=summary["defect_fraction"],
-            neighbours=[Neighbour(index=j, name=_public_name(nm), thumbnail_url=f"/thumbnail/{j}")
-                        for j, nm in list(zip(res.neighbours, res.neighbour_names, strict=True))[:N_NEIGHBOURS]],
+            neighbours=[_neighbour(spade, int(j)) for j in res.neighbours[:N_NEIGHBOURS]],
+            generation=len(spade.history_),
             overlay=data_uri(over, "JPEG"),
             mask=data_uri(mask, "PNG") if mask is not None else None,
             map=RawMap(width=mw, height=mh, dtype="float32-le",
@@ -408,15 +453,22 @@ def create_app(
                                 headers={"WWW-Authenticate": "Bearer"})
         return f"inspector {request.client.host if request.client else 'unknown'}"
 
-    def change(apply: Callable[[Spade], object]) -> UpdateResponse:
-        """Apply a change to a fresh copy of the model, save it as a new generation, then swap it in:
-        requests running meanwhile use the old model, later ones the new one, never a mix."""
+    def change(apply: Callable[[Spade], object], generation: int | None = None) -> UpdateResponse:
+        """Apply a change to the model as the folder holds it now (read, changed and saved under the folder's
+        lock, so no other writer comes in between), then swap it in: requests running meanwhile use the old
+        model, later ones the new one, never a mix. With ``generation``: refused (409) unless the folder is
+        still at that generation (what the client saw)."""
         assert folder is not None
-        with update_lock:
+        with update_lock, folder_lock(folder):
+            stat = _header_stat(folder)
             new = Spade.load(folder, device=device, weights=weights)
+            if generation is not None and generation != len(new.history_):
+                raise HTTPException(409, f"the model changed since you saw it (generation {generation}, now "
+                                         f"{len(new.history_)}); reload and choose again")
             apply(new)
             new.save(folder)
             state["model"] = new
+            seen["header"] = _header_stat(folder) if stat is not None else None
             thumbs.clear()
         e = new.history_[-1]
         return UpdateResponse(generation=e["generation"], action=e["action"], n_train=int(new.bank_.n),
@@ -428,7 +480,14 @@ def create_app(
         401: {"model": ErrorResponse, "description": "no or wrong token"},
         403: {"model": ErrorResponse, "description": "read-only inspector, or a cross-origin request"},
         404: {"model": ErrorResponse, "description": "unknown upload id or training image"},
+        409: {"model": ErrorResponse, "description": "the model changed since the client saw it"},
     }
+
+    @app.get("/normals", response_model=NormalsResponse, summary="The training images (normals): index, id, name")
+    def list_normals() -> NormalsResponse:
+        spade = current()
+        return NormalsResponse(generation=len(spade.history_),
+                               normals=[_neighbour(spade, i) for i in range(spade.bank_.n)])
 
     @app.post("/normals", response_model=UpdateResponse, responses=writes,
               summary="Mark an upload as normal: add it to the model's good images (needs --allow-updates)")
@@ -441,13 +500,27 @@ def create_app(
         image, name = entry.image, f"inspector/{body.id[:12]}-{entry.filename}"
         return change(lambda m: m.add([image], names=[name], source=source))
 
-    @app.delete("/normals/{index}", response_model=UpdateResponse, responses=writes,
-                summary="Remove training image `index` from the model's good images (needs --allow-updates)")
-    def remove_normal(index: int, request: Request) -> UpdateResponse:
+    @app.delete("/normals/{image}", response_model=UpdateResponse, responses=writes,
+                summary="Remove a training image from the model's good images (needs --allow-updates)")
+    def remove_normal(
+        image: Annotated[str, Path_(description="the training image's id (or, in models saved before ids, its "
+                                               "index), as /normals, /predict list it")],
+        generation: Annotated[int, Query(description="the model generation the client saw it in (the `generation` "
+                                                     "of /normals or /predict)")],
+        request: Request,
+    ) -> UpdateResponse:
         source = authorise(request)
-        n = state["model"].bank_.n
-        if not 0 <= index < n:
-            raise HTTPException(404, f"no training image {index} (the model has {n})")
-        return change(lambda m: m.remove([index], source=source))
+
+        def remove(m: Spade) -> None:
+            ids = m.train_ids_
+            if image in ids:
+                index = ids.index(image)
+            elif image.isdigit() and int(image) < m.bank_.n and ids[int(image)] is None:
+                index = int(image)
+            else:
+                raise HTTPException(404, f"no training image {image!r} in generation {generation}")
+            m.remove([index], source=source)
+
+        return change(remove, generation)
 
     return app
