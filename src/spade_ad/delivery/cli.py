@@ -704,8 +704,6 @@ def history(model_dir: Annotated[Path, typer.Argument(help="model folder")]) -> 
             what += f" -{len(e['removed'])} ({_short_list(e['removed'])})"
         if e.get("to"):
             what += f" to generation {e['to']}"
-        if a and a.get("image_threshold") is None and a.get("pixel_threshold") is None:
-            what += f"; {NO_THRESHOLDS}"
 
         def arrow(key: str, b: dict[str, Any] = b, a: dict[str, Any] = a) -> str:
             return f"{_fmt(b.get(key)) if b else '-'} -> {_fmt(a.get(key))}" if key != "n_train" else (
@@ -715,7 +713,9 @@ def history(model_dir: Annotated[Path, typer.Argument(help="model folder")]) -> 
                  str(e.get("source") or ""), arrow("n_train"), arrow("image_threshold"), arrow("pixel_threshold"))
         table.add_row(*(printable(c) for c in cells))
     out_console.print(table, markup=False, highlight=False)
-    say(f"current generation: {len(entries)}")
+    last = entries[-1].get("after") or {} if entries else {}
+    bare = last.get("image_threshold", 0) is None and last.get("pixel_threshold", 0) is None
+    say(f"current generation: {len(entries)}" + (f"; the model has {NO_THRESHOLDS}" if bare else ""))
 
 
 def _short_list(names: list[str], n: int = 3) -> str:
