@@ -243,6 +243,9 @@ def test_a_refit_becomes_the_next_generation(good: list[Path], folder: Path, cap
     code, _, err = run_cli(["rollback", str(folder), "--to", "2"], capsys)
     assert code == 0 and "generation 4: back to generation 2" in err
     assert len(Spade.load(folder).train_names_) == 6
+    refit = Spade.load(folder).fit(good[:3])  # through the API too, even from a model read from that folder
+    refit.save(folder)
+    assert [e["action"] for e in Spade.load(folder).history_] == ["fit", "add", "fit", "rollback", "fit"]
 
 
 # ------------------------------------------------------------------ 10. failed writes, debris, names

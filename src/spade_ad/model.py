@@ -310,6 +310,7 @@ class Spade:
         self._calibrate(progress)
         self.history_ = [self._change("fit", added=names, before=None)]
         self.lineage_ = secrets.token_hex(8)
+        self.base_sha256_ = None  # a new model: saved over a folder, it becomes that folder's next generation
         return self
 
     # ------------------------------------------------------------------ keeping the model up to date
