@@ -131,7 +131,7 @@ def test_writes_are_refused_without_permission_token_or_same_origin(folder: Path
     j = _upload(ro, sets["B"][0])
     r = ro.post("/normals", json={"id": j["id"]}, headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 403 and "read-only" in r.json()["detail"]
-    assert ro.delete("/normals/0").status_code == 403
+    assert ro.delete("/normals/0?generation=1").status_code == 403
     rw = TestClient(create_app(folder, allow_updates=True, token=TOKEN), base_url="http://localhost")
     j = _upload(rw, sets["B"][0])
     assert rw.post("/normals", json={"id": j["id"]}).status_code == 401
@@ -159,8 +159,9 @@ def test_mark_as_normal_then_the_same_upload_scores_lower_and_survives_a_restart
     info = c.get("/info").json()
     assert info["generation"] == 2 and info["n_train"] == 6
     # removing it again (a training image that 'shows a defect')
-    idx = next(n["index"] for n in again["neighbours"] if n["name"].endswith(f.name))
-    r = c.delete(f"/normals/{idx}", headers=auth)
+    ref = next(n["id"] for n in again["neighbours"] if n["name"].endswith(f.name))
+    assert again["generation"] == 2
+    r = c.delete(f"/normals/{ref}?generation=2", headers=auth)
     assert r.status_code == 200 and r.json()["generation"] == 3 and r.json()["n_train"] == 5
     # a restart keeps the generation; the history names the client
     again = TestClient(create_app(folder), base_url="http://localhost").get("/info").json()

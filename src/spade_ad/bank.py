@@ -14,16 +14,19 @@ the level rows alone; banks without it are read as before (the search then build
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import struct
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from .errors import SpadeError
+from .io import _write_error
 
 _DTYPES = {"F16": np.float16, "F32": np.float32, "U8": np.uint8, "I32": np.int32}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
@@ -53,10 +56,19 @@ class BankWriter:
         raw = json.dumps(self.header, separators=(",", ":")).encode()
         self.header_len = len(raw) + _HEADER_RESERVE + (-(len(raw) + _HEADER_RESERVE) % 8)
         self.data_start = 8 + self.header_len
-        self.fh = open(self.path, "w+b")
-        self.fh.write(struct.pack("<Q", self.header_len))
-        self.fh.write(raw.ljust(self.header_len))
-        self.fh.truncate(self.data_start + offset)
+        with self._writing():
+            self.fh = open(self.path, "w+b")
+            self.fh.write(struct.pack("<Q", self.header_len))
+            self.fh.write(raw.ljust(self.header_len))
+            self.fh.truncate(self.data_start + offset)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A failed write (disk full, ...) is one line naming the bank file."""
+        try:
+            yield
+        except OSError as exc:
+            raise _write_error(self.path, exc) from None
 
     def append(self, name: str, arr: np.ndarray) -> None:
         """Add a whole tensor (no row per training image) at the end of the file."""
@@ -69,15 +81,17 @@ class BankWriter:
         raw = json.dumps(self.header, separators=(",", ":")).encode()
         if len(raw) > self.header_len:
             raise ValueError("bank header reserve exceeded")
-        self.fh.seek(self.data_start + self.end)
-        self.fh.write(data)
-        self.end += len(data)
-        self.fh.seek(8)
-        self.fh.write(raw.ljust(self.header_len))
+        with self._writing():
+            self.fh.seek(self.data_start + self.end)
+            self.fh.write(data)
+            self.end += len(data)
+            self.fh.seek(8)
+            self.fh.write(raw.ljust(self.header_len))
 
     def flush(self) -> None:
         """Make what was written so far readable by :class:`Bank` (which sees the rows and appended tensors)."""
-        self.fh.flush()
+        with self._writing():
+            self.fh.flush()
 
     def write(self, index: int, rows: dict[str, np.ndarray]) -> None:
         """Write rows ``index .. index+B-1`` of each named tensor (arrays of shape (B, *row_shape))."""
@@ -86,13 +100,18 @@ class BankWriter:
             arr = np.ascontiguousarray(arr, dtype=_DTYPES[dtype])
             if arr.shape[1:] != tuple(shape):
                 raise ValueError(f"{name}: row shape {arr.shape[1:]} != {tuple(shape)}")
-            self.fh.seek(self.data_start + self.starts[name] + index * self.row_bytes[name])
-            self.fh.write(arr.tobytes())
+            with self._writing():
+                self.fh.seek(self.data_start + self.starts[name] + index * self.row_bytes[name])
+                self.fh.write(arr.tobytes())
 
     def close(self) -> None:
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
-        self.fh.close()
+        try:
+            with self._writing():
+                self.fh.flush()
+                os.fsync(self.fh.fileno())
+        finally:
+            with contextlib.suppress(OSError):
+                self.fh.close()
 
 
 class Bank:

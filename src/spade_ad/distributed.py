@@ -341,12 +341,14 @@ class _Featurizer:
             out[f"level{li}"] = np.zeros((n, *shape), np.float16)
         out["global"] = np.zeros((n, self.global_dim), np.float32)
         out["thumbnails"] = np.zeros((n, THUMB, THUMB, 3), np.uint8)
+        out["id"] = np.array([""] * n, dtype=object)
         if images:
             rows = self.model.bank_rows(images, 0)
             for li, lv in enumerate(rows.levels):
                 out[f"level{li}"][ok] = lv
             out["global"][ok] = rows.global_
             out["thumbnails"][ok] = rows.thumbnails
+            out["id"][ok] = rows.ids
         return out
 
 
@@ -407,7 +409,7 @@ def fit(
                     if b["error"][j]:
                         raise SpadeError(str(b["error"][j]))
                     yield BankRows(int(i), [b[k][j : j + 1] for k in levels], b["global"][j : j + 1],
-                                   b["thumbnails"][j : j + 1])
+                                   b["thumbnails"][j : j + 1], [str(b["id"][j])])
 
         return model.fit_rows(names, rows(), progress, workdir)
 

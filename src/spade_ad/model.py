@@ -8,6 +8,8 @@ and the memory :mod:`.bank` behind. Thresholds are calibrated here; files are wr
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 import secrets
 import shutil
@@ -50,6 +52,19 @@ class BankRows(NamedTuple):
     levels: list[np.ndarray]  # per pyramid level, (B, H*W, C) float16: what the bank stores
     global_: np.ndarray  # (B, D) float32 global vectors
     thumbnails: np.ndarray  # (B, THUMB, THUMB, 3) uint8
+    ids: list[str] | None = None  # the images' identities (image_id); None: unknown
+
+
+def image_id(image: np.ndarray) -> str:
+    """A training image's identity: the SHA-256 of its decoded pixels (HxWx3 uint8) and their shape.
+
+    It does not depend on how a path is spelled, on the file's name or format (a PNG and a lossless copy
+    are the same image), or on whether it came as a file or an array; a model never holds one image twice.
+    """
+    a = np.ascontiguousarray(image)
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.data)
+    return h.hexdigest()
 
 
 def resolve_images(images: Images) -> tuple[list[ImageInput], list[str]]:
@@ -94,6 +109,23 @@ def _check_unique(names: list[str], new: list[str] | None = None) -> None:
         seen.add(n)
 
 
+def _check_distinct(old_names: list[str], old_ids: list[str | None], names: list[str],
+                    ids: list[str | None]) -> None:
+    """Refuse new images (``names``, ``ids``) that are already among the old ones or come twice: one line
+    naming each such image and its twin."""
+    first = {x: n for x, n in zip(old_ids, old_names, strict=True) if x is not None}
+    twins = []
+    for x, name in zip(ids, names, strict=True):
+        if x is None:
+            continue
+        if x in first:
+            twins.append(f"{name} (= {first[x]}{', already a training image' if first[x] in old_names else ''})")
+        else:
+            first[x] = name
+    if twins:
+        raise SpadeError(f"the same image (identical pixels) may be a training image only once: {'; '.join(twins)}")
+
+
 def _positive_median(values: list[float]) -> float:
     """A score's scale for ``image_score=combined``: its median over the calibration images (1 if not positive)."""
     med = float(np.median(values))
@@ -132,6 +164,7 @@ class Spade:
         input_shape_: (height, width) of the network input (see the ``preprocess`` setting).
         level_shapes_: (h, w) of each pyramid level.
         train_names_: the training images' names (paths as given to ``fit``).
+        train_ids_: each training image's identity (:func:`image_id`; ``None`` in models saved before ids).
         weights_id_: checksum of the backbone weights.
         image_threshold_, pixel_threshold_: calibrated thresholds (``None`` if not calibrated).
         calibration_: how the thresholds were set (method, scores).
@@ -147,6 +180,8 @@ class Spade:
         >>> pred[0].verdict, pred[0].map.shape                        # doctest: +SKIP
         ('defective', (900, 900))
     """
+
+    base_sha256_: str | None = None  # checksum of the saved header this model was read from or saved as
 
     def __init__(self, settings: SpadeSettings | None = None, **overrides: Any) -> None:
         if settings is None:
@@ -239,7 +274,7 @@ class Spade:
             levels, gvec = extract(self._net(), arrays, self.prep, self.device)
         small = torch.stack([_THUMB_PREP.to_input(x) for x in arrays]).round().byte().permute(0, 2, 3, 1)
         return BankRows(start, [lv.cpu().numpy().astype(np.float16) for lv in levels], gvec.cpu().numpy(),
-                        small.numpy())
+                        small.numpy(), [image_id(x) for x in arrays])
 
     def _rows(self, items: list[ImageInput], names: list[str]) -> Iterator[BankRows]:
         s = self.settings
@@ -269,11 +304,13 @@ class Spade:
         net = self._net()
         self.level_shapes_ = level_shapes(net, self.prep)
         self.weights_id_ = net.weights_id
-        self.global_, self.bank_ = self._write_bank(self._new_bank_path(workdir), [], rows, names, progress)
+        self.global_, self.bank_, self.train_ids_ = self._write_bank(self._new_bank_path(workdir), [], rows, names,
+                                                                     progress)
         self.train_names_ = names
         self._calibrate(progress)
         self.history_ = [self._change("fit", added=names, before=None)]
         self.lineage_ = secrets.token_hex(8)
+        self.base_sha256_ = None  # a new model: saved over a folder, it becomes that folder's next generation
         return self
 
     # ------------------------------------------------------------------ keeping the model up to date
@@ -306,23 +343,27 @@ class Spade:
         _check_unique(self.train_names_ + names, new=names)
         before = self.thresholds_summary()
         keep = list(range(self.bank_.n))
-        glob, bank = self._write_bank(self._new_bank_path(None), keep, self._rows(items, names), names, progress)
+        glob, bank, ids = self._write_bank(self._new_bank_path(None), keep, self._rows(items, names), names,
+                                           progress)
         self._replace_bank(bank)
         self.global_ = glob
         self.train_names_ = self.train_names_ + names
+        self.train_ids_ = ids
         self._calibrate(progress)
         self.history_ = [*self.history_, self._change("add", added=names, before=before, source=source)]
         return self
 
     def remove(self, which: str | int | Sequence[str | int], progress: Progress | None = None,
-               source: str | None = None) -> Spade:
+               source: str | None = None, force: bool = False) -> Spade:
         """Remove training images (no feature extraction): exactly as if they had never been fitted.
 
         Args:
-            which: indices, or names (a training image's path as given to ``fit``, or its file name
-                where that is unambiguous).
+            which: indices, image ids, or names (a training image's path as given to ``fit``, or its file
+                name where that is unambiguous); each image named once.
             progress: optional callback ``(stage, done, total)``.
             source: who asked (recorded in the history).
+            force: allow leaving a single training image (the model then has no thresholds: calibration
+                scores each image against the others, and there are none).
 
         Returns:
             ``self``, updated.
@@ -335,12 +376,17 @@ class Spade:
         keep = [i for i in range(self.bank_.n) if i not in set(drop)]
         if not keep:
             raise SpadeError("cannot remove every training image: a model needs at least one")
+        if len(keep) < 2 <= self.bank_.n and not force:
+            raise SpadeError(f"removing {len(drop)} of {self.bank_.n} training images would leave one: the model "
+                             "would have no thresholds (no verdicts, no masks); add images first, or force it "
+                             "(--force, force=True)")
         before = self.thresholds_summary()
         removed = [self.train_names_[i] for i in drop]
-        _, bank = self._write_bank(self._new_bank_path(None), keep, [], [], progress)
+        _, bank, ids = self._write_bank(self._new_bank_path(None), keep, [], [], progress)
         self._replace_bank(bank)
         self.global_ = self.global_[keep].clone()
         self.train_names_ = [self.train_names_[i] for i in keep]
+        self.train_ids_ = ids
         self._calibrate(progress)
         self.history_ = [*self.history_, self._change("remove", removed=removed, before=before, source=source)]
         return self
@@ -354,26 +400,34 @@ class Spade:
             _unlink(old)
 
     def resolve_names(self, which: Sequence[str | int]) -> list[int]:
-        """Training-image indices for indices, paths as given to ``fit``, or unambiguous file names."""
+        """Training-image indices (sorted) for indices, image ids, paths as given to ``fit``, or unambiguous
+        file names; an image named twice (say by index and by name) is refused."""
         self._check_fitted()
-        out: list[int] = []
+        out: dict[int, str | int] = {}
         for w in which:
-            if isinstance(w, (int, np.integer)) and not isinstance(w, bool):
-                if not 0 <= int(w) < self.bank_.n:
-                    raise SpadeError(f"training image index {w} is out of range (0..{self.bank_.n - 1})")
-                out.append(int(w))
-                continue
-            name = str(w)
-            hits = [i for i, n in enumerate(self.train_names_) if n == name]
-            if not hits:
-                hits = [i for i, n in enumerate(self.train_names_) if Path(n).name == Path(name).name]
-                if len(hits) > 1:
-                    raise SpadeError(f"{name}: several training images have this file name; give the path "
-                                     f"({self.train_names_[hits[0]]}, {self.train_names_[hits[1]]}, ...)")
-            if not hits:
-                raise SpadeError(f"{name}: not a training image of this model")
-            out.append(hits[0])
-        return sorted(set(out))
+            i = self._resolve_one(w)
+            if i in out:
+                raise SpadeError(f"{out[i]!s} and {w!s} name the same training image ({self.train_names_[i]}); "
+                                 "name each image once")
+            out[i] = w
+        return sorted(out)
+
+    def _resolve_one(self, w: str | int) -> int:
+        if isinstance(w, (int, np.integer)) and not isinstance(w, bool):
+            if not 0 <= int(w) < self.bank_.n:
+                raise SpadeError(f"training image index {w} is out of range (0..{self.bank_.n - 1})")
+            return int(w)
+        name = str(w)
+        hits = [i for i, n in enumerate(self.train_names_) if n == name] or [
+            i for i, x in enumerate(self.train_ids_) if x is not None and x == name]
+        if not hits:
+            hits = [i for i, n in enumerate(self.train_names_) if Path(n).name == Path(name).name]
+            if len(hits) > 1:
+                raise SpadeError(f"{name}: several training images have this file name; give the path "
+                                 f"({self.train_names_[hits[0]]}, {self.train_names_[hits[1]]}, ...)")
+        if not hits:
+            raise SpadeError(f"{name}: not a training image of this model")
+        return hits[0]
 
     def thresholds_summary(self) -> dict[str, Any]:
         """Training-image count and thresholds (what the history records before and after a change)."""
@@ -404,11 +458,12 @@ class Spade:
         return path
 
     def _write_bank(self, path: Path, keep: list[int], rows: Iterable[BankRows], names: Sequence[str],
-                    progress: Progress | None) -> tuple[torch.Tensor, Bank]:
+                    progress: Progress | None) -> tuple[torch.Tensor, Bank, list[str | None]]:
         """A new bank: rows ``keep`` of the current bank, then ``rows`` for the images ``names`` (at their
-        indices, in any order), streamed to ``path``.
+        indices, in any order), streamed to ``path``. An image that is already among the kept ones, or that
+        comes twice (identical pixels, :func:`image_id`), is refused before the bank is finished.
 
-        Returns the global vectors of all its rows (kept ones from ``global_``) and the bank.
+        Returns the global vectors of all its rows (kept ones from ``global_``), the bank and the images' ids.
         """
         net = self._net()
         shapes = [(h * w, c) for (h, w), c in zip(self.level_shapes_, net.channels, strict=True)]
@@ -420,6 +475,8 @@ class Spade:
         writer = BankWriter(path, k + n, spec)
         global_ = np.zeros((k + n, net.global_dim), dtype=np.float32)
         seen = np.zeros(n, dtype=bool)
+        kept_ids = [self.train_ids_[i] for i in keep] if keep else []
+        new_ids: list[str | None] = [None] * n
         try:
             for a, b in batches(k, 256):  # kept rows are copied, never recomputed
                 writer.write(a, {name: self.bank_.rows(name, keep[a:b]) for name in copied})
@@ -433,17 +490,21 @@ class Spade:
                 crash_point("fit-bank")
                 global_[k + r.start : k + r.start + b] = r.global_
                 seen[r.start : r.start + b] = True
+                if r.ids is not None:
+                    new_ids[r.start : r.start + b] = r.ids
                 if progress:
                     progress("fit", int(seen.sum()), n)
             if not seen.all():
                 raise SpadeError(f"{names[int(np.argmin(seen))]}: no features were computed for this image")
+            _check_distinct([self.train_names_[i] for i in keep], kept_ids, list(names), new_ids)
             write_index(writer, self.settings.k)
         except BaseException:
-            writer.close()
+            with contextlib.suppress(SpadeError, OSError):  # the first error is the one reported
+                writer.close()
             _unlink(path)
             raise
         writer.close()
-        return torch.from_numpy(global_), Bank(path)
+        return torch.from_numpy(global_), Bank(path), kept_ids + new_ids
 
     def _calibrate(self, progress: Progress | None) -> None:
         """Thresholds from good images alone: leave-one-out on an even sample of the training images.

@@ -12,6 +12,14 @@ written and fsynced beside the old ones, and the new ``model.json`` is renamed o
 commit point) before unreferenced files are removed. A writer killed at any point leaves the folder
 loading as either the complete old model or the complete new one; files it leaves behind are named
 ``.staging-<pid>-*`` and are removed by the next writer once that process is gone.
+
+Writers take turns: :func:`folder_lock` (an advisory lock on ``.lock``) is held by every save and
+rollback, and a change that reads the model first holds it across the whole read -> change -> save
+(``with folder_lock(folder): Spade.load(folder) ... .save(folder)``; the lock is reentrant within a
+thread). A save also checks that the folder still holds the generation its model was read from, so a
+change computed from an out-of-date model is refused instead of silently undoing another writer's.
+A fresh fit saved over a folder holding another model becomes that folder's next generation: the
+earlier generations stay reachable by rollback.
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ import os
 import re
 import secrets
 import signal
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +43,7 @@ import torch
 from .backbones import BACKBONES
 from .bank import Bank, file_sha256
 from .errors import SpadeError
-from .io import atomic_write, fsync_dir, save_json
+from .io import _write_error, atomic_write, fsync_dir, save_json
 from .preprocess import is_aspect_shape
 from .settings import SpadeSettings
 from .version import __version__
@@ -48,6 +57,9 @@ KEEP_GENERATIONS = 5  # generations whose files a folder keeps (the current one 
 DATA = ("bank", "index")  # the data files of a model, each ``<kind>-<sha256 prefix>.safetensors``
 _DATA_NAME = re.compile(r"^(bank|index)-[0-9a-f]{16}\.safetensors$")
 _STAGING = re.compile(r"^\.staging-(\d+)-")
+_IMAGE_ID = re.compile(r"^[0-9a-f]{64}$")  # a training image's identity: model.image_id
+_ATOMIC_TMP = re.compile(r"^\..+\.tmp$")  # io.atomic_write's temporary files (only written under the lock)
+_held = threading.local()  # folders whose lock this thread holds (folder_lock is reentrant per thread)
 
 
 def utc_now() -> str:
@@ -71,13 +83,20 @@ def is_staging(path: Path) -> bool:
     return bool(_STAGING.match(path.name))
 
 
-def clean_stale(folder: Path) -> None:
-    """Remove staging files left by writers that are no longer running."""
+def clean_stale(folder: Path, locked: bool = False) -> None:
+    """Remove staging files left by writers that are no longer running; with ``locked`` (the caller holds
+    the folder's lock, so no writer is between its steps) also the temporary files of killed writers'
+    atomic writes, in the folder and in its generations."""
     if not folder.is_dir():
         return
     for f in folder.iterdir():
         m = _STAGING.match(f.name)
-        if m and not _alive(int(m.group(1))):
+        if (m and not _alive(int(m.group(1)))) or (locked and not m and _ATOMIC_TMP.match(f.name)):
+            with contextlib.suppress(OSError):
+                f.unlink()
+    gdir = folder / GENERATIONS
+    for f in gdir.iterdir() if locked and gdir.is_dir() else []:
+        if _ATOMIC_TMP.match(f.name):
             with contextlib.suppress(OSError):
                 f.unlink()
 
@@ -103,34 +122,127 @@ def _commit_data(out: Path, kind: str, staged: Path) -> tuple[str, str]:
     """Give a finished, fsynced staging file its content-addressed name; returns (name, sha256)."""
     digest = file_sha256(staged)
     name = f"{kind}-{digest[:16]}.safetensors"
-    os.replace(staged, out / name)
+    try:
+        os.replace(staged, out / name)
+    except OSError as exc:
+        raise _write_error(out / name, exc) from None
     return name, digest
 
 
 def save_model(model: Spade, out: Path) -> Path:
     """Write ``model`` to the folder ``out`` (see the module docstring for the order of the steps)."""
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _write_error(out, exc) from None
     with folder_lock(out):
         return _save_locked(model, out)
 
 
 @contextlib.contextmanager
-def folder_lock(folder: Path) -> Iterator[None]:
-    """One writer at a time per model folder (an advisory lock on ``folder/.lock``, across processes)."""
+def folder_lock(folder: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """One writer at a time per model folder: an advisory lock on ``folder/.lock``, across processes and
+    threads, reentrant within a thread (a save inside ``with folder_lock(folder):`` does not wait for itself).
+
+    Hold it across a whole change (load, change, save). ``on_wait`` is called once if another writer holds
+    the lock (then this one waits for it). A folder that cannot be locked is one line naming it.
+    """
     import fcntl
 
-    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    key = os.path.realpath(folder)
+    held: set[str] = _held.__dict__.setdefault("folders", set())
+    if key in held:
         yield
+        return
+    lock = folder / ".lock"
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        if not folder.is_dir():
+            raise SpadeError(f"{folder}: model folder does not exist") from None
+        raise SpadeError(f"{lock}: cannot lock the model folder ({exc.strerror or exc})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            raise SpadeError(f"{lock}: cannot lock the model folder ({exc.strerror or exc})") from None
+        held.add(key)
+        try:
+            yield
+        finally:
+            held.discard(key)
     finally:
         os.close(fd)
 
 
+def _current_header(out: Path) -> dict[str, Any] | None:
+    """The folder's current header, or None where there is none or it cannot be read (a save replaces it)."""
+    if not (out / "model.json").is_file():
+        return None
+    try:
+        return read_header(out)
+    except SpadeError:
+        return None
+
+
+def _numbers(header: dict[str, Any]) -> dict[str, Any]:
+    """Training-image count and thresholds of a header (what the history records before and after)."""
+    return {"n_train": header["n_train"], "image_threshold": header["image_threshold"],
+            "pixel_threshold": header["pixel_threshold"]}
+
+
+def _adopt(model: Spade, out: Path, current: dict[str, Any] | None) -> tuple[list[dict[str, Any]], str]:
+    """The history and lineage to save ``model`` under in ``out``, checking that saving it loses nothing.
+
+    * the folder holds no (readable) model, or the generation ``model`` was read from (or last saved as):
+      the model's own;
+    * ``model`` is a fresh fit (one history entry, its own lineage): the folder's next generation, so the
+      earlier ones stay in the history and reachable by rollback;
+    * otherwise (the folder moved on since ``model`` was read, or holds an unrelated model): refused.
+    """
+    if current is None or current["header_sha256"] == getattr(model, "base_sha256_", None):
+        return model.history_, model.lineage_
+    fresh = len(model.history_) == 1 and model.history_[0].get("action") == "fit"
+    if fresh and model.lineage_ != current["lineage"]:
+        entry = {**model.history_[0], "generation": current["generation"] + 1, "before": _numbers(current)}
+        return [*current["history"], entry], current["lineage"]
+    if model.lineage_ == current["lineage"]:
+        raise SpadeError(f"{out}: the model folder changed since this model was read (it is now at generation "
+                         f"{current['generation']}); saving would undo that change: load it again and redo yours")
+    raise SpadeError(f"{out}: holds another model (generation {current['generation']}); save this one into an "
+                     "empty folder")
+
+
 def _save_locked(model: Spade, out: Path) -> Path:
+    current = _current_header(out)
+    history, lineage = _adopt(model, out, current)
+    clean_stale(out, locked=True)
+    bank_path = model.bank_.path
+    moved = bank_path.parent.resolve() == out.resolve() and bool(_STAGING.match(bank_path.name))
+    try:
+        model.base_sha256_ = _write_locked(model, out, history, lineage)
+    except BaseException:
+        if moved and model.bank_.path != bank_path:  # give the bank back its staging name: a retry finds it
+            with contextlib.suppress(OSError):
+                os.replace(model.bank_.path, bank_path)
+                model.bank_ = Bank(bank_path)
+        if current is not None:  # data files committed for a header that was never written are not kept
+            _remove_unreferenced(out, _kept_files(out, current))
+        elif not (out / "model.json").exists():
+            _remove_unreferenced(out, set())
+        raise
+    model.history_, model.lineage_ = history, lineage
+    return out
+
+
+def _write_locked(model: Spade, out: Path, history: list[dict[str, Any]], lineage: str) -> str:
+    """Data files, then the header (the commit point); returns the header's checksum."""
     from safetensors.torch import save_file
 
-    clean_stale(out)
     files: dict[str, dict[str, str]] = {}
     bank_path = model.bank_.path
     if bank_path.parent.resolve() == out.resolve() and _DATA_NAME.match(bank_path.name):
@@ -164,27 +276,28 @@ def _save_locked(model: Spade, out: Path) -> Path:
         "bank_dtype": "float16",
         "n_train": int(model.bank_.n),
         "train_names": model.train_names_,
+        "train_ids": model.train_ids_,
         "image_threshold": model.image_threshold_,
         "pixel_threshold": model.pixel_threshold_,
         "calibration": model.calibration_,
         "files": files,
-        "lineage": model.lineage_,
-        "generation": len(model.history_),
-        "history": model.history_,
+        "lineage": lineage,
+        "generation": len(history),
+        "history": history,
     }
-    _commit_header(out, header)
-    return out
+    return _commit_header(out, header)
 
 
-def _commit_header(out: Path, header: dict[str, Any]) -> None:
+def _commit_header(out: Path, header: dict[str, Any]) -> str:
     """Keep a copy for rollbacks, rename the header over ``model.json`` (the commit point), then remove
-    what no kept generation references."""
+    what no kept generation references. Returns the header's checksum."""
     header["header_sha256"] = _header_digest(header)
     save_json(_generation_file(out, header["lineage"], header["generation"]), header)
     crash_point("save-generation")
     save_json(out / "model.json", header)  # the commit point
     crash_point("save-header")
     _collect_garbage(out, header)
+    return str(header["header_sha256"])
 
 
 def _generation_file(out: Path, lineage: str, generation: int) -> Path:
@@ -194,18 +307,27 @@ def _generation_file(out: Path, lineage: str, generation: int) -> Path:
 def _collect_garbage(out: Path, header: dict[str, Any]) -> None:
     """Remove data files and generation copies that neither the current model nor the last
     ``KEEP_GENERATIONS`` generations of its lineage reference (best effort)."""
-    keep_gen = {_generation_file(out, header["lineage"], g).name
-                for g in range(header["generation"], max(0, header["generation"] - KEEP_GENERATIONS), -1)}
-    keep = {f["name"] for f in header["files"].values()}
+    keep_gen = _kept_generations(out, header)
     gdir = out / GENERATIONS
     for f in sorted(gdir.iterdir()) if gdir.is_dir() else []:
         if f.name not in keep_gen:
             with contextlib.suppress(OSError):
                 f.unlink()
-            continue
+    _remove_unreferenced(out, _kept_files(out, header))
+
+
+def _kept_generations(out: Path, header: dict[str, Any]) -> set[str]:
+    return {_generation_file(out, header["lineage"], g).name
+            for g in range(header["generation"], max(0, header["generation"] - KEEP_GENERATIONS), -1)}
+
+
+def _kept_files(out: Path, header: dict[str, Any]) -> set[str]:
+    """The data files that ``header`` and the generations kept with it reference."""
+    keep = {f["name"] for f in header["files"].values()}
+    for name in _kept_generations(out, header):
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
-            keep |= {e["name"] for e in json.loads(f.read_text())["files"].values()}
-    _remove_unreferenced(out, keep)
+            keep |= {e["name"] for e in json.loads((out / GENERATIONS / name).read_text())["files"].values()}
+    return keep
 
 
 def _copy(src: Path, dst: Path, chunk: int = 16 << 20) -> None:
@@ -266,6 +388,12 @@ def load_model(cls: type[Spade], folder: Path, runtime: dict[str, Any], verify: 
         names = header["train_names"]
         if not isinstance(names, list) or len(names) != n_train or not all(isinstance(x, str) for x in names):
             raise SpadeError(f"{hpath}: train_names must be a list of {n_train} names")
+        ids = header.get("train_ids", [None] * n_train)  # written since images have an identity
+        if not isinstance(ids, list) or len(ids) != n_train or not all(
+                x is None or isinstance(x, str) and _IMAGE_ID.match(x) for x in ids):
+            raise SpadeError(f"{hpath}: train_ids must be a list of {n_train} image ids (SHA-256 hex) or nulls")
+        if len({x for x in ids if x is not None}) != sum(x is not None for x in ids):
+            raise SpadeError(f"{hpath}: train_ids lists an image twice")
         shapes = header["level_shapes"]
         if not isinstance(shapes, list) or not all(
             isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) and v > 0 for v in s) for s in shapes
@@ -322,6 +450,8 @@ def load_model(cls: type[Spade], folder: Path, runtime: dict[str, Any], verify: 
     model.input_shape_ = (int(input_shape[0]), int(input_shape[1]))
     model.level_shapes_ = [(int(h), int(w)) for h, w in shapes]
     model.train_names_ = list(names)
+    model.train_ids_ = list(ids)
+    model.base_sha256_ = header["header_sha256"]
     model.weights_id_ = weights_id
     model.image_threshold_ = thresholds["image_threshold"]
     model.pixel_threshold_ = thresholds["pixel_threshold"]
@@ -396,6 +526,7 @@ def rollback(folder: Path, generation: int, source: str | None = None) -> dict[s
     """
     with folder_lock(folder):
         current = read_header(folder)
+        clean_stale(folder, locked=True)
         if not 1 <= generation < current["generation"]:
             raise SpadeError(f"{folder}: generation must be between 1 and {current['generation'] - 1} "
                              f"(the current one is {current['generation']}), got {generation}")
@@ -413,13 +544,9 @@ def rollback(folder: Path, generation: int, source: str | None = None) -> dict[s
             if not path.is_file():
                 raise SpadeError(f"{path}: model file of generation {generation} is missing")
 
-        def numbers(h: dict[str, Any]) -> dict[str, Any]:
-            return {"n_train": h["n_train"], "image_threshold": h["image_threshold"],
-                    "pixel_threshold": h["pixel_threshold"]}
-
         entry = {"generation": current["generation"] + 1, "time": utc_now(),
                  "action": "rollback", "to": generation, "added": [], "removed": [], "source": source,
-                 "before": numbers(current), "after": numbers(old)}
+                 "before": _numbers(current), "after": _numbers(old)}
         header = {**old, "generation": entry["generation"], "history": [*current["history"], entry],
                   "lineage": current["lineage"]}
         header.pop("header_sha256", None)

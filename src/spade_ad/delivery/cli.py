@@ -50,9 +50,19 @@ WeightsOpt = Annotated[str | None, typer.Option(help="backbone weights file, for
                                                     "are not bundled (the ResNets)")]
 
 
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: control and format characters (escape sequences, carriage returns, bidi
+    overrides, as in a file name ``evil\\x1b[31m.png``) are shown as Python escapes instead of acting."""
+    import unicodedata
+
+    return "".join(ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) in ("Cc", "Cf")
+                   else ch for ch in text)
+
+
 def say(text: str) -> None:
-    """Print a message to stderr literally (file names are never read as markup)."""
-    console.print(text, markup=False, highlight=False, soft_wrap=True)
+    """Print a message to stderr literally (file names are never read as markup, and control characters in
+    them are shown escaped: :func:`printable`)."""
+    console.print(printable(text), markup=False, highlight=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- settings as options
@@ -204,8 +214,9 @@ def fit(
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise
-    say(f"fitted on {len(files)} images in {time.perf_counter() - t0:.1f}s; image threshold "
-        f"{_fmt(model.image_threshold_)}, pixel threshold {_fmt(model.pixel_threshold_)}; model written to {out}")
+    gen = len(model.history_)
+    say(f"fitted on {_numbers(model.thresholds_summary())} in {time.perf_counter() - t0:.1f}s; model written to "
+        f"{out}" + (f" as generation {gen} (the earlier ones stay: spade-ad history, rollback)" if gen > 1 else ""))
 
 
 @app.command()
@@ -382,11 +393,20 @@ def report(
 
 
 # --------------------------------------------------------------------------- keeping a model up to date
+NO_THRESHOLDS = "no thresholds (one training image: nothing to calibrate against; no verdicts or masks)"
+
+
 def _numbers(h: dict[str, Any] | None) -> str:
     if not h:
         return "-"
+    if h["image_threshold"] is None and h["pixel_threshold"] is None:
+        return f"{h['n_train']} images, {NO_THRESHOLDS}"
     return (f"{h['n_train']} images, image threshold {_fmt(h['image_threshold'])}, "
             f"pixel threshold {_fmt(h['pixel_threshold'])}")
+
+
+def _waiting(model_dir: Path) -> Callable[[], None]:
+    return lambda: say(f"{model_dir}: another writer is changing this model; waiting for it to finish")
 
 
 @app.command()
@@ -394,7 +414,10 @@ def update(
     model_dir: Annotated[Path, typer.Argument(help="model folder written by fit")],
     add: Annotated[list[Path] | None, typer.Option("--add", help="good image or folder to add (repeatable)")] = None,
     remove: Annotated[list[str] | None, typer.Option("--remove", help="training image to remove: its path as "
-                                                     "given to fit, its file name, or its index (repeatable)")] = None,
+                                                     "given to fit, its file name, its id or its index "
+                                                     "(repeatable; each image once)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="allow leaving a single training image (the model then "
+                                                        "has no thresholds: no verdicts, no masks)")] = False,
     device: DeviceOpt = "cpu",
     weights: WeightsOpt = None,
 ) -> None:
@@ -402,10 +425,13 @@ def update(
 
     The result equals a model fitted from scratch on the resulting images (old ones, then the added
     ones, less the removed ones). The folder gains a generation; `spade-ad history` lists them and
-    `spade-ad rollback` returns to an earlier one.
+    `spade-ad rollback` returns to an earlier one. Writers of one folder take turns: the model is read,
+    changed and saved while holding the folder's lock. An image already in the model (identical pixels,
+    however its path is spelled) is refused.
     """
     from ..io import list_images
     from ..model import Spade
+    from ..persistence import folder_lock
 
     if not add and not remove:
         raise SpadeError("nothing to do: give --add PATH and/or --remove NAME")
@@ -417,17 +443,21 @@ def update(
             files.append(item)
         else:
             raise SpadeError(f"{item}: file or folder does not exist")
-    model = Spade.load(model_dir, device=device, weights=weights)
-    before = model.thresholds_summary()
     t0 = time.perf_counter()
-    with progress_bars() as cb:
-        if remove:
-            model.remove([int(r) if r.isdigit() else r for r in remove], progress=cb, source="cli")
-        if files:
-            model.add([str(f) for f in files], progress=cb, source="cli")
-    model.save(model_dir)
-    say(f"generation {len(model.history_)} in {time.perf_counter() - t0:.1f}s: added {len(files)}, removed "
-        f"{len(remove or [])}; before: {_numbers(before)}; after: {_numbers(model.thresholds_summary())}")
+    with folder_lock(model_dir, on_wait=_waiting(model_dir)):
+        model = Spade.load(model_dir, device=device, weights=weights)
+        start, before = len(model.history_), model.thresholds_summary()
+        with progress_bars() as cb:
+            if remove:
+                model.remove([int(r) if r.isdigit() else r for r in remove], progress=cb, source="cli", force=force)
+            if files:
+                model.add([str(f) for f in files], progress=cb, source="cli")
+        model.save(model_dir)
+    changes = model.history_[start:]
+    added = sum(len(e["added"]) for e in changes)
+    removed = sum(len(e["removed"]) for e in changes)
+    say(f"generation {len(model.history_)} in {time.perf_counter() - t0:.1f}s: added {added}, removed "
+        f"{removed}; before: {_numbers(before)}; after: {_numbers(model.thresholds_summary())}")
 
 
 @app.command()
@@ -435,7 +465,7 @@ def history(model_dir: Annotated[Path, typer.Argument(help="model folder")]) -> 
     """List the model's generations: time, what was added or removed, counts and thresholds before/after."""
     from ..persistence import read_history
 
-    table = Table(title=Text(f"history of {model_dir}"))  # (a title is read as markup: a folder name is not)
+    table = Table(title=Text(printable(f"history of {model_dir}")))  # a title is read as markup: a name is not
     for col in ("gen", "time (UTC)", "change", "by", "training images", "image threshold", "pixel threshold"):
         table.add_column(col, overflow="fold")
     entries = read_history(model_dir)
@@ -453,10 +483,13 @@ def history(model_dir: Annotated[Path, typer.Argument(help="model folder")]) -> 
             return f"{_fmt(b.get(key)) if b else '-'} -> {_fmt(a.get(key))}" if key != "n_train" else (
                 f"{b.get(key, '-')} -> {a.get(key)}")
 
-        table.add_row(str(e.get("generation")), str(e.get("time", "")).replace("+00:00", ""), what,
-                      str(e.get("source") or ""), arrow("n_train"), arrow("image_threshold"), arrow("pixel_threshold"))
+        cells = (str(e.get("generation")), str(e.get("time", "")).replace("+00:00", ""), what,
+                 str(e.get("source") or ""), arrow("n_train"), arrow("image_threshold"), arrow("pixel_threshold"))
+        table.add_row(*(printable(c) for c in cells))
     out_console.print(table, markup=False, highlight=False)
-    say(f"current generation: {len(entries)}")
+    last = entries[-1].get("after") or {} if entries else {}
+    bare = last.get("image_threshold", 0) is None and last.get("pixel_threshold", 0) is None
+    say(f"current generation: {len(entries)}" + (f"; the model has {NO_THRESHOLDS}" if bare else ""))
 
 
 def _short_list(names: list[str], n: int = 3) -> str:
@@ -470,9 +503,11 @@ def rollback(
     to: Annotated[int, typer.Option("--to", help="the generation to return to (see spade-ad history)")],
 ) -> None:
     """Make an earlier generation current again (recorded as a new generation: nothing is lost)."""
+    from ..persistence import folder_lock
     from ..persistence import rollback as do_rollback
 
-    entry = do_rollback(model_dir, to, source="cli")
+    with folder_lock(model_dir, on_wait=_waiting(model_dir)):
+        entry = do_rollback(model_dir, to, source="cli")
     say(f"generation {entry['generation']}: back to generation {to}; before: {_numbers(entry['before'])}; "
         f"after: {_numbers(entry['after'])}")
 

@@ -37,6 +37,7 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi import Path as Path_
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -46,6 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import SpadeError
 from ..io import decode_image
 from ..model import Spade
+from ..persistence import folder_lock
 from ..result import Prediction, normalised
 from ..version import __version__
 from ..viz import SCALE_MAX, colour_bar, data_uri, encode, overlay, resize_map, resize_rgb, small_size
@@ -70,6 +72,11 @@ class Neighbour(BaseModel):
                                              "before ids)")
     name: str = Field(description="training image file name (no folders)")
     thumbnail_url: str = Field(description="its thumbnail in this generation (names the generation and id)")
+
+
+class NormalsResponse(BaseModel):
+    generation: int = Field(description="the model generation these training images belong to")
+    normals: list[Neighbour] = Field(description="the training images, by index")
 
 
 class RawMap(BaseModel):
@@ -221,6 +228,15 @@ def _neighbour(spade: Spade, index: int) -> Neighbour:
                      thumbnail_url=_thumbnail_url(spade, index))
 
 
+def _header_stat(folder: Path | None) -> tuple[int, int, int] | None:
+    """What tells that ``model.json`` was replaced (inode, modification time, size); None if unreadable."""
+    try:
+        st = (folder / "model.json").stat() if folder is not None else None
+    except OSError:
+        return None
+    return None if st is None else (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 def _host_only(value: str) -> str:
     """``host[:port]`` or ``[v6]:port`` -> host, lower case."""
     v = value.strip().lower()
@@ -306,8 +322,11 @@ def create_app(
     ``max_pixels``: refuse uploads with more pixels, read from their header (default ``MAX_PIXELS``).
     ``allowed_hosts``: host names accepted in the ``Host`` header (default: this machine's loopback names);
     any other is refused (DNS rebinding). Requests that change anything must come from the same origin.
-    ``allow_updates``: offer ``POST /normals`` and ``DELETE /normals/{index}`` (they change the model in
-    ``model_dir``), each with ``Authorization: Bearer <token>``; without it the inspector is read-only.
+    ``allow_updates``: offer ``POST /normals`` and ``DELETE /normals/{id}?generation=G`` (they change the model
+    in ``model_dir``), each with ``Authorization: Bearer <token>``; without it the inspector is read-only.
+    A change holds the folder's lock (:func:`spade_ad.persistence.folder_lock`) across load -> change -> save,
+    so it applies to the model as it is on disk then, whoever else (``spade-ad update``, another server)
+    writes the folder; a removal names the generation it was chosen in and is refused (409) once that moved.
     """
     from fastapi_offline import FastAPIOffline
 
@@ -325,6 +344,7 @@ def create_app(
         raise SpadeError("updates need the model folder and a token")
     folder = Path(model_dir) if model_dir is not None else None
     state: dict[str, Spade] = {"model": model}  # swapped whole on an update: a request uses one model
+    seen: dict[str, tuple[int, int, int] | None] = {"header": _header_stat(folder)}
     update_lock = threading.Lock()
     cache_lock = threading.Lock()
     cache: OrderedDict[str, _Entry] = OrderedDict()
@@ -344,6 +364,22 @@ def create_app(
         400: {"model": ErrorResponse, "description": "not an image, corrupt or truncated file, bad request"},
         413: {"model": ErrorResponse, "description": "upload larger than the server's limit"},
     }
+
+    def current() -> Spade:
+        """The model as the folder holds it now: reloaded once ``model.json`` changed (another writer, such as
+        ``spade-ad update`` or ``rollback``); the last good one while the folder cannot be read."""
+        stat = _header_stat(folder)
+        if folder is None or stat is None or stat == seen["header"]:
+            return state["model"]
+        with update_lock:
+            if stat != seen["header"]:
+                try:
+                    state["model"] = Spade.load(folder, device=device, weights=weights)
+                except SpadeError:
+                    return state["model"]
+                seen["header"] = stat
+                thumbs.clear()
+        return state["model"]
 
     @app.exception_handler(SpadeError)
     async def _spade_error(request: Request, exc: SpadeError) -> JSONResponse:
@@ -372,7 +408,7 @@ def create_app(
 
     @app.get("/info", response_model=InfoResponse, summary="The model: thresholds, settings, upload limit")
     def info() -> InfoResponse:
-        spade = state["model"]
+        spade = current()
         calib = {k: v for k, v in (spade.calibration_ or {}).items() if k not in ("image_scores", "map_maxima")}
         return InfoResponse(
             version=__version__, backbone=spade.settings.backbone, n_train=int(spade.bank_.n), k=spade.settings.k,
@@ -390,7 +426,7 @@ def create_app(
     @app.get("/colour-bar.png", summary="The heatmap colour bar (PNG), labelled in raw pixel scores",
              response_class=Response, responses={200: {"content": {"image/png": {}}}})
     def colour_bar_png() -> Response:
-        spade = state["model"]
+        spade = current()
         return Response(encode(colour_bar(height=256, width=70, threshold=spade.pixel_threshold_)),
                          media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
@@ -403,7 +439,7 @@ def create_app(
                                                              "thumbnail_url of /predict and /explain)")] = None,
         id: Annotated[str | None, Query(description="the image's id in that generation")] = None,
     ) -> Response:
-        spade = state["model"]
+        spade = current()
         now = _generation(spade)
         if generation is not None and generation != now:
             raise HTTPException(409, f"training image {index} of generation {generation} is not served any more "
@@ -431,7 +467,7 @@ def create_app(
             raise _TooLarge(max_upload_bytes)
         image = decode_image(data, name, max_pixels=max_pixels)
         del data
-        spade = state["model"]
+        spade = current()
         pred = spade.predict([image], keep_features=True)
         res = pred[0]
         h, w = image.shape[:2]
@@ -478,7 +514,7 @@ def create_app(
         if entry is None:
             raise HTTPException(404, f"upload {_clip(id)} is no longer cached (the server keeps the last "
                                      f"{cache_size}); upload the image again")
-        spade = state["model"]
+        spade = current()
         if entry.scored_by() is not spade:
             raise HTTPException(409, f"upload {_clip(id)} was scored by generation {entry.generation} and the model "
                                      f"is now at generation {_generation(spade)}: upload the image again")
@@ -506,15 +542,22 @@ def create_app(
                                 headers={"WWW-Authenticate": "Bearer"})
         return f"inspector {request.client.host if request.client else 'unknown'}"
 
-    def change(apply: Callable[[Spade], object]) -> UpdateResponse:
-        """Apply a change to a fresh copy of the model, save it as a new generation, then swap it in:
-        requests running meanwhile use the old model, later ones the new one, never a mix."""
+    def change(apply: Callable[[Spade], object], generation: int | None = None) -> UpdateResponse:
+        """Apply a change to the model as the folder holds it now (read, changed and saved under the folder's
+        lock, so no other writer comes in between), then swap it in: requests running meanwhile use the old
+        model, later ones the new one, never a mix. With ``generation``: refused (409) unless the folder is
+        still at that generation (what the client saw)."""
         assert folder is not None
-        with update_lock:
+        with update_lock, folder_lock(folder):
+            stat = _header_stat(folder)
             new = Spade.load(folder, device=device, weights=weights)
+            if generation is not None and generation != len(new.history_):
+                raise HTTPException(409, f"the model changed since you saw it (generation {generation}, now "
+                                         f"{len(new.history_)}); reload and choose again")
             apply(new)
             new.save(folder)
             state["model"] = new
+            seen["header"] = _header_stat(folder) if stat is not None else None
             thumbs.clear()
         e = new.history_[-1]
         return UpdateResponse(generation=e["generation"], action=e["action"], n_train=int(new.bank_.n),
@@ -526,7 +569,14 @@ def create_app(
         401: {"model": ErrorResponse, "description": "no or wrong token"},
         403: {"model": ErrorResponse, "description": "read-only inspector, or a cross-origin request"},
         404: {"model": ErrorResponse, "description": "unknown upload id or training image"},
+        409: {"model": ErrorResponse, "description": "the model changed since the client saw it"},
     }
+
+    @app.get("/normals", response_model=NormalsResponse, summary="The training images (normals): index, id, name")
+    def list_normals() -> NormalsResponse:
+        spade = current()
+        return NormalsResponse(generation=_generation(spade),
+                               normals=[_neighbour(spade, i) for i in range(spade.bank_.n)])
 
     @app.post("/normals", response_model=UpdateResponse, responses=writes,
               summary="Mark an upload as normal: add it to the model's good images (needs --allow-updates)")
@@ -535,17 +585,31 @@ def create_app(
         with cache_lock:
             entry = cache.get(body.id)
         if entry is None or entry.image is None:
-            raise HTTPException(404, f"upload {body.id!r} is not cached any more; upload the image again")
+            raise HTTPException(404, f"upload {_clip(body.id)} is not cached any more; upload the image again")
         image, name = entry.image, f"inspector/{body.id[:12]}-{entry.filename}"
         return change(lambda m: m.add([image], names=[name], source=source))
 
-    @app.delete("/normals/{index}", response_model=UpdateResponse, responses=writes,
-                summary="Remove training image `index` from the model's good images (needs --allow-updates)")
-    def remove_normal(index: int, request: Request) -> UpdateResponse:
+    @app.delete("/normals/{image}", response_model=UpdateResponse, responses=writes,
+                summary="Remove a training image from the model's good images (needs --allow-updates)")
+    def remove_normal(
+        image: Annotated[str, Path_(description="the training image's id (or, in models saved before ids, its "
+                                               "index), as /normals, /predict list it")],
+        generation: Annotated[int, Query(description="the model generation the client saw it in (the `generation` "
+                                                     "of /normals or /predict)")],
+        request: Request,
+    ) -> UpdateResponse:
         source = authorise(request)
-        n = state["model"].bank_.n
-        if not 0 <= index < n:
-            raise HTTPException(404, f"no training image {index} (the model has {n})")
-        return change(lambda m: m.remove([index], source=source))
+
+        def remove(m: Spade) -> None:
+            ids = m.train_ids_
+            if image in ids:
+                index = ids.index(image)
+            elif image.isdigit() and int(image) < m.bank_.n and ids[int(image)] is None:
+                index = int(image)
+            else:
+                raise HTTPException(404, f"no training image {image!r} in generation {generation}")
+            m.remove([index], source=source)
+
+        return change(remove, generation)
 
     return app

@@ -193,7 +193,11 @@
         rm.className = 'remove-normal';
         rm.textContent = 'Remove from normals';
         rm.title = 'this training image shows a defect: remove it from the model';
-        rm.addEventListener('click', function () { changeModel('DELETE', '/normals/' + n.index, null); });
+        // name the image (its id; its index in models saved before ids) and the generation it was shown in:
+        // the server refuses (409) once the model changed, instead of removing another image
+        var ref = n.id !== null && n.id !== undefined ? n.id : String(n.index);
+        var url = '/normals/' + encodeURIComponent(ref) + '?generation=' + encodeURIComponent(res.generation);
+        rm.addEventListener('click', function () { changeModel('DELETE', url, null); });
         fig.appendChild(rm);
       }
       nb.appendChild(fig);
