@@ -56,7 +56,7 @@ def test_loading_a_model_many_times_keeps_no_old_bank(small_train: Path, tmp_pat
         del model
         gc.collect()
         rss.append(_rss_mb())
-        assert len(gallery._CACHES) <= 1
+        assert sum(b.path.parent == folder for b in list(gallery._CACHES)) <= 1  # (other tests' banks aside)
     alive = [r for r in banks if r() is not None]
     assert alive == [], f"{len(alive)} of {len(banks)} banks are still alive after their models were dropped"
     assert _open_deleted(folder) == []

@@ -84,9 +84,14 @@ def test_predict_gives_every_input_its_own_files(model_dir: Path, small_train: P
 
 # ------------------------------------------------------------------ the model generation of a run
 def _update(model_dir: Path, image: Path, times: int = 1) -> None:
+    """``times`` new generations: ``image`` added, then removed, and so on (an image is in a model once)."""
     for _ in range(times):
         model = Spade.load(model_dir)
-        model.add([str(image)], names=[f"extra-{len(model.history_)}.png"]).save(model_dir)
+        if "extra.png" in model.train_names_:
+            model.remove(["extra.png"])
+        else:
+            model.add([str(image)], names=["extra.png"])
+        model.save(model_dir)
 
 
 def test_a_run_scores_with_the_generation_it_pinned(model_dir: Path, small_train: Path, tmp_path: Path,

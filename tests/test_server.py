@@ -263,10 +263,12 @@ def test_thumbnails_and_explanations_name_their_generation(model_dir: Path, test
     j = post(c, test_files[0]).json()
     assert j["generation"] == 1
     url = j["neighbours"][0]["thumbnail_url"]
-    assert url == f"/thumbnail/{j['neighbours'][0]['index']}?generation=1"
+    n0 = j["neighbours"][0]
+    assert n0["id"] and url == f"/thumbnail/{n0['index']}?generation=1&id={n0['id']}"
     assert np.array_equal(_thumb_pixels(c, url), Spade.load(folder).thumbnail(j["neighbours"][0]["index"]))
     e = c.get("/explain", params={"id": j["id"], "y": 3, "x": 4}).json()
-    assert e["generation"] == 1 and e["thumbnail_url"] == f"/thumbnail/{e['neighbour']}?generation=1"
+    assert e["generation"] == 1
+    assert e["thumbnail_url"] == f"/thumbnail/{e['neighbour']}?generation=1&id={e['neighbour_id']}"
     # another generation: the image just scored becomes a training image
     r = c.post("/normals", json={"id": j["id"]}, headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 200 and r.json()["generation"] == 2

@@ -106,7 +106,7 @@ def test_the_same_image_however_spelled_is_refused(good: list[Path], folder: Pat
 
 
 # ------------------------------------------------------------------ 4. and 10. honest removals
-def test_shrinking_to_one_image_needs_force_and_says_no_thresholds(folder: Path,
+def test_shrinking_to_one_image_needs_force_and_says_no_thresholds(folder: Path, good: list[Path],
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SpadeError, match="would leave one: the model would have no thresholds"):
         Spade.load(folder).remove([0, 1, 2, 3])
@@ -119,6 +119,10 @@ def test_shrinking_to_one_image_needs_force_and_says_no_thresholds(folder: Path,
     assert code == 0 and "removed 4" in line and "after: 1 images, no thresholds" in line
     code, _, err = run_cli(["history", str(folder)], capsys)
     assert code == 0 and "current generation: 2; the model has no thresholds" in " ".join(err.split())
+    out = folder.parent / "out-no-thresholds"
+    code, _, err = run_cli(["predict", str(folder), str(good[5]), "--out", str(out)], capsys)
+    line = " ".join(err.split())
+    assert code == 0 and "no verdicts: the model has no thresholds" in line and "flagged" not in line
 
 
 def test_an_image_named_twice_for_removal_is_refused(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:

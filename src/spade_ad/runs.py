@@ -456,6 +456,7 @@ class RunSummary:
     n_defective: int  # rows with verdict "defective"
     seconds: float  # wall time of the run, from its first image to its last row
     workers: dict[str, dict[str, float]] = field(default_factory=dict)  # Ray: per worker images, busy_s, load_s
+    has_verdicts: bool = True  # False: the model has no image threshold, so no row has a verdict
 
     @property
     def images_per_second(self) -> float:
@@ -528,7 +529,8 @@ class Run:
         except SpadeError:
             if not interrupted:
                 raise
-        return RunSummary(r.n_rows, r.n_failed, r.n_defective, seconds, fields.get("workers", {}))
+        return RunSummary(r.n_rows, r.n_failed, r.n_defective, seconds, fields.get("workers", {}),
+                          self.record["image_threshold"] is not None)
 
 
 # --------------------------------------------------------------------------- the local run

@@ -27,6 +27,9 @@ from .. import settings
 from ..errors import SpadeError
 from ..version import __version__
 
+if typing.TYPE_CHECKING:
+    from ..runs import RunSummary
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -265,15 +268,18 @@ def predict(
                                      gpus_per_worker=gpus_per_worker or 0, threads=threads_per_worker, device=device,
                                      weights=weights, threshold=threshold, raw=raw, batch_size=batch_size,
                                      max_pixels=max_pixels, on_error=policy, overwrite=overwrite, progress=cb)
-    report_predictions(out, summary.n_rows, summary.n_failed, summary.n_defective, summary.seconds)
+    report_predictions(out, summary)
 
 
-def report_predictions(out: Path, n_rows: int, n_failed: int, n_defective: int, seconds: float) -> None:
+def report_predictions(out: Path, summary: RunSummary) -> None:
     """The summary line of a predict run; images that could not be read make it exit with code 2."""
+    n_rows, n_failed, seconds = summary.n_rows, summary.n_failed, summary.seconds
     scored = n_rows - n_failed
     failed = f", {n_failed} failed" if n_failed else ""
+    verdicts = (f"{summary.n_defective} flagged defective" if summary.has_verdicts
+                else "no verdicts: the model has no thresholds (one training image)")
     say(f"{scored} images in {seconds:.1f}s ({scored / max(seconds, 1e-9):.2f} images/s){failed}; "
-        f"{n_defective} flagged defective; outputs in {out} (predictions.jsonl)")
+        f"{verdicts}; outputs in {out} (predictions.jsonl)")
     if n_failed:
         raise SpadeError(f"{n_failed} of {n_rows} images could not be read; their rows in "
                          f"{out / 'predictions.jsonl'} say why")
