@@ -241,7 +241,8 @@ def print_table(summary: dict[str, Any], methods: list[str], title: str) -> None
 PROFILE_HOOKS = [
     ("spade_ad.model", "read_item", "read + decode"),
     ("spade_ad.model", "extract", "backbone"),
-    ("spade_ad.model", "image_knn", "image kNN"),
+    ("spade_ad.model", "image_knn", "image kNN"),  # (before stages had their own modules)
+    ("spade_ad.scoring", "image_knn", "image kNN"),
     ("spade_ad.bank:Bank", "rows", "gallery reads"),
     ("spade_ad.correspondence.gallery", "prepare", "index: prepare neighbours"),
     ("spade_ad.correspondence.gallery", "prepare_many", "index: prepare neighbours"),
@@ -260,6 +261,7 @@ PROFILE_HOOKS = [
     ("spade_ad.correspondence.search", "_nn_distances", "search: rest"),
     ("spade_ad.correspondence.search", "_merged", "search: rest"),
     ("spade_ad.model", "combine_levels", "upsample + smooth"),
+    ("spade_ad.correspondence.stage", "combine_levels", "upsample + smooth"),
     ("spade_ad.preprocess:Preprocessor", "map_to_image", "map to image size"),
     ("spade_ad.model:Spade", "predict", "predict: rest"),
 ]

@@ -321,7 +321,7 @@ def test_inspector_validates_level_host_and_origin(model_dir: Path, small_train:
     client = TestClient(app, base_url="http://127.0.0.1:8000")
     img = (small_train / "test" / "good" / "000.png").read_bytes()
     j = client.post("/predict", files={"file": ("a.png", img, "image/png")}).json()
-    r = client.get("/explain", params={"id": j["id"], "y": 3, "x": 3, "level": 3})
+    r = client.get("/correspondence", params={"id": j["id"], "y": 3, "x": 3, "level": 3})
     assert r.status_code == 400 and "level must be in 0..2, got 3" in r.json()["detail"]
     evil = TestClient(app, base_url="http://attacker.example")
     r = evil.get("/info")

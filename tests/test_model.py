@@ -164,7 +164,7 @@ def test_correspondence_points_at_the_matching_place(tmp_path: Path) -> None:
         assert c.neighbour == 2 and c.level == 0 and c.distance < 0.05
         y0, x0, y1, x1 = c.box_pixels(64, 64)
         assert y0 <= y < y1 and x0 <= x < x1
-    assert m.explain(imgs[2], 10, 37) == res.correspondence(0, 10, 37)
+    assert m.correspondence(imgs[2], 10, 37) == res.correspondence(0, 10, 37)
     assert m.thumbnail(2).shape == (128, 128, 3)
     m.save(tmp_path / "m")
     again = Spade.load(tmp_path / "m")
@@ -173,3 +173,40 @@ def test_correspondence_points_at_the_matching_place(tmp_path: Path) -> None:
         res.correspondence(0, 64, 0)
     with pytest.raises(SpadeError, match="keep_features"):
         m.predict([imgs[0]]).correspondence(0, 1, 1)
+
+
+def test_fitted_state_is_one_object_that_storage_reads_and_writes(fitted: Spade, tmp_path: Path) -> None:
+    from spade_ad.persistence import read_state, save_state
+    from spade_ad.state import FittedState
+
+    state = fitted.state_
+    assert isinstance(state, FittedState)
+    assert fitted.bank_ is state.bank and fitted.train_names_ is state.train_names and fitted.offset_ == (
+        state.image_threshold)
+    save_state(state, tmp_path / "m")  # storage needs no estimator
+    back = read_state(tmp_path / "m", {"device": "cpu", "weights": None}, verify=True)
+    assert back.train_names == state.train_names and back.image_threshold == state.image_threshold
+    assert torch.equal(back.global_, state.global_) and back.level_shapes == state.level_shapes
+    with pytest.raises(NotFittedError, match="not fitted"):
+        Spade().state_  # noqa: B018
+    assert not hasattr(Spade(), "bank_")  # NotFittedError is an AttributeError too (as in scikit-learn)
+
+
+def test_decision_function_is_the_score_minus_the_threshold(fitted: Spade) -> None:
+    imgs = [np.full((64, 64, 3), v, np.uint8) for v in (0, 128)]
+    scores = fitted.score_samples(imgs)
+    assert np.array_equal(scores, fitted.predict(imgs).scores)
+    d = fitted.decision_function(imgs)
+    assert fitted.offset_ is not None and np.array_equal(d, scores - fitted.offset_)
+    verdicts = [r.verdict for r in fitted.predict(imgs)]
+    assert [("defective" if x >= 0 else "good") for x in d] == verdicts  # positive (or 0) = defective
+
+
+def test_set_params_changes_only_runtime_settings_once_fitted(small_train: Path) -> None:
+    model = Spade(**FAST)
+    assert model.set_params(k=4).settings.k == 4  # before fit: any setting
+    model.fit(small_train / "train" / "good")
+    assert model.set_params(batch_size=3).settings.batch_size == 3 == model.state_.settings.batch_size
+    with pytest.raises(SpadeError, match="k decide"):
+        model.set_params(k=5)
+    assert model.settings.k == 4

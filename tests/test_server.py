@@ -146,7 +146,7 @@ def test_openapi_and_offline_docs(client: TestClient) -> None:
     body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]
     assert "multipart/form-data" in body
     assert {"200", "400", "413"} <= set(spec["paths"]["/predict"]["post"]["responses"])
-    assert "/explain" in spec["paths"]
+    assert "/correspondence" in spec["paths"]
     for page in ("/docs", "/redoc"):
         html = client.get(page).text
         assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html), page
@@ -173,14 +173,14 @@ def test_concurrent_requests_match_sequential_results(client: TestClient, test_f
     sequential: dict[Path, dict[str, Any]] = {}
     for f in test_files[:4]:
         s = post(client, f).json()
-        s["explain"] = client.get("/explain", params={"id": s["id"], "y": 10, "x": 20}).json()
+        s["explain"] = client.get("/correspondence", params={"id": s["id"], "y": 10, "x": 20}).json()
         sequential[f] = s
 
     def one(f: Path) -> tuple[Path, dict[str, Any]]:
         r = post(client, f)
         assert r.status_code == 200, r.text
         j = r.json()
-        e = client.get("/explain", params={"id": j["id"], "y": 10, "x": 20})
+        e = client.get("/correspondence", params={"id": j["id"], "y": 10, "x": 20})
         assert e.status_code == 200, e.text
         return f, {**j, "explain": e.json()}
 
@@ -205,7 +205,7 @@ def test_explain_returns_a_neighbour_and_box(client: TestClient, model_dir: Path
     ref = model.predict([load_image(f)], keep_features=True)
     h, w = j["height"], j["width"]
     for y, x in ((0, 0), (h // 2, w // 3), (h - 1, w - 1)):
-        r = client.get("/explain", params={"id": j["id"], "y": y, "x": x})
+        r = client.get("/correspondence", params={"id": j["id"], "y": y, "x": x})
         assert r.status_code == 200, r.text
         e = r.json()
         assert 0 <= e["neighbour"] < n_train and e["neighbour_name"] == Path(model.train_names_[e["neighbour"]]).name
@@ -220,17 +220,17 @@ def test_explain_returns_a_neighbour_and_box(client: TestClient, model_dir: Path
         thumb = client.get(e["thumbnail_url"])
         assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/png"
         assert Image.open(io.BytesIO(thumb.content)).mode == "RGB"
-    assert client.get("/explain", params={"id": j["id"], "y": h, "x": 0}).status_code == 400
-    assert client.get("/explain", params={"id": "nope", "y": 0, "x": 0}).status_code == 404
+    assert client.get("/correspondence", params={"id": j["id"], "y": h, "x": 0}).status_code == 400
+    assert client.get("/correspondence", params={"id": "nope", "y": 0, "x": 0}).status_code == 404
     assert client.get("/thumbnail/9999").status_code == 404
 
 
 def test_explain_cache_keeps_the_last_uploads(model_dir: Path, test_files: list[Path]) -> None:
     c = TestClient(create_app(model_dir, cache_size=2), base_url="http://localhost")
     ids = [post(c, f).json()["id"] for f in test_files[:3]]
-    r = c.get("/explain", params={"id": ids[0], "y": 0, "x": 0})
+    r = c.get("/correspondence", params={"id": ids[0], "y": 0, "x": 0})
     assert r.status_code == 404 and "upload the image again" in r.json()["detail"]
-    assert c.get("/explain", params={"id": ids[2], "y": 0, "x": 0}).status_code == 200
+    assert c.get("/correspondence", params={"id": ids[2], "y": 0, "x": 0}).status_code == 200
 
 
 def test_create_app_errors(tmp_path: Path) -> None:
@@ -266,7 +266,7 @@ def test_thumbnails_and_explanations_name_their_generation(model_dir: Path, test
     n0 = j["neighbours"][0]
     assert n0["id"] and url == f"/thumbnail/{n0['index']}?generation=1&id={n0['id']}"
     assert np.array_equal(_thumb_pixels(c, url), Spade.load(folder).thumbnail(j["neighbours"][0]["index"]))
-    e = c.get("/explain", params={"id": j["id"], "y": 3, "x": 4}).json()
+    e = c.get("/correspondence", params={"id": j["id"], "y": 3, "x": 4}).json()
     assert e["generation"] == 1
     assert e["thumbnail_url"] == f"/thumbnail/{e['neighbour']}?generation=1&id={e['neighbour_id']}"
     # another generation: the image just scored becomes a training image
@@ -278,7 +278,7 @@ def test_thumbnails_and_explanations_name_their_generation(model_dir: Path, test
     # the old generation's references are refused, not answered from the new model
     r = c.get(url)
     assert r.status_code == 409 and "generation 1" in r.json()["detail"] and "generation 2" in r.json()["detail"]
-    r = c.get("/explain", params={"id": j["id"], "y": 3, "x": 4})
+    r = c.get("/correspondence", params={"id": j["id"], "y": 3, "x": 4})
     assert r.status_code == 409 and "upload the image again" in r.json()["detail"]
     # scored again: its nearest normal image is itself, listed first, and its thumbnail is that image
     again = post(c, test_files[0]).json()
@@ -286,7 +286,7 @@ def test_thumbnails_and_explanations_name_their_generation(model_dir: Path, test
     assert again["generation"] == 2 and again["neighbours"][0]["index"] == model.bank_.n - 1
     assert np.array_equal(_thumb_pixels(c, again["neighbours"][0]["thumbnail_url"]), model.thumbnail(model.bank_.n - 1))
     for y, x in ((0, 0), (20, 30)):
-        e = c.get("/explain", params={"id": again["id"], "y": y, "x": x}).json()
+        e = c.get("/correspondence", params={"id": again["id"], "y": y, "x": x}).json()
         assert e["generation"] == 2
         assert np.array_equal(_thumb_pixels(c, e["thumbnail_url"]), model.thumbnail(e["neighbour"]))
 
@@ -298,7 +298,7 @@ def test_thumbnail_urls_name_the_image_id(model_dir: Path, test_files: list[Path
     j = post(c, test_files[1]).json()
     n = j["neighbours"][0]
     assert n["id"] == f"{n['index']:064x}" and n["thumbnail_url"].endswith(f"&id={n['id']}")
-    e = c.get("/explain", params={"id": j["id"], "y": 0, "x": 0}).json()
+    e = c.get("/correspondence", params={"id": j["id"], "y": 0, "x": 0}).json()
     assert e["neighbour_id"] == f"{e['neighbour']:064x}" and e["thumbnail_url"].endswith(f"&id={e['neighbour_id']}")
     assert c.get(n["thumbnail_url"]).status_code == 200
     r = c.get(f"/thumbnail/{n['index']}", params={"generation": 1, "id": f"{n['index'] + 1:064x}"})
@@ -308,10 +308,10 @@ def test_thumbnail_urls_name_the_image_id(model_dir: Path, test_files: list[Path
 def test_error_bodies_quote_client_values_shortened(client: TestClient, model_dir: Path) -> None:
     huge = "A" * 50_000  # (URLs: the test client's limit; bodies: a megabyte)
     writer = TestClient(create_app(model_dir, allow_updates=True, token=TOKEN), base_url="http://localhost")
-    for r in (client.get("/explain", params={"id": huge, "y": 0, "x": 0}),
+    for r in (client.get("/correspondence", params={"id": huge, "y": 0, "x": 0}),
               client.get(f"/thumbnail/{huge}"),
               client.get("/thumbnail/0", params={"generation": 1, "id": huge}),
-              client.get("/explain", params={"id": "x", "y": huge, "x": 0}),
+              client.get("/correspondence", params={"id": "x", "y": huge, "x": 0}),
               client.get("/info", headers={"host": huge}),
               writer.post("/normals", json={"id": "C" * 1_000_000}, headers={"Authorization": f"Bearer {TOKEN}"})):
         assert 400 <= r.status_code < 500
@@ -319,5 +319,5 @@ def test_error_bodies_quote_client_values_shortened(client: TestClient, model_di
     r = post(client, data=b"not an image", name="B" * 300 + ".png")  # (longer names: the multipart parser refuses)
     assert r.status_code == 400 and "B" * 100 not in r.text
     assert r.json()["detail"].endswith("(cannot identify its format)")
-    r = client.get("/explain", params={"id": "a\nb\x1b[31m", "y": 0, "x": 0})
+    r = client.get("/correspondence", params={"id": "a\nb\x1b[31m", "y": 0, "x": 0})
     assert r.status_code == 404 and "'a\\nb\\x1b[31m'" in r.json()["detail"]  # escaped, not raw

@@ -33,6 +33,11 @@ _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 _HEADER_RESERVE = 4096  # header bytes kept free for the tensors appended at the end
 
 
+def level_key(level: int) -> str:
+    """The name of pyramid level ``level``'s tensor in a bank file: (N, h*w, C) float16 rows."""
+    return f"level{level}"
+
+
 class BankWriter:
     """Pre-sized safetensors file that rows (training images) are written into, in any order; small
     whole tensors can be appended at the end (:meth:`append`) before :meth:`close`."""
@@ -147,10 +152,10 @@ class Bank:
             if self.data_start + end > size or end - start != int(np.prod(shape)) * dtype.itemsize:
                 raise SpadeError(f"{self.path}: damaged feature bank ({name} is truncated or malformed)")
             self.meta[name] = (self.data_start + start, shape, dtype)
-        self.n_levels = sum(1 for k in self.meta if k.startswith("level"))
-        if not self.n_levels or any(f"level{i}" not in self.meta for i in range(self.n_levels)):
+        self.n_levels = sum(1 for k in self.meta if k.startswith(level_key(0)[:-1]))
+        if not self.n_levels or any(level_key(i) not in self.meta for i in range(self.n_levels)):
             raise SpadeError(f"{self.path}: damaged feature bank (no feature levels)")
-        self.n = self.meta["level0"][1][0]
+        self.n = self.meta[level_key(0)][1][0]
         self._fd = os.open(self.path, os.O_RDONLY)
         # closed when the bank is collected (a deleted bank file's space is freed then): nothing may keep a
         # bank alive beyond its model (caches refer to banks weakly, see correspondence.gallery)
@@ -175,7 +180,12 @@ class Bank:
 
     def gather(self, level: int, indices: np.ndarray | list[int]) -> np.ndarray:
         """Feature rows of one pyramid level: (B, H*W, C) fp16."""
-        return self.rows(f"level{level}", indices)
+        return self.rows(level_key(level), indices)
+
+    def level_size(self, level: int) -> tuple[int, int]:
+        """(positions h*w, channels C) of each training image's rows at pyramid level ``level``."""
+        hw, c = self.meta[level_key(level)][1][1:]
+        return int(hw), int(c)
 
     def tensor(self, name: str) -> np.ndarray:
         """A whole tensor (for the small model-wide ones) in its stored dtype and shape."""

@@ -53,8 +53,10 @@ from typing import Any
 import numpy as np
 
 from . import runs
+from .bank import level_key
 from .errors import SpadeError
-from .model import BankRows, Spade, resolve_images
+from .features import BankRows
+from .model import Spade, resolve_images
 from .runs import RunSummary
 from .settings import SpadeSettings
 
@@ -323,7 +325,7 @@ class _Featurizer:
         self.global_dim = net.global_dim
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .model import THUMB
+        from .features import THUMB
 
         n = len(batch["index"])
         errors = [""] * n
@@ -338,14 +340,14 @@ class _Featurizer:
                 ok.append(j)
         out: dict[str, np.ndarray] = {"index": batch["index"], "error": np.array(errors, dtype=object)}
         for li, shape in enumerate(self.shapes):
-            out[f"level{li}"] = np.zeros((n, *shape), np.float16)
+            out[level_key(li)] = np.zeros((n, *shape), np.float16)
         out["global"] = np.zeros((n, self.global_dim), np.float32)
         out["thumbnails"] = np.zeros((n, THUMB, THUMB, 3), np.uint8)
         out["id"] = np.array([""] * n, dtype=object)
         if images:
             rows = self.model.bank_rows(images, 0)
             for li, lv in enumerate(rows.levels):
-                out[f"level{li}"][ok] = lv
+                out[level_key(li)][ok] = lv
             out["global"][ok] = rows.global_
             out["thumbnails"][ok] = rows.thumbnails
             out["id"][ok] = rows.ids

@@ -10,5 +10,5 @@ class SpadeError(Exception):
     """
 
 
-class NotFittedError(SpadeError):
-    """The model was used before ``fit`` or ``load``."""
+class NotFittedError(SpadeError, AttributeError):
+    """The model was used before ``fit`` or ``load`` (an ``AttributeError`` too, as scikit-learn's)."""

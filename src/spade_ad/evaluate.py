@@ -97,7 +97,7 @@ def _joined(parts: list[Prediction]) -> Prediction:
         pixel_threshold=first.pixel_threshold,
         train_names=first.train_names,
         sizes=[s for p in parts for s in p.sizes],
-        model=first.model,
+        state=first.state,
     )
 
 

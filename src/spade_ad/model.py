@@ -1,16 +1,14 @@
 """The estimator: ``Spade(...).fit(good_images)`` then ``predict(images)``; ``save`` / ``load``.
 
-It wires the three stages together: :mod:`.features` (stage 1), :mod:`.retrieval` (stage 2) and
-:mod:`.correspondence` (stage 3), with the model's :class:`~spade_ad.preprocess.Preprocessor` in front
-and the memory :mod:`.bank` behind. Thresholds are calibrated here; files are written by
-:mod:`.persistence`.
+API and wiring only. The stages live in their own modules: :mod:`.features` (stage 1, and the bank's
+rows), :mod:`.retrieval` (stage 2 and the image-score rule), :mod:`.correspondence` (stage 3),
+:mod:`.calibration` (thresholds), with :mod:`.scoring` joining stages 2 and 3 for extracted features.
+What ``fit`` learns is one :class:`~spade_ad.state.FittedState` (``Spade.state_``), which
+:mod:`.persistence` writes and reads; the fitted attributes (``global_``, ``bank_``, ...) read it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import math
 import secrets
 import shutil
 import tempfile
@@ -19,52 +17,29 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 
 from .backbones import FeatureExtractor, build_backbone
-from .bank import Bank, BankWriter
-from .correspondence import Correspondence, combine_levels, level_maps, match_pixel
-from .correspondence.cells import index_spec, write_index
+from .bank import Bank
+from .calibration import calibrate
+from .correspondence import Correspondence
 from .correspondence.runtime import COMPUTE_LOCK
 from .errors import NotFittedError, SpadeError
-from .features import batches, extract, level_shapes
+from .features import BankRows, OldRows, bank_rows, batches, extract, level_shapes, write_bank
 from .io import image_shape, list_images, load_image, to_rgb_uint8
-from .persistence import clean_stale, crash_point, is_staging, staging_path, utc_now
+from .persistence import clean_stale, is_staging, staging_path, utc_now
 from .preprocess import Preprocessor, aspect_shape
 from .result import Prediction
-from .retrieval import image_knn
+from .scoring import image_score, score_features
 from .settings import SpadeSettings
+from .state import Fitted, FittedState
 
-THUMB = 128  # side of the training-image thumbnails kept in the model (for explanations)
 ImageInput = str | Path | np.ndarray
 Images = str | Path | Sequence[ImageInput]
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
-_THUMB_PREP = Preprocessor("resize", THUMB)
-
-
-class BankRows(NamedTuple):
-    """Feature-bank rows of consecutive training images ``start .. start+B-1`` (:meth:`Spade.bank_rows`)."""
-
-    start: int
-    levels: list[np.ndarray]  # per pyramid level, (B, H*W, C) float16: what the bank stores
-    global_: np.ndarray  # (B, D) float32 global vectors
-    thumbnails: np.ndarray  # (B, THUMB, THUMB, 3) uint8
-    ids: list[str] | None = None  # the images' identities (image_id); None: unknown
-
-
-def image_id(image: np.ndarray) -> str:
-    """A training image's identity: the SHA-256 of its decoded pixels (HxWx3 uint8) and their shape.
-
-    It does not depend on how a path is spelled, on the file's name or format (a PNG and a lossless copy
-    are the same image), or on whether it came as a file or an array; a model never holds one image twice.
-    """
-    a = np.ascontiguousarray(image)
-    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
-    h.update(a.data)
-    return h.hexdigest()
 
 
 def resolve_images(images: Images) -> tuple[list[ImageInput], list[str]]:
@@ -109,27 +84,11 @@ def _check_unique(names: list[str], new: list[str] | None = None) -> None:
         seen.add(n)
 
 
-def _check_distinct(old_names: list[str], old_ids: list[str | None], names: list[str],
-                    ids: list[str | None]) -> None:
-    """Refuse new images (``names``, ``ids``) that are already among the old ones or come twice: one line
-    naming each such image and its twin."""
-    first = {x: n for x, n in zip(old_ids, old_names, strict=True) if x is not None}
-    twins = []
-    for x, name in zip(ids, names, strict=True):
-        if x is None:
-            continue
-        if x in first:
-            twins.append(f"{name} (= {first[x]}{', already a training image' if first[x] in old_names else ''})")
-        else:
-            first[x] = name
-    if twins:
-        raise SpadeError(f"the same image (identical pixels) may be a training image only once: {'; '.join(twins)}")
-
-
-def _positive_median(values: list[float]) -> float:
-    """A score's scale for ``image_score=combined``: its median over the calibration images (1 if not positive)."""
-    med = float(np.median(values))
-    return med if math.isfinite(med) and med > 0 else 1.0
+def _change(state: FittedState, action: str, before: dict[str, Any] | None, added: list[str] | None = None,
+            removed: list[str] | None = None, source: str | None = None, generation: int = 1) -> dict[str, Any]:
+    """One history entry: what changed, and the counts and thresholds before and after (``state``'s)."""
+    return {"generation": generation, "time": utc_now(), "action": action, "added": added or [],
+            "removed": removed or [], "source": source, "before": before, "after": state.numbers()}
 
 
 def _unlink(path: Path) -> None:
@@ -164,13 +123,16 @@ class Spade:
         input_shape_: (height, width) of the network input (see the ``preprocess`` setting).
         level_shapes_: (h, w) of each pyramid level.
         train_names_: the training images' names (paths as given to ``fit``).
-        train_ids_: each training image's identity (:func:`image_id`; ``None`` in models saved before ids).
+        train_ids_: each training image's identity (:func:`spade_ad.features.image_id`; ``None`` in models
+            saved before ids).
         weights_id_: checksum of the backbone weights.
         image_threshold_, pixel_threshold_: calibrated thresholds (``None`` if not calibrated).
         calibration_: how the thresholds were set (method, scores).
         history_: one entry per generation (fit, add, remove, rollback) with counts and thresholds
             before and after; ``len(history_)`` is the generation.
         lineage_: identifies the fit that this model's generations descend from.
+        state_: all of the above as one :class:`~spade_ad.state.FittedState` (what a model folder stores).
+        offset_: the image threshold: :meth:`decision_function` is the image score minus it.
 
     Example:
         >>> from spade_ad import Spade
@@ -181,7 +143,20 @@ class Spade:
         ('defective', (900, 900))
     """
 
-    base_sha256_: str | None = None  # checksum of the saved header this model was read from or saved as
+    global_ = Fitted[torch.Tensor]("global_")
+    bank_ = Fitted[Bank]("bank")
+    input_shape_ = Fitted[tuple[int, int]]("input_shape")
+    level_shapes_ = Fitted[list[tuple[int, int]]]("level_shapes")
+    train_names_ = Fitted[list[str]]("train_names")
+    train_ids_ = Fitted[list[str | None]]("train_ids")
+    weights_id_ = Fitted[str]("weights_id")
+    image_threshold_ = Fitted[float | None]("image_threshold")
+    pixel_threshold_ = Fitted[float | None]("pixel_threshold")
+    calibration_ = Fitted[dict[str, Any]]("calibration")
+    history_ = Fitted[list[dict[str, Any]]]("history")
+    lineage_ = Fitted[str]("lineage")
+    base_sha256_ = Fitted[str | None]("base_sha256")  # the saved header this model was read from or saved as
+    offset_ = Fitted[float | None]("image_threshold")  # scikit-learn's name: decision_function = score - offset_
 
     def __init__(self, settings: SpadeSettings | None = None, **overrides: Any) -> None:
         if settings is None:
@@ -196,39 +171,54 @@ class Spade:
         self.settings = base.replace(**overrides) if overrides else base
         self._net_lock = threading.Lock()
         self._net_cache: FeatureExtractor | None = None
+        self._input_shape: tuple[int, int] | None = None  # fixed before fitting (fix_input_shape)
 
     # ------------------------------------------------------------------ settings
     @property
     def prep(self) -> Preprocessor:
         """How images become the network input (the ``preprocess`` and ``image_size`` settings, and for
         ``aspect`` the input shape fixed by ``fit``)."""
-        return Preprocessor(self.settings.preprocess, self.settings.image_size, getattr(self, "input_shape_", None))
+        state = self.__dict__.get("_state")
+        shape = state.input_shape if state is not None else self._input_shape
+        return Preprocessor(self.settings.preprocess, self.settings.image_size, shape)
 
     def fix_input_shape(self, items: Sequence[ImageInput]) -> None:
-        """Before fitting: the network input shape of the training images ``items`` (``input_shape_``).
+        """Before fitting: the network input shape of the training images ``items`` (``input_shape_`` once fitted).
 
         A square of ``image_size`` except with ``preprocess="aspect"``, where the training images'
         median aspect ratio decides it (read from the files' headers).
         """
         s = self.settings
         if s.preprocess != "aspect":
-            self.input_shape_ = (s.image_size, s.image_size)
+            self._input_shape = (s.image_size, s.image_size)
             return
         sizes = [image_shape(x, max_pixels=s.max_pixels) if isinstance(x, (str, Path))
                  else (int(np.shape(x)[0]), int(np.shape(x)[1])) for x in items]
-        self.input_shape_ = aspect_shape(s.image_size, sizes)
+        self._input_shape = aspect_shape(s.image_size, sizes)
 
     @property
     def device(self) -> torch.device:
         return pick_device(self.settings.device)
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
-        """Every setting by name, runtime ones included (scikit-learn's convention)."""
+        """Every setting by name, runtime ones included (as scikit-learn's ``get_params``)."""
         return self.settings.as_dict()
 
     def set_params(self, **params: Any) -> Spade:
-        """Change settings before ``fit`` (validated); returns ``self``."""
+        """Change settings (validated); returns ``self``.
+
+        Before ``fit`` any setting; on a fitted model only runtime ones (``device``, ``batch_size``, ...):
+        a model setting decides what was fitted, so changing it needs a new ``fit`` (refused with one line).
+        """
+        state = self.__dict__.get("_state")
+        if state is not None:
+            stored = [k for k in params if k in self.settings.model_dict() or k == "preset"]
+            if stored:
+                raise SpadeError(f"set_params: {', '.join(stored)} decide(s) what the model learnt; fit a new model "
+                                 "to change them (only runtime settings change on a fitted model)")
         self.settings = self.settings.replace(**params)
+        if state is not None:
+            state.settings = self.settings
         self._net_cache = None
         return self
 
@@ -239,9 +229,20 @@ class Spade:
                 self._net_cache = build_backbone(s.backbone, s.weights, s.level_indices, s.aggregate).to(self.device)
             return self._net_cache
 
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "bank_"):
+    @property
+    def state_(self) -> FittedState:
+        """What the model learnt, as one object (see :class:`~spade_ad.state.FittedState`)."""
+        state = self.__dict__.get("_state")
+        if state is None:
             raise NotFittedError("this Spade model is not fitted yet: call fit(...) or Spade.load(...) first")
+        return state
+
+    @state_.setter
+    def state_(self, state: FittedState) -> None:
+        self.__dict__["_state"] = state
+
+    def _check_fitted(self) -> None:
+        self.state_  # noqa: B018 - raises NotFittedError before fit
 
     # ------------------------------------------------------------------ fit
     def fit(self, images: Images, progress: Progress | None = None, workdir: str | Path | None = None) -> Spade:
@@ -270,11 +271,7 @@ class Spade:
         The one definition of a bank row: ``fit`` and ``add`` call it here, and :mod:`spade_ad.distributed`
         calls it on Ray workers, so all write the same bytes.
         """
-        with COMPUTE_LOCK:
-            levels, gvec = extract(self._net(), arrays, self.prep, self.device)
-        small = torch.stack([_THUMB_PREP.to_input(x) for x in arrays]).round().byte().permute(0, 2, 3, 1)
-        return BankRows(start, [lv.cpu().numpy().astype(np.float16) for lv in levels], gvec.cpu().numpy(),
-                        small.numpy(), [image_id(x) for x in arrays])
+        return bank_rows(self._net(), self.prep, self.device, arrays, start)
 
     def _rows(self, items: list[ImageInput], names: list[str]) -> Iterator[BankRows]:
         s = self.settings
@@ -299,18 +296,19 @@ class Spade:
         _check_unique(names)
         if self.settings.preprocess != "aspect":
             self.fix_input_shape([])
-        elif not hasattr(self, "input_shape_"):
+        elif self._input_shape is None:
             raise SpadeError("preprocess=aspect: call fix_input_shape(training images) before fit_rows")
-        net = self._net()
-        self.level_shapes_ = level_shapes(net, self.prep)
-        self.weights_id_ = net.weights_id
-        self.global_, self.bank_, self.train_ids_ = self._write_bank(self._new_bank_path(workdir), [], rows, names,
-                                                                     progress)
-        self.train_names_ = names
-        self._calibrate(progress)
-        self.history_ = [self._change("fit", added=names, before=None)]
-        self.lineage_ = secrets.token_hex(8)
-        self.base_sha256_ = None  # a new model: saved over a folder, it becomes that folder's next generation
+        assert self._input_shape is not None
+        net, prep = self._net(), self.prep
+        shapes = level_shapes(net, prep)
+        glob, bank, ids = write_bank(self._new_bank_path(workdir), net, shapes, self.settings.k, None, rows, names,
+                                     progress)
+        # a new model (base_sha256 None): saved over a folder, it becomes that folder's next generation
+        state = FittedState(self.settings, self._input_shape, shapes, net.weights_id, glob, bank, names, ids,
+                            lineage=secrets.token_hex(8))
+        calibrate(state, self.device, progress)
+        state.history = [_change(state, "fit", added=names, before=None)]
+        self.state_ = state
         return self
 
     # ------------------------------------------------------------------ keeping the model up to date
@@ -341,16 +339,7 @@ class Spade:
             raise SpadeError(f"got {len(names)} names for {len(items)} images")
         names = list(found if names is None else names)
         _check_unique(self.train_names_ + names, new=names)
-        before = self.thresholds_summary()
-        keep = list(range(self.bank_.n))
-        glob, bank, ids = self._write_bank(self._new_bank_path(None), keep, self._rows(items, names), names,
-                                           progress)
-        self._replace_bank(bank)
-        self.global_ = glob
-        self.train_names_ = self.train_names_ + names
-        self.train_ids_ = ids
-        self._calibrate(progress)
-        self.history_ = [*self.history_, self._change("add", added=names, before=before, source=source)]
+        self._rewrite(list(range(self.bank_.n)), self._rows(items, names), names, "add", progress, source)
         return self
 
     def remove(self, which: str | int | Sequence[str | int], progress: Progress | None = None,
@@ -380,24 +369,29 @@ class Spade:
             raise SpadeError(f"removing {len(drop)} of {self.bank_.n} training images would leave one: the model "
                              "would have no thresholds (no verdicts, no masks); add images first, or force it "
                              "(--force, force=True)")
-        before = self.thresholds_summary()
-        removed = [self.train_names_[i] for i in drop]
-        _, bank, ids = self._write_bank(self._new_bank_path(None), keep, [], [], progress)
-        self._replace_bank(bank)
-        self.global_ = self.global_[keep].clone()
-        self.train_names_ = [self.train_names_[i] for i in keep]
-        self.train_ids_ = ids
-        self._calibrate(progress)
-        self.history_ = [*self.history_, self._change("remove", removed=removed, before=before, source=source)]
+        self._rewrite(keep, [], [], "remove", progress, source)
         return self
 
-    def _replace_bank(self, bank: Bank) -> None:
-        """Switch to a new bank; an unsaved intermediate one (a staging file of ours) is deleted at once
+    def _rewrite(self, keep: list[int], rows: Iterable[BankRows], names: list[str], action: str,
+                 progress: Progress | None, source: str | None) -> None:
+        """The bank's rows ``keep``, then ``rows`` for the new images ``names``: a new bank, recalibrated,
+        one more generation. An unsaved intermediate bank (a staging file of ours) is deleted at once
         (readers still holding it keep reading: the file stays open)."""
-        old = self.bank_.path
-        self.bank_ = bank
-        if is_staging(old) and old != bank.path:
-            _unlink(old)
+        old = self.state_
+        before = old.numbers()
+        olds = OldRows(old.bank, old.global_, old.train_names, old.train_ids, keep)
+        glob, bank, ids = write_bank(self._new_bank_path(None), self._net(), old.level_shapes, self.settings.k,
+                                     olds, rows, names, progress)
+        removed = [n for i, n in enumerate(old.train_names) if i not in set(keep)]
+        state = FittedState(old.settings, old.input_shape, old.level_shapes, old.weights_id, glob, bank,
+                            [old.train_names[i] for i in keep] + names, ids, lineage=old.lineage,
+                            base_sha256=old.base_sha256)
+        calibrate(state, self.device, progress)
+        state.history = [*old.history, _change(state, action, before=before, added=names, removed=removed,
+                                               source=source, generation=old.generation + 1)]
+        self.state_ = state
+        if is_staging(old.bank.path) and old.bank.path != bank.path:
+            _unlink(old.bank.path)
 
     def resolve_names(self, which: Sequence[str | int]) -> list[int]:
         """Training-image indices (sorted) for indices, image ids, paths as given to ``fit``, or unambiguous
@@ -431,21 +425,12 @@ class Spade:
 
     def thresholds_summary(self) -> dict[str, Any]:
         """Training-image count and thresholds (what the history records before and after a change)."""
-        return {"n_train": int(self.bank_.n), "image_threshold": self.image_threshold_,
-                "pixel_threshold": self.pixel_threshold_}
-
-    def _change(self, action: str, before: dict[str, Any] | None, added: list[str] | None = None,
-                removed: list[str] | None = None, source: str | None = None) -> dict[str, Any]:
-        """One history entry: what changed, and the counts and thresholds before and after."""
-        history = getattr(self, "history_", [])
-        return {"generation": len(history) + 1 if action != "fit" else 1, "time": utc_now(), "action": action,
-                "added": added or [], "removed": removed or [], "source": source,
-                "before": before, "after": self.thresholds_summary()}
+        return self.state_.numbers()
 
     def _new_bank_path(self, workdir: str | Path | None) -> Path:
         """Where a new bank is written: a staging file in ``workdir``, else beside the current bank (a model
         folder: saving there renames instead of copying), else a temporary folder."""
-        if workdir is None and hasattr(self, "bank_"):
+        if workdir is None and "_state" in self.__dict__:
             workdir = self.bank_.path.parent
         if workdir is None:
             tmp = Path(tempfile.mkdtemp(prefix="spade-ad-"))
@@ -456,121 +441,6 @@ class Spade:
         path = staging_path(Path(workdir), ".bank.safetensors")
         weakref.finalize(self, _unlink, path)  # unless saved (then renamed) before
         return path
-
-    def _write_bank(self, path: Path, keep: list[int], rows: Iterable[BankRows], names: Sequence[str],
-                    progress: Progress | None) -> tuple[torch.Tensor, Bank, list[str | None]]:
-        """A new bank: rows ``keep`` of the current bank, then ``rows`` for the images ``names`` (at their
-        indices, in any order), streamed to ``path``. An image that is already among the kept ones, or that
-        comes twice (identical pixels, :func:`image_id`), is refused before the bank is finished.
-
-        Returns the global vectors of all its rows (kept ones from ``global_``), the bank and the images' ids.
-        """
-        net = self._net()
-        shapes = [(h * w, c) for (h, w), c in zip(self.level_shapes_, net.channels, strict=True)]
-        spec: dict[str, tuple[tuple[int, ...], str]] = {f"level{i}": (sh, "F16") for i, sh in enumerate(shapes)}
-        spec["thumbnails"] = ((THUMB, THUMB, 3), "U8")
-        copied = list(spec)  # the index is rebuilt from the rows (it depends on the whole bank)
-        spec.update(index_spec(shapes))
-        k, n = len(keep), len(names)
-        writer = BankWriter(path, k + n, spec)
-        global_ = np.zeros((k + n, net.global_dim), dtype=np.float32)
-        seen = np.zeros(n, dtype=bool)
-        kept_ids = [self.train_ids_[i] for i in keep] if keep else []
-        new_ids: list[str | None] = [None] * n
-        try:
-            for a, b in batches(k, 256):  # kept rows are copied, never recomputed
-                writer.write(a, {name: self.bank_.rows(name, keep[a:b]) for name in copied})
-                global_[a:b] = self.global_[keep[a:b]].numpy()
-                if progress:
-                    progress("copy", b, k)
-            for r in rows:
-                b = len(r.global_)
-                writer.write(k + r.start, {**{f"level{i}": lv for i, lv in enumerate(r.levels)},
-                                           "thumbnails": r.thumbnails})
-                crash_point("fit-bank")
-                global_[k + r.start : k + r.start + b] = r.global_
-                seen[r.start : r.start + b] = True
-                if r.ids is not None:
-                    new_ids[r.start : r.start + b] = r.ids
-                if progress:
-                    progress("fit", int(seen.sum()), n)
-            if not seen.all():
-                raise SpadeError(f"{names[int(np.argmin(seen))]}: no features were computed for this image")
-            _check_distinct([self.train_names_[i] for i in keep], kept_ids, list(names), new_ids)
-            write_index(writer, self.settings.k)
-        except BaseException:
-            with contextlib.suppress(SpadeError, OSError):  # the first error is the one reported
-                writer.close()
-            _unlink(path)
-            raise
-        writer.close()
-        return torch.from_numpy(global_), Bank(path), kept_ids + new_ids
-
-    def _calibrate(self, progress: Progress | None) -> None:
-        """Thresholds from good images alone: leave-one-out on an even sample of the training images.
-
-        Each sampled image is scored against the other training images exactly as a test image would
-        be. The image threshold is the (1 - false_alarm_rate) quantile of their scores; the pixel
-        threshold the same quantile of their maps' maxima (so about that fraction of good images shows
-        any flagged pixel).
-        """
-        s = self.settings
-        n = self.bank_.n
-        m = min(s.calibration_images, n)
-        self.image_threshold_: float | None = None
-        self.pixel_threshold_: float | None = None
-        self.calibration_: dict[str, Any] = {"method": "none"}
-        if n < 2 or m < 1:
-            return
-        idx = np.unique(np.linspace(0, n - 1, m).round().astype(int))
-        knn, maxima = [], []
-        for j, i in enumerate(idx):
-            levels = [torch.from_numpy(self.bank_.gather(li, [i]).astype(np.float32)).to(self.device)
-                      for li in range(self.bank_.n_levels)]
-            sc, maps, _ = self._score(levels, self.global_[i : i + 1], exclude=torch.tensor([int(i)]), raw=True)
-            knn.append(float(sc[0]))
-            maxima.append(float(maps[0].max()))
-            if progress:
-                progress("calibrate", j + 1, len(idx))
-        self.calibration_ = {"method": "leave-one-out on training images", "n_images": len(idx),
-                             "false_alarm_rate": s.false_alarm_rate}
-        if s.image_score == "combined":
-            self.calibration_["score_scales"] = [_positive_median(knn), _positive_median(maxima)]
-        scores = self._image_scores(torch.tensor(knn, dtype=torch.float32),
-                                    torch.tensor(maxima, dtype=torch.float32)).tolist()
-        q = 1.0 - s.false_alarm_rate
-        self.image_threshold_ = float(np.quantile(scores, q, method="higher"))
-        self.pixel_threshold_ = float(np.quantile(maxima, q, method="higher"))
-        self.calibration_.update({"image_scores": scores, "map_maxima": maxima})
-
-    def _image_scores(self, knn: torch.Tensor, map_max: torch.Tensor) -> torch.Tensor:
-        """The image score (the ``image_score`` setting) from the global kNN scores and the maps' maxima."""
-        rule = self.settings.image_score
-        if rule == "knn":
-            return knn
-        if rule == "max":
-            return map_max
-        sk, sm = self.calibration_.get("score_scales", (1.0, 1.0))  # (1, 1): fitted without calibration
-        return knn / float(sk) + map_max / float(sm)
-
-    # ------------------------------------------------------------------ predict
-    def _score(
-        self, levels: list[torch.Tensor], gvec: torch.Tensor, exclude: torch.Tensor | None = None,
-        raw: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Stages 2 and 3 for features ``levels`` (B, H*W, C per level) and global vectors ``gvec``.
-
-        Returns image scores (B,) (``raw``: the global kNN scores), input-frame maps (B, S, S) and
-        neighbours (B, k).
-        """
-        s = self.settings
-        with COMPUTE_LOCK:
-            scores, neigh = image_knn(gvec, self.global_, s.k_image, s.k, exclude)
-            grids = level_maps(levels, neigh, self.bank_, self.level_shapes_, s.kappa, s.tile_bytes)
-            maps = combine_levels(grids, self.prep.input_shape, s.sigma)
-        if not raw:
-            scores = self._image_scores(scores, maps.amax(dim=(1, 2)).to(scores))
-        return scores, maps, neigh
 
     @torch.no_grad()
     def predict(
@@ -587,7 +457,7 @@ class Spade:
             progress: optional callback ``(stage, done, total)``.
             pixel_threshold: threshold for the masks (default: the calibrated one).
             keep_features: keep each image's feature pyramid so that ``result.correspondence(i, y, x)``
-                can explain any pixel.
+                can give any pixel's correspondence.
 
         Returns:
             A :class:`~spade_ad.Prediction`: ``pred[i]`` is image i's :class:`~spade_ad.ImageResult`.
@@ -597,10 +467,10 @@ class Spade:
             >>> pred.scores.shape                                   # doctest: +SKIP
             (20,)
         """
-        self._check_fitted()
+        state = self.state_
         items, names = resolve_images(images)
-        net, dev, prep = self._net(), self.device, self.prep
-        thr = self.pixel_threshold_ if pixel_threshold is None else pixel_threshold
+        net, dev, prep = self._net(), self.device, state.prep
+        thr = state.pixel_threshold if pixel_threshold is None else pixel_threshold
         all_scores, all_maps, all_inputs, all_neigh = [], [], [], []
         kept: list[list[np.ndarray]] = []
         sizes: list[tuple[int, int]] = []
@@ -608,7 +478,8 @@ class Spade:
             arrays = read_items(items[a:b], names[a:b], self.settings.max_pixels)
             with COMPUTE_LOCK:
                 levels, gvec = extract(net, arrays, prep, dev)
-                scores, maps, neigh = self._score(levels, gvec)
+                knn, maps, neigh = score_features(state, levels, gvec)
+                scores = image_score(state, knn, maps)
             for j, arr in enumerate(arrays):
                 all_maps.append(prep.map_to_image(maps[j], arr.shape[0], arr.shape[1]).cpu().numpy())
                 all_inputs.append(maps[j].cpu().numpy())
@@ -625,30 +496,36 @@ class Spade:
             input_maps=all_inputs,
             neighbours=torch.cat(all_neigh).numpy(),
             names=names,
-            image_threshold=self.image_threshold_,
+            image_threshold=state.image_threshold,
             pixel_threshold=thr,
-            train_names=self.train_names_,
+            train_names=state.train_names,
             features=kept if keep_features else None,
             sizes=sizes,
-            model=self,
+            state=state,
         )
 
-    def decision_function(self, images: Images) -> np.ndarray:
-        """Image scores only."""
+    def score_samples(self, images: Images) -> np.ndarray:
+        """The images' anomaly scores (higher: more anomalous; the ``image_score`` setting)."""
         return self.predict(images).scores
 
-    # ------------------------------------------------------------------ explanations
-    def explain(self, image: ImageInput, y: int, x: int, level: int = 0) -> Correspondence:
-        """Which normal image, and where in it, pixel (y, x) of ``image`` was matched to."""
+    def decision_function(self, images: Images) -> np.ndarray:
+        """The image scores minus the image threshold (``offset_``): ``>= 0`` is judged defective, as the
+        verdict rule says (scikit-learn's convention, with the sign of an anomaly score: positive = defective).
+
+        A model without a threshold (fewer than two training images) has no decision: one line says so.
+        """
+        thr = self.state_.image_threshold
+        if thr is None:
+            raise SpadeError("decision_function needs an image threshold; this model has none (it was calibrated "
+                             "on fewer than two training images): use score_samples")
+        return self.score_samples(images) - thr
+
+    # ------------------------------------------------------------------ correspondences
+    def correspondence(self, image: ImageInput, y: int, x: int, level: int = 0) -> Correspondence:
+        """Which normal image, and where in it, pixel (y, x) of ``image`` was matched to (see
+        :meth:`Prediction.correspondence <spade_ad.Prediction.correspondence>`)."""
         self._check_fitted()
         return self.predict([image], keep_features=True).correspondence(0, y, x, level)
-
-    def match(self, feats: np.ndarray, neigh: np.ndarray, size: tuple[int, int], y: int, x: int,
-              level: int) -> Correspondence:
-        """Stage 3's explanation for kept features (see :func:`spade_ad.correspondence.match_pixel`)."""
-        self._check_fitted()
-        return match_pixel(feats, neigh, self.bank_, self.level_shapes_, self.prep, size, y, x, level,
-                           self.train_names_)
 
     def thumbnail(self, index: int) -> np.ndarray:
         """A small (THUMB x THUMB x 3 uint8) picture of training image ``index``, kept in the model."""
@@ -673,10 +550,9 @@ class Spade:
         Example:
             >>> Spade().fit("good_images/").save("model_dir")      # doctest: +SKIP
         """
-        from .persistence import save_model
+        from .persistence import save_state
 
-        self._check_fitted()
-        return save_model(self, Path(model_dir))
+        return save_state(self.state_, Path(model_dir))
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "cpu", weights: str | None = None, verify: bool = True,
@@ -693,9 +569,20 @@ class Spade:
         Example:
             >>> model = Spade.load("model_dir")            # doctest: +SKIP
         """
-        from .persistence import load_model
+        from .persistence import read_state
 
-        return load_model(cls, Path(model_dir), {"device": device, "weights": weights, **runtime}, verify)
+        folder = Path(model_dir)
+        state = read_state(folder, {"device": device, "weights": weights, **runtime}, verify)
+        model = cls(state.settings)
+        model.state_ = state
+        net = model._net()  # the backbone must be the one the model was fitted with, at its input shape
+        if net.weights_id != state.weights_id:
+            raise SpadeError(f"{folder}: backbone weights differ from those the model was fitted with "
+                             f"({net.weights_id} != {state.weights_id})")
+        if level_shapes(net, state.prep) != [tuple(x) for x in state.level_shapes]:
+            raise SpadeError(f"{folder / 'model.json'}: level_shapes disagree with the backbone at input shape "
+                             f"{state.input_shape}")
+        return model
 
 
-__all__ = ["Spade", "BankRows", "resolve_images", "read_item", "read_items", "pick_device", "THUMB"]
+__all__ = ["Spade", "resolve_images", "read_item", "read_items", "pick_device"]

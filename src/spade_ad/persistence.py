@@ -49,7 +49,7 @@ from .settings import SpadeSettings
 from .version import __version__
 
 if TYPE_CHECKING:
-    from .model import Spade
+    from .state import FittedState
 
 FORMAT_VERSION = 2
 GENERATIONS = "generations"  # copies of the last headers, for rollback
@@ -129,8 +129,8 @@ def _commit_data(out: Path, kind: str, staged: Path) -> tuple[str, str]:
     return name, digest
 
 
-def save_model(model: Spade, out: Path) -> Path:
-    """Write ``model`` to the folder ``out`` (see the module docstring for the order of the steps)."""
+def save_state(model: FittedState, out: Path) -> Path:
+    """Write a fitted model's state to the folder ``out`` (see the module docstring for the order of the steps)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -195,7 +195,7 @@ def _numbers(header: dict[str, Any]) -> dict[str, Any]:
             "pixel_threshold": header["pixel_threshold"]}
 
 
-def _adopt(model: Spade, out: Path, current: dict[str, Any] | None) -> tuple[list[dict[str, Any]], str]:
+def _adopt(model: FittedState, out: Path, current: dict[str, Any] | None) -> tuple[list[dict[str, Any]], str]:
     """The history and lineage to save ``model`` under in ``out``, checking that saving it loses nothing.
 
     * the folder holds no (readable) model, or the generation ``model`` was read from (or last saved as):
@@ -204,47 +204,47 @@ def _adopt(model: Spade, out: Path, current: dict[str, Any] | None) -> tuple[lis
       earlier ones stay in the history and reachable by rollback;
     * otherwise (the folder moved on since ``model`` was read, or holds an unrelated model): refused.
     """
-    if current is None or current["header_sha256"] == getattr(model, "base_sha256_", None):
-        return model.history_, model.lineage_
-    fresh = len(model.history_) == 1 and model.history_[0].get("action") == "fit"
-    if fresh and model.lineage_ != current["lineage"]:
-        entry = {**model.history_[0], "generation": current["generation"] + 1, "before": _numbers(current)}
+    if current is None or current["header_sha256"] == model.base_sha256:
+        return model.history, model.lineage
+    fresh = len(model.history) == 1 and model.history[0].get("action") == "fit"
+    if fresh and model.lineage != current["lineage"]:
+        entry = {**model.history[0], "generation": current["generation"] + 1, "before": _numbers(current)}
         return [*current["history"], entry], current["lineage"]
-    if model.lineage_ == current["lineage"]:
+    if model.lineage == current["lineage"]:
         raise SpadeError(f"{out}: the model folder changed since this model was read (it is now at generation "
                          f"{current['generation']}); saving would undo that change: load it again and redo yours")
     raise SpadeError(f"{out}: holds another model (generation {current['generation']}); save this one into an "
                      "empty folder")
 
 
-def _save_locked(model: Spade, out: Path) -> Path:
+def _save_locked(model: FittedState, out: Path) -> Path:
     current = _current_header(out)
     history, lineage = _adopt(model, out, current)
     clean_stale(out, locked=True)
-    bank_path = model.bank_.path
+    bank_path = model.bank.path
     moved = bank_path.parent.resolve() == out.resolve() and bool(_STAGING.match(bank_path.name))
     try:
-        model.base_sha256_ = _write_locked(model, out, history, lineage)
+        model.base_sha256 = _write_locked(model, out, history, lineage)
     except BaseException:
-        if moved and model.bank_.path != bank_path:  # give the bank back its staging name: a retry finds it
+        if moved and model.bank.path != bank_path:  # give the bank back its staging name: a retry finds it
             with contextlib.suppress(OSError):
-                os.replace(model.bank_.path, bank_path)
-                model.bank_ = Bank(bank_path)
+                os.replace(model.bank.path, bank_path)
+                model.bank = Bank(bank_path)
         if current is not None:  # data files committed for a header that was never written are not kept
             _remove_unreferenced(out, _kept_files(out, current))
         elif not (out / "model.json").exists():
             _remove_unreferenced(out, set())
         raise
-    model.history_, model.lineage_ = history, lineage
+    model.history, model.lineage = history, lineage
     return out
 
 
-def _write_locked(model: Spade, out: Path, history: list[dict[str, Any]], lineage: str) -> str:
+def _write_locked(model: FittedState, out: Path, history: list[dict[str, Any]], lineage: str) -> str:
     """Data files, then the header (the commit point); returns the header's checksum."""
     from safetensors.torch import save_file
 
     files: dict[str, dict[str, str]] = {}
-    bank_path = model.bank_.path
+    bank_path = model.bank.path
     if bank_path.parent.resolve() == out.resolve() and _DATA_NAME.match(bank_path.name):
         files["bank"] = {"name": bank_path.name, "sha256": file_sha256(bank_path)}
     else:
@@ -257,7 +257,7 @@ def _write_locked(model: Spade, out: Path, history: list[dict[str, Any]], lineag
         name, digest = _commit_data(out, "bank", staged)
         files["bank"] = {"name": name, "sha256": digest}
         if moved:
-            model.bank_ = Bank(out / name)
+            model.bank = Bank(out / name)
     crash_point("save-bank")
     staged = staging_path(out, ".index.safetensors")
     atomic_write(staged, lambda tmp: save_file({"global": model.global_.float().contiguous()}, str(tmp)))
@@ -269,17 +269,17 @@ def _write_locked(model: Spade, out: Path, history: list[dict[str, Any]], lineag
         "format": "spade-ad",
         "format_version": FORMAT_VERSION,
         "package_version": __version__,
-        "weights": model.weights_id_,
+        "weights": model.weights_id,
         "settings": model.settings.model_dict(),
-        "input_shape": list(model.input_shape_),
-        "level_shapes": [list(s) for s in model.level_shapes_],
+        "input_shape": list(model.input_shape),
+        "level_shapes": [list(s) for s in model.level_shapes],
         "bank_dtype": "float16",
-        "n_train": int(model.bank_.n),
-        "train_names": model.train_names_,
-        "train_ids": model.train_ids_,
-        "image_threshold": model.image_threshold_,
-        "pixel_threshold": model.pixel_threshold_,
-        "calibration": model.calibration_,
+        "n_train": model.n_train,
+        "train_names": model.train_names,
+        "train_ids": model.train_ids,
+        "image_threshold": model.image_threshold,
+        "pixel_threshold": model.pixel_threshold,
+        "calibration": model.calibration,
         "files": files,
         "lineage": lineage,
         "generation": len(history),
@@ -370,9 +370,12 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not a valid number here")
 
 
-def load_model(cls: type[Spade], folder: Path, runtime: dict[str, Any], verify: bool) -> Spade:
-    """Read, check and validate a model folder (see the module docstring)."""
+def read_state(folder: Path, runtime: dict[str, Any], verify: bool) -> FittedState:
+    """Read, check and validate a model folder (see the module docstring); ``runtime``: the runtime settings
+    to run it with. The backbone itself is checked by the caller (:meth:`spade_ad.Spade.load`)."""
     from safetensors.torch import load_file
+
+    from .state import FittedState
 
     header = read_header(folder)
     hpath = folder / "model.json"
@@ -433,7 +436,7 @@ def load_model(cls: type[Spade], folder: Path, runtime: dict[str, Any], verify: 
     if bank.n != n_train or glob.ndim != 2 or len(glob) != n_train:
         raise SpadeError(f"{folder}: model files disagree on the number of training images")
     if bank.n_levels != len(shapes) or any(
-        bank.meta[f"level{i}"][1][1] != h * w for i, (h, w) in enumerate(shapes)
+        bank.level_size(i)[0] != h * w for i, (h, w) in enumerate(shapes)
     ):
         raise SpadeError(f"{folder}: level_shapes in model.json disagree with the feature bank")
     if not bool(torch.isfinite(glob).all()):
@@ -445,29 +448,12 @@ def load_model(cls: type[Spade], folder: Path, runtime: dict[str, Any], verify: 
     if settings.weights is None and not BACKBONES[settings.backbone].bundled:
         raise SpadeError(f"{folder}: the model uses {settings.backbone}, whose ImageNet weights are not bundled; "
                          "pass the weights file it was fitted with (--weights PATH, Spade.load(..., weights=PATH))")
-    model = cls(settings)
-    model.global_ = glob
-    model.input_shape_ = (int(input_shape[0]), int(input_shape[1]))
-    model.level_shapes_ = [(int(h), int(w)) for h, w in shapes]
-    model.train_names_ = list(names)
-    model.train_ids_ = list(ids)
-    model.base_sha256_ = header["header_sha256"]
-    model.weights_id_ = weights_id
-    model.image_threshold_ = thresholds["image_threshold"]
-    model.pixel_threshold_ = thresholds["pixel_threshold"]
-    model.calibration_ = calibration
-    model.bank_ = bank
-    model.history_ = history
-    model.lineage_ = lineage
-    net = model._net()
-    if net.weights_id != weights_id:
-        raise SpadeError(
-            f"{folder}: backbone weights differ from those the model was fitted with "
-            f"({net.weights_id} != {weights_id})"
-        )
-    if [tuple(s) for s in model.level_shapes_] != [(h, w) for h, w in _shapes_of(model)]:
-        raise SpadeError(f"{hpath}: level_shapes disagree with the backbone at input shape {model.input_shape_}")
-    return model
+    return FittedState(
+        settings=settings, input_shape=(int(input_shape[0]), int(input_shape[1])),
+        level_shapes=[(int(h), int(w)) for h, w in shapes], weights_id=weights_id, global_=glob, bank=bank,
+        train_names=list(names), train_ids=list(ids), image_threshold=thresholds["image_threshold"],
+        pixel_threshold=thresholds["pixel_threshold"], calibration=calibration, history=history, lineage=lineage,
+        base_sha256=header["header_sha256"])
 
 
 def _data_paths(files: Any, folder: Path, hpath: Path) -> dict[str, tuple[Path, str]]:
@@ -486,12 +472,6 @@ def _data_paths(files: Any, folder: Path, hpath: Path) -> dict[str, tuple[Path, 
     return out
 
 
-def _shapes_of(model: Spade) -> list[tuple[int, int]]:
-    from .features import level_shapes
-
-    return level_shapes(model._net(), model.prep)
-
-
 def _int(value: Any, name: str, where: Path, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise SpadeError(f"{where}: {name} must be an integer >= {low}, got {value!r}")
@@ -506,7 +486,7 @@ def _threshold(value: Any, name: str, where: Path) -> float | None:
     return float(value)
 
 
-__all__ = ["save_model", "load_model", "read_header", "FORMAT_VERSION"]
+__all__ = ["save_state", "read_state", "read_header", "folder_lock", "rollback", "read_history", "FORMAT_VERSION"]
 
 
 def read_history(folder: Path) -> list[dict[str, Any]]:

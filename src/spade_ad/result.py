@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .correspondence import Correspondence
+from .correspondence import Correspondence, find_correspondence
 from .errors import SpadeError
 
 if TYPE_CHECKING:
-    from .model import Spade
+    from .state import FittedState
 
 DEFECTIVE, GOOD = "defective", "good"
 
@@ -45,7 +45,9 @@ class ImageResult:
 
     Attributes:
         name: the image's file path (or ``array[i]``).
-        score: image anomaly score (stage 2: mean distance to the ``k_image`` nearest training images).
+        score: image anomaly score under the model's ``image_score`` rule (:func:`spade_ad.retrieval.image_scores`):
+            the mean distance to the ``k_image`` nearest training images (``knn``, the paper's), the map's
+            maximum (``max``), or both divided by their calibration medians and added (``combined``).
         map: float32 anomaly map at the image's own resolution (0 outside a ``paper`` crop).
         input_map: the same map in the network's input frame (``image_size`` square).
         neighbours: indices of the retrieved training images (the gallery), nearest first.
@@ -129,7 +131,7 @@ class Prediction:
     train_names: list[str] = field(default_factory=list)
     features: list[list[np.ndarray]] | None = None
     sizes: list[tuple[int, int]] = field(default_factory=list)
-    model: Spade | None = field(default=None, repr=False)
+    state: FittedState | None = field(default=None, repr=False)  # the model that scored them
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -175,11 +177,12 @@ class Prediction:
 
     def correspondence(self, i: int, y: int, x: int, level: int = 0) -> Correspondence:
         """The normal feature that pixel (y, x) of image i was matched to (needs ``keep_features=True``)."""
-        if self.features is None or self.model is None:
+        if self.features is None or self.state is None:
             raise SpadeError("correspondence needs predict(..., keep_features=True)")
         if not (0 <= level < len(self.features[i])):
             raise SpadeError(f"level must be in 0..{len(self.features[i]) - 1}, got {level}")
-        return self.model.match(self.features[i][level], self.neighbours[i], self.sizes[i], y, x, level)
+        feats = self.features[i][level]
+        return find_correspondence(self.state, feats, self.neighbours[i], self.sizes[i], y, x, level)
 
 
 __all__ = ["ImageResult", "Prediction", "verdict", "normalised", "DEFECTIVE", "GOOD"]

@@ -1,8 +1,11 @@
 """Stage 2: image retrieval. kNN on global vectors gives the image score and the gallery of nearest training
-images that stage 3 matches against."""
+images that stage 3 matches against; :func:`image_scores` is the one image-score rule."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 
@@ -33,3 +36,24 @@ def image_knn(
     vals = d.gather(1, idx)
     scores = vals[:, : min(k_image, n)].mean(1)
     return scores.float(), idx[:, : min(k, n)]
+
+
+def image_scores(rule: str, scales: tuple[float, float], knn: torch.Tensor, map_max: torch.Tensor) -> torch.Tensor:
+    """The image score under the ``image_score`` setting ``rule``, from the global kNN scores and the maps'
+    maxima: ``knn`` (the paper's), ``max`` (the map's worst place) or ``combined`` (each divided by its
+    median over the calibration images, ``scales``, then added)."""
+    if rule == "knn":
+        return knn
+    if rule == "max":
+        return map_max
+    sk, sm = scales
+    return knn / float(sk) + map_max / float(sm)
+
+
+def positive_median(values: list[float]) -> float:
+    """A score's scale for ``image_score=combined``: its median over the calibration images (1 if not positive)."""
+    med = float(np.median(values))
+    return med if math.isfinite(med) and med > 0 else 1.0
+
+
+__all__ = ["image_knn", "image_scores", "positive_median"]

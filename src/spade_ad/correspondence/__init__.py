@@ -9,26 +9,28 @@ against all positions of the gallery images' pyramids at the same level.
   :mod:`.pruning` (CPU cells and bounds) and :mod:`.runtime` (threads, buffers) speed it up without
   changing a result; :mod:`.reference` holds the brute-force ground truth and the naive baselines;
 * :mod:`.maps` - upsamples the level maps, averages them and smooths the result;
-* :mod:`.explain` - for any pixel, the normal image and cell it was matched to.
+* :mod:`.lookup` - for any pixel, the normal image and cell it was matched to (its correspondence);
+* :func:`anomaly_maps` (:mod:`.stage`) - the stage's entry point: test features and their galleries -> maps.
 """
 
 from __future__ import annotations
 
-from .explain import Correspondence, match_pixel
 from .gallery import level_maps, release_galleries
+from .lookup import Correspondence, find_correspondence
 from .maps import combine_levels, gaussian_blur
 from .reference import cdist_baseline, nn_distances_reference, relative_error
 from .runtime import release_scratch
-from .search import DEFAULT_TILE_BYTES, nn_distances, nn_distances_merged
+from .search import nn_distances, nn_distances_merged
+from .stage import anomaly_maps
 
 __all__ = [
     "Correspondence",
-    "DEFAULT_TILE_BYTES",
+    "anomaly_maps",
     "cdist_baseline",
     "combine_levels",
     "gaussian_blur",
     "level_maps",
-    "match_pixel",
+    "find_correspondence",
     "nn_distances",
     "nn_distances_merged",
     "nn_distances_reference",

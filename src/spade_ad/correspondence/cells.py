@@ -207,16 +207,16 @@ def write_index(writer: BankWriter, k: int) -> None:
     k_eff = min(k, n)
     levels: list[LevelIndex] = []
     for li in range(bank.n_levels):
-        hw, c = bank.meta[f"level{li}"][1][1:]
+        hw, c = bank.level_size(li)
         m = max(2, min(SAMPLE_IMAGES, SAMPLE_BYTES // max(1, hw * c * 2)))
         pick = np.unique(np.linspace(0, n - 1, min(m, n)).round().astype(np.int64))
-        sample = [bank.rows(f"level{li}", [int(i)])[0] for i in pick]
+        sample = [bank.gather(li, [int(i)])[0] for i in pick]
         levels.append(train_level(sample, k_eff * hw))
     for a in range(0, n, _ASSIGN_BATCH):
         idx = list(range(a, min(n, a + _ASSIGN_BATCH)))
         rows: dict[str, np.ndarray] = {}
         for li, lev in enumerate(levels):
-            level_rows = bank.rows(f"level{li}", idx)
+            level_rows = bank.gather(li, idx)
             names = index_names(li)
             rows[names[0]], rows[names[1]] = lev.assign_many(level_rows)
         writer.write(a, rows)
@@ -233,7 +233,7 @@ def load_level(bank: Bank, level: int) -> LevelIndex | None:
     names = index_names(level)
     if not all(x in bank.meta for x in names):
         return None
-    hw, c = bank.meta[f"level{level}"][1][1:]
+    hw, c = bank.level_size(level)
     cen = torch.from_numpy(bank.tensor(names[2]))
     cuts = torch.from_numpy(bank.tensor(names[3]))
     shared = bank.tensor(names[4])

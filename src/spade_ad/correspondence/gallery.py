@@ -69,7 +69,7 @@ class GalleryCache:
             missing = sorted({i for i in indices if (level, i) not in self.entries})
             if missing:
                 unit_name, same_name = index_names(level)[:2]
-                step = max(1, PREPARE_ROWS // bank.meta[f"level{level}"][1][1])
+                step = max(1, PREPARE_ROWS // bank.level_size(level)[0])
 
                 def chunk(a: int) -> list[Prepared]:
                     ids = missing[a : a + step]

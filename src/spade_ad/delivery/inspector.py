@@ -7,7 +7,7 @@ Endpoints (all documented at ``/docs`` and ``/openapi.json``; the docs page's as
 * ``POST /predict`` - multipart upload of one image: score, normalised score, verdict, thresholds, nearest
   normal images, the heatmap overlay and mask as base64 images, and the raw map (downsampled float32) so
   a client can recompute masks at any threshold.
-* ``GET /explain?id=&y=&x=`` - for a recent upload (the server keeps the features of the last
+* ``GET /correspondence?id=&y=&x=`` - for a recent upload (the server keeps the features of the last
   ``cache_size`` uploads), the normal image and the patch in it that pixel (y, x) was matched to.
 * ``GET /thumbnail/{index}?generation=&id=`` - a training image's thumbnail (PNG), ``GET /colour-bar.png``,
   ``GET /info``.
@@ -87,7 +87,7 @@ class RawMap(BaseModel):
 
 
 class PredictResponse(BaseModel):
-    id: str = Field(description="key for /explain; the server keeps the last few uploads")
+    id: str = Field(description="key for /correspondence; the server keeps the last few uploads")
     filename: str
     width: int
     height: int
@@ -106,7 +106,7 @@ class PredictResponse(BaseModel):
     colour_scale: str = COLOUR_SCALE
 
 
-class ExplainResponse(BaseModel):
+class CorrespondenceResponse(BaseModel):
     id: str
     y: int
     x: int
@@ -436,7 +436,7 @@ def create_app(
     def thumbnail(
         index: int,
         generation: Annotated[int | None, Query(description="the generation `index` refers to (as in the "
-                                                             "thumbnail_url of /predict and /explain)")] = None,
+                                                             "thumbnail_url of /predict and /correspondence)")] = None,
         id: Annotated[str | None, Query(description="the image's id in that generation")] = None,
     ) -> Response:
         spade = current()
@@ -478,7 +478,7 @@ def create_app(
         mh, mw = small_size(h, w, MAP_SIDE)
         small_map = resize_map(res.map, (mh, mw))
         key = uuid.uuid4().hex
-        entry = _Entry(pred=replace(pred, maps=[], input_maps=[], model=None), scored_by=weakref.ref(spade),
+        entry = _Entry(pred=replace(pred, maps=[], input_maps=[], state=None), scored_by=weakref.ref(spade),
                        generation=_generation(spade), small_map=small_map, image=image if allow_updates else None,
                        filename=name)
         with cache_lock:
@@ -499,14 +499,15 @@ def create_app(
                        data=base64.b64encode(small_map.astype("<f4").tobytes()).decode("ascii")),
         )
 
-    @app.get("/explain", response_model=ExplainResponse, summary="The normal patch that pixel (y, x) matched",
+    @app.get("/correspondence", response_model=CorrespondenceResponse,
+             summary="The correspondence of pixel (y, x): the normal patch it matched",
              responses={**errors, 404: {"model": ErrorResponse, "description": "upload no longer cached"}})
-    def explain(
+    def correspondence(
         id: Annotated[str, Query(description="the `id` returned by /predict")],
         y: Annotated[int, Query(description="row in the uploaded image's own pixels")],
         x: Annotated[int, Query(description="column in the uploaded image's own pixels")],
         level: Annotated[int, Query(description="feature pyramid level (0 = finest)")] = 0,
-    ) -> ExplainResponse:
+    ) -> CorrespondenceResponse:
         with cache_lock:
             entry = cache.get(id)
             if entry is not None:
@@ -518,12 +519,12 @@ def create_app(
         if entry.scored_by() is not spade:
             raise HTTPException(409, f"upload {_clip(id)} was scored by generation {entry.generation} and the model "
                                      f"is now at generation {_generation(spade)}: upload the image again")
-        c = replace(entry.pred, model=spade).correspondence(0, y, x, level)
+        c = replace(entry.pred, state=spade.state_).correspondence(0, y, x, level)
         h, w = entry.pred.sizes[0]
         sm = entry.small_map
         v = float(sm[min(sm.shape[0] - 1, int(y * sm.shape[0] / h)), min(sm.shape[1] - 1, int(x * sm.shape[1] / w))])
         thr = entry.pred.pixel_threshold
-        return ExplainResponse(
+        return CorrespondenceResponse(
             id=id, y=y, x=x, generation=entry.generation, neighbour=c.neighbour,
             neighbour_id=_image_id(spade, c.neighbour), neighbour_name=_public_name(c.neighbour_name), level=c.level,
             distance=c.distance, y_frac=c.y_frac, x_frac=c.x_frac, box_frac=list(c.box_frac),

@@ -275,7 +275,7 @@
     marker.style.top = (100 * fy) + '%';
     marker.hidden = false;
     var my = ++explainSeq, id = current.id;
-    fetch('/explain?id=' + encodeURIComponent(id) + '&y=' + y + '&x=' + x).then(function (resp) {
+    fetch('/correspondence?id=' + encodeURIComponent(id) + '&y=' + y + '&x=' + x).then(function (resp) {
       return readJson(resp).then(function (body) {
         if (my !== explainSeq) return;
         if (!resp.ok) { showMessage(errorText(resp.status, body), 'error'); return; }
@@ -283,7 +283,7 @@
         showExplanation(body);
       });
     }).catch(function (err) {
-      showMessage('Explain request failed: ' + err.message, 'error');
+      showMessage('Correspondence request failed: ' + err.message, 'error');
     });
   });
 

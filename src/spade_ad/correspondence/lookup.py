@@ -1,4 +1,4 @@
-"""Stage 3, explanations: which normal image, and which cell of it, a pixel of a test image was matched to."""
+"""Stage 3, correspondences: which normal image, and which cell of it, a pixel of a test image was matched to."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..bank import Bank
 from ..errors import SpadeError
 from ..preprocess import Preprocessor
+from ..state import FittedState
 
 
 @dataclass(frozen=True)
@@ -34,22 +34,21 @@ class Correspondence:
                 max(int(x0 * width) + 1, round(x1 * width)))
 
 
-def match_pixel(
+def find_correspondence(
+    state: FittedState,
     feats: np.ndarray,
     neighbours: np.ndarray,
-    bank: Bank,
-    shapes: list[tuple[int, int]],
-    prep: Preprocessor,
     size: tuple[int, int],
     y: int,
     x: int,
     level: int,
-    train_names: list[str],
 ) -> Correspondence:
     """The gallery feature nearest (float64, direct differences) to the test feature under pixel (y, x).
 
-    ``feats``: the test image's (h*w, C) features at ``level``; ``size``: its (height, width).
+    ``feats``: the test image's (h*w, C) features at ``level``; ``neighbours``: its gallery (stage 2);
+    ``size``: its (height, width).
     """
+    shapes, prep, bank, train_names = state.level_shapes, state.prep, state.bank, state.train_names
     height, width = size
     if not (0 <= y < height and 0 <= x < width):
         raise SpadeError(f"pixel ({y}, {x}) is outside the image ({height}x{width})")
@@ -88,4 +87,4 @@ def _input_to_image_frac(prep: Preprocessor, fracs: list[float]) -> list[float]:
     return [(o + f * prep.size) / r for f in fracs]
 
 
-__all__ = ["Correspondence", "match_pixel"]
+__all__ = ["Correspondence", "find_correspondence"]

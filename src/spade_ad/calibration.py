@@ -1,0 +1,66 @@
+"""Thresholds from good images alone: leave-one-out on an even sample of the training images.
+
+Each sampled image is scored against the other training images exactly as a test image would be
+(:func:`spade_ad.scoring.score_features`, its own bank row left out). The image threshold is the
+``1 - false_alarm_rate`` quantile of their image scores; the pixel threshold the same quantile of their
+maps' maxima, so about that fraction of good images shows any flagged pixel. Fewer than two training
+images leave a model without thresholds (no verdicts, no masks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from .retrieval import image_scores, positive_median
+from .scoring import score_features
+from .state import FittedState
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+def calibration_sample(n_train: int, n_images: int) -> np.ndarray:
+    """The training indices scored for calibration: ``n_images`` spread evenly over ``n_train``."""
+    return np.unique(np.linspace(0, n_train - 1, min(n_images, n_train)).round().astype(int))
+
+
+def calibrate(state: FittedState, device: torch.device, progress: Progress | None = None) -> None:
+    """Set ``state``'s thresholds and calibration record (see the module docstring)."""
+    s = state.settings
+    state.image_threshold = state.pixel_threshold = None
+    state.calibration = {"method": "none"}
+    if state.n_train < 2 or s.calibration_images < 1:
+        return
+    idx = calibration_sample(state.n_train, s.calibration_images)
+    knn, maxima = _leave_one_out(state, idx, device, progress)
+    state.calibration = {"method": "leave-one-out on training images", "n_images": len(idx),
+                         "false_alarm_rate": s.false_alarm_rate}
+    scales = (positive_median(knn), positive_median(maxima))
+    if s.image_score == "combined":
+        state.calibration["score_scales"] = list(scales)
+    scores = image_scores(s.image_score, scales, torch.tensor(knn, dtype=torch.float32),
+                          torch.tensor(maxima, dtype=torch.float32)).tolist()
+    q = 1.0 - s.false_alarm_rate
+    state.image_threshold = float(np.quantile(scores, q, method="higher"))
+    state.pixel_threshold = float(np.quantile(maxima, q, method="higher"))
+    state.calibration.update({"image_scores": scores, "map_maxima": maxima})
+
+
+def _leave_one_out(state: FittedState, idx: np.ndarray, device: torch.device,
+                   progress: Progress | None) -> tuple[list[float], list[float]]:
+    """Each sampled training image's global kNN score and map maximum, scored without itself."""
+    knn, maxima = [], []
+    for j, i in enumerate(idx):
+        levels = [torch.from_numpy(state.bank.gather(li, [i]).astype(np.float32)).to(device)
+                  for li in range(state.bank.n_levels)]
+        sc, maps, _ = score_features(state, levels, state.global_[i : i + 1], exclude=torch.tensor([int(i)]))
+        knn.append(float(sc[0]))
+        maxima.append(float(maps[0].max()))
+        if progress:
+            progress("calibrate", j + 1, len(idx))
+    return knn, maxima
+
+
+__all__ = ["calibrate", "calibration_sample"]
