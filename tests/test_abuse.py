@@ -304,15 +304,26 @@ def test_disk_full_names_the_file(model_dir: Path, small_train: Path, tmp_path: 
                                   monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     import spade_ad.io as io
 
-    def full(path: Path) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
+    real = io._fsync_file
 
-    monkeypatch.setattr(io, "_fsync_file", full)
+    def full_from_the_overlay(path: Path) -> None:  # the disk fills up while the outputs are written
+        if "overlay" in path.name or full_from_the_overlay.full:  # type: ignore[attr-defined]
+            full_from_the_overlay.full = True  # type: ignore[attr-defined]
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path)
+
+    full_from_the_overlay.full = False  # type: ignore[attr-defined]
+    monkeypatch.setattr(io, "_fsync_file", full_from_the_overlay)
     code, _, err = run_cli(["predict", str(model_dir), str(small_train / "test" / "good" / "000.png"),
                             "--out", str(tmp_path / "o")], capsys)
     line = " ".join(err.split())
     assert code == 2 and "000_overlay.png: cannot write (No space left on device)" in line
     assert not [p for p in (tmp_path / "o").iterdir() if p.name.endswith(".tmp")]
+    # a full disk from the first write on: that first file (run.json, written before any output) is named
+    monkeypatch.setattr(io, "_fsync_file", lambda path: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space")))
+    code, _, err = run_cli(["predict", str(model_dir), str(small_train / "test" / "good" / "000.png"),
+                            "--out", str(tmp_path / "o2")], capsys)
+    assert code == 2 and "o2/run.json: cannot write (No space" in " ".join(err.split())
 
 
 # ------------------------------------------------------------------ 12-14. the inspector and loading

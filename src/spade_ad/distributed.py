@@ -319,7 +319,7 @@ class _Featurizer:
 
         torch.set_num_threads(threads)
         self.model = Spade(settings)
-        self.model.input_shape_ = input_shape
+        self.model.fix_input_shape(shape=input_shape)  # the driver's, read from the training files' headers
         net = self.model._net()
         self.shapes = [(h * w, c) for (h, w), c in zip(level_shapes(net, self.model.prep), net.channels, strict=True)]
         self.global_dim = net.global_dim
@@ -401,7 +401,7 @@ def fit(
         todo = [{"index": i, "path": os.path.abspath(p), "file": names[i]} for i, p in enumerate(files)]
         ds = ray.data.from_items(todo, override_num_blocks=math.ceil(len(todo) / pool.batch_size)).map_batches(
             _Featurizer, fn_constructor_kwargs={"settings": worker_settings, "threads": pool.threads,
-                                              "input_shape": model.input_shape_},
+                                              "input_shape": model.prep.input_shape},
             **pool.map_args(pool.batch_size))
 
         def rows() -> Iterator[BankRows]:

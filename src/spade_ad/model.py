@@ -182,19 +182,22 @@ class Spade:
         shape = state.input_shape if state is not None else self._input_shape
         return Preprocessor(self.settings.preprocess, self.settings.image_size, shape)
 
-    def fix_input_shape(self, items: Sequence[ImageInput]) -> None:
+    def fix_input_shape(self, items: Sequence[ImageInput] = (), shape: tuple[int, int] | None = None) -> None:
         """Before fitting: the network input shape of the training images ``items`` (``input_shape_`` once fitted).
 
         A square of ``image_size`` except with ``preprocess="aspect"``, where the training images'
-        median aspect ratio decides it (read from the files' headers).
+        median aspect ratio decides it (read from the files' headers), or ``shape`` when it was computed
+        so elsewhere (a Ray worker takes the driver's).
         """
         s = self.settings
         if s.preprocess != "aspect":
             self._input_shape = (s.image_size, s.image_size)
-            return
-        sizes = [image_shape(x, max_pixels=s.max_pixels) if isinstance(x, (str, Path))
-                 else (int(np.shape(x)[0]), int(np.shape(x)[1])) for x in items]
-        self._input_shape = aspect_shape(s.image_size, sizes)
+        elif shape is not None:
+            self._input_shape = (int(shape[0]), int(shape[1]))
+        else:
+            sizes = [image_shape(x, max_pixels=s.max_pixels) if isinstance(x, (str, Path))
+                     else (int(np.shape(x)[0]), int(np.shape(x)[1])) for x in items]
+            self._input_shape = aspect_shape(s.image_size, sizes)
 
     @property
     def device(self) -> torch.device:
