@@ -467,13 +467,7 @@ def predict(
     runtime: dict[str, Any] = {"device": _worker_device(device, gpus_per_worker), "weights": weights}
     runtime.update({k: v for k, v in (("batch_size", batch_size), ("max_pixels", max_pixels)) if v is not None})
     pin = runs.pin_model(model_dir)  # the generation every worker loads, whatever is committed meanwhile
-    model = runs.load_pinned(pin, **{**runtime, "device": "cpu"})  # one clear line here if anything is wrong
-    thr = model.pixel_threshold_ if threshold is None else threshold
-    image_threshold, step = model.image_threshold_, model.settings.batch_size
-    del model
-    items = runs.expand_inputs(given)
-    runs.check_output_folder(out, given, overwrite)
-    run = runs.Run(out, items, model_dir, pin, image_threshold, thr, raw)
+    run, items, step = _new_run(model_dir, out, given, pin, runtime, threshold, raw, overwrite)
     status, workers_seen = "interrupted", dict[str, dict[str, float]]()
     try:
         with connected(address) as ray:
@@ -481,21 +475,38 @@ def predict(
             pool = _pool(ray, len(items), workers, gpus_per_worker, threads, step)
             run.record["ray"] = pool.describe(address)
             run.start()  # run.json lists every file this run may write before any worker writes one
-            steps = [{"step": json.dumps([[it.index, os.path.abspath(it.path), it.file, it.stem]
-                                          for it in items[a : a + step]])}
-                     for a in range(0, len(items), step)]
-            ds = ray.data.from_items(steps, override_num_blocks=len(steps)).map_batches(
-                _Scorer, fn_constructor_kwargs={
-                    "pin": pin, "runtime": runtime, "threads": pool.threads,
-                    "out": os.path.abspath(out), "threshold": threshold, "raw": raw, "image_column": None,
-                    "name_column": "file", "stats": True}, **pool.map_args(1))
-            del steps
+            ds = _scoring_dataset(ray, items, step, pool, {
+                "pin": pin, "runtime": runtime, "threads": pool.threads, "out": os.path.abspath(out),
+                "threshold": threshold, "raw": raw, "image_column": None, "name_column": "file", "stats": True})
             workers_seen = _collect(ds, run, on_error, progress)
             status = "complete"
     finally:
         if run.started:  # the workers are gone (or going): list exactly the files of this run that exist
             summary = run.finish(status, **({"workers": workers_seen} if status == "complete" else {}))
     return summary
+
+
+def _new_run(model_dir: Path, out: Path, given: list[Path], pin: runs.ModelPin, runtime: dict[str, Any],
+             threshold: float | None, raw: str, overwrite: bool) -> tuple[runs.Run, list[runs.Input], int]:
+    """The run (not started), its inputs and the images per worker call (the model's batch size), once the
+    pinned model loads here (one clear line if anything is wrong) and OUT may be written."""
+    model = runs.load_pinned(pin, **{**runtime, "device": "cpu"})
+    thr = model.pixel_threshold_ if threshold is None else threshold
+    image_threshold, step = model.image_threshold_, model.settings.batch_size
+    del model  # the workers load their own; the driver keeps none
+    items = runs.expand_inputs(given)
+    runs.check_output_folder(out, given, overwrite)
+    return runs.Run(out, items, model_dir, pin, image_threshold, thr, raw), items, step
+
+
+def _scoring_dataset(ray: Any, items: list[runs.Input], step: int, pool: _Pool, scorer: dict[str, Any]) -> Any:
+    """The inputs in steps of ``step`` images (one worker call each, as a local run's batches) mapped by a pool
+    of ``_Scorer`` actors built with ``scorer``; lazy: nothing runs until it is consumed."""
+    steps = [{"step": json.dumps([[it.index, os.path.abspath(it.path), it.file, it.stem]
+                                  for it in items[a : a + step]])}
+             for a in range(0, len(items), step)]
+    return ray.data.from_items(steps, override_num_blocks=len(steps)).map_batches(
+        _Scorer, fn_constructor_kwargs=scorer, **pool.map_args(1))
 
 
 def _collect(ds: Any, run: runs.Run, on_error: str, progress: Progress | None) -> dict[str, dict[str, float]]:

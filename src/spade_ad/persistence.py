@@ -34,6 +34,7 @@ import secrets
 import signal
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -373,60 +374,126 @@ def _no_constants(name: str) -> Any:
 def read_state(folder: Path, runtime: dict[str, Any], verify: bool) -> FittedState:
     """Read, check and validate a model folder (see the module docstring); ``runtime``: the runtime settings
     to run it with. The backbone itself is checked by the caller (:meth:`spade_ad.Spade.load`)."""
-    from safetensors.torch import load_file
-
     from .state import FittedState
 
     header = read_header(folder)
     hpath = folder / "model.json"
-    try:
+    try:  # every field the header lacks is named the same way, whichever step reads it
         settings = SpadeSettings.from_model_dict(header["settings"], runtime, where=str(hpath))
-        paths = _data_paths(header["files"], folder, hpath)
-        for path, digest in paths.values():
-            if not path.is_file():
-                raise SpadeError(f"{path}: model file is missing")
-            if verify and file_sha256(path) != digest:
-                raise SpadeError(f"{path}: checksum mismatch (file is damaged or was modified)")
-        n_train = _int(header["n_train"], "n_train", hpath, low=1)
-        names = header["train_names"]
-        if not isinstance(names, list) or len(names) != n_train or not all(isinstance(x, str) for x in names):
-            raise SpadeError(f"{hpath}: train_names must be a list of {n_train} names")
-        ids = header.get("train_ids", [None] * n_train)  # written since images have an identity
-        if not isinstance(ids, list) or len(ids) != n_train or not all(
-                x is None or isinstance(x, str) and _IMAGE_ID.match(x) for x in ids):
-            raise SpadeError(f"{hpath}: train_ids must be a list of {n_train} image ids (SHA-256 hex) or nulls")
-        if len({x for x in ids if x is not None}) != sum(x is not None for x in ids):
-            raise SpadeError(f"{hpath}: train_ids lists an image twice")
-        shapes = header["level_shapes"]
-        if not isinstance(shapes, list) or not all(
-            isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) and v > 0 for v in s) for s in shapes
-        ):
-            raise SpadeError(f"{hpath}: level_shapes must be a list of [height, width] pairs")
-        input_shape = header.get("input_shape", [settings.image_size] * 2)  # written since preprocess=aspect
-        if not (isinstance(input_shape, list) and len(input_shape) == 2
-                and all(isinstance(v, int) and not isinstance(v, bool) for v in input_shape)
-                and (input_shape == [settings.image_size] * 2
-                     or settings.preprocess == "aspect" and is_aspect_shape(settings.image_size, input_shape))):
-            raise SpadeError(f"{hpath}: input_shape must be [height, width] of the network input "
-                             f"(the image_size square unless preprocess is aspect), got {input_shape!r}")
-        thresholds = {k: _threshold(header[k], k, hpath) for k in ("image_threshold", "pixel_threshold")}
-        calibration = header["calibration"]
-        if not isinstance(calibration, dict):
-            raise SpadeError(f"{hpath}: calibration must be a mapping")
-        scales = calibration.get("score_scales", [1.0, 1.0])
-        if not isinstance(scales, list) or len(scales) != 2 or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in scales):
-            raise SpadeError(f"{hpath}: calibration.score_scales must be two positive numbers")
-        weights_id = header["weights"]
-        if not isinstance(weights_id, str):
-            raise SpadeError(f"{hpath}: weights must be a checksum string")
-        history, lineage = header["history"], header["lineage"]
-        if not isinstance(history, list) or not all(isinstance(e, dict) for e in history) or not history:
-            raise SpadeError(f"{hpath}: history must be a non-empty list of changes")
-        if header["generation"] != len(history) or not isinstance(lineage, str):
-            raise SpadeError(f"{hpath}: generation {header['generation']!r} disagrees with its history")
+        paths = _checked_data_files(header["files"], folder, hpath, verify)
+        fields = _header_fields(header, settings, hpath)
     except KeyError as exc:
         raise SpadeError(f"{hpath}: damaged model header (missing field {exc})") from None
+    glob, bank = _read_arrays(paths, folder, len(fields.train_names), fields.level_shapes)
+    _check_weights_given(settings, fields.weights_id, folder)
+    return FittedState(
+        settings=settings, input_shape=fields.input_shape, level_shapes=fields.level_shapes,
+        weights_id=fields.weights_id, global_=glob, bank=bank, train_names=fields.train_names,
+        train_ids=fields.train_ids, image_threshold=fields.image_threshold, pixel_threshold=fields.pixel_threshold,
+        calibration=fields.calibration, history=fields.history, lineage=fields.lineage,
+        base_sha256=header["header_sha256"])
+
+
+@dataclass
+class _HeaderFields:
+    """The header's fields as :func:`read_state` validated them (settings and files apart)."""
+
+    train_names: list[str]
+    train_ids: list[str | None]
+    level_shapes: list[tuple[int, int]]
+    input_shape: tuple[int, int]
+    image_threshold: float | None
+    pixel_threshold: float | None
+    calibration: dict[str, Any]
+    weights_id: str
+    history: list[dict[str, Any]]
+    lineage: str
+
+
+def _checked_data_files(files: Any, folder: Path, hpath: Path, verify: bool) -> dict[str, tuple[Path, str]]:
+    """The data files the header names, each present and (with ``verify``) matching its checksum."""
+    paths = _data_paths(files, folder, hpath)
+    for path, digest in paths.values():
+        if not path.is_file():
+            raise SpadeError(f"{path}: model file is missing")
+        if verify and file_sha256(path) != digest:
+            raise SpadeError(f"{path}: checksum mismatch (file is damaged or was modified)")
+    return paths
+
+
+def _header_fields(header: dict[str, Any], settings: SpadeSettings, hpath: Path) -> _HeaderFields:
+    """Every other header field checked, in the header's order (a missing one raises KeyError)."""
+    n_train = _int(header["n_train"], "n_train", hpath, low=1)
+    names, ids = _train_names(header, n_train, hpath)
+    shapes = _level_shapes(header["level_shapes"], hpath)
+    input_shape = _input_shape(header.get("input_shape", [settings.image_size] * 2), settings, hpath)
+    thresholds = {k: _threshold(header[k], k, hpath) for k in ("image_threshold", "pixel_threshold")}
+    calibration = _calibration(header["calibration"], hpath)
+    weights_id = header["weights"]
+    if not isinstance(weights_id, str):
+        raise SpadeError(f"{hpath}: weights must be a checksum string")
+    history, lineage = header["history"], header["lineage"]
+    if not isinstance(history, list) or not all(isinstance(e, dict) for e in history) or not history:
+        raise SpadeError(f"{hpath}: history must be a non-empty list of changes")
+    if header["generation"] != len(history) or not isinstance(lineage, str):
+        raise SpadeError(f"{hpath}: generation {header['generation']!r} disagrees with its history")
+    return _HeaderFields(
+        train_names=list(names), train_ids=list(ids), level_shapes=[(int(h), int(w)) for h, w in shapes],
+        input_shape=(int(input_shape[0]), int(input_shape[1])), image_threshold=thresholds["image_threshold"],
+        pixel_threshold=thresholds["pixel_threshold"], calibration=calibration, weights_id=weights_id,
+        history=history, lineage=lineage)
+
+
+def _train_names(header: dict[str, Any], n_train: int, hpath: Path) -> tuple[list[str], list[str | None]]:
+    """The training images' names and ids, one each; ids (SHA-256 hex, or nulls in older models) unique."""
+    names = header["train_names"]
+    if not isinstance(names, list) or len(names) != n_train or not all(isinstance(x, str) for x in names):
+        raise SpadeError(f"{hpath}: train_names must be a list of {n_train} names")
+    ids = header.get("train_ids", [None] * n_train)  # written since images have an identity
+    if not isinstance(ids, list) or len(ids) != n_train or not all(
+            x is None or isinstance(x, str) and _IMAGE_ID.match(x) for x in ids):
+        raise SpadeError(f"{hpath}: train_ids must be a list of {n_train} image ids (SHA-256 hex) or nulls")
+    if len({x for x in ids if x is not None}) != sum(x is not None for x in ids):
+        raise SpadeError(f"{hpath}: train_ids lists an image twice")
+    return names, ids
+
+
+def _level_shapes(shapes: Any, hpath: Path) -> list[list[int]]:
+    """The pyramid levels' [height, width], positive integers."""
+    if not isinstance(shapes, list) or not all(
+        isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) and v > 0 for v in s) for s in shapes
+    ):
+        raise SpadeError(f"{hpath}: level_shapes must be a list of [height, width] pairs")
+    return shapes
+
+
+def _input_shape(input_shape: Any, settings: SpadeSettings, hpath: Path) -> list[int]:
+    """The network input's [height, width]: the image_size square, or an aspect shape (preprocess=aspect)."""
+    if not (isinstance(input_shape, list) and len(input_shape) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in input_shape)
+            and (input_shape == [settings.image_size] * 2
+                 or settings.preprocess == "aspect" and is_aspect_shape(settings.image_size, input_shape))):
+        raise SpadeError(f"{hpath}: input_shape must be [height, width] of the network input "
+                         f"(the image_size square unless preprocess is aspect), got {input_shape!r}")
+    return input_shape
+
+
+def _calibration(calibration: Any, hpath: Path) -> dict[str, Any]:
+    """How the thresholds were set: a mapping whose score scales (if any) are two positive numbers."""
+    if not isinstance(calibration, dict):
+        raise SpadeError(f"{hpath}: calibration must be a mapping")
+    scales = calibration.get("score_scales", [1.0, 1.0])
+    if not isinstance(scales, list) or len(scales) != 2 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in scales):
+        raise SpadeError(f"{hpath}: calibration.score_scales must be two positive numbers")
+    return calibration
+
+
+def _read_arrays(paths: dict[str, tuple[Path, str]], folder: Path, n_train: int,
+                 shapes: list[tuple[int, int]]) -> tuple[torch.Tensor, Bank]:
+    """The global vectors and the feature bank, checked against the header and each other."""
+    from safetensors.torch import load_file
+
     try:
         index = load_file(str(paths["index"][0]))
         glob = index["global"]
@@ -441,19 +508,18 @@ def read_state(folder: Path, runtime: dict[str, Any], verify: bool) -> FittedSta
         raise SpadeError(f"{folder}: level_shapes in model.json disagree with the feature bank")
     if not bool(torch.isfinite(glob).all()):
         raise SpadeError(f"{paths['index'][0]}: global vectors contain NaN or infinite values")
+    return glob, bank
 
+
+def _check_weights_given(settings: SpadeSettings, weights_id: str, folder: Path) -> None:
+    """Refuse a model whose backbone weights the caller must name but did not: random test weights, or
+    ImageNet weights that are not bundled (never looked for elsewhere)."""
     if settings.weights is None and weights_id.startswith("random"):
         raise SpadeError(f"{folder}: the model was fitted with random backbone weights (a test model); load it "
                          "with weights='random' if that is what you want")
     if settings.weights is None and not BACKBONES[settings.backbone].bundled:
         raise SpadeError(f"{folder}: the model uses {settings.backbone}, whose ImageNet weights are not bundled; "
                          "pass the weights file it was fitted with (--weights PATH, Spade.load(..., weights=PATH))")
-    return FittedState(
-        settings=settings, input_shape=(int(input_shape[0]), int(input_shape[1])),
-        level_shapes=[(int(h), int(w)) for h, w in shapes], weights_id=weights_id, global_=glob, bank=bank,
-        train_names=list(names), train_ids=list(ids), image_threshold=thresholds["image_threshold"],
-        pixel_threshold=thresholds["pixel_threshold"], calibration=calibration, history=history, lineage=lineage,
-        base_sha256=header["header_sha256"])
 
 
 def _data_paths(files: Any, folder: Path, hpath: Path) -> dict[str, tuple[Path, str]]:

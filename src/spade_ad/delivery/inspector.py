@@ -1,6 +1,8 @@
 """The web inspector: a FastAPI app serving a small static page and a JSON API over one fitted model.
 
-``create_app(model_dir)`` builds the app; ``spade-ad serve MODEL_DIR`` runs it with uvicorn.
+``create_app(model_dir)`` builds the app from one router per concern (pages, the model, predictions,
+changes), sharing one context (the model, the kept uploads, locks, limits); ``spade-ad serve MODEL_DIR``
+runs it with uvicorn.
 
 Endpoints (all documented at ``/docs`` and ``/openapi.json``; the docs page's assets are served locally):
 
@@ -31,12 +33,12 @@ import uuid
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePath
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi import APIRouter, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi import Path as Path_
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -48,7 +50,7 @@ from ..errors import SpadeError
 from ..io import decode_image
 from ..model import Spade
 from ..persistence import folder_lock
-from ..result import Prediction, normalised
+from ..result import ImageResult, Prediction, normalised
 from ..version import __version__
 from ..viz import SCALE_MAX, colour_bar, data_uri, encode, overlay, resize_map, resize_rgb, small_size
 
@@ -305,6 +307,55 @@ class _LimitBody:
         await self.app(scope, limited, send)
 
 
+REQUEST_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "not an image, corrupt or truncated file, bad request"},
+    413: {"model": ErrorResponse, "description": "upload larger than the server's limit"},
+}
+WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "no or wrong token"},
+    403: {"model": ErrorResponse, "description": "read-only inspector, or a cross-origin request"},
+    404: {"model": ErrorResponse, "description": "unknown upload id or training image"},
+    409: {"model": ErrorResponse, "description": "the model changed since the client saw it"},
+}
+
+
+@dataclass(eq=False)
+class _Context:
+    """What the routers share: the model as the folder holds it, the uploads and thumbnails kept, their locks,
+    the limits and the token."""
+
+    model: Spade  # swapped whole on an update or reload: a request uses one model
+    folder: Path | None
+    device: str
+    weights: str | None
+    max_upload_bytes: int
+    max_pixels: int
+    cache_size: int
+    allow_updates: bool
+    token: str | None
+    header: tuple[int, int, int] | None  # model.json as ``model`` was read from it (see current)
+    update_lock: threading.Lock = field(default_factory=threading.Lock)
+    cache_lock: threading.Lock = field(default_factory=threading.Lock)
+    cache: OrderedDict[str, _Entry] = field(default_factory=OrderedDict)
+    thumbs: dict[tuple[int, int], bytes] = field(default_factory=dict)  # (generation, index) -> PNG, current model
+
+    def current(self) -> Spade:
+        """The model as the folder holds it now: reloaded once ``model.json`` changed (another writer, such as
+        ``spade-ad update`` or ``rollback``); the last good one while the folder cannot be read."""
+        stat = _header_stat(self.folder)
+        if self.folder is None or stat is None or stat == self.header:
+            return self.model
+        with self.update_lock:
+            if stat != self.header:
+                try:
+                    self.model = Spade.load(self.folder, device=self.device, weights=self.weights)
+                except SpadeError:
+                    return self.model
+                self.header = stat
+                self.thumbs.clear()
+        return self.model
+
+
 def create_app(
     model_dir: str | Path | None = None,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
@@ -328,8 +379,18 @@ def create_app(
     so it applies to the model as it is on disk then, whoever else (``spade-ad update``, another server)
     writes the folder; a removal names the generation it was chosen in and is refused (409) once that moved.
     """
-    from fastapi_offline import FastAPIOffline
+    ctx = _context(model_dir, max_upload_bytes, device, cache_size, model, weights, max_pixels, allow_updates,
+                   token)
+    app = _bare_app(ctx, allowed_hosts)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")  # (routers do not carry mounts)
+    for router in (_pages(ctx), _model_routes(ctx), _predictions(ctx), _changes(ctx)):
+        app.include_router(router)
+    return app
 
+
+def _context(model_dir: str | Path | None, max_upload_bytes: int, device: str, cache_size: int, model: Spade | None,
+             weights: str | None, max_pixels: int | None, allow_updates: bool, token: str | None) -> _Context:
+    """``create_app``'s arguments checked, and the model loaded unless given, as the routers' shared context."""
     if model is None:
         if model_dir is None:
             raise SpadeError("create_app needs a model folder (or a model)")
@@ -343,12 +404,14 @@ def create_app(
     if allow_updates and (model_dir is None or not token):
         raise SpadeError("updates need the model folder and a token")
     folder = Path(model_dir) if model_dir is not None else None
-    state: dict[str, Spade] = {"model": model}  # swapped whole on an update: a request uses one model
-    seen: dict[str, tuple[int, int, int] | None] = {"header": _header_stat(folder)}
-    update_lock = threading.Lock()
-    cache_lock = threading.Lock()
-    cache: OrderedDict[str, _Entry] = OrderedDict()
-    thumbs: dict[tuple[int, int], bytes] = {}  # (generation, index) -> PNG, of the current model only
+    return _Context(model=model, folder=folder, device=device, weights=weights, max_upload_bytes=max_upload_bytes,
+                    max_pixels=max_pixels, cache_size=cache_size, allow_updates=allow_updates, token=token,
+                    header=_header_stat(folder))
+
+
+def _bare_app(ctx: _Context, allowed_hosts: list[str] | None) -> FastAPI:
+    """The app without routes: its docs (served offline), the body-size and same-origin guards, error answers."""
+    from fastapi_offline import FastAPIOffline
 
     app = FastAPIOffline(
         title="spade-ad inspector",
@@ -357,241 +420,273 @@ def create_app(
         "normal image patch it was matched to. " + COLOUR_SCALE + ".",
         static_url="/docs-assets",
     )
-    app.add_middleware(_LimitBody, limit=max_upload_bytes + 64 * 1024, file_limit=max_upload_bytes)
+    # added last = runs first: the host and origin are checked before a body is read
+    app.add_middleware(_LimitBody, limit=ctx.max_upload_bytes + 64 * 1024, file_limit=ctx.max_upload_bytes)
     app.add_middleware(_SameOrigin, hosts={_host_only(h) for h in (allowed_hosts or [])} | set(LOCAL_HOSTS))
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    errors: dict[int | str, dict[str, Any]] = {
-        400: {"model": ErrorResponse, "description": "not an image, corrupt or truncated file, bad request"},
-        413: {"model": ErrorResponse, "description": "upload larger than the server's limit"},
-    }
+    app.exception_handler(SpadeError)(_spade_error)
+    app.exception_handler(StarletteHTTPException)(_http_error)
+    app.exception_handler(RequestValidationError)(_invalid)
+    return app
 
-    def current() -> Spade:
-        """The model as the folder holds it now: reloaded once ``model.json`` changed (another writer, such as
-        ``spade-ad update`` or ``rollback``); the last good one while the folder cannot be read."""
-        stat = _header_stat(folder)
-        if folder is None or stat is None or stat == seen["header"]:
-            return state["model"]
-        with update_lock:
-            if stat != seen["header"]:
-                try:
-                    state["model"] = Spade.load(folder, device=device, weights=weights)
-                except SpadeError:
-                    return state["model"]
-                seen["header"] = stat
-                thumbs.clear()
-        return state["model"]
 
-    @app.exception_handler(SpadeError)
-    async def _spade_error(request: Request, exc: SpadeError) -> JSONResponse:
-        return JSONResponse({"detail": _bounded(str(exc))}, status_code=400)
+async def _spade_error(request: Request, exc: SpadeError) -> JSONResponse:
+    return JSONResponse({"detail": _bounded(str(exc))}, status_code=400)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        return JSONResponse({"detail": _bounded(detail)}, status_code=exc.status_code, headers=exc.headers)
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        """FastAPI's 422 answer, with each offending value quoted by :func:`_clip` (not echoed whole)."""
-        errs = [{"loc": [str(x)[:MAX_ECHO] for x in e.get("loc", ())], "msg": _bounded(str(e.get("msg", ""))),
-                 "type": str(e.get("type", "")), **({"input": _clip(e["input"])} if "input" in e else {})}
-                for e in exc.errors()[:10]]
-        return JSONResponse({"detail": errs}, status_code=422)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    return JSONResponse({"detail": _bounded(detail)}, status_code=exc.status_code, headers=exc.headers)
 
-    @app.get("/", include_in_schema=False)
+
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 answer, with each offending value quoted by :func:`_clip` (not echoed whole)."""
+    errs = [{"loc": [str(x)[:MAX_ECHO] for x in e.get("loc", ())], "msg": _bounded(str(e.get("msg", ""))),
+             "type": str(e.get("type", "")), **({"input": _clip(e["input"])} if "input" in e else {})}
+            for e in exc.errors()[:10]]
+    return JSONResponse({"detail": errs}, status_code=422)
+
+
+# --- pages and assets ---------------------------------------------------------------------------------------
+
+
+def _pages(ctx: _Context) -> APIRouter:
+    """The page and what it draws with: /, /favicon.ico, /health, /colour-bar.png (/static is mounted by
+    ``create_app``, /docs and its assets by FastAPIOffline)."""
+    router = APIRouter()
+
+    @router.get("/", include_in_schema=False)
     def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
-    @app.get("/favicon.ico", include_in_schema=False)
+    @router.get("/favicon.ico", include_in_schema=False)
     def favicon() -> Response:
         return Response(status_code=204)
 
-    @app.get("/info", response_model=InfoResponse, summary="The model: thresholds, settings, upload limit")
-    def info() -> InfoResponse:
-        spade = current()
-        calib = {k: v for k, v in (spade.calibration_ or {}).items() if k not in ("image_scores", "map_maxima")}
-        return InfoResponse(
-            version=__version__, backbone=spade.settings.backbone, n_train=int(spade.bank_.n), k=spade.settings.k,
-            image_size=spade.settings.image_size, preprocess=spade.settings.preprocess,
-            image_threshold=spade.image_threshold_,
-            pixel_threshold=spade.pixel_threshold_, calibration=calib, max_upload_bytes=max_upload_bytes,
-            generation=_generation(spade), updates_allowed=allow_updates,
-            scale_max=SCALE_MAX, colour_scale=COLOUR_SCALE,
-        )
-
-    @app.get("/health", summary="Liveness check")
+    @router.get("/health", summary="Liveness check")
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/colour-bar.png", summary="The heatmap colour bar (PNG), labelled in raw pixel scores",
-             response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    @router.get("/colour-bar.png", summary="The heatmap colour bar (PNG), labelled in raw pixel scores",
+                response_class=Response, responses={200: {"content": {"image/png": {}}}})
     def colour_bar_png() -> Response:
-        spade = current()
+        spade = ctx.current()
         return Response(encode(colour_bar(height=256, width=70, threshold=spade.pixel_threshold_)),
-                         media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+                        media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
-    @app.get("/thumbnail/{index}", summary="Thumbnail (PNG) of training image `index`", response_class=Response,
-             responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorResponse},
-                        409: {"model": ErrorResponse, "description": "the model changed since that generation"}})
+    return router
+
+
+# --- the model: settings, training images -------------------------------------------------------------------
+
+
+def _model_routes(ctx: _Context) -> APIRouter:
+    """What the model is: /info, a training image's thumbnail, the list of training images (GET /normals)."""
+    router = APIRouter()
+
+    @router.get("/info", response_model=InfoResponse, summary="The model: thresholds, settings, upload limit")
+    def info() -> InfoResponse:
+        return _info(ctx, ctx.current())
+
+    @router.get("/thumbnail/{index}", summary="Thumbnail (PNG) of training image `index`", response_class=Response,
+                responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorResponse},
+                           409: {"model": ErrorResponse, "description": "the model changed since that generation"}})
     def thumbnail(
         index: int,
         generation: Annotated[int | None, Query(description="the generation `index` refers to (as in the "
                                                              "thumbnail_url of /predict and /correspondence)")] = None,
         id: Annotated[str | None, Query(description="the image's id in that generation")] = None,
     ) -> Response:
-        spade = current()
-        now = _generation(spade)
-        if generation is not None and generation != now:
-            raise HTTPException(409, f"training image {index} of generation {generation} is not served any more "
-                                     f"(the model is at generation {now}): upload the image again")
-        if not (0 <= index < spade.bank_.n):
-            raise HTTPException(404, f"no training image {index} (the model has {spade.bank_.n})")
-        if id is not None and id != _image_id(spade, index):
-            raise HTTPException(409, f"training image {index} is not image {_clip(id)} in generation {now}")
-        key = (now, index)
-        data = thumbs.get(key)
-        if data is None:
-            data = encode(np.asarray(spade.thumbnail(index)))
-            with cache_lock:
-                if state["model"] is spade:  # (not after an update cleared the cache for the new model)
-                    thumbs[key] = data
-        return Response(data, media_type="image/png", headers=NO_STORE)
+        spade = ctx.current()
+        _check_training_image(spade, index, generation, id)
+        return Response(_thumbnail_png(ctx, spade, index), media_type="image/png", headers=NO_STORE)
 
-    @app.post("/predict", response_model=PredictResponse, responses=errors,
-              summary="Score one uploaded image (multipart field `file`)")
+    @router.get("/normals", response_model=NormalsResponse,
+                summary="The training images (normals): index, id, name")
+    def list_normals() -> NormalsResponse:
+        spade = ctx.current()
+        return NormalsResponse(generation=_generation(spade),
+                               normals=[_neighbour(spade, i) for i in range(spade.bank_.n)])
+
+    return router
+
+
+def _info(ctx: _Context, spade: Spade) -> InfoResponse:
+    """GET /info's answer: the model's settings and thresholds (calibration without its per-image lists)."""
+    calib = {k: v for k, v in (spade.calibration_ or {}).items() if k not in ("image_scores", "map_maxima")}
+    return InfoResponse(
+        version=__version__, backbone=spade.settings.backbone, n_train=int(spade.bank_.n), k=spade.settings.k,
+        image_size=spade.settings.image_size, preprocess=spade.settings.preprocess,
+        image_threshold=spade.image_threshold_,
+        pixel_threshold=spade.pixel_threshold_, calibration=calib, max_upload_bytes=ctx.max_upload_bytes,
+        generation=_generation(spade), updates_allowed=ctx.allow_updates,
+        scale_max=SCALE_MAX, colour_scale=COLOUR_SCALE,
+    )
+
+
+def _check_training_image(spade: Spade, index: int, generation: int | None, image_id: str | None) -> None:
+    """Refuse a reference to a training image that ``spade`` does not hold as the client saw it: another
+    generation (409: indices shift), no such index (404), another image at that index (409)."""
+    now = _generation(spade)
+    if generation is not None and generation != now:
+        raise HTTPException(409, f"training image {index} of generation {generation} is not served any more "
+                                 f"(the model is at generation {now}): upload the image again")
+    if not (0 <= index < spade.bank_.n):
+        raise HTTPException(404, f"no training image {index} (the model has {spade.bank_.n})")
+    if image_id is not None and image_id != _image_id(spade, index):
+        raise HTTPException(409, f"training image {index} is not image {_clip(image_id)} in generation {now}")
+
+
+def _thumbnail_png(ctx: _Context, spade: Spade, index: int) -> bytes:
+    """Training image ``index``'s thumbnail as PNG, drawn once per generation."""
+    key = (_generation(spade), index)
+    data = ctx.thumbs.get(key)
+    if data is None:
+        data = encode(np.asarray(spade.thumbnail(index)))
+        with ctx.cache_lock:
+            if ctx.model is spade:  # (not after an update cleared the cache for the new model)
+                ctx.thumbs[key] = data
+    return data
+
+
+# --- predictions: scoring an upload, explaining a pixel -------------------------------------------------------
+
+
+def _predictions(ctx: _Context) -> APIRouter:
+    """Scoring an upload (POST /predict) and explaining one of its pixels (GET /correspondence)."""
+    router = APIRouter()
+
+    @router.post("/predict", response_model=PredictResponse, responses=REQUEST_ERRORS,
+                 summary="Score one uploaded image (multipart field `file`)")
     def predict(file: Annotated[UploadFile, File(description="an image file (PNG, JPEG, BMP, TIFF, WebP)")]
                 ) -> PredictResponse:
-        name = _short_name(Path(file.filename or "upload").name)
-        data = file.file.read(max_upload_bytes + 1)
-        if len(data) > max_upload_bytes:
-            raise _TooLarge(max_upload_bytes)
-        image = decode_image(data, name, max_pixels=max_pixels)
-        del data
-        spade = current()
+        name, image = _read_upload(ctx, file)
+        spade = ctx.current()
         pred = spade.predict([image], keep_features=True)
         res = pred[0]
+        over = _overlay(image, res)
         h, w = image.shape[:2]
-        thr = res.pixel_threshold
-        mask = res.mask
-        oh, ow = small_size(h, w, OVERLAY_SIDE)
-        over = overlay(resize_rgb(image, (oh, ow)), resize_map(res.map, (oh, ow)), thr, None)
-        mh, mw = small_size(h, w, MAP_SIDE)
-        small_map = resize_map(res.map, (mh, mw))
-        key = uuid.uuid4().hex
-        entry = _Entry(pred=replace(pred, maps=[], input_maps=[], state=None), scored_by=weakref.ref(spade),
-                       generation=_generation(spade), small_map=small_map, image=image if allow_updates else None,
-                       filename=name)
-        with cache_lock:
-            cache[key] = entry
-            while len(cache) > cache_size:
-                cache.popitem(last=False)
-        summary = res.summary()
-        return PredictResponse(
-            id=key, filename=name, width=w, height=h, score=res.score,
-            normalised_score=res.normalised_score, verdict=res.verdict,
-            image_threshold=res.image_threshold, pixel_threshold=thr, max_pixel_score=res.max_pixel_score,
-            defect_fraction=summary["defect_fraction"],
-            neighbours=[_neighbour(spade, int(j)) for j in res.neighbours[:N_NEIGHBOURS]],
-            generation=_generation(spade),
-            overlay=data_uri(over, "JPEG"),
-            mask=data_uri(mask, "PNG") if mask is not None else None,
-            map=RawMap(width=mw, height=mh, dtype="float32-le",
-                       data=base64.b64encode(small_map.astype("<f4").tobytes()).decode("ascii")),
-        )
+        small_map = resize_map(res.map, small_size(h, w, MAP_SIDE))
+        key = _remember(ctx, _Entry(pred=replace(pred, maps=[], input_maps=[], state=None),
+                                    scored_by=weakref.ref(spade), generation=_generation(spade), small_map=small_map,
+                                    image=image if ctx.allow_updates else None, filename=name))
+        return _predict_response(key, name, image, spade, res, over, small_map)
 
-    @app.get("/correspondence", response_model=CorrespondenceResponse,
-             summary="The correspondence of pixel (y, x): the normal patch it matched",
-             responses={**errors, 404: {"model": ErrorResponse, "description": "upload no longer cached"}})
+    @router.get("/correspondence", response_model=CorrespondenceResponse,
+                summary="The correspondence of pixel (y, x): the normal patch it matched",
+                responses={**REQUEST_ERRORS, 404: {"model": ErrorResponse, "description": "upload no longer cached"}})
     def correspondence(
         id: Annotated[str, Query(description="the `id` returned by /predict")],
         y: Annotated[int, Query(description="row in the uploaded image's own pixels")],
         x: Annotated[int, Query(description="column in the uploaded image's own pixels")],
         level: Annotated[int, Query(description="feature pyramid level (0 = finest)")] = 0,
     ) -> CorrespondenceResponse:
-        with cache_lock:
-            entry = cache.get(id)
-            if entry is not None:
-                cache.move_to_end(id)
-        if entry is None:
-            raise HTTPException(404, f"upload {_clip(id)} is no longer cached (the server keeps the last "
-                                     f"{cache_size}); upload the image again")
-        spade = current()
+        entry = _cached(ctx, id)
+        spade = ctx.current()
         if entry.scored_by() is not spade:
             raise HTTPException(409, f"upload {_clip(id)} was scored by generation {entry.generation} and the model "
                                      f"is now at generation {_generation(spade)}: upload the image again")
-        c = replace(entry.pred, state=spade.state_).correspondence(0, y, x, level)
-        h, w = entry.pred.sizes[0]
-        sm = entry.small_map
-        v = float(sm[min(sm.shape[0] - 1, int(y * sm.shape[0] / h)), min(sm.shape[1] - 1, int(x * sm.shape[1] / w))])
-        thr = entry.pred.pixel_threshold
-        return CorrespondenceResponse(
-            id=id, y=y, x=x, generation=entry.generation, neighbour=c.neighbour,
-            neighbour_id=_image_id(spade, c.neighbour), neighbour_name=_public_name(c.neighbour_name), level=c.level,
-            distance=c.distance, y_frac=c.y_frac, x_frac=c.x_frac, box_frac=list(c.box_frac),
-            thumbnail_url=_thumbnail_url(spade, c.neighbour), pixel_score=v,
-            pixel_score_normalised=normalised(v, thr),
-        )
+        return _correspondence_response(entry, spade, id, y, x, level)
 
-    def authorise(request: Request) -> str:
-        """Writes need --allow-updates and the bearer token (compared in constant time)."""
-        if not allow_updates:
-            raise HTTPException(403, "the inspector is read-only: start it with --allow-updates to change the model")
-        given = request.headers.get("authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), (token or "").encode()):
-            raise HTTPException(401, "a valid token is needed (Authorization: Bearer <token>)",
-                                headers={"WWW-Authenticate": "Bearer"})
-        return f"inspector {request.client.host if request.client else 'unknown'}"
+    return router
 
-    def change(apply: Callable[[Spade], object], generation: int | None = None) -> UpdateResponse:
-        """Apply a change to the model as the folder holds it now (read, changed and saved under the folder's
-        lock, so no other writer comes in between), then swap it in: requests running meanwhile use the old
-        model, later ones the new one, never a mix. With ``generation``: refused (409) unless the folder is
-        still at that generation (what the client saw)."""
-        assert folder is not None
-        with update_lock, folder_lock(folder):
-            stat = _header_stat(folder)
-            new = Spade.load(folder, device=device, weights=weights)
-            if generation is not None and generation != len(new.history_):
-                raise HTTPException(409, f"the model changed since you saw it (generation {generation}, now "
-                                         f"{len(new.history_)}); reload and choose again")
-            apply(new)
-            new.save(folder)
-            state["model"] = new
-            seen["header"] = _header_stat(folder) if stat is not None else None
-            thumbs.clear()
-        e = new.history_[-1]
-        return UpdateResponse(generation=e["generation"], action=e["action"], n_train=int(new.bank_.n),
-                              image_threshold=new.image_threshold_, pixel_threshold=new.pixel_threshold_,
-                              before=e["before"], added=[_public_name(x) for x in e["added"]],
-                              removed=[_public_name(x) for x in e["removed"]])
 
-    writes: dict[int | str, dict[str, Any]] = {
-        401: {"model": ErrorResponse, "description": "no or wrong token"},
-        403: {"model": ErrorResponse, "description": "read-only inspector, or a cross-origin request"},
-        404: {"model": ErrorResponse, "description": "unknown upload id or training image"},
-        409: {"model": ErrorResponse, "description": "the model changed since the client saw it"},
-    }
+def _read_upload(ctx: _Context, file: UploadFile) -> tuple[str, np.ndarray]:
+    """An upload's name as the server repeats it and its pixels; refused if too large (413) or not an image
+    (400). The file's bytes are dropped before the model runs."""
+    name = _short_name(Path(file.filename or "upload").name)
+    data = file.file.read(ctx.max_upload_bytes + 1)
+    if len(data) > ctx.max_upload_bytes:
+        raise _TooLarge(ctx.max_upload_bytes)
+    return name, decode_image(data, name, max_pixels=ctx.max_pixels)
 
-    @app.get("/normals", response_model=NormalsResponse, summary="The training images (normals): index, id, name")
-    def list_normals() -> NormalsResponse:
-        spade = current()
-        return NormalsResponse(generation=_generation(spade),
-                               normals=[_neighbour(spade, i) for i in range(spade.bank_.n)])
 
-    @app.post("/normals", response_model=UpdateResponse, responses=writes,
-              summary="Mark an upload as normal: add it to the model's good images (needs --allow-updates)")
+def _overlay(image: np.ndarray, res: ImageResult) -> np.ndarray:
+    """The upload blended with its heatmap (fixed colour scale), at most ``OVERLAY_SIDE`` pixels a side."""
+    h, w = image.shape[:2]
+    hw = small_size(h, w, OVERLAY_SIDE)
+    return overlay(resize_rgb(image, hw), resize_map(res.map, hw), res.pixel_threshold, None)
+
+
+def _remember(ctx: _Context, entry: _Entry) -> str:
+    """Keep an upload for /correspondence and POST /normals (the last ``cache_size`` only); its new id."""
+    key = uuid.uuid4().hex
+    with ctx.cache_lock:
+        ctx.cache[key] = entry
+        while len(ctx.cache) > ctx.cache_size:
+            ctx.cache.popitem(last=False)
+    return key
+
+
+def _predict_response(key: str, name: str, image: np.ndarray, spade: Spade, res: ImageResult, over: np.ndarray,
+                      small_map: np.ndarray) -> PredictResponse:
+    """POST /predict's answer: scores, verdict, neighbours, the pictures and the downsampled raw map."""
+    h, w = image.shape[:2]
+    mh, mw = small_map.shape
+    mask = res.mask
+    summary = res.summary()
+    return PredictResponse(
+        id=key, filename=name, width=w, height=h, score=res.score,
+        normalised_score=res.normalised_score, verdict=res.verdict,
+        image_threshold=res.image_threshold, pixel_threshold=res.pixel_threshold, max_pixel_score=res.max_pixel_score,
+        defect_fraction=summary["defect_fraction"],
+        neighbours=[_neighbour(spade, int(j)) for j in res.neighbours[:N_NEIGHBOURS]],
+        generation=_generation(spade),
+        overlay=data_uri(over, "JPEG"),
+        mask=data_uri(mask, "PNG") if mask is not None else None,
+        map=RawMap(width=mw, height=mh, dtype="float32-le",
+                   data=base64.b64encode(small_map.astype("<f4").tobytes()).decode("ascii")),
+    )
+
+
+def _cached(ctx: _Context, upload_id: str) -> _Entry:
+    """The upload kept under ``upload_id`` (now the most recently used), or 404 once it left the cache."""
+    with ctx.cache_lock:
+        entry = ctx.cache.get(upload_id)
+        if entry is not None:
+            ctx.cache.move_to_end(upload_id)
+    if entry is None:
+        raise HTTPException(404, f"upload {_clip(upload_id)} is no longer cached (the server keeps the last "
+                                 f"{ctx.cache_size}); upload the image again")
+    return entry
+
+
+def _correspondence_response(entry: _Entry, spade: Spade, upload_id: str, y: int, x: int,
+                             level: int) -> CorrespondenceResponse:
+    """GET /correspondence's answer: the normal patch pixel (y, x) matched, and the map's value near it."""
+    c = replace(entry.pred, state=spade.state_).correspondence(0, y, x, level)
+    h, w = entry.pred.sizes[0]
+    sm = entry.small_map
+    v = float(sm[min(sm.shape[0] - 1, int(y * sm.shape[0] / h)), min(sm.shape[1] - 1, int(x * sm.shape[1] / w))])
+    return CorrespondenceResponse(
+        id=upload_id, y=y, x=x, generation=entry.generation, neighbour=c.neighbour,
+        neighbour_id=_image_id(spade, c.neighbour), neighbour_name=_public_name(c.neighbour_name), level=c.level,
+        distance=c.distance, y_frac=c.y_frac, x_frac=c.x_frac, box_frac=list(c.box_frac),
+        thumbnail_url=_thumbnail_url(spade, c.neighbour), pixel_score=v,
+        pixel_score_normalised=normalised(v, entry.pred.pixel_threshold),
+    )
+
+
+# --- changes to the model's good images -----------------------------------------------------------------------
+
+
+def _changes(ctx: _Context) -> APIRouter:
+    """Changing the model's good images (needs --allow-updates and the token): mark an upload as normal
+    (POST /normals), remove a training image (DELETE /normals/{image})."""
+    router = APIRouter()
+
+    @router.post("/normals", response_model=UpdateResponse, responses=WRITE_ERRORS,
+                 summary="Mark an upload as normal: add it to the model's good images (needs --allow-updates)")
     def add_normal(body: AddNormal, request: Request) -> UpdateResponse:
-        source = authorise(request)
-        with cache_lock:
-            entry = cache.get(body.id)
+        source = _authorise(ctx, request)
+        with ctx.cache_lock:
+            entry = ctx.cache.get(body.id)
         if entry is None or entry.image is None:
             raise HTTPException(404, f"upload {_clip(body.id)} is not cached any more; upload the image again")
         image, name = entry.image, f"inspector/{body.id[:12]}-{entry.filename}"
-        return change(lambda m: m.add([image], names=[name], source=source))
+        return _change(ctx, lambda m: m.add([image], names=[name], source=source))
 
-    @app.delete("/normals/{image}", response_model=UpdateResponse, responses=writes,
-                summary="Remove a training image from the model's good images (needs --allow-updates)")
+    @router.delete("/normals/{image}", response_model=UpdateResponse, responses=WRITE_ERRORS,
+                   summary="Remove a training image from the model's good images (needs --allow-updates)")
     def remove_normal(
         image: Annotated[str, Path_(description="the training image's id (or, in models saved before ids, its "
                                                "index), as /normals, /predict list it")],
@@ -599,18 +694,58 @@ def create_app(
                                                      "of /normals or /predict)")],
         request: Request,
     ) -> UpdateResponse:
-        source = authorise(request)
+        source = _authorise(ctx, request)
+        return _change(ctx, lambda m: m.remove([_training_index(m, image, generation)], source=source), generation)
 
-        def remove(m: Spade) -> None:
-            ids = m.train_ids_
-            if image in ids:
-                index = ids.index(image)
-            elif image.isdigit() and int(image) < m.bank_.n and ids[int(image)] is None:
-                index = int(image)
-            else:
-                raise HTTPException(404, f"no training image {image!r} in generation {generation}")
-            m.remove([index], source=source)
+    return router
 
-        return change(remove, generation)
 
-    return app
+def _authorise(ctx: _Context, request: Request) -> str:
+    """Writes need --allow-updates and the bearer token (compared in constant time); the change's source."""
+    if not ctx.allow_updates:
+        raise HTTPException(403, "the inspector is read-only: start it with --allow-updates to change the model")
+    given = request.headers.get("authorization", "")
+    scheme, _, value = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), (ctx.token or "").encode()):
+        raise HTTPException(401, "a valid token is needed (Authorization: Bearer <token>)",
+                            headers={"WWW-Authenticate": "Bearer"})
+    return f"inspector {request.client.host if request.client else 'unknown'}"
+
+
+def _training_index(spade: Spade, image: str, generation: int) -> int:
+    """The index of training image ``image`` (its id, or its index in models saved before ids); 404 if none."""
+    ids = spade.train_ids_
+    if image in ids:
+        return ids.index(image)
+    if image.isdigit() and int(image) < spade.bank_.n and ids[int(image)] is None:
+        return int(image)
+    raise HTTPException(404, f"no training image {image!r} in generation {generation}")
+
+
+def _change(ctx: _Context, apply: Callable[[Spade], object], generation: int | None = None) -> UpdateResponse:
+    """Apply a change to the model as the folder holds it now (read, changed and saved under the folder's
+    lock, so no other writer comes in between), then swap it in: requests running meanwhile use the old
+    model, later ones the new one, never a mix. With ``generation``: refused (409) unless the folder is
+    still at that generation (what the client saw)."""
+    assert ctx.folder is not None
+    with ctx.update_lock, folder_lock(ctx.folder):
+        stat = _header_stat(ctx.folder)
+        new = Spade.load(ctx.folder, device=ctx.device, weights=ctx.weights)
+        if generation is not None and generation != len(new.history_):
+            raise HTTPException(409, f"the model changed since you saw it (generation {generation}, now "
+                                     f"{len(new.history_)}); reload and choose again")
+        apply(new)
+        new.save(ctx.folder)
+        ctx.model = new
+        ctx.header = _header_stat(ctx.folder) if stat is not None else None
+        ctx.thumbs.clear()
+    return _update_response(new)
+
+
+def _update_response(spade: Spade) -> UpdateResponse:
+    """The answer to a change: its history entry (file names without folders) and the new model's figures."""
+    e = spade.history_[-1]
+    return UpdateResponse(generation=e["generation"], action=e["action"], n_train=int(spade.bank_.n),
+                          image_threshold=spade.image_threshold_, pixel_threshold=spade.pixel_threshold_,
+                          before=e["before"], added=[_public_name(x) for x in e["added"]],
+                          removed=[_public_name(x) for x in e["removed"]])
