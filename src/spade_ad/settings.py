@@ -81,10 +81,13 @@ class SpadeSettings:
         k_image: nearest training images whose mean distance is the image score.
         kappa: nearest gallery features averaged for a pixel's score.
         sigma: Gaussian smoothing of the map, in pixels of the network input.
-        image_size: side of the square network input.
+        image_size: side of the square network input (with ``aspect``: its shorter side).
         preprocess: how an image becomes the network input: ``resize`` (the whole image, squashed to
-            a square) or ``paper`` (the paper's protocol: resize to ``image_size * 8 / 7``, then
-            centre-crop ``image_size``; outside the crop the map is 0: that part is not inspected).
+            a square), ``paper`` (the paper's protocol: resize to ``image_size * 8 / 7``, then
+            centre-crop ``image_size``; outside the crop the map is 0: that part is not inspected) or
+            ``aspect`` (the shorter side to ``image_size``, the longer at the training images' median
+            aspect ratio, a multiple of 32 and at most 4 times the shorter; one input shape per model,
+            fixed at fit).
         levels: the pyramid levels (0, 1, 2: strides 4, 8, 16) whose maps are averaged, e.g. ``"1,2"``.
         aggregate: p: each pyramid feature is the mean of its p x p neighbourhood (1: off, the paper).
         image_score: ``knn`` (the paper: mean distance of the global vector to its ``k_image`` nearest
@@ -119,7 +122,8 @@ class SpadeSettings:
                            high=64.0)
     image_size: int = setting(224, "side of the square network input", low=32, high=1024)
     preprocess: str = setting("resize", "resize: whole image to a square; paper: resize to 8/7 of the input "
-                              "size, centre-crop (map is 0 outside the crop)", choices=PREPROCESS_MODES)
+                              "size, centre-crop (map is 0 outside the crop); aspect: keep the training images' "
+                              "aspect ratio (shorter side = image size)", choices=PREPROCESS_MODES)
     levels: str = setting("0,1,2", "pyramid levels used (0, 1, 2: strides 4, 8, 16)", choices=LEVEL_CHOICES,
                           implied=True)
     aggregate: int = setting(1, "features averaged over p x p neighbourhoods (odd p; 1 = off, the paper)", low=1,
