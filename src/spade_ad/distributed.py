@@ -461,11 +461,10 @@ def predict(
         A :class:`RunSummary`. The command line exits with code 2 when ``n_failed`` > 0.
     """
     model_dir, out = Path(model_dir), Path(out)
-    given = [Path(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
+    given, options = runs.run_request(inputs, batch_size, max_pixels)
     runs.check_options(raw, threshold, on_error)
     _check_pool(workers, gpus_per_worker, threads, batch_size)
-    runtime: dict[str, Any] = {"device": _worker_device(device, gpus_per_worker), "weights": weights}
-    runtime.update({k: v for k, v in (("batch_size", batch_size), ("max_pixels", max_pixels)) if v is not None})
+    runtime: dict[str, Any] = {"device": _worker_device(device, gpus_per_worker), "weights": weights, **options}
     pin = runs.pin_model(model_dir)  # the generation every worker loads, whatever is committed meanwhile
     run, items, step = _new_run(model_dir, out, given, pin, runtime, threshold, raw, overwrite)
     status, workers_seen = "interrupted", dict[str, dict[str, float]]()

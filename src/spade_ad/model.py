@@ -365,7 +365,8 @@ class Spade:
         """
         self._check_fitted()
         drop = self.resolve_names([which] if isinstance(which, (str, int)) else list(which))
-        keep = [i for i in range(self.bank_.n) if i not in set(drop)]
+        dropped = set(drop)
+        keep = [i for i in range(self.bank_.n) if i not in dropped]
         if not keep:
             raise SpadeError("cannot remove every training image: a model needs at least one")
         if len(keep) < 2 <= self.bank_.n and not force:
@@ -385,7 +386,8 @@ class Spade:
         olds = OldRows(old.bank, old.global_, old.train_names, old.train_ids, keep)
         glob, bank, ids = write_bank(self._new_bank_path(None), self._net(), old.level_shapes, self.settings.k,
                                      olds, rows, names, progress)
-        removed = [n for i, n in enumerate(old.train_names) if i not in set(keep)]
+        kept = set(keep)
+        removed = [n for i, n in enumerate(old.train_names) if i not in kept]
         state = FittedState(old.settings, old.input_shape, old.level_shapes, old.weights_id, glob, bank,
                             [old.train_names[i] for i in keep] + names, ids, lineage=old.lineage,
                             base_sha256=old.base_sha256)
@@ -575,10 +577,15 @@ class Spade:
         from .persistence import read_state
 
         folder = Path(model_dir)
-        state = read_state(folder, {"device": device, "weights": weights, **runtime}, verify)
+        return cls.from_state(read_state(folder, {"device": device, "weights": weights, **runtime}, verify), folder)
+
+    @classmethod
+    def from_state(cls, state: FittedState, folder: Path) -> Spade:
+        """The estimator of a fitted state read from ``folder`` (:func:`spade_ad.persistence.read_state`), once
+        its backbone is checked: the weights it was fitted with, the same level shapes at its input shape."""
         model = cls(state.settings)
         model.state_ = state
-        net = model._net()  # the backbone must be the one the model was fitted with, at its input shape
+        net = model._net()
         if net.weights_id != state.weights_id:
             raise SpadeError(f"{folder}: backbone weights differ from those the model was fitted with "
                              f"({net.weights_id} != {state.weights_id})")

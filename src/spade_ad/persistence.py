@@ -293,7 +293,7 @@ def _commit_header(out: Path, header: dict[str, Any]) -> str:
     """Keep a copy for rollbacks, rename the header over ``model.json`` (the commit point), then remove
     what no kept generation references. Returns the header's checksum."""
     header["header_sha256"] = _header_digest(header)
-    save_json(_generation_file(out, header["lineage"], header["generation"]), header)
+    save_json(generation_file(out, header["lineage"], header["generation"]), header)
     crash_point("save-generation")
     save_json(out / "model.json", header)  # the commit point
     crash_point("save-header")
@@ -301,7 +301,8 @@ def _commit_header(out: Path, header: dict[str, Any]) -> str:
     return str(header["header_sha256"])
 
 
-def _generation_file(out: Path, lineage: str, generation: int) -> Path:
+def generation_file(out: Path, lineage: str, generation: int) -> Path:
+    """Where folder ``out`` keeps the header of ``generation`` of ``lineage`` (for rollbacks and pinned runs)."""
     return out / GENERATIONS / f"{lineage}-{generation}.json"
 
 
@@ -318,7 +319,7 @@ def _collect_garbage(out: Path, header: dict[str, Any]) -> None:
 
 
 def _kept_generations(out: Path, header: dict[str, Any]) -> set[str]:
-    return {_generation_file(out, header["lineage"], g).name
+    return {generation_file(out, header["lineage"], g).name
             for g in range(header["generation"], max(0, header["generation"] - KEEP_GENERATIONS), -1)}
 
 
@@ -344,11 +345,12 @@ def _remove_unreferenced(out: Path, keep: set[str]) -> None:
                 f.unlink()
 
 
-def read_header(folder: Path) -> dict[str, Any]:
-    """``model.json``, integrity-checked (format, version, self-checksum)."""
+def read_header(folder: Path, header_file: Path | None = None) -> dict[str, Any]:
+    """``model.json`` (or ``header_file``, a generation's copy in the folder), integrity-checked (format,
+    version, self-checksum)."""
     if not folder.is_dir():
         raise SpadeError(f"{folder}: model folder does not exist")
-    hpath = folder / "model.json"
+    hpath = header_file or folder / "model.json"
     if not hpath.is_file():
         raise SpadeError(f"{hpath}: model file is missing (not a spade-ad model folder?)")
     try:
@@ -371,13 +373,15 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not a valid number here")
 
 
-def read_state(folder: Path, runtime: dict[str, Any], verify: bool) -> FittedState:
+def read_state(folder: Path, runtime: dict[str, Any], verify: bool,
+               header_file: Path | None = None) -> FittedState:
     """Read, check and validate a model folder (see the module docstring); ``runtime``: the runtime settings
-    to run it with. The backbone itself is checked by the caller (:meth:`spade_ad.Spade.load`)."""
+    to run it with; ``header_file``: an earlier generation's header kept in the folder (:func:`generation_file`)
+    instead of ``model.json``. The backbone itself is checked by the caller (:meth:`spade_ad.Spade.load`)."""
     from .state import FittedState
 
-    header = read_header(folder)
-    hpath = folder / "model.json"
+    header = read_header(folder, header_file)
+    hpath = header_file or folder / "model.json"
     try:  # every field the header lacks is named the same way, whichever step reads it
         settings = SpadeSettings.from_model_dict(header["settings"], runtime, where=str(hpath))
         paths = _checked_data_files(header["files"], folder, hpath, verify)
@@ -552,7 +556,8 @@ def _threshold(value: Any, name: str, where: Path) -> float | None:
     return float(value)
 
 
-__all__ = ["save_state", "read_state", "read_header", "folder_lock", "rollback", "read_history", "FORMAT_VERSION"]
+__all__ = ["save_state", "read_state", "read_header", "generation_file", "folder_lock", "rollback", "read_history",
+           "FORMAT_VERSION"]
 
 
 def read_history(folder: Path) -> list[dict[str, Any]]:
@@ -576,7 +581,7 @@ def rollback(folder: Path, generation: int, source: str | None = None) -> dict[s
         if not 1 <= generation < current["generation"]:
             raise SpadeError(f"{folder}: generation must be between 1 and {current['generation'] - 1} "
                              f"(the current one is {current['generation']}), got {generation}")
-        gfile = _generation_file(folder, current["lineage"], generation)
+        gfile = generation_file(folder, current["lineage"], generation)
         if not gfile.is_file():
             raise SpadeError(f"{folder}: generation {generation} is not kept in this folder (it was not saved here, "
                              f"or it is older than the last {KEEP_GENERATIONS})")

@@ -41,7 +41,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 import unicodedata
 from collections import Counter
@@ -262,42 +261,21 @@ def load_pinned(pin: ModelPin, **runtime: Any) -> Spade:
 
 
 def _load_generation_copy(pin: ModelPin, runtime: dict[str, Any]) -> Spade:
-    """Load generation ``pin`` from its copy under ``generations/``, through a temporary folder holding that
-    header and links to its data files (the model folder itself is only read)."""
+    """Load generation ``pin`` from the header copy the folder keeps under ``generations/`` (with its data
+    files); the model folder is only read."""
     from .model import Spade
-    from .persistence import GENERATIONS
+    from .persistence import generation_file, read_state
 
     folder = Path(pin.folder)
-    gfile = folder / GENERATIONS / f"{pin.lineage}-{pin.generation}.json"
-    gone = (f"{folder}: the model was updated during this run and generation {pin.generation}, which the run "
-            "started with, is no longer kept in the folder; rerun to use the current generation")
-    try:
-        text = gfile.read_bytes()
-        header = json.loads(text)
-    except FileNotFoundError:
-        raise SpadeError(gone) from None
-    except (OSError, ValueError) as exc:
-        raise SpadeError(f"{gfile}: damaged generation copy ({exc})") from None
-    if not isinstance(header, dict) or header.get("header_sha256") != pin.header_sha256:
+    gfile = generation_file(folder, pin.lineage, pin.generation)
+    if not gfile.is_file():
+        raise SpadeError(f"{folder}: the model was updated during this run and generation {pin.generation}, which "
+                         "the run started with, is no longer kept in the folder; rerun to use the current generation")
+    state = read_state(folder, {"device": "cpu", "weights": None, **runtime}, verify=True, header_file=gfile)
+    if state.base_sha256 != pin.header_sha256:
         raise SpadeError(f"{gfile}: differs from the header of generation {pin.generation} that this run started "
                          "with (the folder was changed by another writer); rerun")
-    files = header.get("files")
-    listed = [e.get("name") for e in files.values() if isinstance(e, dict)] if isinstance(files, dict) else []
-    names = [n for n in listed if isinstance(n, str) and n == Path(n).name and not n.startswith(".")]
-    if not names or len(names) != len(listed):
-        raise SpadeError(f"{gfile}: damaged generation copy (files)")
-    with tempfile.TemporaryDirectory(prefix="spade-ad-generation-") as tmp:
-        view = Path(tmp)
-        (view / "model.json").write_bytes(text)
-        for name in names:
-            if not (folder / name).is_file():
-                raise SpadeError(gone)
-            os.symlink(folder / name, view / name)
-        try:
-            return Spade.load(view, **runtime)  # the bank keeps its file open: the links may go
-        except SpadeError as exc:
-            raise SpadeError(str(exc).replace(str(view / "model.json"), str(gfile)).replace(str(view), str(folder))
-                             ) from None
+    return Spade.from_state(state, folder)
 
 
 # --------------------------------------------------------------------------- the output folder
@@ -534,6 +512,13 @@ class Run:
 
 
 # --------------------------------------------------------------------------- the local run
+def run_request(inputs: str | Path | Sequence[str | Path], batch_size: int | None,
+                max_pixels: int | None) -> tuple[list[Path], dict[str, Any]]:
+    """A predict call's inputs as paths, and the runtime settings it gives (local and Ray runs alike)."""
+    given = [Path(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
+    return given, {k: v for k, v in (("batch_size", batch_size), ("max_pixels", max_pixels)) if v is not None}
+
+
 def predict(
     model_dir: str | Path,
     inputs: str | Path | Sequence[str | Path],
@@ -555,8 +540,7 @@ def predict(
     """
     check_options(raw, threshold, on_error)
     out = Path(out)
-    given = [Path(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
-    runtime = {k: v for k, v in (("batch_size", batch_size), ("max_pixels", max_pixels)) if v is not None}
+    given, runtime = run_request(inputs, batch_size, max_pixels)
     pin = pin_model(model_dir)
     model = load_pinned(pin, device=device, weights=weights, **runtime)
     items = expand_inputs(given)
