@@ -533,6 +533,13 @@ def save_png(path: str | Path, array: np.ndarray) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
+def printable(text: str) -> str:
+    """``text`` safe to show on a terminal or in an answer: every character that is not printable (control
+    and format characters such as escape sequences, carriage returns and bidi overrides, as in a file name
+    ``evil\\x1b[31m.png``; unusual separators) is shown as a Python escape instead of acting."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
 def png_bytes(array: np.ndarray) -> bytes:
     """A uint8 (HxW gray or HxWx3 RGB) or uint16 (HxW gray) array as the bytes of a lossless PNG file.
 

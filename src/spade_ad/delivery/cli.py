@@ -25,6 +25,7 @@ from rich.text import Text
 
 from .. import settings
 from ..errors import SpadeError
+from ..io import printable
 from ..version import __version__
 
 if typing.TYPE_CHECKING:
@@ -51,15 +52,6 @@ MaxPixelsOpt = Annotated[int | None, typer.Option("--max-pixels", help="refuse i
                                                                         "header (default: 100 million)")]
 WeightsOpt = Annotated[str | None, typer.Option(help="backbone weights file, for a model whose backbone's weights "
                                                     "are not bundled (the ResNets)")]
-
-
-def printable(text: str) -> str:
-    """``text`` safe for a terminal: control and format characters (escape sequences, carriage returns, bidi
-    overrides, as in a file name ``evil\\x1b[31m.png``) are shown as Python escapes instead of acting."""
-    import unicodedata
-
-    return "".join(ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) in ("Cc", "Cf")
-                   else ch for ch in text)
 
 
 def say(text: str) -> None:

@@ -47,7 +47,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import SpadeError
-from ..io import decode_image
+from ..io import decode_image, printable
 from ..model import Spade
 from ..persistence import folder_lock
 from ..result import ImageResult, Prediction, normalised
@@ -201,7 +201,7 @@ def _bounded(detail: str) -> str:
 
 def _short_name(name: str, limit: int = MAX_ECHO) -> str:
     """An upload's file name as the server repeats it: printable, at most ``limit`` characters (end kept)."""
-    name = "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
+    name = printable(name)
     return name if len(name) <= limit else f"{name[: limit // 2]}...{name[-(limit // 2) + 3 :]}"
 
 
