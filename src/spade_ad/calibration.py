@@ -5,17 +5,23 @@ Each sampled image is scored against the other training images exactly as a test
 ``1 - false_alarm_rate`` quantile of their image scores; the pixel threshold the same quantile of their
 maps' maxima, so about that fraction of good images shows any flagged pixel. Fewer than two training
 images leave a model without thresholds (no verdicts, no masks).
+
+In a tiled model the left-out unit is still the image (all its tiles), never a tile: a tile is not
+compared with its neighbours in the same picture. Each grid position's tile scores over the sampled
+images also give that position's medians (``position_scales``), by which the image score rule
+(:func:`spade_ad.retrieval.tile_image_scores`) divides the tiles' scores.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 
-from .retrieval import image_scores, positive_median
-from .scoring import score_features
+from .features import TILE_CHUNK, batches
+from .retrieval import image_scores, positive_median, tile_image_scores
+from .scoring import score_features, score_tiles
 from .state import FittedState
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -34,6 +40,9 @@ def calibrate(state: FittedState, device: torch.device, progress: Progress | Non
     if state.n_train < 2 or s.calibration_images < 1:
         return
     idx = calibration_sample(state.n_train, s.calibration_images)
+    if state.grid is not None:
+        _calibrate_tiled(state, idx, device, progress)
+        return
     knn, maxima = _leave_one_out(state, idx, device, progress)
     state.calibration = {"method": "leave-one-out on training images", "n_images": len(idx),
                          "false_alarm_rate": s.false_alarm_rate}
@@ -46,6 +55,37 @@ def calibrate(state: FittedState, device: torch.device, progress: Progress | Non
     state.image_threshold = float(np.quantile(scores, q, method="higher"))
     state.pixel_threshold = float(np.quantile(maxima, q, method="higher"))
     state.calibration.update({"image_scores": scores, "map_maxima": maxima})
+
+
+def _calibrate_tiled(state: FittedState, idx: np.ndarray, device: torch.device, progress: Progress | None) -> None:
+    s = state.settings
+    t = state.rows_per_image
+    tile_knn, tile_max, maxima = [], [], []
+    for j, i in enumerate(idx):
+        rows = state.image_rows([int(i)])
+
+        def chunks(rows: list[int] = rows) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+            for a, b in batches(len(rows), TILE_CHUNK):
+                part = rows[a:b]
+                yield ([torch.from_numpy(state.bank.gather(li, part).astype(np.float32)).to(device)
+                        for li in range(state.bank.n_levels)], state.global_[part])
+
+        res = score_tiles(state, chunks(), exclude=int(i))
+        tile_knn.append(res.knn.tolist())
+        tile_max.append(res.maxima.tolist())
+        maxima.append(float(res.map.max()))
+        if progress:
+            progress("calibrate", j + 1, len(idx))
+    k_arr, m_arr = np.asarray(tile_knn), np.asarray(tile_max)
+    scales = np.array([[positive_median(list(k_arr[:, p])), positive_median(list(m_arr[:, p]))] for p in range(t)])
+    scores = tile_image_scores(s.image_score, scales, k_arr, m_arr).tolist()
+    q = 1.0 - s.false_alarm_rate
+    state.calibration = {"method": "leave-one-out on training images (all tiles of an image left out)",
+                         "n_images": len(idx), "false_alarm_rate": s.false_alarm_rate,
+                         "position_scales": scales.tolist(), "image_scores": scores, "map_maxima": maxima,
+                         "tile_knn": tile_knn, "tile_max": tile_max}
+    state.image_threshold = float(np.quantile(scores, q, method="higher"))
+    state.pixel_threshold = float(np.quantile(maxima, q, method="higher"))
 
 
 def _leave_one_out(state: FittedState, idx: np.ndarray, device: torch.device,

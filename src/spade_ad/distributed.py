@@ -312,14 +312,18 @@ class _Scorer:
 class _Featurizer:
     """Actor of the fit pool: builds the backbone once, then turns batches of training images into bank rows."""
 
-    def __init__(self, settings: SpadeSettings, threads: int, input_shape: tuple[int, int]) -> None:
+    def __init__(self, settings: SpadeSettings, threads: int, input_shape: tuple[int, int],
+                 grid: dict[str, Any] | None = None) -> None:
         import torch
 
         from .features import level_shapes
+        from .tiling import grid_from_dict
 
         torch.set_num_threads(threads)
         self.model = Spade(settings)
-        self.model.fix_input_shape(shape=input_shape)  # the driver's, read from the training files' headers
+        # the driver's input shape and tile grid, read from the training files' headers
+        self.model.fix_input_shape(shape=input_shape, grid=None if grid is None else grid_from_dict(grid))
+        self.per_image = len(self.model.grid) if self.model.grid is not None else 1
         net = self.model._net()
         self.shapes = [(h * w, c) for (h, w), c in zip(level_shapes(net, self.model.prep), net.channels, strict=True)]
         self.global_dim = net.global_dim
@@ -339,17 +343,19 @@ class _Featurizer:
                 images.append(img)
                 ok.append(j)
         out: dict[str, np.ndarray] = {"index": batch["index"], "error": np.array(errors, dtype=object)}
+        t = self.per_image  # bank rows per image (a tiled model's tiles)
         for li, shape in enumerate(self.shapes):
-            out[level_key(li)] = np.zeros((n, *shape), np.float16)
-        out["global"] = np.zeros((n, self.global_dim), np.float32)
-        out["thumbnails"] = np.zeros((n, THUMB, THUMB, 3), np.uint8)
+            out[level_key(li)] = np.zeros((n, t, *shape), np.float16)
+        out["global"] = np.zeros((n, t, self.global_dim), np.float32)
+        out["thumbnails"] = np.zeros((n, t, THUMB, THUMB, 3), np.uint8)
         out["id"] = np.array([""] * n, dtype=object)
         if images:
             rows = self.model.bank_rows(images, 0)
+            b = len(images)
             for li, lv in enumerate(rows.levels):
-                out[level_key(li)][ok] = lv
-            out["global"][ok] = rows.global_
-            out["thumbnails"][ok] = rows.thumbnails
+                out[level_key(li)][ok] = lv.reshape(b, t, *lv.shape[1:])
+            out["global"][ok] = rows.global_.reshape(b, t, -1)
+            out["thumbnails"][ok] = rows.thumbnails.reshape(b, t, THUMB, THUMB, 3)
             out["id"][ok] = rows.ids
         return out
 
@@ -401,7 +407,8 @@ def fit(
         todo = [{"index": i, "path": os.path.abspath(p), "file": names[i]} for i, p in enumerate(files)]
         ds = ray.data.from_items(todo, override_num_blocks=math.ceil(len(todo) / pool.batch_size)).map_batches(
             _Featurizer, fn_constructor_kwargs={"settings": worker_settings, "threads": pool.threads,
-                                              "input_shape": model.prep.input_shape},
+                                              "input_shape": model.prep.input_shape,
+                                              "grid": None if model.grid is None else model.grid.to_dict()},
             **pool.map_args(pool.batch_size))
 
         def rows() -> Iterator[BankRows]:
@@ -410,8 +417,8 @@ def fit(
                 for j, i in enumerate(b["index"]):
                     if b["error"][j]:
                         raise SpadeError(str(b["error"][j]))
-                    yield BankRows(int(i), [b[k][j : j + 1] for k in levels], b["global"][j : j + 1],
-                                   b["thumbnails"][j : j + 1], [str(b["id"][j])])
+                    yield BankRows(int(i), [b[k][j] for k in levels], b["global"][j], b["thumbnails"][j],
+                                   [str(b["id"][j])])
 
         return model.fit_rows(names, rows(), progress, workdir)
 

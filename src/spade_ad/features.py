@@ -27,8 +27,10 @@ from .correspondence.runtime import COMPUTE_LOCK
 from .errors import SpadeError
 from .persistence import crash_point
 from .preprocess import Preprocessor
+from .tiling import TileGrid, cut_tiles
 
 THUMB = 128  # side of the training-image thumbnails kept in the model (for explanations)
+TILE_CHUNK = 64  # tiles of a tiled model run through the backbone at once (memory: a chunk, not an image)
 _THUMB_PREP = Preprocessor("resize", THUMB)
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -68,13 +70,14 @@ def level_shapes(backbone: FeatureExtractor, prep: Preprocessor) -> list[tuple[i
 
 
 class BankRows(NamedTuple):
-    """Feature-bank rows of consecutive training images ``start .. start+B-1`` (:func:`bank_rows`)."""
+    """Feature-bank rows of consecutive training images ``start .. start+B-1`` (:func:`bank_rows`): one row
+    per image, or per tile of each image in a tiled model (B * tiles rows, image by image)."""
 
     start: int
-    levels: list[np.ndarray]  # per pyramid level, (B, H*W, C) float16: what the bank stores
-    global_: np.ndarray  # (B, D) float32 global vectors
-    thumbnails: np.ndarray  # (B, THUMB, THUMB, 3) uint8
-    ids: list[str] | None = None  # the images' identities (image_id); None: unknown
+    levels: list[np.ndarray]  # per pyramid level, (rows, H*W, C) float16: what the bank stores
+    global_: np.ndarray  # (rows, D) float32 global vectors
+    thumbnails: np.ndarray  # (rows, THUMB, THUMB, 3) uint8
+    ids: list[str] | None = None  # the images' identities (image_id), one per image; None: unknown
 
 
 def image_id(image: np.ndarray) -> str:
@@ -89,18 +92,41 @@ def image_id(image: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def network_inputs(arrays: Sequence[np.ndarray], grid: TileGrid | None) -> Iterator[list[np.ndarray]]:
+    """The network's inputs for decoded images, in chunks: the images themselves (one chunk), or with a
+    tile grid their tiles, image by image in the grid's order, at most :data:`TILE_CHUNK` at a time."""
+    if grid is None:
+        yield list(arrays)
+        return
+    chunk: list[np.ndarray] = []
+    for a in arrays:
+        for t in cut_tiles(a, grid):
+            chunk.append(t)
+            if len(chunk) == TILE_CHUNK:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+
+
 def bank_rows(net: FeatureExtractor, prep: Preprocessor, device: torch.device, arrays: Sequence[np.ndarray],
-              start: int) -> BankRows:
-    """What the bank stores for training images ``start, start+1, ...`` (decoded ``arrays``).
+              start: int, grid: TileGrid | None = None) -> BankRows:
+    """What the bank stores for training images ``start, start+1, ...`` (decoded ``arrays``): a row per
+    image, or with a tile ``grid`` a row per tile.
 
     The one definition of a bank row: ``fit`` and ``add`` use it, and so do Ray workers
     (:mod:`spade_ad.distributed`), so all write the same bytes.
     """
-    with COMPUTE_LOCK:
-        levels, gvec = extract(net, arrays, prep, device)
-    small = torch.stack([_THUMB_PREP.to_input(x) for x in arrays]).round().byte().permute(0, 2, 3, 1)
-    return BankRows(start, [lv.cpu().numpy().astype(np.float16) for lv in levels], gvec.cpu().numpy(),
-                    small.numpy(), [image_id(x) for x in arrays])
+    levels: list[list[np.ndarray]] = []
+    gvecs, thumbs = [], []
+    for inputs in network_inputs(arrays, grid):
+        with COMPUTE_LOCK:
+            lv, gvec = extract(net, inputs, prep, device)
+        levels.append([x.cpu().numpy().astype(np.float16) for x in lv])
+        gvecs.append(gvec.cpu().numpy())
+        thumbs.append(torch.stack([_THUMB_PREP.to_input(x) for x in inputs]).round().byte().permute(0, 2, 3, 1))
+    return BankRows(start, [np.concatenate([c[li] for c in levels]) for li in range(len(levels[0]))],
+                    np.concatenate(gvecs), torch.cat(thumbs).numpy(), [image_id(x) for x in arrays])
 
 
 def check_distinct(old_names: list[str], old_ids: list[str | None], names: list[str],
@@ -132,11 +158,12 @@ class OldRows(NamedTuple):
 
 def write_bank(path: Path, net: FeatureExtractor, shapes: list[tuple[int, int]], k: int, old: OldRows | None,
                rows: Iterable[BankRows], names: Sequence[str],
-               progress: Progress | None) -> tuple[torch.Tensor, Bank, list[str | None]]:
-    """A new bank at ``path``: rows ``old.keep`` of the current bank, then ``rows`` for the images ``names``
-    (at their indices, in any order), streamed; then the search index for galleries of ``k`` images. An
-    image that is already among the kept ones, or that comes twice (identical pixels, :func:`image_id`), is
-    refused before the bank is finished.
+               progress: Progress | None, per_image: int = 1) -> tuple[torch.Tensor, Bank, list[str | None]]:
+    """A new bank at ``path``: the images ``old.keep`` of the current bank, then ``rows`` for the images
+    ``names`` (at their indices, in any order), streamed; then the search index for galleries of ``k``
+    rows. ``per_image``: bank rows per image (a tiled model's tiles). An image that is already among the
+    kept ones, or that comes twice (identical pixels, :func:`image_id`), is refused before the bank is
+    finished.
 
     Returns the global vectors of all its rows (kept ones from ``old.global_``), the bank and the ids.
     """
@@ -146,20 +173,22 @@ def write_bank(path: Path, net: FeatureExtractor, shapes: list[tuple[int, int]],
     copied = list(spec)  # the index is rebuilt from the rows (it depends on the whole bank)
     spec.update(index_spec(sizes))
     keep = old.keep if old is not None else []
-    nk, n = len(keep), len(names)
-    writer = BankWriter(path, nk + n, spec)
-    global_ = np.zeros((nk + n, net.global_dim), dtype=np.float32)
+    nk, n, t = len(keep), len(names), per_image
+    writer = BankWriter(path, (nk + n) * t, spec)
+    global_ = np.zeros(((nk + n) * t, net.global_dim), dtype=np.float32)
     seen = np.zeros(n, dtype=bool)
     new_ids: list[str | None] = [None] * n
     try:
         if old is not None:
-            _copy_rows(writer, old, copied, global_, progress)
+            _copy_rows(writer, old, copied, global_, progress, t)
         for r in rows:
-            b = len(r.global_)
-            writer.write(nk + r.start, {**{level_key(i): lv for i, lv in enumerate(r.levels)},
-                                        "thumbnails": r.thumbnails})
+            b = len(r.global_) // t
+            if len(r.global_) != b * t:
+                raise SpadeError(f"{names[r.start]}: got {len(r.global_)} bank rows, not {t} per image")
+            writer.write((nk + r.start) * t, {**{level_key(i): lv for i, lv in enumerate(r.levels)},
+                                              "thumbnails": r.thumbnails})
             crash_point("fit-bank")
-            global_[nk + r.start : nk + r.start + b] = r.global_
+            global_[(nk + r.start) * t : (nk + r.start + b) * t] = r.global_
             seen[r.start : r.start + b] = True
             if r.ids is not None:
                 new_ids[r.start : r.start + b] = r.ids
@@ -180,15 +209,17 @@ def write_bank(path: Path, net: FeatureExtractor, shapes: list[tuple[int, int]],
 
 
 def _copy_rows(writer: BankWriter, old: OldRows, names: list[str], global_: np.ndarray,
-               progress: Progress | None) -> None:
-    """Kept rows are copied from the current bank, never recomputed."""
-    nk = len(old.keep)
+               progress: Progress | None, per_image: int) -> None:
+    """Kept images' rows are copied from the current bank, never recomputed."""
+    rows = [i * per_image + j for i in old.keep for j in range(per_image)]
+    nk = len(rows)
     for a, b in batches(nk, 256):
-        writer.write(a, {name: old.bank.rows(name, old.keep[a:b]) for name in names})
-        global_[a:b] = old.global_[old.keep[a:b]].numpy()
+        writer.write(a, {name: old.bank.rows(name, rows[a:b]) for name in names})
+        global_[a:b] = old.global_[rows[a:b]].numpy()
         if progress:
             progress("copy", b, nk)
 
 
-__all__ = ["extract", "level_shapes", "batches", "BankRows", "bank_rows", "image_id", "check_distinct", "OldRows",
+__all__ = ["extract", "level_shapes", "batches", "BankRows", "bank_rows", "network_inputs", "TILE_CHUNK",
+           "image_id", "check_distinct", "OldRows",
            "write_bank", "THUMB"]

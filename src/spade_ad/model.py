@@ -28,14 +28,15 @@ from .calibration import calibrate
 from .correspondence import Correspondence
 from .correspondence.runtime import COMPUTE_LOCK
 from .errors import NotFittedError, SpadeError
-from .features import BankRows, OldRows, bank_rows, batches, extract, level_shapes, write_bank
+from .features import THUMB, BankRows, OldRows, bank_rows, batches, extract, level_shapes, network_inputs, write_bank
 from .io import image_shape, list_images, load_image, to_rgb_uint8
 from .persistence import clean_stale, is_staging, staging_path, utc_now
 from .preprocess import Preprocessor, aspect_shape
 from .result import Prediction
-from .scoring import image_score, score_features
+from .scoring import image_score, score_features, score_tiles, tiled_image_score
 from .settings import SpadeSettings
 from .state import Fitted, FittedState
+from .tiling import TileGrid, fit_grid, mosaic, to_native
 
 ImageInput = str | Path | np.ndarray
 Images = str | Path | Sequence[ImageInput]
@@ -172,6 +173,7 @@ class Spade:
         self._net_lock = threading.Lock()
         self._net_cache: FeatureExtractor | None = None
         self._input_shape: tuple[int, int] | None = None  # fixed before fitting (fix_input_shape)
+        self._grid: TileGrid | None = None  # a tiled model's grid, fixed before fitting (fix_input_shape)
 
     # ------------------------------------------------------------------ settings
     @property
@@ -182,22 +184,36 @@ class Spade:
         shape = state.input_shape if state is not None else self._input_shape
         return Preprocessor(self.settings.preprocess, self.settings.image_size, shape)
 
-    def fix_input_shape(self, items: Sequence[ImageInput] = (), shape: tuple[int, int] | None = None) -> None:
-        """Before fitting: the network input shape of the training images ``items`` (``input_shape_`` once fitted).
+    def fix_input_shape(self, items: Sequence[ImageInput] = (), shape: tuple[int, int] | None = None,
+                        grid: TileGrid | None = None) -> None:
+        """Before fitting: the network input shape of the training images ``items`` (``input_shape_`` once
+        fitted), and for a tiled model its tile grid (``grid_``).
 
         A square of ``image_size`` except with ``preprocess="aspect"``, where the training images'
         median aspect ratio decides it (read from the files' headers), or ``shape`` when it was computed
-        so elsewhere (a Ray worker takes the driver's).
+        so elsewhere (a Ray worker takes the driver's). A tiled model's grid is made for the training
+        images' median size (:func:`spade_ad.tiling.fit_grid`), or is ``grid`` (the driver's).
         """
         s = self.settings
+        sizes: list[tuple[int, int]] | None = None
+        if s.tile and grid is None or s.preprocess == "aspect" and shape is None:
+            sizes = [image_shape(x, max_pixels=s.max_pixels) if isinstance(x, (str, Path))
+                     else (int(np.shape(x)[0]), int(np.shape(x)[1])) for x in items]
+        if s.tile:
+            self._grid = grid if grid is not None else fit_grid(sizes or [], s.tile, s.tile_overlap, s.tile_scale,
+                                                                s.tile_span)
         if s.preprocess != "aspect":
             self._input_shape = (s.image_size, s.image_size)
         elif shape is not None:
             self._input_shape = (int(shape[0]), int(shape[1]))
         else:
-            sizes = [image_shape(x, max_pixels=s.max_pixels) if isinstance(x, (str, Path))
-                     else (int(np.shape(x)[0]), int(np.shape(x)[1])) for x in items]
-            self._input_shape = aspect_shape(s.image_size, sizes)
+            self._input_shape = aspect_shape(s.image_size, sizes or [])
+
+    @property
+    def grid(self) -> TileGrid | None:
+        """The tile grid (a tiled model's, fixed by ``fit``; ``None`` when not tiled)."""
+        state = self.__dict__.get("_state")
+        return state.grid if state is not None else self._grid
 
     @property
     def device(self) -> torch.device:
@@ -274,7 +290,7 @@ class Spade:
         The one definition of a bank row: ``fit`` and ``add`` call it here, and :mod:`spade_ad.distributed`
         calls it on Ray workers, so all write the same bytes.
         """
-        return bank_rows(self._net(), self.prep, self.device, arrays, start)
+        return bank_rows(self._net(), self.prep, self.device, arrays, start, self.grid)
 
     def _rows(self, items: list[ImageInput], names: list[str]) -> Iterator[BankRows]:
         s = self.settings
@@ -297,18 +313,20 @@ class Spade:
         if not names:
             raise SpadeError("no images given")
         _check_unique(names)
+        if self.settings.tile and self._grid is None:
+            raise SpadeError("tiled model: call fix_input_shape(training images) before fit_rows")
         if self.settings.preprocess != "aspect":
-            self.fix_input_shape([])
+            self.fix_input_shape([], grid=self._grid)
         elif self._input_shape is None:
             raise SpadeError("preprocess=aspect: call fix_input_shape(training images) before fit_rows")
         assert self._input_shape is not None
-        net, prep = self._net(), self.prep
+        net, prep, grid = self._net(), self.prep, self._grid
         shapes = level_shapes(net, prep)
         glob, bank, ids = write_bank(self._new_bank_path(workdir), net, shapes, self.settings.k, None, rows, names,
-                                     progress)
+                                     progress, len(grid) if grid is not None else 1)
         # a new model (base_sha256 None): saved over a folder, it becomes that folder's next generation
         state = FittedState(self.settings, self._input_shape, shapes, net.weights_id, glob, bank, names, ids,
-                            lineage=secrets.token_hex(8))
+                            lineage=secrets.token_hex(8), grid=grid)
         calibrate(state, self.device, progress)
         state.history = [_change(state, "fit", added=names, before=None)]
         self.state_ = state
@@ -342,7 +360,7 @@ class Spade:
             raise SpadeError(f"got {len(names)} names for {len(items)} images")
         names = list(found if names is None else names)
         _check_unique(self.train_names_ + names, new=names)
-        self._rewrite(list(range(self.bank_.n)), self._rows(items, names), names, "add", progress, source)
+        self._rewrite(list(range(self.state_.n_train)), self._rows(items, names), names, "add", progress, source)
         return self
 
     def remove(self, which: str | int | Sequence[str | int], progress: Progress | None = None,
@@ -366,11 +384,12 @@ class Spade:
         self._check_fitted()
         drop = self.resolve_names([which] if isinstance(which, (str, int)) else list(which))
         dropped = set(drop)
-        keep = [i for i in range(self.bank_.n) if i not in dropped]
+        n_train = self.state_.n_train
+        keep = [i for i in range(n_train) if i not in dropped]
         if not keep:
             raise SpadeError("cannot remove every training image: a model needs at least one")
-        if len(keep) < 2 <= self.bank_.n and not force:
-            raise SpadeError(f"removing {len(drop)} of {self.bank_.n} training images would leave one: the model "
+        if len(keep) < 2 <= n_train and not force:
+            raise SpadeError(f"removing {len(drop)} of {n_train} training images would leave one: the model "
                              "would have no thresholds (no verdicts, no masks); add images first, or force it "
                              "(--force, force=True)")
         self._rewrite(keep, [], [], "remove", progress, source)
@@ -385,12 +404,12 @@ class Spade:
         before = old.numbers()
         olds = OldRows(old.bank, old.global_, old.train_names, old.train_ids, keep)
         glob, bank, ids = write_bank(self._new_bank_path(None), self._net(), old.level_shapes, self.settings.k,
-                                     olds, rows, names, progress)
+                                     olds, rows, names, progress, old.rows_per_image)
         kept = set(keep)
         removed = [n for i, n in enumerate(old.train_names) if i not in kept]
         state = FittedState(old.settings, old.input_shape, old.level_shapes, old.weights_id, glob, bank,
                             [old.train_names[i] for i in keep] + names, ids, lineage=old.lineage,
-                            base_sha256=old.base_sha256)
+                            base_sha256=old.base_sha256, grid=old.grid)
         calibrate(state, self.device, progress)
         state.history = [*old.history, _change(state, action, before=before, added=names, removed=removed,
                                                source=source, generation=old.generation + 1)]
@@ -413,8 +432,8 @@ class Spade:
 
     def _resolve_one(self, w: str | int) -> int:
         if isinstance(w, (int, np.integer)) and not isinstance(w, bool):
-            if not 0 <= int(w) < self.bank_.n:
-                raise SpadeError(f"training image index {w} is out of range (0..{self.bank_.n - 1})")
+            if not 0 <= int(w) < self.state_.n_train:
+                raise SpadeError(f"training image index {w} is out of range (0..{self.state_.n_train - 1})")
             return int(w)
         name = str(w)
         hits = [i for i, n in enumerate(self.train_names_) if n == name] or [
@@ -474,6 +493,8 @@ class Spade:
         """
         state = self.state_
         items, names = resolve_images(images)
+        if state.grid is not None:
+            return self._predict_tiled(items, names, progress, pixel_threshold, keep_features)
         net, dev, prep = self._net(), self.device, state.prep
         thr = state.pixel_threshold if pixel_threshold is None else pixel_threshold
         all_scores, all_maps, all_inputs, all_neigh = [], [], [], []
@@ -509,6 +530,56 @@ class Spade:
             state=state,
         )
 
+    def _predict_tiled(self, items: list[ImageInput], names: list[str], progress: Progress | None,
+                       pixel_threshold: float | None, keep_features: bool) -> Prediction:
+        """:meth:`predict` for a tiled model: each image's tiles are scored a chunk at a time and their maps
+        stitched (:func:`spade_ad.scoring.score_tiles`); memory holds one image, its map and a chunk."""
+        state = self.state_
+        grid = state.grid
+        assert grid is not None
+        net, dev, prep = self._net(), self.device, state.prep
+        t = state.rows_per_image
+        thr = state.pixel_threshold if pixel_threshold is None else pixel_threshold
+        scores, maps, inputs, neigh, sizes = [], [], [], [], []
+        kept: list[list[np.ndarray]] = []
+        tile_knn, tile_max, tile_neigh = [], [], []
+        long = t > 64  # long images report progress per chunk of tiles
+        for a, b in batches(len(items), self.settings.batch_size):
+            arrays = read_items(items[a:b], names[a:b], self.settings.max_pixels)
+            for j, arr in enumerate(arrays):
+
+                def chunks(arr: np.ndarray = arr, at: int = a + j) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+                    done = 0
+                    for tiles in network_inputs([arr], grid):
+                        with COMPUTE_LOCK:
+                            levels, gvec = extract(net, tiles, prep, dev)
+                        yield levels, gvec
+                        done += len(tiles)
+                        if progress and long:
+                            progress(f"tiles of image {at + 1}", done, t)
+
+                res = score_tiles(state, chunks(), keep_features=keep_features)
+                scores.append(tiled_image_score(state, res.knn, res.maxima))
+                maps.append(to_native(res.map, grid, (arr.shape[0], arr.shape[1])))
+                inputs.append(res.map)
+                sizes.append((arr.shape[0], arr.shape[1]))
+                best = int(np.argmax(res.maxima / np.asarray(state.calibration.get(
+                    "position_scales", np.ones((t, 2))))[:, 1]))
+                neigh.append(res.neighbours[best] // t)
+                tile_knn.append(res.knn)
+                tile_max.append(res.maxima)
+                tile_neigh.append(res.neighbours)
+                if keep_features:
+                    assert res.features is not None
+                    kept.append(res.features)
+            if progress:
+                progress("predict", b, len(items))
+        return Prediction(
+            scores=np.asarray(scores, dtype=np.float32), maps=maps, input_maps=inputs, neighbours=np.stack(neigh),
+            names=names, image_threshold=state.image_threshold, pixel_threshold=thr,
+            train_names=state.train_names, features=kept if keep_features else None, sizes=sizes, state=state,
+            tile_knn=tile_knn, tile_max=tile_max, tile_neighbours=tile_neigh)
+
     def score_samples(self, images: Images) -> np.ndarray:
         """The images' anomaly scores (higher: more anomalous; the ``image_score`` setting)."""
         return self.predict(images).scores
@@ -534,10 +605,12 @@ class Spade:
 
     def thumbnail(self, index: int) -> np.ndarray:
         """A small (THUMB x THUMB x 3 uint8) picture of training image ``index``, kept in the model."""
-        self._check_fitted()
-        if not (0 <= index < self.bank_.n):
-            raise SpadeError(f"training image index {index} is out of range (0..{self.bank_.n - 1})")
-        return self.bank_.rows("thumbnails", [index])[0]
+        state = self.state_
+        if not (0 <= index < state.n_train):
+            raise SpadeError(f"training image index {index} is out of range (0..{state.n_train - 1})")
+        if state.grid is None:
+            return state.bank.rows("thumbnails", [index])[0]
+        return mosaic(state.bank.rows("thumbnails", state.image_rows([index])), state.grid, THUMB)
 
     # ------------------------------------------------------------------ persistence
     def save(self, model_dir: str | Path) -> Path:

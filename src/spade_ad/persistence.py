@@ -47,6 +47,7 @@ from .errors import SpadeError
 from .io import _write_error, atomic_write, fsync_dir, save_json
 from .preprocess import is_aspect_shape
 from .settings import SpadeSettings
+from .tiling import TileGrid, grid_from_dict
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -276,6 +277,7 @@ def _write_locked(model: FittedState, out: Path, history: list[dict[str, Any]], 
         "level_shapes": [list(s) for s in model.level_shapes],
         "bank_dtype": "float16",
         "n_train": model.n_train,
+        "tile_grid": model.grid.to_dict() if model.grid is not None else None,
         "train_names": model.train_names,
         "train_ids": model.train_ids,
         "image_threshold": model.image_threshold,
@@ -388,14 +390,15 @@ def read_state(folder: Path, runtime: dict[str, Any], verify: bool,
         fields = _header_fields(header, settings, hpath)
     except KeyError as exc:
         raise SpadeError(f"{hpath}: damaged model header (missing field {exc})") from None
-    glob, bank = _read_arrays(paths, folder, len(fields.train_names), fields.level_shapes)
+    glob, bank = _read_arrays(paths, folder, len(fields.train_names) * (len(fields.grid) if fields.grid else 1),
+                              fields.level_shapes)
     _check_weights_given(settings, fields.weights_id, folder)
     return FittedState(
         settings=settings, input_shape=fields.input_shape, level_shapes=fields.level_shapes,
         weights_id=fields.weights_id, global_=glob, bank=bank, train_names=fields.train_names,
         train_ids=fields.train_ids, image_threshold=fields.image_threshold, pixel_threshold=fields.pixel_threshold,
         calibration=fields.calibration, history=fields.history, lineage=fields.lineage,
-        base_sha256=header["header_sha256"])
+        base_sha256=header["header_sha256"], grid=fields.grid)
 
 
 @dataclass
@@ -412,6 +415,7 @@ class _HeaderFields:
     weights_id: str
     history: list[dict[str, Any]]
     lineage: str
+    grid: TileGrid | None
 
 
 def _checked_data_files(files: Any, folder: Path, hpath: Path, verify: bool) -> dict[str, tuple[Path, str]]:
@@ -432,7 +436,8 @@ def _header_fields(header: dict[str, Any], settings: SpadeSettings, hpath: Path)
     shapes = _level_shapes(header["level_shapes"], hpath)
     input_shape = _input_shape(header.get("input_shape", [settings.image_size] * 2), settings, hpath)
     thresholds = {k: _threshold(header[k], k, hpath) for k in ("image_threshold", "pixel_threshold")}
-    calibration = _calibration(header["calibration"], hpath)
+    grid = _tile_grid(header.get("tile_grid"), settings, hpath)  # written since models can be tiled
+    calibration = _calibration(header["calibration"], hpath, len(grid) if grid is not None else None)
     weights_id = header["weights"]
     if not isinstance(weights_id, str):
         raise SpadeError(f"{hpath}: weights must be a checksum string")
@@ -445,7 +450,7 @@ def _header_fields(header: dict[str, Any], settings: SpadeSettings, hpath: Path)
         train_names=list(names), train_ids=list(ids), level_shapes=[(int(h), int(w)) for h, w in shapes],
         input_shape=(int(input_shape[0]), int(input_shape[1])), image_threshold=thresholds["image_threshold"],
         pixel_threshold=thresholds["pixel_threshold"], calibration=calibration, weights_id=weights_id,
-        history=history, lineage=lineage)
+        history=history, lineage=lineage, grid=grid)
 
 
 def _train_names(header: dict[str, Any], n_train: int, hpath: Path) -> tuple[list[str], list[str | None]]:
@@ -482,15 +487,38 @@ def _input_shape(input_shape: Any, settings: SpadeSettings, hpath: Path) -> list
     return input_shape
 
 
-def _calibration(calibration: Any, hpath: Path) -> dict[str, Any]:
-    """How the thresholds were set: a mapping whose score scales (if any) are two positive numbers."""
+def _positive_pair(v: Any) -> bool:
+    return isinstance(v, list) and len(v) == 2 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in v)
+
+
+def _calibration(calibration: Any, hpath: Path, tiles: int | None) -> dict[str, Any]:
+    """How the thresholds were set: a mapping whose score scales (if any) are two positive numbers, and a
+    tiled model's position scales (if any) two per tile."""
     if not isinstance(calibration, dict):
         raise SpadeError(f"{hpath}: calibration must be a mapping")
-    scales = calibration.get("score_scales", [1.0, 1.0])
-    if not isinstance(scales, list) or len(scales) != 2 or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in scales):
+    if not _positive_pair(calibration.get("score_scales", [1.0, 1.0])):
         raise SpadeError(f"{hpath}: calibration.score_scales must be two positive numbers")
+    pos = calibration.get("position_scales")
+    if pos is not None and (tiles is None or not isinstance(pos, list) or len(pos) != tiles
+                            or not all(_positive_pair(v) for v in pos)):
+        raise SpadeError(f"{hpath}: calibration.position_scales must be two positive numbers per tile")
     return calibration
+
+
+def _tile_grid(d: Any, settings: SpadeSettings, hpath: Path) -> TileGrid | None:
+    """A tiled model's grid (``None`` for others), checked against itself and the tile settings."""
+    if not settings.tile:
+        if d is not None:
+            raise SpadeError(f"{hpath}: tile_grid given for a model that is not tiled")
+        return None
+    try:
+        grid = grid_from_dict(d)
+    except ValueError as exc:
+        raise SpadeError(f"{hpath}: tile_grid: {exc}") from None
+    if grid.tile != settings.tile or grid.overlap != settings.tile_overlap:
+        raise SpadeError(f"{hpath}: tile_grid disagrees with the tile settings")
+    return grid
 
 
 def _read_arrays(paths: dict[str, tuple[Path, str]], folder: Path, n_train: int,

@@ -109,11 +109,15 @@ class Prediction:
         scores: (N,) image anomaly scores.
         maps: N float32 maps, each at its image's own resolution.
         input_maps: N float32 maps in the network's input frame.
-        neighbours: (N, k) indices of the retrieved training images, nearest first.
+        neighbours: (N, k) indices of the retrieved training images, nearest first (a tiled model: the
+            gallery of the image's worst tile).
         names: the images' names; sizes: their (height, width).
         image_threshold / pixel_threshold: the thresholds in force.
         train_names: names of the model's training images.
-        features: per image, per level, (H*W, C) features (with ``keep_features=True``).
+        features: per image, per level, (H*W, C) features (with ``keep_features=True``; a tiled model:
+            (tiles, H*W, C)).
+        tile_knn, tile_max, tile_neighbours: a tiled model's per-tile kNN scores, map maxima and galleries
+            (bank rows: image ``row // tiles``, tile ``row % tiles``), per image.
 
     Example:
         >>> pred = model.predict(["a.png", "b.png"])        # doctest: +SKIP
@@ -132,6 +136,9 @@ class Prediction:
     features: list[list[np.ndarray]] | None = None
     sizes: list[tuple[int, int]] = field(default_factory=list)
     state: FittedState | None = field(default=None, repr=False)  # the model that scored them
+    tile_knn: list[np.ndarray] | None = None  # tiled models: per image, each tile's kNN score (T,)
+    tile_max: list[np.ndarray] | None = None  # ... each tile's map maximum (T,)
+    tile_neighbours: list[np.ndarray] | None = None  # ... each tile's gallery, bank rows (T, k)
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -182,6 +189,8 @@ class Prediction:
         if not (0 <= level < len(self.features[i])):
             raise SpadeError(f"level must be in 0..{len(self.features[i]) - 1}, got {level}")
         feats = self.features[i][level]
+        if self.tile_neighbours is not None:
+            return find_correspondence(self.state, feats, self.tile_neighbours[i], self.sizes[i], y, x, level)
         return find_correspondence(self.state, feats, self.neighbours[i], self.sizes[i], y, x, level)
 
 

@@ -93,6 +93,16 @@ class SpadeSettings:
         image_score: ``knn`` (the paper: mean distance of the global vector to its ``k_image`` nearest
             training images), ``max`` (the maximum of the anomaly map), or ``combined`` (the sum of the
             two, each divided by its median over the calibration images).
+        tile: tiled mode (:mod:`spade_ad.tiling`): the image, scaled by ``tile_scale`` (or so that its
+            shorter side spans ``tile_span`` tiles), is cut into ``tile``-pixel squares on a grid fixed at
+            fit, each resized to the ``image_size`` input (unchanged when equal) and scored as an image;
+            the tile maps are stitched into one map (0: off).
+        tile_overlap: least overlap of neighbouring tiles (fraction of a tile).
+        tile_scale: the scale at which tiles are cut (1: native resolution).
+        tile_span: if > 0, the scale is chosen at fit so that the training images' shorter side spans
+            this many tiles, at most native resolution (a rule that follows the image size).
+        tile_retrieval: ``position`` (a test tile's gallery: training tiles at the same grid position)
+            or ``all`` (any position; for parts that move).
         calibration_images: good training images scored leave-one-out to set the thresholds.
         false_alarm_rate: target fraction of good images flagged by the calibrated thresholds.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (runtime).
@@ -112,7 +122,7 @@ class SpadeSettings:
     """
 
     preset: str = setting("paper", "named set of settings to start from; explicit options override it",
-                          choices=("paper", "accurate", "fast"), implied=True)
+                          choices=("paper", "accurate", "fast", "highres"), implied=True)
     backbone: str = setting("efficientnet_lite0", "ImageNet backbone (efficientnet_lite0 has bundled weights)",
                             choices=tuple(BACKBONES))
     k: int = setting(50, "training images retrieved as the pixel-stage gallery", low=1, high=10_000)
@@ -131,6 +141,19 @@ class SpadeSettings:
     image_score: str = setting("knn", "knn: global kNN (the paper); max: maximum of the map; combined: both, "
                                "each scaled by its calibration median", choices=("knn", "max", "combined"),
                                implied=True)
+    tile: int = setting(0, "tiled mode: side of the square tiles the image (at the tile scale) is cut into, each "
+                        "an input to the network (0: off, the whole image is one input)", low=0, high=2048,
+                        implied=True)
+    tile_overlap: float = setting(0.25, "tiled mode: least overlap of neighbouring tiles, as a fraction of a tile",
+                                  low=0.0, high=0.75, implied=True)
+    tile_scale: float = setting(1.0, "tiled mode: scale at which tiles are cut (1: native resolution); "
+                                "ignored when tile_span is set", low=0.0, high=4.0, open_low=True, implied=True)
+    tile_span: float = setting(0.0, "tiled mode: choose the scale at fit so that the training images' shorter "
+                               "side spans this many tiles (never above native resolution); 0: use tile_scale",
+                               low=0.0, high=64.0, implied=True)
+    tile_retrieval: str = setting("position", "tiled mode: a test tile's gallery is the k nearest training tiles "
+                                  "at the same grid position (position) or at any position (all: parts that move)",
+                                  choices=("position", "all"), implied=True)
     calibration_images: int = setting(16, "good training images scored leave-one-out to set the thresholds",
                                       low=0, high=100_000)
     false_alarm_rate: float = setting(0.01, "target fraction of good images flagged by the thresholds",
@@ -150,6 +173,11 @@ class SpadeSettings:
             object.__setattr__(self, f.name, _check(f.name, getattr(self, f.name), hints[f.name], spec_of(f)))
         if self.aggregate % 2 == 0:
             raise SpadeError(f"aggregate must be odd (a neighbourhood centred on each position), got {self.aggregate}")
+        if self.tile and self.tile < 32:
+            raise SpadeError(f"tile must be 0 (off) or at least 32 pixels, got {self.tile}")
+        if self.tile and self.preprocess != "resize":
+            raise SpadeError(f"tile: tiles are square inputs; preprocess must be resize with tiles, got "
+                             f"{self.preprocess!r}")
 
     @classmethod
     def from_preset(cls, preset: str = "paper", **explicit: Any) -> SpadeSettings:
@@ -214,6 +242,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "accurate": {"aggregate": 3, "image_size": 320, "sigma": 6.0, "image_score": "combined"},
     "fast": {"levels": "1,2", "aggregate": 3, "k": 10, "image_score": "combined"},
+    "highres": {"tile": 224, "tile_span": 1.5, "tile_overlap": 0.25, "k": 10, "image_score": "combined"},
 }
 
 

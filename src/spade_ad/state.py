@@ -19,6 +19,7 @@ from .bank import Bank
 from .errors import NotFittedError
 from .preprocess import Preprocessor
 from .settings import SpadeSettings
+from .tiling import TileGrid
 
 T = TypeVar("T")
 
@@ -32,8 +33,10 @@ class FittedState:
         input_shape: (height, width) of the network input.
         level_shapes: (h, w) of each pyramid level at that input.
         weights_id: checksum of the backbone weights.
-        global_: (N, D) float32 global vectors of the training images (stage 2's index).
-        bank: the feature bank on disk (per training image: pyramid, thumbnail, search-index cells).
+        global_: (N, D) float32 global vectors of the bank's rows (stage 2's index).
+        bank: the feature bank on disk (per row: pyramid, thumbnail, search-index cells). A row is a
+            training image, or in a tiled model one tile of one: image i's tiles are rows
+            ``i * rows_per_image ...`` in the grid's order.
         train_names: the training images' names (paths as given to ``fit``).
         train_ids: each training image's identity (SHA-256 of its pixels; ``None`` in models saved before).
         image_threshold, pixel_threshold: calibrated thresholds (``None``: not calibrated).
@@ -41,6 +44,7 @@ class FittedState:
         history: one entry per generation (fit, add, remove, rollback); its length is the generation.
         lineage: identifies the fit that the model's generations descend from.
         base_sha256: checksum of the saved header this state was read from or saved as (``None``: unsaved).
+        grid: a tiled model's tile grid, fixed at fit (``None``: not tiled).
     """
 
     settings: SpadeSettings
@@ -57,6 +61,17 @@ class FittedState:
     history: list[dict[str, Any]] = field(default_factory=list)
     lineage: str = ""
     base_sha256: str | None = None
+    grid: TileGrid | None = None
+
+    @property
+    def rows_per_image(self) -> int:
+        """Bank rows per training image: its tiles, or 1."""
+        return len(self.grid) if self.grid is not None else 1
+
+    def image_rows(self, images: list[int]) -> list[int]:
+        """The bank rows of training images ``images``, in order."""
+        t = self.rows_per_image
+        return [i * t + j for i in images for j in range(t)]
 
     @property
     def prep(self) -> Preprocessor:
@@ -69,7 +84,7 @@ class FittedState:
 
     @property
     def n_train(self) -> int:
-        return int(self.bank.n)
+        return int(self.bank.n) // self.rows_per_image
 
     def numbers(self) -> dict[str, Any]:
         """Training-image count and thresholds (what the history records before and after a change)."""

@@ -30,7 +30,8 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TileGrid", "axis_starts", "blend_weights", "cut_tiles", "make_grid", "rescale", "stitch", "to_native"]
+__all__ = ["Stitcher", "TileGrid", "axis_starts", "blend_weights", "cut_tiles", "fit_grid", "grid_from_dict",
+           "make_grid", "mosaic", "rescale", "stitch", "tile_at", "to_native"]
 
 
 def axis_starts(length: int, tile: int, overlap: float) -> list[int]:
@@ -118,6 +119,39 @@ def make_grid(height: int, width: int, tile: int, overlap: float = 0.25, scale: 
                     tuple(axis_starts(sh, tile, overlap)), tuple(axis_starts(sw, tile, overlap)))
 
 
+def fit_grid(sizes: Sequence[tuple[int, int]], tile: int, overlap: float, scale: float, span: float) -> TileGrid:
+    """The grid a tiled model fixes at fit from its training images' (height, width) ``sizes``: made for
+    their median size; the scale is ``scale``, or with ``span > 0`` the one at which the shorter side
+    spans ``span`` tiles, at most 1 (native resolution holds all there is to see).
+
+    Example:
+        >>> g = fit_grid([(460, 1130)], tile=224, overlap=0.25, scale=1.0, span=1.5)
+        >>> round(g.scale, 4), g.shape
+        (0.7304, (2, 5))
+    """
+    if not sizes:
+        raise ValueError("a grid needs at least one image size")
+    h = int(np.median([s[0] for s in sizes]))
+    w = int(np.median([s[1] for s in sizes]))
+    if span > 0:
+        scale = min(1.0, span * tile / min(h, w))
+    return make_grid(h, w, tile, overlap, scale)
+
+
+def grid_from_dict(d: object) -> TileGrid:
+    """The grid :meth:`TileGrid.to_dict` described, rebuilt with :func:`make_grid` and checked against the
+    description (a ``ValueError`` names what disagrees)."""
+    if not isinstance(d, dict):
+        raise ValueError("tile grid must be a mapping")
+    try:
+        g = make_grid(int(d["height"]), int(d["width"]), int(d["tile"]), float(d["overlap"]), float(d["scale"]))
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"tile grid lacks or mangles {exc}") from None
+    if g.to_dict() != d:
+        raise ValueError("tile grid disagrees with the grid its size, tile, overlap and scale give")
+    return g
+
+
 def _as_nchw(a: np.ndarray) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(a)).to(torch.float32)
     return t[None, None] if a.ndim == 2 else t.permute(2, 0, 1)[None]
@@ -191,6 +225,37 @@ def blend_weights(grid: TileGrid) -> npt.NDArray[np.float64]:
     return np.stack([np.outer(a, b) for a in wy for b in wx])
 
 
+class Stitcher:
+    """Tile maps added one at a time (any order) into one map at the grid's scaled size: memory is the map
+    (and its weight sum), not the tiles. :func:`stitch` is the same for all tiles at once."""
+
+    def __init__(self, grid: TileGrid) -> None:
+        self.grid = grid
+        self.acc = np.zeros(grid.padded_shape)
+        self.tot = np.zeros(grid.padded_shape)
+        self.wy, self.wx = _axis_weights(grid.ys, grid.tile), _axis_weights(grid.xs, grid.tile)
+        self.seen = np.zeros(len(grid), dtype=bool)
+
+    def add(self, index: int, tile_map: np.ndarray) -> None:
+        """Tile ``index``'s map (T, T) (``grid.origins`` order)."""
+        t = self.grid.tile
+        if tile_map.shape != (t, t):
+            raise ValueError(f"expected a tile map of shape {(t, t)}, got {tile_map.shape}")
+        r, c = divmod(index, len(self.grid.xs))
+        y, x = self.grid.ys[r], self.grid.xs[c]
+        w = np.outer(self.wy[r], self.wx[c])
+        self.acc[y : y + t, x : x + t] += w * np.asarray(tile_map, dtype=np.float64)
+        self.tot[y : y + t, x : x + t] += w
+        self.seen[index] = True
+
+    def result(self) -> npt.NDArray[np.float32]:
+        """The stitched map (every tile must have been added)."""
+        if not self.seen.all():
+            raise ValueError(f"tile {int(np.argmin(self.seen))} was not added")
+        sh, sw = self.grid.scaled_shape
+        return (self.acc[:sh, :sw] / self.tot[:sh, :sw]).astype(np.float32)
+
+
 def stitch(tile_maps: Sequence[np.ndarray] | np.ndarray, grid: TileGrid) -> npt.NDArray[np.float32]:
     """One map at the grid's scaled size from the tiles' maps (N, T, T), in ``grid.origins`` order.
 
@@ -201,14 +266,40 @@ def stitch(tile_maps: Sequence[np.ndarray] | np.ndarray, grid: TileGrid) -> npt.
     t = grid.tile
     if maps.shape != (len(grid), t, t):
         raise ValueError(f"expected tile maps of shape {(len(grid), t, t)}, got {maps.shape}")
+    st = Stitcher(grid)
+    for i, m in enumerate(maps):
+        st.add(i, m)
+    return st.result()
+
+
+def tile_at(grid: TileGrid, y: float, x: float) -> tuple[int, float, float]:
+    """The tile that weighs most at point (y, x) of the scaled frame (the one whose map it mostly shows),
+    and the point's position in that tile (pixels from its origin)."""
+    wy, wx = _axis_weights(grid.ys, grid.tile), _axis_weights(grid.xs, grid.tile)
+    t = grid.tile
+    best = (-1.0, 0, 0.0, 0.0)
+    for r, oy in enumerate(grid.ys):
+        for c, ox in enumerate(grid.xs):
+            iy, ix = int(y) - oy, int(x) - ox
+            if 0 <= iy < t and 0 <= ix < t and wy[r][iy] * wx[c][ix] > best[0]:
+                best = (wy[r][iy] * wx[c][ix], r * len(grid.xs) + c, y - oy, x - ox)
+    if best[0] < 0:
+        raise ValueError(f"point ({y}, {x}) is outside the grid")
+    return best[1], best[2], best[3]
+
+
+def mosaic(tiles: np.ndarray, grid: TileGrid, size: int) -> np.ndarray:
+    """A ``size`` x ``size`` picture of a whole image from small pictures of its tiles (N, s, s, 3) uint8,
+    pasted at their places (the image squashed to a square, as a ``resize`` model sees it)."""
+    s = tiles.shape[1]
+    f = s / grid.tile
     ph, pw = grid.padded_shape
-    acc = np.zeros((ph, pw))
-    tot = np.zeros((ph, pw))
-    for (y, x), w, m in zip(grid.origins, blend_weights(grid), maps, strict=True):
-        acc[y : y + t, x : x + t] += w * m
-        tot[y : y + t, x : x + t] += w
+    canvas = np.zeros((max(s, round(ph * f)), max(s, round(pw * f)), 3), np.uint8)
+    for (y, x), t in zip(grid.origins, tiles, strict=True):
+        yy, xx = min(round(y * f), canvas.shape[0] - s), min(round(x * f), canvas.shape[1] - s)
+        canvas[yy : yy + s, xx : xx + s] = t
     sh, sw = grid.scaled_shape
-    return (acc / tot)[:sh, :sw].astype(np.float32)
+    return rescale(canvas[: max(1, round(sh * f)), : max(1, round(sw * f))], (size, size))
 
 
 def to_native(amap: np.ndarray, grid: TileGrid, size: tuple[int, int] | None = None) -> npt.NDArray[np.float32]:

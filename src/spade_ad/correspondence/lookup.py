@@ -10,6 +10,7 @@ import torch
 from ..errors import SpadeError
 from ..preprocess import Preprocessor
 from ..state import FittedState
+from ..tiling import tile_at
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class Correspondence:
     y_frac: float  # centre of the matched feature cell in the neighbour image, fraction of its height
     x_frac: float  # ... and of its width
     box_frac: tuple[float, float, float, float]  # (y0, x0, y1, x1) of the matched cell, fractions
+    tile: int | None = None  # a tiled model: the neighbour's tile (grid position) that holds the match
 
     def box_pixels(self, height: int, width: int) -> tuple[int, int, int, int]:
         """The matched cell as integer pixel bounds (y0, x0, y1, x1) in an image of the given size."""
@@ -46,7 +48,9 @@ def find_correspondence(
     """The gallery feature nearest (float64, direct differences) to the test feature under pixel (y, x).
 
     ``feats``: the test image's (h*w, C) features at ``level``; ``neighbours``: its gallery (stage 2);
-    ``size``: its (height, width).
+    ``size``: its (height, width). A tiled model's: ``feats`` (tiles, h*w, C), ``neighbours`` (tiles, k) bank
+    rows; the pixel's tile is the one whose map weighs most there, its match is in a training tile, and
+    the position is given as a fraction of that training image.
     """
     shapes, prep, bank, train_names = state.level_shapes, state.prep, state.bank, state.train_names
     height, width = size
@@ -54,6 +58,8 @@ def find_correspondence(
         raise SpadeError(f"pixel ({y}, {x}) is outside the image ({height}x{width})")
     if not (0 <= level < len(shapes)):
         raise SpadeError(f"level must be in 0..{len(shapes) - 1}, got {level}")
+    if state.grid is not None:
+        return _tiled(state, feats, neighbours, size, y, x, level)
     y0, x0, y1, x1 = prep.crop_box(height, width)
     if not (y0 <= y < y1 and x0 <= x < x1):
         raise SpadeError(f"pixel ({y}, {x}) is outside the inspected crop (rows {y0}..{y1 - 1}, "
@@ -79,6 +85,31 @@ def find_correspondence(
         x_frac=fx[1],
         box_frac=(fy[0], fx[0], fy[2], fx[2]),
     )
+
+
+def _tiled(state: FittedState, feats: np.ndarray, rows: np.ndarray, size: tuple[int, int], y: int, x: int,
+           level: int) -> Correspondence:
+    grid = state.grid
+    assert grid is not None
+    sh, sw = grid.scaled_shape
+    t, ty, tx = tile_at(grid, (y + 0.5) * sh / size[0] - 0.5, (x + 0.5) * sw / size[1] - 0.5)
+    h, w = state.level_shapes[level]
+    r = min(h - 1, max(0, int((ty + 0.5) / grid.tile * h)))
+    c = min(w - 1, max(0, int((tx + 0.5) / grid.tile * w)))
+    q = torch.from_numpy(np.asarray(feats[t][r * w + c], np.float64))
+    gallery = [int(i) for i in rows[t]]
+    gal = torch.from_numpy(np.asarray(state.bank.gather(level, gallery), np.float64)).reshape(-1, q.numel())
+    d = ((gal - q) ** 2).sum(1)
+    j = int(torch.argmin(d))
+    row = gallery[j // (h * w)]
+    n_idx, tn = divmod(row, state.rows_per_image)
+    rr, cc = divmod(j % (h * w), w)
+    oy, ox = grid.origins[tn]
+    fy = [min(1.0, (oy + f * grid.tile) / sh) for f in (rr / h, (rr + 0.5) / h, (rr + 1) / h)]
+    fx = [min(1.0, (ox + f * grid.tile) / sw) for f in (cc / w, (cc + 0.5) / w, (cc + 1) / w)]
+    return Correspondence(neighbour=n_idx, neighbour_name=state.train_names[n_idx], level=level,
+                          distance=float(d[j].sqrt()), y_frac=fy[1], x_frac=fx[1],
+                          box_frac=(fy[0], fx[0], fy[2], fx[2]), tile=tn)
 
 
 def _input_to_image_frac(prep: Preprocessor, fracs: list[float]) -> list[float]:

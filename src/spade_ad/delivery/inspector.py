@@ -505,7 +505,7 @@ def _model_routes(ctx: _Context) -> APIRouter:
     def list_normals() -> NormalsResponse:
         spade = ctx.current()
         return NormalsResponse(generation=_generation(spade),
-                               normals=[_neighbour(spade, i) for i in range(spade.bank_.n)])
+                               normals=[_neighbour(spade, i) for i in range(spade.state_.n_train)])
 
     return router
 
@@ -514,7 +514,7 @@ def _info(ctx: _Context, spade: Spade) -> InfoResponse:
     """GET /info's answer: the model's settings and thresholds (calibration without its per-image lists)."""
     calib = {k: v for k, v in (spade.calibration_ or {}).items() if k not in ("image_scores", "map_maxima")}
     return InfoResponse(
-        version=__version__, backbone=spade.settings.backbone, n_train=int(spade.bank_.n), k=spade.settings.k,
+        version=__version__, backbone=spade.settings.backbone, n_train=int(spade.state_.n_train), k=spade.settings.k,
         image_size=spade.settings.image_size, preprocess=spade.settings.preprocess,
         image_threshold=spade.image_threshold_,
         pixel_threshold=spade.pixel_threshold_, calibration=calib, max_upload_bytes=ctx.max_upload_bytes,
@@ -530,8 +530,8 @@ def _check_training_image(spade: Spade, index: int, generation: int | None, imag
     if generation is not None and generation != now:
         raise HTTPException(409, f"training image {index} of generation {generation} is not served any more "
                                  f"(the model is at generation {now}): upload the image again")
-    if not (0 <= index < spade.bank_.n):
-        raise HTTPException(404, f"no training image {index} (the model has {spade.bank_.n})")
+    if not (0 <= index < spade.state_.n_train):
+        raise HTTPException(404, f"no training image {index} (the model has {spade.state_.n_train})")
     if image_id is not None and image_id != _image_id(spade, index):
         raise HTTPException(409, f"training image {index} is not image {_clip(image_id)} in generation {now}")
 
@@ -717,7 +717,7 @@ def _training_index(spade: Spade, image: str, generation: int) -> int:
     ids = spade.train_ids_
     if image in ids:
         return ids.index(image)
-    if image.isdigit() and int(image) < spade.bank_.n and ids[int(image)] is None:
+    if image.isdigit() and int(image) < spade.state_.n_train and ids[int(image)] is None:
         return int(image)
     raise HTTPException(404, f"no training image {image!r} in generation {generation}")
 
@@ -745,7 +745,7 @@ def _change(ctx: _Context, apply: Callable[[Spade], object], generation: int | N
 def _update_response(spade: Spade) -> UpdateResponse:
     """The answer to a change: its history entry (file names without folders) and the new model's figures."""
     e = spade.history_[-1]
-    return UpdateResponse(generation=e["generation"], action=e["action"], n_train=int(spade.bank_.n),
+    return UpdateResponse(generation=e["generation"], action=e["action"], n_train=int(spade.state_.n_train),
                           image_threshold=spade.image_threshold_, pixel_threshold=spade.pixel_threshold_,
                           before=e["before"], added=[_public_name(x) for x in e["added"]],
                           removed=[_public_name(x) for x in e["removed"]])
