@@ -1,0 +1,145 @@
+"""The presets side by side on the real sets (full protocol), with the tiled mode's image-score rules.
+
+Each (set, preset) runs in its own process (its own peak RSS): fit on every training image, predict
+every test image ``batch`` at a time, metrics streamed at each image's own resolution (the full
+protocol of ``spade-ad benchmark``). For tiled models the per-tile kNN scores and map maxima of the
+test images and of the leave-one-out calibration images are kept, so that the image-score rules below
+are compared on one fit (``rules`` in the JSON; the model's own rule is ``image_auroc``):
+
+* ``tile_knn_raw`` / ``tile_max_raw`` / ``map_max``: highest tile kNN score, highest tile map maximum,
+  maximum of the stitched map (no per-position scaling);
+* ``pos_knn`` / ``pos_max`` / ``pos_combined``: each tile's kNN score and map maximum divided by its
+  grid position's calibration median, then the highest tile (the library's rules for ``knn``, ``max``,
+  ``combined``);
+* ``combined_global``: the ``combined`` rule with one median per score over all positions.
+
+    python benchmarks/highres.py --data bsdata --presets paper,accurate,fast,highres
+    python benchmarks/highres.py --data bottle --presets highres --set tile_span=1.0 --label span1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spade_ad import Spade, SpadeSettings, metrics
+from spade_ad.data import load_mvtec_category, load_truth
+from spade_ad.evaluate import machine_description
+from spade_ad.retrieval import tile_image_scores
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+DATA = {"bsdata": SHARED / "bsdata", "bottle": SHARED / "mvtec_ad" / "bottle",
+        "metal_plate": SHARED / "mpdd" / "metal_plate"}
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _value(v: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def _rules(model: Spade, knn: list[np.ndarray], mx: list[np.ndarray], map_max: list[float],
+           labels: list[int]) -> dict[str, float]:
+    cal = model.calibration_
+    k, m = np.stack(knn), np.stack(mx)
+    scales = np.asarray(cal["position_scales"])
+    ck, cm = np.asarray(cal["tile_knn"]), np.asarray(cal["tile_max"])
+    one = np.tile([[float(np.median(ck)), float(np.median(cm))]], (k.shape[1], 1))
+    out = {
+        "tile_knn_raw": k.max(1), "tile_max_raw": m.max(1), "map_max": np.asarray(map_max),
+        "pos_knn": tile_image_scores("knn", scales, k, m), "pos_max": tile_image_scores("max", scales, k, m),
+        "pos_combined": tile_image_scores("combined", scales, k, m),
+        "combined_global": tile_image_scores("combined", one, k, m),
+    }
+    return {name: round(metrics.image_auroc(labels, s), 4) for name, s in out.items()}
+
+
+def run_one(data: str, preset: str, extra: dict[str, Any], batch: int) -> dict[str, Any]:
+    cat = load_mvtec_category(DATA[data])
+    settings = SpadeSettings.from_preset(preset, **extra)
+    t0 = time.perf_counter()
+    model = Spade(settings).fit([str(p) for p in cat.train])
+    fit_s = time.perf_counter() - t0
+    labels = [s.label for s in cat.test]
+    scores: list[float] = []
+    knn: list[np.ndarray] = []
+    mx: list[np.ndarray] = []
+    map_max: list[float] = []
+    pixels = 0
+    pred_s = 0.0
+    with metrics.PixelMetrics() as acc:
+        for a in range(0, len(cat.test), batch):
+            part = cat.test[a : a + batch]
+            t1 = time.perf_counter()
+            pred = model.predict([str(s.path) for s in part])
+            pred_s += time.perf_counter() - t1
+            scores.extend(pred.scores.tolist())
+            for j, s in enumerate(part):
+                amap = pred.maps[j]
+                pixels += amap.size
+                map_max.append(float(amap.max()))
+                acc.add(load_truth(s, amap.shape), amap)
+            if pred.tile_knn is not None and pred.tile_max is not None:
+                knn.extend(pred.tile_knn)
+                mx.extend(pred.tile_max)
+        row: dict[str, Any] = {
+            "data": data, "preset": preset, "settings": extra, "n_train": len(cat.train), "n_test": len(cat.test),
+            "image_auroc": round(metrics.image_auroc(labels, np.asarray(scores)), 4),
+            "pixel_auroc": round(acc.pixel_auroc(), 4), "aupro": round(acc.aupro(), 4),
+            "fit_seconds": round(fit_s, 1), "predict_seconds_per_image": round(pred_s / len(cat.test), 3),
+            "predict_seconds_per_megapixel": round(pred_s / (pixels / 1e6), 3),
+            "grid": None if model.grid is None else {"scale": round(model.grid.scale, 4),
+                                                     "tiles": list(model.grid.shape)},
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+            "loadavg_1min": round(os.getloadavg()[0], 2),
+        }
+    if knn:
+        row["rules"] = _rules(model, knn, mx, map_max, labels)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True, choices=sorted(DATA))
+    ap.add_argument("--presets", default="paper,accurate,fast,highres")
+    ap.add_argument("--set", action="append", default=[], help="setting=value over the preset (repeatable)")
+    ap.add_argument("--label", default="")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    extra = {k: _value(v) for k, v in (s.split("=", 1) for s in args.set)}
+    if args.child:
+        print(json.dumps(run_one(args.data, args.child, extra, args.batch)))
+        return
+    out = args.out or RESULTS / f"highres_{args.data}{'_' + args.label if args.label else ''}.json"
+    rows = []
+    for preset in args.presets.split(","):
+        cmd = [sys.executable, __file__, "--data", args.data, "--child", preset, "--batch", str(args.batch)]
+        cmd += [x for s in args.set for x in ("--set", s)]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode:
+            sys.exit(f"{preset}: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
+        row = json.loads(res.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine_description(), "runs": rows}, indent=1) + "\n")
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()
