@@ -67,7 +67,7 @@ def _rules(model: Spade, knn: list[np.ndarray], mx: list[np.ndarray], map_max: l
     return {name: round(metrics.image_auroc(labels, s), 4) for name, s in out.items()}
 
 
-def run_one(data: str, preset: str, extra: dict[str, Any], batch: int) -> dict[str, Any]:
+def run_one(data: str, preset: str, extra: dict[str, Any], batch: int, raw: Path | None) -> dict[str, Any]:
     cat = load_mvtec_category(DATA[data])
     settings = SpadeSettings.from_preset(preset, **extra)
     t0 = time.perf_counter()
@@ -108,34 +108,50 @@ def run_one(data: str, preset: str, extra: dict[str, Any], batch: int) -> dict[s
         }
     if knn:
         row["rules"] = _rules(model, knn, mx, map_max, labels)
+    if raw is not None:  # per-image numbers, for comparing image-score rules across presets offline
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        cal = {f"cal_{k}": np.asarray(v) for k, v in model.calibration_.items()
+               if isinstance(v, list) and v and not isinstance(v[0], str)}
+        np.savez(raw, labels=np.asarray(labels), scores=np.asarray(scores), map_max=np.asarray(map_max),
+                 **({"tile_knn": np.stack(knn), "tile_max": np.stack(mx)} if knn else {}), **cal)
     return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", required=True, choices=sorted(DATA))
+    ap.add_argument("--data", required=True, help=f"comma-separated sets: {', '.join(sorted(DATA))}")
     ap.add_argument("--presets", default="paper,accurate,fast,highres")
     ap.add_argument("--set", action="append", default=[], help="setting=value over the preset (repeatable)")
     ap.add_argument("--label", default="")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--raw", type=Path, help="folder for each run's per-image scores (.npz)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     extra = {k: _value(v) for k, v in (s.split("=", 1) for s in args.set)}
+    sets = args.data.split(",")
+    unknown = sorted(set(sets) - set(DATA))
+    if unknown:
+        sys.exit(f"--data: unknown set {unknown[0]!r}; choose from {', '.join(sorted(DATA))}")
+    tag = "_" + args.label if args.label else ""
     if args.child:
-        print(json.dumps(run_one(args.data, args.child, extra, args.batch)))
+        raw = args.raw / f"{sets[0]}_{args.child}{tag}.npz" if args.raw else None
+        print(json.dumps(run_one(sets[0], args.child, extra, args.batch, raw)))
         return
-    out = args.out or RESULTS / f"highres_{args.data}{'_' + args.label if args.label else ''}.json"
+    out = args.out or RESULTS / f"highres_{'_'.join(sets)}{tag}.json"
     rows = []
-    for preset in args.presets.split(","):
-        cmd = [sys.executable, __file__, "--data", args.data, "--child", preset, "--batch", str(args.batch)]
-        cmd += [x for s in args.set for x in ("--set", s)]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if res.returncode:
-            sys.exit(f"{preset}: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
-        row = json.loads(res.stdout.strip().splitlines()[-1])
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    for data in sets:
+        for preset in args.presets.split(","):
+            cmd = [sys.executable, __file__, "--data", data, "--child", preset, "--batch", str(args.batch)]
+            cmd += [x for s in args.set for x in ("--set", s)]
+            cmd += ["--label", args.label] + (["--raw", str(args.raw)] if args.raw else [])
+            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if res.returncode:
+                err = res.stderr.strip().splitlines()
+                sys.exit(f"{data} {preset}: {err[-1] if err else res.returncode}")
+            row = json.loads(res.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine_description(), "runs": rows}, indent=1) + "\n")
     print(f"saved {out}")

@@ -155,6 +155,25 @@ def test_fit_on_ray_writes_the_same_model_files(small_train: Path, tmp_path: Pat
     assert remote == local  # the same content-addressed bank/index names and bytes, the same header
 
 
+def test_a_tiled_model_fits_and_predicts_on_ray_as_locally(small_train: Path, tmp_path: Path, local_ray: None,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    train = str(small_train / "train" / "good")
+    tiled = [*FIT_ARGS, "--tile", "64", "--tile-span", "2"]
+    code, _, err = run_cli(["fit", train, "--out", str(tmp_path / "local"), *tiled], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["fit", train, "--out", str(tmp_path / "ray"), *tiled, "--ray", "local"], capsys)
+    assert code == 0, err
+    assert _files(tmp_path / "ray") == _files(tmp_path / "local")
+    grid = json.loads((tmp_path / "local" / "model.json").read_text())["tile_grid"]
+    assert grid is not None and len(grid["ys"]) * len(grid["xs"]) > 1
+    inputs = [str(small_train / "test" / "scratch"), str(small_train / "test" / "good")]
+    code, _, err = run_cli(["predict", str(tmp_path / "local"), *inputs, "--out", str(tmp_path / "o_local"),
+                            "--batch-size", "2"], capsys)
+    assert code == 0, err
+    distributed.predict(tmp_path / "local", inputs, tmp_path / "o_ray", batch_size=2)
+    assert _files(tmp_path / "o_ray") == _files(tmp_path / "o_local")
+
+
 def test_unreadable_image_gets_an_error_row_and_exit_code_2(model_dir: Path, small_train: Path, tmp_path: Path,
                                                             local_ray: None,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
