@@ -127,3 +127,16 @@ def test_cli_report_refuses_a_root_of_several_categories(small_train: Path, tmp_
         (root / name).symlink_to(small_train, target_is_directory=True)
     code, _, err = run_cli(["report", str(root), "--out", str(tmp_path / "rep")], capsys)
     assert code == 2 and "report takes one category" in " ".join(err.split())
+
+
+def test_report_on_a_tiled_model(small_train: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(["report", str(small_train), "--out", str(tmp_path / "rep"), "--k", "3",
+                              "--k-image", "2", "--image-size", "64", "--calibration-images", "3",
+                              "--tile", "64", "--tile-span", "2"], capsys)
+    assert code == 0, err
+    doc = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert doc["settings"]["tile"] == 64
+    assert len(doc["images"]) == 6
+    assert all(r["neighbours"] and all(isinstance(n, str) for n in r["neighbours"]) for r in doc["images"])
+    html = (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
+    assert html.count('class="nb"') == 6 * 3  # every row shows its nearest normal images (tile mosaics)
