@@ -67,6 +67,12 @@ def _rules(model: Spade, knn: list[np.ndarray], mx: list[np.ndarray], map_max: l
     return {name: round(metrics.image_auroc(labels, s), 4) for name, s in out.items()}
 
 
+def _shrink(amap: np.ndarray, f: int = 4) -> np.ndarray:
+    """A map averaged over f x f blocks (float16): small enough to keep every test image's for offline rules."""
+    h, w = amap.shape[0] // f * f, amap.shape[1] // f * f
+    return amap[:h, :w].reshape(h // f, f, w // f, f).mean((1, 3)).astype(np.float16)
+
+
 def run_one(data: str, preset: str, extra: dict[str, Any], batch: int, raw: Path | None) -> dict[str, Any]:
     cat = load_mvtec_category(DATA[data])
     settings = SpadeSettings.from_preset(preset, **extra)
@@ -78,6 +84,7 @@ def run_one(data: str, preset: str, extra: dict[str, Any], batch: int, raw: Path
     knn: list[np.ndarray] = []
     mx: list[np.ndarray] = []
     map_max: list[float] = []
+    small: list[np.ndarray] = []
     pixels = 0
     pred_s = 0.0
     with metrics.PixelMetrics() as acc:
@@ -91,6 +98,7 @@ def run_one(data: str, preset: str, extra: dict[str, Any], batch: int, raw: Path
                 amap = pred.maps[j]
                 pixels += amap.size
                 map_max.append(float(amap.max()))
+                small.append(_shrink(amap))
                 acc.add(load_truth(s, amap.shape), amap)
             if pred.tile_knn is not None and pred.tile_max is not None:
                 knn.extend(pred.tile_knn)
@@ -113,6 +121,7 @@ def run_one(data: str, preset: str, extra: dict[str, Any], batch: int, raw: Path
         cal = {f"cal_{k}": np.asarray(v) for k, v in model.calibration_.items()
                if isinstance(v, list) and v and not isinstance(v[0], str)}
         np.savez(raw, labels=np.asarray(labels), scores=np.asarray(scores), map_max=np.asarray(map_max),
+                 maps=np.asarray(small, dtype=object),
                  **({"tile_knn": np.stack(knn), "tile_max": np.stack(mx)} if knn else {}), **cal)
     return row
 

@@ -174,6 +174,7 @@ def test_inspector_end_to_end(page: Any, server: str, bottle: Path) -> None:
     assert thumb["x"] - 3 <= hl["x"] and hl["x"] + hl["width"] <= thumb["x"] + thumb["width"] + 3
     assert thumb["y"] - 3 <= hl["y"] and hl["y"] + hl["height"] <= thumb["y"] + thumb["height"] + 3
     assert page.eval_on_selector("#match-box", "e => getComputedStyle(e).borderTopColor") == "rgb(0, 255, 255)"
+    assert page.is_hidden("#tile-box")  # an untiled model has no tiles to show
     assert number(page.inner_text("#match-distance")) > 0
     assert page.inner_text("#pixel-pos").startswith("(y ")
     assert re.search(r"\d+\.png \(#\d+\)", page.inner_text("#neighbour-name"))
@@ -207,6 +208,42 @@ def test_inspector_end_to_end(page: Any, server: str, bottle: Path) -> None:
     assert all(u.startswith((server, "data:", "blob:")) for u in page.requests), page.requests
     assert page.js_errors == []
     assert time.monotonic() - t0 < 60
+
+
+def test_a_click_on_a_tiled_model_shows_the_matching_normal_tile(browser: Any, bottle: Path,
+                                                                tmp_path_factory: pytest.TempPathFactory) -> None:
+    train = sorted((bottle / "train" / "good").glob("*.png"))[::26][:8]
+    folder = tmp_path_factory.mktemp("browser_tiled") / "model"
+    Spade(k=4, k_image=3, image_size=112, tile=112, tile_span=2, calibration_images=4).fit(train).save(folder)
+    serving = _serve(create_app(folder))
+    url = next(serving)
+    errors: list[str] = []
+    context = browser.new_context(viewport={"width": 1400, "height": 1100})
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(url + "/")
+    upload(page, bottle / "test" / "broken_large" / "000.png")
+    page.wait_for_selector("#result:not([hidden])")
+    box = page.locator("#overlay").bounding_box()
+    page.mouse.click(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.7)
+    page.wait_for_selector("#explain:not([hidden])")
+    page.wait_for_function("document.getElementById('neighbour-thumb').complete && "
+                           "document.getElementById('neighbour-thumb').naturalWidth > 0")
+    tile = page.locator("#tile-box").bounding_box()
+    hl = page.locator("#match-box").bounding_box()
+    thumb = page.locator("#neighbour-thumb").bounding_box()
+    assert tile is not None and hl is not None and thumb is not None
+    assert tile["width"] < thumb["width"] - 10 or tile["height"] < thumb["height"] - 10  # one tile, not all
+    centre = (hl["x"] + hl["width"] / 2, hl["y"] + hl["height"] / 2)
+    assert tile["x"] <= centre[0] <= tile["x"] + tile["width"]
+    assert tile["y"] <= centre[1] <= tile["y"] + tile["height"]
+    assert page.eval_on_selector("#tile-box", "e => getComputedStyle(e).borderTopStyle") == "dashed"
+    assert re.fullmatch(r"tile \d+", page.get_attribute("#tile-box", "title") or "")
+    shot(page, "inspector_tiled_explain.png")
+    assert errors == []
+    context.close()
+    next(serving, None)  # stops the server
 
 
 def test_api_docs_render_offline(page: Any, server: str) -> None:

@@ -225,6 +225,28 @@ def test_explain_returns_a_neighbour_and_box(client: TestClient, model_dir: Path
     assert client.get("/thumbnail/9999").status_code == 404
 
 
+def test_a_tiled_model_shows_the_match_in_its_normal_tile(small_train: Path, tmp_path: Path,
+                                                         test_files: list[Path]) -> None:
+    model = Spade(k=3, k_image=2, image_size=64, calibration_images=3, tile=64, tile_span=2)
+    model.fit(small_train / "train" / "good").save(tmp_path / "m")
+    assert model.grid is not None and len(model.grid) > 1
+    c = TestClient(create_app(tmp_path / "m"), base_url="http://localhost")
+    j = post(c, test_files[-1]).json()
+    ref = model.predict([load_image(test_files[-1])], keep_features=True)
+    for y, x in ((0, 0), (j["height"] // 2, j["width"] // 2), (j["height"] - 1, j["width"] - 1)):
+        e = c.get("/correspondence", params={"id": j["id"], "y": y, "x": x}).json()
+        want = ref.correspondence(0, y, x)
+        assert e["tile"] == want.tile is not None and e["tile_box_frac"] == list(model.grid.box_frac(e["tile"]))
+        ty0, tx0, ty1, tx1 = e["tile_box_frac"]
+        y0, x0, y1, x1 = e["box_frac"]
+        assert ty0 <= y0 < y1 <= ty1 and tx0 <= x0 < x1 <= tx1  # the matched patch lies in the tile shown
+    untiled = post(client := TestClient(create_app(model=Spade(k=3, k_image=2, image_size=64, calibration_images=3)
+                                                   .fit(small_train / "train" / "good")),
+                                        base_url="http://localhost"), test_files[-1]).json()
+    e = client.get("/correspondence", params={"id": untiled["id"], "y": 0, "x": 0}).json()
+    assert e["tile"] is None and e["tile_box_frac"] is None
+
+
 def test_explain_cache_keeps_the_last_uploads(model_dir: Path, test_files: list[Path]) -> None:
     c = TestClient(create_app(model_dir, cache_size=2), base_url="http://localhost")
     ids = [post(c, f).json()["id"] for f in test_files[:3]]

@@ -95,6 +95,11 @@ class TileGrid:
     def __len__(self) -> int:
         return len(self.ys) * len(self.xs)
 
+    def box_frac(self, t: int) -> tuple[float, float, float, float]:
+        """Tile ``t``'s extent (y0, x0, y1, x1) as fractions of the image (padding left out)."""
+        (oy, ox), (sh, sw) = self.origins[t], self.scaled_shape
+        return (oy / sh, ox / sw, min(1.0, (oy + self.tile) / sh), min(1.0, (ox + self.tile) / sw))
+
     def to_dict(self) -> dict[str, object]:
         """A JSON-able description (what a tiled model stores to rebuild the grid)."""
         return {"height": self.height, "width": self.width, "scale": self.scale, "tile": self.tile,
@@ -153,7 +158,7 @@ def grid_from_dict(d: object) -> TileGrid:
 
 
 def _as_nchw(a: np.ndarray) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(a)).to(torch.float32)
+    t = torch.from_numpy(a.astype(np.float32))  # a fresh, writable copy (inputs may be read-only views)
     return t[None, None] if a.ndim == 2 else t.permute(2, 0, 1)[None]
 
 

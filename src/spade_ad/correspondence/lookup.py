@@ -28,6 +28,7 @@ class Correspondence:
     x_frac: float  # ... and of its width
     box_frac: tuple[float, float, float, float]  # (y0, x0, y1, x1) of the matched cell, fractions
     tile: int | None = None  # a tiled model: the neighbour's tile (grid position) that holds the match
+    tile_box_frac: tuple[float, float, float, float] | None = None  # ... and that tile's extent, fractions
 
     def box_pixels(self, height: int, width: int) -> tuple[int, int, int, int]:
         """The matched cell as integer pixel bounds (y0, x0, y1, x1) in an image of the given size."""
@@ -109,7 +110,7 @@ def _tiled(state: FittedState, feats: np.ndarray, rows: np.ndarray, size: tuple[
     fx = [min(1.0, (ox + f * grid.tile) / sw) for f in (cc / w, (cc + 0.5) / w, (cc + 1) / w)]
     return Correspondence(neighbour=n_idx, neighbour_name=state.train_names[n_idx], level=level,
                           distance=float(d[j].sqrt()), y_frac=fy[1], x_frac=fx[1],
-                          box_frac=(fy[0], fx[0], fy[2], fx[2]), tile=tn)
+                          box_frac=(fy[0], fx[0], fy[2], fx[2]), tile=tn, tile_box_frac=grid.box_frac(tn))
 
 
 def _input_to_image_frac(prep: Preprocessor, fracs: list[float]) -> list[float]:

@@ -122,6 +122,9 @@ class CorrespondenceResponse(BaseModel):
     x_frac: float
     box_frac: list[float] = Field(description="matched patch (y0, x0, y1, x1) as fractions of the normal image")
     thumbnail_url: str = Field(description="the matched image's thumbnail (names the generation and id)")
+    tile: int | None = Field(None, description="a tiled model: the grid position (row-major) of the matched tile")
+    tile_box_frac: list[float] | None = Field(None, description="a tiled model: the matched tile (y0, x0, y1, x1) "
+                                                                "as fractions of the normal image")
     pixel_score: float = Field(description="anomaly map value near (y, x)")
     pixel_score_normalised: float | None
 
@@ -661,7 +664,8 @@ def _correspondence_response(entry: _Entry, spade: Spade, upload_id: str, y: int
         id=upload_id, y=y, x=x, generation=entry.generation, neighbour=c.neighbour,
         neighbour_id=_image_id(spade, c.neighbour), neighbour_name=_public_name(c.neighbour_name), level=c.level,
         distance=c.distance, y_frac=c.y_frac, x_frac=c.x_frac, box_frac=list(c.box_frac),
-        thumbnail_url=_thumbnail_url(spade, c.neighbour), pixel_score=v,
+        thumbnail_url=_thumbnail_url(spade, c.neighbour), tile=c.tile,
+        tile_box_frac=None if c.tile_box_frac is None else list(c.tile_box_frac), pixel_score=v,
         pixel_score_normalised=normalised(v, entry.pred.pixel_threshold),
     )
 

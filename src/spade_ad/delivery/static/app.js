@@ -303,6 +303,15 @@
     box.style.top = (c.y_frac * size - bh / 2) + 'px';
     box.style.width = bw + 'px';
     box.style.height = bh + 'px';
+    var tileBox = $('tile-box'), t = c.tile_box_frac;  // a tiled model: the normal tile that holds the match
+    tileBox.hidden = !t;
+    if (t) {
+      tileBox.style.left = (t[1] * size) + 'px';
+      tileBox.style.top = (t[0] * size) + 'px';
+      tileBox.style.width = ((t[3] - t[1]) * size) + 'px';
+      tileBox.style.height = ((t[2] - t[0]) * size) + 'px';
+      tileBox.title = 'tile ' + c.tile;
+    }
     $('pixel-pos').textContent = '(y ' + c.y + ', x ' + c.x + ')';
     $('pixel-score').textContent = fmt(c.pixel_score) +
       (c.pixel_score_normalised !== null ? ', ' + fmt(c.pixel_score_normalised, 3) + ' × threshold' : '');
