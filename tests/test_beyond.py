@@ -131,6 +131,21 @@ def test_aspect_shape_rule() -> None:
     assert not is_aspect_shape(64, (60, 128))
 
 
+def test_accurate_keeps_proportions_and_equals_its_square_resize_on_square_images() -> None:
+    assert PRESETS["accurate"]["preprocess"] == "aspect"
+    rng = np.random.default_rng(3)
+    train = [rng.integers(0, 256, (80, 80, 3), dtype=np.uint8) for _ in range(5)]
+    test = [rng.integers(0, 256, (80, 80, 3), dtype=np.uint8), rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)]
+    small = dict(image_size=64, k=3, k_image=2, calibration_images=3)
+    kept = Spade(preset="accurate", **small).fit(train)
+    squashed = Spade(preset="accurate", preprocess="resize", **small).fit(train)
+    assert kept.input_shape_ == squashed.input_shape_ == (64, 64)
+    a, b = kept.predict(test), squashed.predict(test)
+    assert np.array_equal(a.scores, b.scores) and all(np.array_equal(x, y) for x, y in zip(a.maps, b.maps, strict=True))
+    wide = Spade(preset="accurate", **small).fit([np.resize(t, (40, 100, 3)) for t in train])
+    assert wide.input_shape_ == (64, 160)  # elongated parts keep their proportions
+
+
 def test_presets_are_named_settings_and_explicit_settings_win(tmp_path: Path, small_train: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     for name, values in PRESETS.items():

@@ -240,7 +240,7 @@ class SpadeSettings:
 # "paper" is the method as published (every setting at its default).
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
-    "accurate": {"aggregate": 3, "image_size": 320, "sigma": 6.0, "image_score": "combined"},
+    "accurate": {"aggregate": 3, "image_size": 320, "sigma": 6.0, "image_score": "combined", "preprocess": "aspect"},
     "fast": {"levels": "1,2", "aggregate": 3, "k": 10, "image_score": "combined"},
     "highres": {"tile": 224, "tile_span": 1.5, "tile_overlap": 0.25, "k": 10, "image_score": "combined"},
 }
