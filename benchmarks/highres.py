@@ -8,10 +8,10 @@ are compared on one fit (``rules`` in the JSON; the model's own rule is ``image_
 
 * ``tile_knn_raw`` / ``tile_max_raw`` / ``map_max``: highest tile kNN score, highest tile map maximum,
   maximum of the stitched map (no per-position scaling);
-* ``pos_knn`` / ``pos_max`` / ``pos_combined``: each tile's kNN score and map maximum divided by its
-  grid position's calibration median, then the highest tile (the library's rules for ``knn``, ``max``,
-  ``combined``);
-* ``combined_global``: the ``combined`` rule with one median per score over all positions.
+* ``RULE/POOL``: each tile's kNN score and map maximum divided by its grid position's calibration
+  median, the tile's score by ``image_score=RULE`` (``knn``, ``max``, ``combined``), pooled over the
+  tiles by ``tile_pool=POOL`` (``max``, ``mean``, ``max_mean``): the library's rules;
+* ``combined_global``: the ``combined`` rule, highest tile, with one median per score over all positions.
 
     python benchmarks/highres.py --data bsdata --presets paper,accurate,fast,highres
     python benchmarks/highres.py --data bottle --presets highres --set tile_span=1.0 --label span1
@@ -58,12 +58,11 @@ def _rules(model: Spade, knn: list[np.ndarray], mx: list[np.ndarray], map_max: l
     scales = np.asarray(cal["position_scales"])
     ck, cm = np.asarray(cal["tile_knn"]), np.asarray(cal["tile_max"])
     one = np.tile([[float(np.median(ck)), float(np.median(cm))]], (k.shape[1], 1))
-    out = {
-        "tile_knn_raw": k.max(1), "tile_max_raw": m.max(1), "map_max": np.asarray(map_max),
-        "pos_knn": tile_image_scores("knn", scales, k, m), "pos_max": tile_image_scores("max", scales, k, m),
-        "pos_combined": tile_image_scores("combined", scales, k, m),
-        "combined_global": tile_image_scores("combined", one, k, m),
-    }
+    out = {"tile_knn_raw": k.max(1), "tile_max_raw": m.max(1), "map_max": np.asarray(map_max),
+           "combined_global": tile_image_scores("combined", "max", one, k, m)}
+    for rule in ("knn", "max", "combined"):
+        for pool in ("max", "mean", "max_mean"):
+            out[f"{rule}/{pool}"] = tile_image_scores(rule, pool, scales, k, m)
     return {name: round(metrics.image_auroc(labels, s), 4) for name, s in out.items()}
 
 

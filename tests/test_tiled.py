@@ -64,8 +64,20 @@ def test_a_tiled_model_finds_a_small_defect_and_maps_it_at_full_resolution(tiled
     assert pred.tile_neighbours[0].shape == (t, 3)
     # the image score is the rule over its tiles, with the positions' calibration medians
     scales = np.asarray(tiled.calibration_["position_scales"])
-    want = tile_image_scores("knn", scales, np.stack(pred.tile_knn), np.stack(pred.tile_max))
+    s = tiled.settings
+    want = tile_image_scores(s.image_score, s.tile_pool, scales, np.stack(pred.tile_knn), np.stack(pred.tile_max))
     assert np.array_equal(pred.scores, want.astype(np.float32))
+
+
+def test_tile_pooling_rules() -> None:
+    knn = np.array([[2.0, 4.0, 6.0]])
+    mx = np.array([[1.0, 1.0, 9.0]])
+    scales = np.array([[2.0, 1.0], [2.0, 1.0], [3.0, 3.0]])  # per position: (kNN median, maximum median)
+    per_tile = {"knn": [1.0, 2.0, 2.0], "max": [1.0, 1.0, 3.0], "combined": [2.0, 3.0, 5.0]}
+    for rule, v in per_tile.items():
+        assert tile_image_scores(rule, "max", scales, knn, mx)[0] == max(v)
+        assert tile_image_scores(rule, "mean", scales, knn, mx)[0] == pytest.approx(sum(v) / 3)
+        assert tile_image_scores(rule, "max_mean", scales, knn, mx)[0] == pytest.approx(max(v) + sum(v) / 3)
 
 
 def test_an_image_of_another_size_is_cut_on_the_fitted_grid(tiled: Spade) -> None:

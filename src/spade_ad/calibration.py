@@ -78,7 +78,7 @@ def _calibrate_tiled(state: FittedState, idx: np.ndarray, device: torch.device, 
             progress("calibrate", j + 1, len(idx))
     k_arr, m_arr = np.asarray(tile_knn), np.asarray(tile_max)
     scales = np.array([[positive_median(list(k_arr[:, p])), positive_median(list(m_arr[:, p]))] for p in range(t)])
-    scores = tile_image_scores(s.image_score, scales, k_arr, m_arr).tolist()
+    scores = tile_image_scores(s.image_score, s.tile_pool, scales, k_arr, m_arr).tolist()
     q = 1.0 - s.false_alarm_rate
     state.calibration = {"method": "leave-one-out on training images (all tiles of an image left out)",
                          "n_images": len(idx), "false_alarm_rate": s.false_alarm_rate,

@@ -100,7 +100,8 @@ def tiled_image_score(state: FittedState, knn: np.ndarray, maxima: np.ndarray) -
     :func:`spade_ad.retrieval.tile_image_scores`, with the positions' calibration medians)."""
     t = state.rows_per_image
     scales = np.asarray(state.calibration.get("position_scales", np.ones((t, 2))), dtype=np.float64)
-    return float(tile_image_scores(state.settings.image_score, scales, knn[None], maxima[None])[0])
+    s = state.settings
+    return float(tile_image_scores(s.image_score, s.tile_pool, scales, knn[None], maxima[None])[0])
 
 
 __all__ = ["score_features", "image_score", "score_tiles", "tiled_image_score", "TiledImage"]

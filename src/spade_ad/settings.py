@@ -103,6 +103,9 @@ class SpadeSettings:
             this many tiles, at most native resolution (a rule that follows the image size).
         tile_retrieval: ``position`` (a test tile's gallery: training tiles at the same grid position)
             or ``all`` (any position; for parts that move).
+        tile_pool: how a tiled image's score comes from its tiles' scores (each relative to its grid
+            position's calibration median): ``max`` (the highest tile), ``mean`` (the average tile) or
+            ``max_mean`` (their sum: a defect in one tile counts in full, evidence spread over many adds).
         calibration_images: good training images scored leave-one-out to set the thresholds.
         false_alarm_rate: target fraction of good images flagged by the calibrated thresholds.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (runtime).
@@ -154,6 +157,9 @@ class SpadeSettings:
     tile_retrieval: str = setting("position", "tiled mode: a test tile's gallery is the k nearest training tiles "
                                   "at the same grid position (position) or at any position (all: parts that move)",
                                   choices=("position", "all"), implied=True)
+    tile_pool: str = setting("max", "tiled mode: the image score from its tiles' scores, each relative to its "
+                             "position's calibration median: max (highest tile), mean, or max_mean (the two added)",
+                             choices=("max", "mean", "max_mean"), implied=True)
     calibration_images: int = setting(16, "good training images scored leave-one-out to set the thresholds",
                                       low=0, high=100_000)
     false_alarm_rate: float = setting(0.01, "target fraction of good images flagged by the thresholds",
@@ -242,7 +248,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "accurate": {"aggregate": 3, "image_size": 320, "sigma": 6.0, "image_score": "combined", "preprocess": "aspect"},
     "fast": {"levels": "1,2", "aggregate": 3, "k": 10, "image_score": "combined"},
-    "highres": {"tile": 224, "tile_span": 1.5, "tile_overlap": 0.25, "k": 10, "image_score": "combined"},
+    "highres": {"tile": 224, "tile_span": 1.25, "tile_overlap": 0.25, "k": 10, "image_score": "max",
+                "tile_pool": "max_mean"},
 }
 
 
