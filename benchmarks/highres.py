@@ -13,8 +13,9 @@ are compared on one fit (``rules`` in the JSON; the model's own rule is ``image_
   tiles by ``tile_pool=POOL`` (``max``, ``mean``, ``max_mean``): the library's rules;
 * ``combined_global``: the ``combined`` rule, highest tile, with one median per score over all positions.
 
-    python benchmarks/highres.py --data bsdata --presets paper,accurate,fast,highres
+    python benchmarks/highres.py            # every preset on bsdata, bottle and metal_plate (the README's table)
     python benchmarks/highres.py --data bottle --presets highres --set tile_span=1.0 --label span1
+    python benchmarks/highres.py --table benchmarks/results/highres_bsdata_bottle_metal_plate.json
 """
 
 from __future__ import annotations
@@ -125,9 +126,23 @@ def run_one(data: str, preset: str, extra: dict[str, Any], batch: int, raw: Path
     return row
 
 
+def table(rows: list[dict[str, Any]]) -> str:
+    """The README's results table (markdown) of a run's rows."""
+    out = ["| set | preset | image ROC-AUC | pixel ROC-AUC | AUPRO | fit s | predict s/image | s/MP | peak RSS MB |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        g = r["grid"]
+        grid = f" ({g['tiles'][0]}x{g['tiles'][1]} tiles at {g['scale']:.2f})" if g else ""
+        out.append(f"| {r['data']} | `{r['preset']}`{grid} | {r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} | "
+                   f"{r['aupro']:.4f} | {r['fit_seconds']:.0f} | {r['predict_seconds_per_image']:.3f} | "
+                   f"{r['predict_seconds_per_megapixel']:.2f} | {r['peak_rss_mb']} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", required=True, help=f"comma-separated sets: {', '.join(sorted(DATA))}")
+    ap.add_argument("--data", default="bsdata,bottle,metal_plate",
+                    help=f"comma-separated sets: {', '.join(sorted(DATA))}")
     ap.add_argument("--presets", default="paper,accurate,fast,highres")
     ap.add_argument("--set", action="append", default=[], help="setting=value over the preset (repeatable)")
     ap.add_argument("--label", default="")
@@ -135,7 +150,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--raw", type=Path, help="folder for each run's per-image scores (.npz)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--table", type=Path, help="print the markdown table of a saved run and exit")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(args.table.read_text())["runs"]))
+        return
     extra = {k: _value(v) for k, v in (s.split("=", 1) for s in args.set)}
     sets = args.data.split(",")
     unknown = sorted(set(sets) - set(DATA))
@@ -163,6 +182,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine_description(), "runs": rows}, indent=1) + "\n")
     print(f"saved {out}")
+    print(table(rows))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Cost of the tiled mode against image size: seconds per megapixel and peak memory of predicting one image.
 
-For each size: one process fits three synthetic textured training images of that size with ``--preset
+For each size: one process fits eleven synthetic textured training images of that size with ``--preset
 highres --tile-scale S --tile-span 0`` (tiles cut at scale ``S``) and saves the model; a second process
 loads it and predicts one test image of the same size twice (decode from PNG included; the first call
 also builds the backbone, the second is timed as the steady state), so its peak RSS is what predicting
@@ -29,6 +29,7 @@ from spade_ad import Spade, SpadeSettings
 from spade_ad.evaluate import machine_description
 
 RESULTS = Path(__file__).resolve().parent / "results"
+N_TRAIN = 11  # more than the preset's k (10), so that every test tile searches k full training tiles
 
 
 def _image(h: int, w: int, seed: int) -> np.ndarray:
@@ -42,15 +43,15 @@ def _rss_mb() -> int:
 
 
 def fit_one(h: int, w: int, scale: float, folder: Path) -> dict[str, object]:
-    """Fit three synthetic images of h x w and save the model (and a fourth image, the test) in ``folder``."""
+    """Fit N_TRAIN synthetic images of h x w and save the model (and one more image, the test) in ``folder``."""
     paths = []
-    for i in range(4):
+    for i in range(N_TRAIN + 1):
         p = folder / f"{i}.png"
         Image.fromarray(_image(h, w, i)).save(p, compress_level=1)
         paths.append(str(p))
     settings = SpadeSettings.from_preset("highres", tile_scale=scale, tile_span=0.0, calibration_images=2)
     t0 = time.perf_counter()
-    model = Spade(settings).fit(paths[:3])
+    model = Spade(settings).fit(paths[:N_TRAIN])
     fit_s = time.perf_counter() - t0
     model.save(folder / "model")
     grid = model.grid
@@ -65,12 +66,13 @@ def predict_one(h: int, w: int, folder: Path) -> dict[str, object]:
     times = []
     for _ in range(2):  # the first call also builds the backbone; the second is the steady state
         t1 = time.perf_counter()
-        pred = model.predict([str(folder / "3.png")])
+        pred = model.predict([str(folder / f"{N_TRAIN}.png")])
         times.append(time.perf_counter() - t1)
         assert pred.maps[0].shape == (h, w)
         del pred
     first_s, pred_s = times
-    return {"first_predict_seconds": round(first_s, 2), "predict_seconds": round(pred_s, 2), "predict_seconds_per_megapixel": round(pred_s / (h * w / 1e6), 3),
+    return {"first_predict_seconds": round(first_s, 2), "predict_seconds": round(pred_s, 2),
+            "predict_seconds_per_megapixel": round(pred_s / (h * w / 1e6), 3),
             "rss_after_load_mb": loaded, "predict_peak_rss_mb": _rss_mb(),
             "loadavg_1min": round(os.getloadavg()[0], 2)}
 
