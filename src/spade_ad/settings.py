@@ -248,7 +248,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "accurate": {"aggregate": 3, "image_size": 320, "sigma": 6.0, "image_score": "combined", "preprocess": "aspect"},
     "fast": {"levels": "1,2", "aggregate": 3, "k": 10, "image_score": "combined"},
-    "highres": {"tile": 224, "tile_span": 1.25, "tile_overlap": 0.25, "k": 10, "image_score": "max",
+    "highres": {"tile": 224, "tile_span": 1.25, "tile_overlap": 0.25, "k": 10, "image_score": "combined",
                 "tile_pool": "max_mean"},
 }
 
