@@ -27,7 +27,7 @@ from .correspondence.runtime import COMPUTE_LOCK
 from .errors import SpadeError
 from .persistence import crash_point
 from .preprocess import Preprocessor
-from .tiling import TileGrid, cut_tiles
+from .tiling import TileGrid, iter_tiles
 
 THUMB = 128  # side of the training-image thumbnails kept in the model (for explanations)
 TILE_CHUNK = 64  # tiles of a tiled model run through the backbone at once (memory: a chunk, not an image)
@@ -100,7 +100,7 @@ def network_inputs(arrays: Sequence[np.ndarray], grid: TileGrid | None) -> Itera
         return
     chunk: list[np.ndarray] = []
     for a in arrays:
-        for t in cut_tiles(a, grid):
+        for t in iter_tiles(a, grid):
             chunk.append(t)
             if len(chunk) == TILE_CHUNK:
                 yield chunk

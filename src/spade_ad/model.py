@@ -28,7 +28,18 @@ from .calibration import calibrate
 from .correspondence import Correspondence
 from .correspondence.runtime import COMPUTE_LOCK
 from .errors import NotFittedError, SpadeError
-from .features import THUMB, BankRows, OldRows, bank_rows, batches, extract, level_shapes, network_inputs, write_bank
+from .features import (
+    THUMB,
+    TILE_CHUNK,
+    BankRows,
+    OldRows,
+    bank_rows,
+    batches,
+    extract,
+    level_shapes,
+    network_inputs,
+    write_bank,
+)
 from .io import image_shape, list_images, load_image, to_rgb_uint8
 from .persistence import clean_stale, is_staging, staging_path, utc_now
 from .preprocess import Preprocessor, aspect_shape
@@ -294,7 +305,9 @@ class Spade:
 
     def _rows(self, items: list[ImageInput], names: list[str]) -> Iterator[BankRows]:
         s = self.settings
-        for a, b in batches(len(items), s.batch_size):
+        # a tiled model holds a batch's tile features at once: as many images as fill a chunk of tiles
+        per_batch = s.batch_size if self.grid is None else max(1, min(s.batch_size, TILE_CHUNK // len(self.grid)))
+        for a, b in batches(len(items), per_batch):
             yield self.bank_rows(read_items(items[a:b], names[a:b], s.max_pixels), a)
 
     def fit_rows(self, names: Sequence[str], rows: Iterable[BankRows], progress: Progress | None = None,

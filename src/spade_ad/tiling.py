@@ -22,7 +22,7 @@ An axis shorter than the tile (after scaling) is padded by edge replication up t
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,8 +30,8 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Stitcher", "TileGrid", "axis_starts", "blend_weights", "cut_tiles", "fit_grid", "grid_from_dict",
-           "make_grid", "mosaic", "rescale", "stitch", "tile_at", "to_native"]
+__all__ = ["Stitcher", "TileGrid", "axis_starts", "blend_weights", "cut_tiles", "iter_tiles", "fit_grid",
+           "grid_from_dict", "make_grid", "mosaic", "rescale", "stitch", "tile_at", "to_native"]
 
 
 def axis_starts(length: int, tile: int, overlap: float) -> list[int]:
@@ -189,13 +189,19 @@ def cut_tiles(image: np.ndarray, grid: TileGrid) -> np.ndarray:
     is resized to it too, as a model resizes test images to its input shape), edge-padded to
     :attr:`TileGrid.padded_shape`, and cut.
     """
+    return np.stack(list(iter_tiles(image, grid)))
+
+
+def iter_tiles(image: np.ndarray, grid: TileGrid) -> Iterator[np.ndarray]:
+    """:func:`cut_tiles` one tile at a time, as views of the scaled, padded image (no copy of every tile)."""
     img = rescale(image, grid.scaled_shape)
     ph, pw = grid.padded_shape
     if (ph, pw) != img.shape[:2]:
         pad = [(0, ph - img.shape[0]), (0, pw - img.shape[1])] + [(0, 0)] * (img.ndim - 2)
         img = np.pad(img, pad, mode="edge")
     t = grid.tile
-    return np.stack([img[y : y + t, x : x + t] for y, x in grid.origins])
+    for y, x in grid.origins:
+        yield img[y : y + t, x : x + t]
 
 
 def _ramp(n: int) -> npt.NDArray[np.float64]:
@@ -222,6 +228,14 @@ def _axis_weights(starts: Sequence[int], tile: int) -> list[npt.NDArray[np.float
     return out
 
 
+def _axis_sum(starts: Sequence[int], weights: list[npt.NDArray[np.float64]], length: int) -> npt.NDArray[np.float32]:
+    """The per-axis weights of all tiles added up along an axis of ``length`` (padded) pixels."""
+    total = np.zeros(length)
+    for s, w in zip(starts, weights, strict=True):
+        total[s : s + len(w)] += w
+    return total.astype(np.float32)
+
+
 def blend_weights(grid: TileGrid) -> npt.NDArray[np.float64]:
     """Blending weights (N, T, T) of the grid's tiles, row-major: the outer product of the per-axis
     ramps. Every weight is positive; where exactly two tiles overlap along an axis their weights sum to 1.
@@ -236,9 +250,11 @@ class Stitcher:
 
     def __init__(self, grid: TileGrid) -> None:
         self.grid = grid
-        self.acc = np.zeros(grid.padded_shape)
-        self.tot = np.zeros(grid.padded_shape)
+        self.acc = np.zeros(grid.padded_shape, dtype=np.float32)  # 4 bytes a pixel: the map's own size
         self.wy, self.wx = _axis_weights(grid.ys, grid.tile), _axis_weights(grid.xs, grid.tile)
+        # every tile's weight is an outer product and the grid is complete, so the weight sum is separable
+        self.ty, self.tx = _axis_sum(grid.ys, self.wy, grid.padded_shape[0]), _axis_sum(grid.xs, self.wx,
+                                                                                       grid.padded_shape[1])
         self.seen = np.zeros(len(grid), dtype=bool)
 
     def add(self, index: int, tile_map: np.ndarray) -> None:
@@ -248,17 +264,20 @@ class Stitcher:
             raise ValueError(f"expected a tile map of shape {(t, t)}, got {tile_map.shape}")
         r, c = divmod(index, len(self.grid.xs))
         y, x = self.grid.ys[r], self.grid.xs[c]
-        w = np.outer(self.wy[r], self.wx[c])
-        self.acc[y : y + t, x : x + t] += w * np.asarray(tile_map, dtype=np.float64)
-        self.tot[y : y + t, x : x + t] += w
+        w = np.outer(self.wy[r], self.wx[c]).astype(np.float32)
+        self.acc[y : y + t, x : x + t] += w * np.asarray(tile_map, dtype=np.float32)
         self.seen[index] = True
 
     def result(self) -> npt.NDArray[np.float32]:
-        """The stitched map (every tile must have been added)."""
+        """The stitched map (every tile must have been added); the stitcher is spent afterwards."""
         if not self.seen.all():
             raise ValueError(f"tile {int(np.argmin(self.seen))} was not added")
         sh, sw = self.grid.scaled_shape
-        return (self.acc[:sh, :sw] / self.tot[:sh, :sw]).astype(np.float32)
+        out = self.acc[:sh, :sw]
+        out /= self.ty[:sh, None]  # in place: no map-sized temporaries
+        out /= self.tx[None, :sw]
+        self.seen[:] = False
+        return np.ascontiguousarray(out)
 
 
 def stitch(tile_maps: Sequence[np.ndarray] | np.ndarray, grid: TileGrid) -> npt.NDArray[np.float32]:
