@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 REPO = Path(__file__).resolve().parents[1]
 BOTTLE = REPO.parent / "shared" / "datasets" / "mvtec_ad" / "bottle"
 METAL_PLATE = REPO.parent / "shared" / "datasets" / "mpdd" / "metal_plate"
+BSDATA = REPO.parent / "shared" / "datasets" / "bsdata"
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +26,13 @@ def metal_plate() -> Path:
     if not METAL_PLATE.is_dir():
         pytest.fail(f"real data missing: {METAL_PLATE} (the MPDD metal_plate category must sit in ../shared)")
     return METAL_PLATE
+
+
+@pytest.fixture(scope="session")
+def bsdata() -> Path:
+    if not BSDATA.is_dir():
+        pytest.fail(f"real data missing: {BSDATA} (the BSData set must sit in ../shared)")
+    return BSDATA
 
 
 @pytest.fixture(scope="session")
