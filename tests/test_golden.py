@@ -3,7 +3,7 @@ outputs for three test images are pinned to digests recorded before the code was
 
 The digests (``tests/golden/bottle_subset.json``) hold the model's data files, thresholds and, per test
 image, the row's numbers and the SHA-256 of its raw map, mask and overlay. On a machine whose torch
-build and CPU kernels (``torch.backends.cpu.get_cpu_capability()``) are the ones recorded, every digest
+build, CPU kernels (``torch.backends.cpu.get_cpu_capability()``) and CPU model are the ones recorded, every digest
 must match bit for bit; elsewhere convolutions may round differently, so the scores and thresholds
 must agree within 1e-4 (relative) and the verdicts exactly. Regenerate only for a change that is meant
 to alter results: ``SPADE_AD_WRITE_GOLDEN=1 pytest tests/test_golden.py``.
@@ -24,6 +24,7 @@ import torch
 from conftest import run_cli
 
 from spade_ad import Spade
+from spade_ad.evaluate import machine_description
 
 GOLDEN = Path(__file__).parent / "golden" / "bottle_subset.json"
 TRAIN = 24  # the first 24 training images (sorted by name)
@@ -36,8 +37,10 @@ def _sha(path: Path) -> str:
 
 
 def _machine() -> dict[str, str]:
+    """What decides the bits: the torch build, its CPU kernels, the thread count and the CPU model (one AMD
+    and one Intel AVX512 machine were seen to interpolate the full-size map differently in the last bit)."""
     return {"torch": torch.__version__, "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
-            "threads": str(torch.get_num_threads())}
+            "threads": str(torch.get_num_threads()), "cpu": str(machine_description()["cpu"])}
 
 
 def _observe(bottle: Path, tmp: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
