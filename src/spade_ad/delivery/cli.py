@@ -510,6 +510,25 @@ def rollback(
         f"after: {_numbers(entry['after'])}")
 
 
+@app.command()
+def export(
+    model_dir: Annotated[Path, typer.Argument(help="model folder")],
+    out: Annotated[Path, typer.Option("--out", help="the deploy folder to write (for spade-ad-runtime)")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing deploy folder")] = False,
+    weights: Annotated[str | None, typer.Option("--weights", help="backbone weights file (backbones without "
+                                                "bundled weights)")] = None,
+) -> None:
+    """Write a deploy folder for spade-ad-runtime: the backbone as ONNX, the bank as it is, a checked header."""
+    from ..export import OPSET
+    from ..export import export as do_export
+
+    t0 = time.perf_counter()
+    dst = do_export(model_dir, out, overwrite=overwrite, weights=weights)
+    size = sum(f.stat().st_size for f in dst.iterdir()) / 1e6
+    say(f"exported {printable(str(model_dir))} to {printable(str(dst))} ({size:.1f} MB, ONNX opset {OPSET}) in "
+        f"{time.perf_counter() - t0:.1f}s; run it with: spade-ad-runtime or spade_ad_runtime.Detector.load")
+
+
 # --------------------------------------------------------------------------- serve
 @app.command()
 def serve(

@@ -1,0 +1,176 @@
+"""Score images with a deploy folder: the three stages of SPADE without torch.
+
+Stage 1 runs the exported backbone in onnxruntime (one image at a time, as spade-ad does on a CPU);
+stage 2 is the kNN over the training images' global vectors (float64, direct differences, ties to the
+lowest index: spade-ad's ``retrieval.image_knn``); stage 3 reads each retrieved image's pyramid rows from
+the bank (positioned reads of the safetensors file) and runs the exact search of :mod:`.search`, then
+upsamples, averages and smooths the level maps (:mod:`.imaging`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+from safetensors import safe_open
+
+from . import imaging
+from .deploy import DeployError, read_header
+from .search import nn_distances
+
+
+@dataclass(frozen=True)
+class Result:
+    """One image's result: what a ``predictions.jsonl`` row of ``spade-ad predict`` reports, and its map."""
+
+    name: str
+    score: float
+    map: np.ndarray  # (H, W) float32 at the image's own resolution
+    input_map: np.ndarray  # the map in the network input's frame
+    neighbours: tuple[str, ...]
+    image_threshold: float | None
+    pixel_threshold: float | None
+
+    @property
+    def verdict(self) -> str | None:
+        if self.image_threshold is None:
+            return None
+        return "defective" if not math.isfinite(self.score) or self.score >= self.image_threshold else "good"
+
+    @property
+    def mask(self) -> np.ndarray | None:
+        return None if self.pixel_threshold is None else self.map >= self.pixel_threshold
+
+    def summary(self) -> dict[str, Any]:
+        """The row's numbers (spade-ad's ``ImageResult.summary``)."""
+        mask = self.mask
+        top = float(self.map.max())
+        return {
+            "score": self.score,
+            "score_normalised": self.score / self.image_threshold if self.image_threshold else None,
+            "verdict": self.verdict,
+            "max_pixel_score": top,
+            "max_pixel_score_normalised": top / self.pixel_threshold if self.pixel_threshold else None,
+            "defect_pixels": None if mask is None else int(mask.sum()),
+            "defect_fraction": None if mask is None else float(mask.mean()),
+            "neighbours": list(self.neighbours),
+        }
+
+
+def _read_image(item: str | Path | np.ndarray) -> tuple[str, np.ndarray]:
+    if isinstance(item, np.ndarray):
+        if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
+            raise DeployError(f"array of shape {item.shape} and dtype {item.dtype}: expected HxWx3 uint8")
+        return "array", item
+    path = Path(item)
+    try:
+        with Image.open(path) as opened:
+            upright = ImageOps.exif_transpose(opened)
+            return str(item), np.asarray(upright.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DeployError(f"{item}: cannot read image ({exc})") from None
+
+
+class Detector:
+    """A loaded deploy folder. ``Detector.load(folder).predict(images)`` gives one :class:`Result` per image."""
+
+    def __init__(self, folder: Path, header: dict[str, Any], device: str = "cpu") -> None:
+        import onnxruntime as ort
+
+        self.folder = folder
+        self.header = header
+        s = header["settings"]
+        self.settings = s
+        self.input_shape = tuple(header["input_shape"])
+        self.level_shapes = [tuple(x) for x in header["level_shapes"]]
+        self.image_threshold = header["image_threshold"]
+        self.pixel_threshold = header["pixel_threshold"]
+        self.train_names = list(header["train_names"])
+        scales = header["calibration"].get("score_scales", [1.0, 1.0])
+        self.score_scales = (float(scales[0]), float(scales[1]))
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda":
+            providers.insert(0, "CUDAExecutionProvider")
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        model = (folder / "backbone.onnx").read_bytes()
+        try:
+            self.session = ort.InferenceSession(model, sess_options=opts, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
+            raise DeployError(f"{folder / 'backbone.onnx'}: cannot load the backbone ({exc})") from None
+        self.input_name = self.session.get_inputs()[0].name
+        with safe_open(str(folder / "global.safetensors"), framework="numpy") as f:
+            self.global_ = np.asarray(f.get_tensor("global"), np.float64)
+        self._bank = safe_open(str(folder / "bank.safetensors"), framework="numpy")
+        self._levels = [self._bank.get_slice(f"level{i}") for i in range(len(self.level_shapes))]
+        n = self.global_.shape[0]
+        if len(self.train_names) != n:
+            raise DeployError(f"{folder / 'deploy.json'}: {len(self.train_names)} training names for {n} vectors")
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str = "cpu", verify: bool = True) -> Detector:
+        """Load and check a deploy folder (``verify``: every file's SHA-256, as model folders are)."""
+        folder = Path(folder)
+        header = read_header(folder, verify)
+        if header.get("grid") is not None:
+            raise DeployError(f"{folder / 'deploy.json'}: tiled models are not yet supported by this runtime")
+        return cls(folder, header, device)
+
+    def features(self, image: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+        """Stage 1: per level (h*w, C) float32 features and the (D,) global vector of one image."""
+        s = self.settings
+        x = imaging.to_input(image, s["preprocess"], s["image_size"], self.input_shape)[None]
+        outs = self.session.run(None, {self.input_name: x})
+        levels = [np.ascontiguousarray(o[0].reshape(o.shape[1], -1).T, np.float32) for o in outs[:-1]]
+        return levels, np.asarray(outs[-1][0], np.float32)
+
+    def retrieve(self, gvec: np.ndarray) -> tuple[float, np.ndarray]:
+        """Stage 2: the kNN score and the gallery (the ``k`` nearest training images, nearest first)."""
+        s = self.settings
+        d = np.sqrt(((self.global_ - gvec.astype(np.float64)[None]) ** 2).sum(1))
+        n = d.shape[0]
+        kk = min(max(s["k"], s["k_image"]), n)
+        idx = np.argsort(d, kind="stable")[:kk]
+        score = float(np.float32(d[idx[: min(s["k_image"], n)]].mean()))
+        return score, idx[: min(s["k"], n)]
+
+    def level_maps(self, levels: list[np.ndarray], gallery: np.ndarray) -> list[np.ndarray]:
+        """Stage 3's search: per level, each position's mean distance to its ``kappa`` nearest gallery features."""
+        out = []
+        rows = sorted(int(i) for i in gallery)
+        for li, (h, w) in enumerate(self.level_shapes):
+            g = np.concatenate([self._levels[li][r : r + 1] for r in rows])  # positioned reads, one row each
+            g = g.reshape(-1, g.shape[-1]).astype(np.float32)
+            out.append(nn_distances(levels[li], g, self.settings["kappa"], grid_hw=h * w).reshape(h, w))
+        return out
+
+    def predict(self, images: list[str | Path | np.ndarray]) -> list[Result]:
+        """Score images (paths or HxWx3 uint8 arrays)."""
+        s = self.settings
+        results = []
+        for item in images:
+            name, image = _read_image(item)
+            levels, gvec = self.features(image)
+            knn, gallery = self.retrieve(gvec)
+            amap = imaging.combine_levels(self.level_maps(levels, gallery), self.input_shape, s["sigma"])
+            score = self._image_score(knn, float(amap.max()))
+            full = imaging.map_to_image(amap, s["preprocess"], s["image_size"], image.shape[0], image.shape[1])
+            results.append(Result(name, score, full, amap, tuple(self.train_names[int(i)] for i in gallery),
+                                  self.image_threshold, self.pixel_threshold))
+        return results
+
+    def _image_score(self, knn: float, top: float) -> float:
+        rule = self.settings["image_score"]
+        if rule == "knn":
+            return knn
+        if rule == "max":
+            return top
+        f = np.float32
+        return float(f(f(knn) / f(self.score_scales[0])) + f(f(top) / f(self.score_scales[1])))
+
+
+__all__ = ["Detector", "Result"]

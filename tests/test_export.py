@@ -1,0 +1,159 @@
+"""``spade-ad export`` and spade-ad-runtime: the deploy folder, and the same answers without torch.
+
+The runtime's own tests (``runtime/tests``) run in an environment without torch; here both packages are
+installed, so the runtime is held to spade-ad itself: its exact search to the engine, its image and map
+resizing to torch's, and a deploy folder's scores, maps, verdicts and masks to the model's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli
+from spade_ad_runtime import deploy, imaging
+from spade_ad_runtime import search as rt
+from spade_ad_runtime.detector import Detector
+
+from spade_ad import Spade, SpadeSettings
+from spade_ad import export as exp
+from spade_ad.correspondence import nn_distances as engine_nn
+from spade_ad.correspondence import search as engine
+from spade_ad.correspondence.maps import combine_levels
+from spade_ad.preprocess import Preprocessor
+
+RANDOM = ["--weights", "random"]  # the test models' backbone
+
+
+def test_one_format_one_search_rule() -> None:
+    """The constants the two packages share are the same (the runtime reads what export writes; the
+    search's error bounds are the engine's)."""
+    assert (exp.FORMAT, exp.FORMAT_VERSION) == (deploy.FORMAT, deploy.FORMAT_VERSION)
+    for dim in (24, 40, 112, 320):
+        assert rt.G_E(dim) == engine.G_E(dim)
+        assert rt.eps_factor(dim) == engine._eps_factor(dim, 0.0)
+
+
+@pytest.mark.parametrize("kappa", [1, 5])
+def test_runtime_search_equals_the_engine(kappa: int) -> None:
+    """Same squared distances, bit for bit (the canonical answer: exact_d2 of the kappa nearest rows). The
+    final means agree to 2 float32 units in the last place: torch's CPU sqrt is not always correctly rounded
+    (measured: 17% of values differ from IEEE sqrt by one unit), numpy's is."""
+    r = np.random.default_rng(kappa)
+    hw = 196
+    q = (r.normal(size=(hw, 40)) + 1).astype(np.float32)
+    g = (r.normal(size=(hw * 8, 40)) + 1).astype(np.float16).astype(np.float32)
+    a = torch.from_numpy(g[np.tile(np.arange(len(g)), hw)])
+    b = torch.from_numpy(q[np.repeat(np.arange(hw), len(g))])
+    assert np.array_equal(engine.exact_d2(a, b).numpy(), rt.exact_d2(a.numpy(), b.numpy()))
+    want = engine_nn(torch.from_numpy(q), torch.from_numpy(g), kappa).numpy()
+    got = rt.nn_distances(q, g, kappa, grid_hw=hw)
+    assert np.abs(want.view(np.int32) - got.view(np.int32)).max() <= 2
+
+
+def test_runtime_resizing_matches_torch() -> None:
+    r = np.random.default_rng(0)
+    img = r.integers(0, 256, (300, 200, 3), dtype=np.uint8)
+    for mode, shape in (("resize", None), ("aspect", (320, 224)), ("paper", None)):
+        p = Preprocessor(mode, 224, shape)
+        assert np.abs(p.to_input(img).numpy() - imaging.to_input(img, mode, 224, p.input_shape)).max() < 1e-3
+        m = torch.rand(*p.input_shape)
+        assert np.abs(p.map_to_image(m, 300, 200).numpy() - imaging.map_to_image(m.numpy(), mode, 224, 300, 200)
+                      ).max() < 1e-6
+    lv = [torch.rand(1, 56, 56), torch.rand(1, 28, 28), torch.rand(1, 14, 14)]
+    want = combine_levels(lv, 224, 4.0)[0].numpy()
+    assert np.abs(want - imaging.combine_levels([x[0].numpy() for x in lv], (224, 224), 4.0)).max() < 1e-6
+
+
+def _parity(train: list[Path], tests: list[Path], settings: SpadeSettings, tmp: Path) -> tuple[float, float]:
+    model = Spade(settings).fit([str(p) for p in train])
+    model.save(tmp / "model")
+    exp.export(tmp / "model", tmp / "deploy")
+    pred = model.predict([str(p) for p in tests])
+    got = Detector.load(tmp / "deploy").predict([str(p) for p in tests])
+    worst_score = worst_map = 0.0
+    for i, res in enumerate(got):
+        assert res.name == str(tests[i])
+        worst_score = max(worst_score, abs(res.score - pred.scores[i]) / abs(pred.scores[i]))
+        worst_map = max(worst_map, float(np.abs(res.map - pred.maps[i]).max() / np.abs(pred.maps[i]).max()))
+        assert res.verdict == pred[i].verdict
+        # masks: identical except where the map is within the maps' tolerance of the threshold (a value
+        # computed by two different backbone kernels can fall on either side of it)
+        thr = pred.pixel_threshold
+        assert res.mask is not None and thr is not None
+        differ = res.mask != pred[i].mask
+        assert np.all(np.abs(pred.maps[i][differ] - thr) <= 1e-5 * thr), int(differ.sum())
+        assert res.neighbours == pred[i].neighbour_names
+        row = pred[i].summary()
+        assert res.summary().keys() == row.keys()
+        assert abs(res.summary()["defect_pixels"] - row["defect_pixels"]) <= int(differ.sum())
+    return worst_score, worst_map
+
+
+def _pick(root: Path, n_train: int, per_type: int) -> tuple[list[Path], list[Path]]:
+    train = sorted((root / "train" / "good").glob("*.png"))[:n_train]
+    tests = [p for sub in sorted((root / "test").iterdir()) for p in sorted(sub.glob("*.png"))[:per_type]]
+    return train, tests
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["paper", "fast", "accurate"])
+def test_runtime_gives_spade_ad_answers_on_bottle(bottle: Path, preset: str, tmp_path: Path) -> None:
+    train, tests = _pick(bottle, 12, 1)
+    s = SpadeSettings() if preset == "paper" else SpadeSettings.from_preset(preset)
+    score, amap = _parity(train, tests, s, tmp_path)
+    assert score < 1e-5 and amap < 1e-5, (score, amap)
+
+
+@pytest.mark.slow
+def test_runtime_gives_spade_ad_answers_on_metal_plate(metal_plate: Path, tmp_path: Path) -> None:
+    train, tests = _pick(metal_plate, 12, 2)
+    score, amap = _parity(train, tests, SpadeSettings(), tmp_path)
+    assert score < 1e-5 and amap < 1e-5, (score, amap)
+
+
+def test_export_cli(small_train: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = tmp_path / "model"
+    Spade(SpadeSettings(weights="random", k=3)).fit(str(small_train / "train" / "good")).save(model)
+    code, out, err = run_cli(["export", str(model), "--out", str(tmp_path / "d"), *RANDOM], capsys)
+    assert code == 0, err
+    header = deploy.read_header(tmp_path / "d")
+    assert header["backbone"]["weights_id"] == "random:seed0" and header["backbone"]["opset"] == exp.OPSET
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == sorted([*deploy.FILES, deploy.HEADER])
+    code, out, err = run_cli(["export", str(model), "--out", str(tmp_path / "d"), *RANDOM], capsys)
+    assert code == 2 and "already exists (use --overwrite" in err and len(err.strip().splitlines()) == 1
+    code, out, err = run_cli(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "e"), *RANDOM], capsys)
+    assert code == 2 and "model folder does not exist" in err and not (tmp_path / "e").exists()
+    before = (tmp_path / "d" / "deploy.json").read_bytes()
+    code, out, err = run_cli(["export", str(model), "--out", str(tmp_path / "d"), "--overwrite", *RANDOM], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "d" / "deploy.json").read_bytes())["files"]["bank.safetensors"] == \
+        json.loads(before)["files"]["bank.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["d", "model"]  # no staging folder left beside it
+
+
+def test_an_interrupted_export_leaves_nothing(small_train: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tmp_path / "model"
+    Spade(SpadeSettings(weights="random", k=3)).fit(str(small_train / "train" / "good")).save(model)
+
+    def stop(*args: object) -> list[str]:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(exp, "export_onnx", stop)
+    with pytest.raises(KeyboardInterrupt):
+        exp.export(model, tmp_path / "out" / "d", weights="random")
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_a_tiled_model_is_refused_in_one_line(small_train: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    model = tmp_path / "model"
+    Spade(SpadeSettings(weights="random", k=3, tile=64, tile_scale=1.0, tile_span=0.0)).fit(
+        str(small_train / "train" / "good")).save(model)
+    code, out, err = run_cli(["export", str(model), "--out", str(tmp_path / "d"), *RANDOM], capsys)
+    assert code == 2 and "tiled models cannot be exported yet" in err and not (tmp_path / "d").exists()
