@@ -24,7 +24,8 @@ from spade_ad.export import export
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-RUNTIME_ONE = "from spade_ad_runtime.detector import Detector; import sys; Detector.load(sys.argv[1]).predict([sys.argv[2]])"
+RUNTIME_ONE = ("from spade_ad_runtime.detector import Detector; import sys; "
+               "Detector.load(sys.argv[1]).predict([sys.argv[2]])")
 BATCH = """
 import sys, time
 paths = sys.argv[3:]

@@ -168,7 +168,7 @@ def test_presets_are_named_settings_and_explicit_settings_win(tmp_path: Path, sm
 
 
 def test_models_saved_before_these_settings_load_with_the_papers_values(tmp_path: Path, small_train: Path) -> None:
-    from spade_ad.persistence import _header_digest
+    from spade_ad.persistence import header_digest
 
     model = Spade(**SMALL).fit(small_train / "train" / "good")
     folder = model.save(tmp_path / "m")
@@ -177,7 +177,7 @@ def test_models_saved_before_these_settings_load_with_the_papers_values(tmp_path
                 "tile_retrieval", "tile_pool"):
         del header["settings"][key]
     del header["input_shape"], header["tile_grid"]
-    header["header_sha256"] = _header_digest({k: v for k, v in header.items() if k != "header_sha256"})
+    header["header_sha256"] = header_digest({k: v for k, v in header.items() if k != "header_sha256"})
     (folder / "model.json").write_text(json.dumps(header))
     old = Spade.load(folder)
     assert old.settings == model.settings and old.input_shape_ == (64, 64)
@@ -198,14 +198,14 @@ def test_bad_option_values_are_refused(option: str, value: object, message: str)
 
 
 def test_damaged_score_scales_or_input_shape_are_refused(tmp_path: Path, small_train: Path) -> None:
-    from spade_ad.persistence import _header_digest
+    from spade_ad.persistence import header_digest
 
     folder = Spade(**SMALL, image_score="combined").fit(small_train / "train" / "good").save(tmp_path / "m")
     good = json.loads((folder / "model.json").read_text())
     for key, value, message in [("calibration", {**good["calibration"], "score_scales": [0, 1]}, "score_scales"),
                                 ("input_shape", [64, 128], "input_shape")]:
         header = {**good, key: value}
-        header["header_sha256"] = _header_digest({k: v for k, v in header.items() if k != "header_sha256"})
+        header["header_sha256"] = header_digest({k: v for k, v in header.items() if k != "header_sha256"})
         (folder / "model.json").write_text(json.dumps(header))
         with pytest.raises(SpadeError, match=message):
             Spade.load(folder)

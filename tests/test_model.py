@@ -106,9 +106,9 @@ def test_damaged_model_folders(fitted: Spade, tmp_path: Path) -> None:
     fitted.save(d)
     header = json.loads((d / "model.json").read_text())
     header["format_version"] = 99
-    from spade_ad.persistence import _header_digest
+    from spade_ad.persistence import header_digest
 
-    header["header_sha256"] = _header_digest(header)
+    header["header_sha256"] = header_digest(header)
     (d / "model.json").write_text(json.dumps(header))
     with pytest.raises(SpadeError, match="format version 99 is not supported"):
         Spade.load(d)

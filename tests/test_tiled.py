@@ -129,7 +129,7 @@ def test_a_long_image_goes_through_the_backbone_a_chunk_at_a_time() -> None:
 
 
 def test_save_load_and_a_damaged_grid(tiled: Spade, tmp_path: Path) -> None:
-    from spade_ad.persistence import _header_digest
+    from spade_ad.persistence import header_digest
 
     folder = tiled.save(tmp_path / "m")
     header = json.loads((folder / "model.json").read_text())
@@ -143,7 +143,7 @@ def test_save_load_and_a_damaged_grid(tiled: Spade, tmp_path: Path) -> None:
                             ({"calibration": {**header["calibration"], "position_scales": [[1, 1]]}},
                              "position_scales")]:
         bad = {**header, **change}
-        bad["header_sha256"] = _header_digest({k: v for k, v in bad.items() if k != "header_sha256"})
+        bad["header_sha256"] = header_digest({k: v for k, v in bad.items() if k != "header_sha256"})
         (folder / "model.json").write_text(json.dumps(bad))
         with pytest.raises(SpadeError, match=message):
             Spade.load(folder)

@@ -95,9 +95,9 @@ def test_the_same_image_however_spelled_is_refused(good: list[Path], folder: Pat
     # a model saved before images had ids still loads; its ids are unknown
     header = json.loads((folder / "model.json").read_text())
     del header["train_ids"]
-    from spade_ad.persistence import _header_digest
+    from spade_ad.persistence import header_digest
 
-    header["header_sha256"] = _header_digest(header)
+    header["header_sha256"] = header_digest(header)
     (folder / "model.json").write_text(json.dumps(header))
     old = Spade.load(folder)
     assert old.train_ids_ == [None] * 5

@@ -12,7 +12,6 @@ and a test holds the two to each other.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ from .bank import file_sha256
 from .errors import SpadeError
 from .io import fsync_dir
 from .model import Spade
-from .persistence import read_header
+from .persistence import header_digest, read_header
 from .version import __version__
 
 FORMAT = "spade-ad-deploy"  # = spade_ad_runtime.deploy.FORMAT
@@ -46,11 +45,6 @@ class _Graph(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         pyramid, gvec = self.net(self.net.normalise(x))  # type: ignore[operator]
         return (*pyramid, gvec)
-
-
-def _digest(header: dict[str, Any]) -> str:
-    body = {k: v for k, v in header.items() if k != "header_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def export_onnx(model: Spade, path: Path) -> list[str]:
@@ -108,7 +102,7 @@ def export(model_dir: str | Path, out: str | Path, overwrite: bool = False, weig
             "calibration": {"score_scales": list(state.calibration.get("score_scales", (1.0, 1.0)))},
             "files": {n: file_sha256(tmp / n) for n in ("backbone.onnx", "bank.safetensors", "global.safetensors")},
         }
-        header["header_sha256"] = _digest(header)
+        header["header_sha256"] = header_digest(header)  # the model header's rule
         (tmp / "deploy.json").write_text(json.dumps(header, indent=1, allow_nan=False) + "\n")
         fsync_dir(tmp)
         if dst.exists():

@@ -115,7 +115,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _header_digest(header: dict[str, Any]) -> str:
+def header_digest(header: dict[str, Any]) -> str:
+    """SHA-256 of a header without its own checksum (canonical JSON: sorted keys, no spaces)."""
     body = {k: v for k, v in header.items() if k != "header_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -294,7 +295,7 @@ def _write_locked(model: FittedState, out: Path, history: list[dict[str, Any]], 
 def _commit_header(out: Path, header: dict[str, Any]) -> str:
     """Keep a copy for rollbacks, rename the header over ``model.json`` (the commit point), then remove
     what no kept generation references. Returns the header's checksum."""
-    header["header_sha256"] = _header_digest(header)
+    header["header_sha256"] = header_digest(header)
     save_json(generation_file(out, header["lineage"], header["generation"]), header)
     crash_point("save-generation")
     save_json(out / "model.json", header)  # the commit point
@@ -366,7 +367,7 @@ def read_header(folder: Path, header_file: Path | None = None) -> dict[str, Any]
             f"{hpath}: model format version {header.get('format_version')} is not supported by "
             f"spade-ad {__version__} (expects {FORMAT_VERSION}); refit the model"
         )
-    if header.get("header_sha256") != _header_digest(header):
+    if header.get("header_sha256") != header_digest(header):
         raise SpadeError(f"{hpath}: checksum mismatch (the header is damaged or was modified)")
     return header
 
@@ -617,7 +618,7 @@ def rollback(folder: Path, generation: int, source: str | None = None) -> dict[s
             old = json.loads(gfile.read_text(), parse_constant=_no_constants)
         except (OSError, ValueError) as exc:
             raise SpadeError(f"{gfile}: damaged generation copy ({exc})") from None
-        if not isinstance(old, dict) or old.get("header_sha256") != _header_digest(old):
+        if not isinstance(old, dict) or old.get("header_sha256") != header_digest(old):
             raise SpadeError(f"{gfile}: checksum mismatch (the copy is damaged or was modified)")
         for path, _ in _data_paths(old.get("files"), folder, gfile).values():
             if not path.is_file():
