@@ -24,7 +24,7 @@ from PIL import Image
 
 from spade_ad import Spade, SpadeError
 from spade_ad.delivery.inspector import create_app
-from spade_ad.persistence import _header_digest
+from spade_ad.persistence import header_digest
 from spade_ad.result import verdict
 
 FAST = dict(k=3, k_image=2, image_size=64, calibration_images=3)
@@ -48,7 +48,7 @@ def _rewrite(d: Path, change: dict, digest: bool = True) -> None:
     header = json.loads((d / "model.json").read_text())
     header.update(change)
     if digest:
-        header["header_sha256"] = _header_digest(header)
+        header["header_sha256"] = header_digest(header)
     (d / "model.json").write_text(json.dumps(header))
 
 

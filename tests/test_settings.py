@@ -105,18 +105,18 @@ def test_a_new_setting_is_one_edit(tmp_path: Path, small_train: Path) -> None:
 
 
 def test_model_json_settings_are_revalidated_on_load(small_train: Path, tmp_path: Path) -> None:
-    from spade_ad.persistence import _header_digest
+    from spade_ad.persistence import header_digest
 
     m = Spade(k=2, k_image=1, image_size=64, calibration_images=2).fit(small_train / "train" / "good")
     d = m.save(tmp_path / "m")
     header = json.loads((d / "model.json").read_text())
     header["settings"]["kappa"] = 10**6
-    header["header_sha256"] = _header_digest(header)  # a consistent but invalid header
+    header["header_sha256"] = header_digest(header)  # a consistent but invalid header
     (d / "model.json").write_text(json.dumps(header))
     with pytest.raises(SpadeError, match="kappa must be an integer between 1 and 1000"):
         Spade.load(d)
     del header["settings"]["kappa"]
-    header["header_sha256"] = _header_digest(header)
+    header["header_sha256"] = header_digest(header)
     (d / "model.json").write_text(json.dumps(header))
     with pytest.raises(SpadeError, match="setting 'kappa' is missing"):
         Spade.load(d)
