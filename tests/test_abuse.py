@@ -302,7 +302,7 @@ def _sub(arg: str, subs: dict[str, str]) -> str:
 
 def test_disk_full_names_the_file(model_dir: Path, small_train: Path, tmp_path: Path,
                                   monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    import spade_ad.io as io
+    import spade_ad_runtime.io as io  # where the io functions live (spade_ad.io re-exports them)
 
     real = io._fsync_file
 

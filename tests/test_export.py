@@ -15,9 +15,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_cli
-from spade_ad_runtime import deploy, imaging
-from spade_ad_runtime import search as rt
-from spade_ad_runtime.detector import Detector
 
 from spade_ad import Spade, SpadeSettings
 from spade_ad import export as exp
@@ -25,6 +22,9 @@ from spade_ad.correspondence import nn_distances as engine_nn
 from spade_ad.correspondence import search as engine
 from spade_ad.correspondence.maps import combine_levels
 from spade_ad.preprocess import Preprocessor
+from spade_ad_runtime import deploy, imaging
+from spade_ad_runtime import search as rt
+from spade_ad_runtime.detector import Detector
 
 RANDOM = ["--weights", "random"]  # the test models' backbone
 
@@ -51,7 +51,7 @@ def test_runtime_search_equals_the_engine(kappa: int) -> None:
     b = torch.from_numpy(q[np.repeat(np.arange(hw), len(g))])
     assert np.array_equal(engine.exact_d2(a, b).numpy(), rt.exact_d2(a.numpy(), b.numpy()))
     want = engine_nn(torch.from_numpy(q), torch.from_numpy(g), kappa).numpy()
-    got = rt.nn_distances(q, g, kappa, grid_hw=hw)
+    got = rt.nn_distances(q, g, kappa)
     assert np.abs(want.view(np.int32) - got.view(np.int32)).max() <= 2
 
 
@@ -87,7 +87,7 @@ def _parity(train: list[Path], tests: list[Path], settings: SpadeSettings, tmp: 
         assert res.mask is not None and thr is not None
         differ = res.mask != pred[i].mask
         assert np.all(np.abs(pred.maps[i][differ] - thr) <= 1e-5 * thr), int(differ.sum())
-        assert res.neighbours == pred[i].neighbour_names
+        assert res.neighbours == pred[i].neighbours and res.neighbour_names == pred[i].neighbour_names
         row = pred[i].summary()
         assert res.summary().keys() == row.keys()
         assert abs(res.summary()["defect_pixels"] - row["defect_pixels"]) <= int(differ.sum())
@@ -157,3 +157,62 @@ def test_a_tiled_model_is_refused_in_one_line(small_train: Path, tmp_path: Path,
         str(small_train / "train" / "good")).save(model)
     code, out, err = run_cli(["export", str(model), "--out", str(tmp_path / "d"), *RANDOM], capsys)
     assert code == 2 and "tiled models cannot be exported yet" in err and not (tmp_path / "d").exists()
+
+
+def test_runtime_predict_writes_what_spade_ad_predict_writes(small_train: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """The same inputs give the same files, names, run.json and rows from both commands (numbers within the
+    parity tolerance), an unreadable image the same row and exit code."""
+    from PIL import Image
+
+    from spade_ad_runtime import cli as rt_cli
+
+    model = tmp_path / "model"
+    Spade(SpadeSettings(weights="random", k=3)).fit(str(small_train / "train" / "good")).save(model)
+    assert run_cli(["export", str(model), "--out", str(tmp_path / "d"), *RANDOM], capsys)[0] == 0
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not a picture")
+    inputs = [str(p) for p in sorted((small_train / "test").iterdir())] + [str(junk)]
+    o1, o2 = tmp_path / "o1", tmp_path / "o2"
+    code, _, err1 = run_cli(["predict", str(model), *inputs, "--out", str(o1), "--on-error", "skip", *RANDOM], capsys)
+    with pytest.raises(SystemExit) as exit2:
+        rt_cli.main(["predict", str(tmp_path / "d"), *inputs, "--out", str(o2), "--on-error", "skip"])
+    err2 = capsys.readouterr().err
+    assert code == exit2.value.code == 2
+    assert "1 of" in err1 and err1.split("error:")[1].replace("o1", "o2") == err2.split("error:")[1]
+    assert sorted(p.name for p in o1.iterdir()) == sorted(p.name for p in o2.iterdir())
+    run1, run2 = (json.loads((o / "run.json").read_text()) for o in (o1, o2))
+    assert run1.pop("model") == str(model) and run2.pop("deploy") == str(tmp_path / "d")
+    assert {k: v for k, v in run1.items() if k != "seconds"} == {k: v for k, v in run2.items() if k != "seconds"}
+    rows1, rows2 = ([json.loads(x) for x in (o / "predictions.jsonl").read_text().splitlines()] for o in (o1, o2))
+    assert len(rows1) == len(rows2) == len(list(small_train.glob("test/*/*.png"))) + 1
+    thr = run1["pixel_threshold"]
+    for a, b in zip(rows1, rows2, strict=True):
+        assert a.keys() == b.keys()
+        for key, va in a.items():
+            if isinstance(va, float):
+                assert abs(va - b[key]) <= 1e-5 * abs(va) + 1e-9, (key, va, b[key])
+            elif key != "defect_pixels":
+                assert va == b[key], key
+        if "error" in a:
+            continue
+        m1, m2 = np.load(o1 / a["map"]), np.load(o2 / b["map"])
+        assert m1.shape == m2.shape and np.abs(m1 - m2).max() <= 1e-5 * np.abs(m1).max()
+        k1, k2 = (np.asarray(Image.open(o / a["mask"])) > 0 for o in (o1, o2))
+        assert np.all(np.abs(m1[k1 != k2] - thr) <= 1e-5 * thr) and abs(a["defect_pixels"] - b["defect_pixels"]) \
+            == int((k1 != k2).sum())
+        v1, v2 = (np.asarray(Image.open(o / a["overlay"])).astype(int) for o in (o1, o2))
+        assert v1.shape == v2.shape and np.mean(v1 != v2) < 0.01  # a colour step where a value sits on a bin edge
+
+
+def test_both_packages_are_one_version() -> None:
+    """spade-ad pins the runtime it shares its protocol with to its own version."""
+    import tomllib
+
+    import spade_ad
+    import spade_ad_runtime
+
+    root = Path(__file__).resolve().parents[1]
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"spade-ad-runtime=={spade_ad.__version__}" in deps
+    assert spade_ad_runtime.__version__ == spade_ad.__version__

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-import spade_ad.io as sio
+import spade_ad_runtime.io as sio  # the module the functions read their defaults from
 from spade_ad.errors import SpadeError
 from spade_ad.io import MAX_PIXELS, decode_image, list_images, load_image, load_mask
 

@@ -18,7 +18,8 @@ from PIL import Image
 from scipy import ndimage
 
 from spade_ad.io import load_image, png_bytes, save_png
-from spade_ad.viz import _LUT, SCALE_MAX, mask_edge, overlay
+from spade_ad.viz import SCALE_MAX, mask_edge, overlay
+from spade_ad_runtime.viz import _LUT
 
 
 # ------------------------------------------------------------------ the PNG writer
@@ -171,7 +172,7 @@ def model_dir(small_train: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 def _failing_writes(monkeypatch: pytest.MonkeyPatch, fail_on: str, exc: BaseException) -> None:
     """Make writing the outputs of the image whose stem ends with ``fail_on`` raise ``exc`` (after its overlay)."""
-    from spade_ad import runs
+    from spade_ad_runtime import runs  # the protocol's home: its chunk loop writes the outputs
 
     real = runs.write_image_outputs
 

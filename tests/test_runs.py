@@ -209,7 +209,7 @@ def test_interrupted_writer_keeps_whole_rows_in_order(tmp_path: Path) -> None:
 
 def test_each_file_of_a_run_is_written_a_fixed_number_of_times(model_dir: Path, small_train: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    import spade_ad.io as io
+    import spade_ad_runtime.io as io  # where the io functions live (spade_ad.io re-exports them)
 
     writes: list[str] = []
     real = io.atomic_write

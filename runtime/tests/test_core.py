@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from spade_ad_runtime import imaging
 from spade_ad_runtime.deploy import FILES, FORMAT, FORMAT_VERSION, DeployError, file_sha256, header_digest, read_header
 from spade_ad_runtime.detector import Detector
@@ -36,15 +37,34 @@ def test_search_is_the_canonical_brute_force(kappa: int, dim: int) -> None:
     g[10] = g[11]  # a repeated row counts twice
     q[5] = g[100]  # a query equal to a row: distance exactly 0
     want = _canonical(q, g, kappa)
-    for hw_arg in (None, hw):
-        for block in (1 << 10, 64 << 20):  # one query per block, or all at once
-            got = nn_distances(q, g, kappa, block_bytes=block, grid_hw=hw_arg)
-            assert got.dtype == np.float32
-            assert np.array_equal(got.view(np.int32), want.view(np.int32))
+    for block in (1 << 10, 64 << 20):  # one query per block, or all at once
+        got = nn_distances(q, g, kappa, block_bytes=block)
+        assert got.dtype == np.float32
+        assert np.array_equal(got.view(np.int32), want.view(np.int32))
     assert want[5] == 0.0 or kappa > 1
     ref = np.sqrt(((q[:, None, :].astype(np.float64) - g[None].astype(np.float64)) ** 2).sum(-1))
     ref = np.sort(ref, axis=1)[:, :kappa].mean(1)
     assert np.allclose(want, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kappa", [1, 4])
+def test_search_is_exact_among_near_ties_and_bad_rows(kappa: int) -> None:
+    """Rows one float32 step apart, equal rows, a non-finite gallery row and a non-finite query: the answer is
+    still the brute force's, bit for bit (the GEMM only chooses which rows are re-checked exactly)."""
+    r = np.random.default_rng(7)
+    base = (r.normal(size=(1, 40)) * 3 + 5).astype(np.float32)
+    g = np.repeat(base, 60, axis=0)
+    for i in range(60):  # neighbours of the base row, some one ulp away in one coordinate
+        j = int(r.integers(0, 40))
+        g[i, j] = np.nextafter(g[i, j], np.float32(np.inf if i % 2 else -np.inf))
+    g = np.concatenate([g, (r.normal(size=(40, 40)) * 3 + 5).astype(np.float32)])
+    q = np.concatenate([base + np.float32(1e-3) * r.normal(size=(8, 40)).astype(np.float32), g[60:66]])
+    g[70, 3] = np.nan  # a damaged row is never a neighbour
+    q = q.astype(np.float32)
+    want = _canonical(q, np.delete(g, 70, axis=0), kappa)
+    q = np.concatenate([q, np.full((1, 40), np.inf, np.float32)])
+    got = nn_distances(q, g, kappa)
+    assert np.array_equal(got[:-1].view(np.int32), want.view(np.int32)) and not np.isfinite(got[-1])
 
 
 def test_search_rejects_bad_shapes() -> None:
@@ -89,7 +109,11 @@ def _folder(tmp_path: Path, version: int = FORMAT_VERSION) -> Path:
     d.mkdir()
     for name in FILES:
         (d / name).write_bytes(name.encode() * 10)
-    header = {"format": FORMAT, "format_version": version, "files": {n: file_sha256(d / n) for n in FILES}}
+    header = {"format": FORMAT, "format_version": version, "files": {n: file_sha256(d / n) for n in FILES},
+              "settings": {k: 1 for k in ("preprocess", "image_size", "k", "k_image", "kappa", "sigma", "image_score")},
+              "input_shape": [32, 32], "level_shapes": [[8, 8]], "train_names": [], "calibration": {},
+              "model": {"lineage": "L", "generation": 1, "header_sha256": "0" * 64}, "image_threshold": None,
+              "pixel_threshold": None, "grid": None}
     header["header_sha256"] = header_digest(header)
     (d / "deploy.json").write_text(json.dumps(header))
     return d
@@ -118,6 +142,17 @@ def test_a_damaged_folder_gets_one_line(tmp_path: Path, damage, message: str) ->
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("field", ["settings", "model", "level_shapes", "pixel_threshold"])
+def test_a_partial_header_gets_one_line(tmp_path: Path, field: str) -> None:
+    d = _folder(tmp_path)
+    h = json.loads((d / "deploy.json").read_text())
+    del h[field]
+    h["header_sha256"] = header_digest(h)  # a sound checksum over a header that lacks a field
+    (d / "deploy.json").write_text(json.dumps(h))
+    with pytest.raises(DeployError, match=f"missing or invalid field '{field}'"):
+        read_header(d)
+
+
 def test_a_newer_format_names_the_upgrade(tmp_path: Path) -> None:
     with pytest.raises(DeployError, match="newer than this runtime reads"):
         read_header(_folder(tmp_path, FORMAT_VERSION + 1))
@@ -141,11 +176,6 @@ def test_nothing_outside_the_folder_is_read(tmp_path: Path) -> None:
 
 def test_a_graph_that_is_not_onnx_gets_one_line(tmp_path: Path) -> None:
     d = _folder(tmp_path)
-    h = json.loads((d / "deploy.json").read_text())
-    h.update(settings={}, input_shape=[32, 32], level_shapes=[[8, 8]], image_threshold=None, pixel_threshold=None,
-             train_names=[], calibration={}, grid=None)
-    h["header_sha256"] = header_digest(h)
-    (d / "deploy.json").write_text(json.dumps(h))
     with pytest.raises(DeployError, match="backbone.onnx: cannot load the backbone"):
         Detector.load(d)
 
@@ -156,3 +186,71 @@ def test_torch_is_not_imported() -> None:
     import spade_ad_runtime.detector  # noqa: F401
 
     assert "torch" not in sys.modules
+
+
+# ------------------------------------------------------------------ the predict run, with a stand-in scorer
+class _Scorer:
+    """Stands in for a loaded Detector (no backbone here): the map is the image's red channel over 100."""
+
+    image_threshold = 1.0
+    pixel_threshold = 1.5
+    header = {"model": {"lineage": "L", "generation": 3, "header_sha256": "0" * 64}}
+
+    def predict(self, images, pixel_threshold=None):  # type: ignore[no-untyped-def]
+        from spade_ad_runtime.result import ImageResult
+
+        thr = self.pixel_threshold if pixel_threshold is None else pixel_threshold
+        out = []
+        for img in images:
+            m = img[..., 0].astype(np.float32) / 100
+            out.append(ImageResult("array", float(m.max()), m, m, (0,), ("train.png",), self.image_threshold, thr))
+        return out
+
+
+def _images(folder: Path) -> Path:
+    from PIL import Image
+
+    folder.mkdir()
+    for name, red in (("a", 10), ("b", 200)):
+        arr = np.zeros((20, 30, 3), np.uint8)
+        arr[5:9, 5:12, 0] = red
+        Image.fromarray(arr).save(folder / f"{name}.png")
+    (folder / "c.png").write_bytes(b"not an image")
+    return folder
+
+
+def test_predict_writes_spade_ads_files_and_rows(tmp_path: Path) -> None:
+    from spade_ad_runtime.predict import predict
+
+    imgs = _images(tmp_path / "in")
+    s = predict("deploy", [imgs], tmp_path / "out", on_error="skip", detector=_Scorer())  # type: ignore[arg-type]
+    assert (s.n_rows, s.n_failed, s.n_defective) == (3, 1, 1)
+    rows = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["file"] for r in rows] == [str(imgs / n) for n in ("a.png", "b.png", "c.png")]
+    assert rows[1]["verdict"] == "defective" and rows[1]["defect_pixels"] == 28 and rows[1]["generation"] == 3
+    assert rows[1]["overlay"] == "in_b_overlay.png" and rows[1]["mask"] == "in_b_mask.png"
+    assert "c.png" in rows[2]["error"] and set(rows[2]) == {"file", "error"}
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["status"] == "complete" and run["deploy"] == "deploy" and run["generation"] == 3
+    assert sorted(run["outputs"]) == sorted(p.name for p in (tmp_path / "out").iterdir()
+                                            if p.name not in ("run.json", "predictions.jsonl"))
+    want = np.zeros((20, 30), np.float32)
+    want[5:9, 5:12] = 2.0
+    assert np.array_equal(np.load(tmp_path / "out" / "in_b_map.npy"), want)
+
+
+def test_the_command_gives_one_line_and_exit_2_on_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from spade_ad_runtime.cli import main
+
+    imgs = _images(tmp_path / "in")
+    for argv, message in (
+        (["predict", str(tmp_path / "nope"), str(imgs), "--out", str(tmp_path / "o")], "nope: deploy folder does not"),
+        (["predict", str(tmp_path / "nope"), str(imgs), "--out", str(tmp_path / "o"), "--raw", "tiff"],
+         "--raw must be npy or png16"),
+        (["predict", str(_folder(tmp_path)), str(imgs), "--out", str(tmp_path / "o")], "cannot load the backbone"),
+    ):
+        with pytest.raises(SystemExit) as code:
+            main(argv)
+        err = capsys.readouterr().err
+        assert code.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()

@@ -15,7 +15,6 @@ the level rows alone; banks without it are read as before (the search then build
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import struct
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SpadeError
-from .io import _write_error
+from .io import write_error
 
 _DTYPES = {"F16": np.float16, "F32": np.float32, "U8": np.uint8, "I32": np.int32}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
@@ -73,7 +72,7 @@ class BankWriter:
         try:
             yield
         except OSError as exc:
-            raise _write_error(self.path, exc) from None
+            raise write_error(self.path, exc) from None
 
     def append(self, name: str, arr: np.ndarray) -> None:
         """Add a whole tensor (no row per training image) at the end of the file."""
@@ -195,11 +194,3 @@ class Bank:
         if len(data) != size:
             raise SpadeError(f"{self.path}: damaged feature bank (short read)")
         return np.frombuffer(data, dtype).reshape(shape).copy()
-
-
-def file_sha256(path: Path, chunk: int = 16 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()

@@ -1,14 +1,15 @@
-"""The one exception type users see: a single clear line naming the file and the problem."""
+"""The one exception type users see: a single clear line naming the file and the problem.
+
+``SpadeError`` is defined once, in the runtime package both spade-ad and spade-ad-runtime share.
+"""
 
 from __future__ import annotations
 
-
-class SpadeError(Exception):
-    """A user-facing error (bad input, bad option, damaged model file).
-
-    The CLI prints ``str(error)`` as one line and exits non-zero; library users can catch it.
-    """
+from spade_ad_runtime.errors import SpadeError
 
 
 class NotFittedError(SpadeError, AttributeError):
     """The model was used before ``fit`` or ``load`` (an ``AttributeError`` too, as scikit-learn's)."""
+
+
+__all__ = ["SpadeError", "NotFittedError"]

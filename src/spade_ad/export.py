@@ -23,11 +23,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .bank import file_sha256
 from .errors import SpadeError
-from .io import fsync_dir
+from .io import file_sha256, fsync_dir, header_digest
 from .model import Spade
-from .persistence import header_digest, read_header
+from .persistence import read_header
 from .version import __version__
 
 FORMAT = "spade-ad-deploy"  # = spade_ad_runtime.deploy.FORMAT

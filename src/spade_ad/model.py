@@ -40,8 +40,8 @@ from .features import (
     network_inputs,
     write_bank,
 )
-from .io import image_shape, list_images, load_image, to_rgb_uint8
-from .persistence import clean_stale, is_staging, staging_path, utc_now
+from .io import image_shape, is_staging, list_images, load_image, staging_path, to_rgb_uint8
+from .persistence import clean_stale, utc_now
 from .preprocess import Preprocessor, aspect_shape
 from .result import Prediction
 from .scoring import image_score, score_features, score_tiles, tiled_image_score

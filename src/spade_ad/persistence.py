@@ -25,12 +25,10 @@ earlier generations stay reachable by rollback.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
 import re
-import secrets
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -42,9 +40,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .backbones import BACKBONES
-from .bank import Bank, file_sha256
+from .bank import Bank
 from .errors import SpadeError
-from .io import _write_error, atomic_write, fsync_dir, save_json
+from .io import (
+    atomic_write,
+    file_sha256,
+    fsync_dir,
+    header_digest,
+    is_staging,
+    save_json,
+    staging_owner_gone,
+    staging_path,
+    write_error,
+)
 from .preprocess import is_aspect_shape
 from .settings import SpadeSettings
 from .tiling import TileGrid, grid_from_dict
@@ -58,7 +66,6 @@ GENERATIONS = "generations"  # copies of the last headers, for rollback
 KEEP_GENERATIONS = 5  # generations whose files a folder keeps (the current one included)
 DATA = ("bank", "index")  # the data files of a model, each ``<kind>-<sha256 prefix>.safetensors``
 _DATA_NAME = re.compile(r"^(bank|index)-[0-9a-f]{16}\.safetensors$")
-_STAGING = re.compile(r"^\.staging-(\d+)-")
 _IMAGE_ID = re.compile(r"^[0-9a-f]{64}$")  # a training image's identity: model.image_id
 _ATOMIC_TMP = re.compile(r"^\..+\.tmp$")  # io.atomic_write's temporary files (only written under the lock)
 _held = threading.local()  # folders whose lock this thread holds (folder_lock is reentrant per thread)
@@ -76,15 +83,6 @@ def crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL if spec.endswith(":KILL") else signal.SIGINT)
 
 
-def staging_path(folder: Path, suffix: str) -> Path:
-    """A fresh staging file name in ``folder``, owned by this process."""
-    return folder / f".staging-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
-
-
-def is_staging(path: Path) -> bool:
-    return bool(_STAGING.match(path.name))
-
-
 def clean_stale(folder: Path, locked: bool = False) -> None:
     """Remove staging files left by writers that are no longer running; with ``locked`` (the caller holds
     the folder's lock, so no writer is between its steps) also the temporary files of killed writers'
@@ -92,8 +90,8 @@ def clean_stale(folder: Path, locked: bool = False) -> None:
     if not folder.is_dir():
         return
     for f in folder.iterdir():
-        m = _STAGING.match(f.name)
-        if (m and not _alive(int(m.group(1)))) or (locked and not m and _ATOMIC_TMP.match(f.name)):
+        staged = is_staging(f)
+        if (staged and staging_owner_gone(f)) or (locked and not staged and _ATOMIC_TMP.match(f.name)):
             with contextlib.suppress(OSError):
                 f.unlink()
     gdir = folder / GENERATIONS
@@ -103,24 +101,6 @@ def clean_stale(folder: Path, locked: bool = False) -> None:
                 f.unlink()
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def header_digest(header: dict[str, Any]) -> str:
-    """SHA-256 of a header without its own checksum (canonical JSON: sorted keys, no spaces)."""
-    body = {k: v for k, v in header.items() if k != "header_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
 def _commit_data(out: Path, kind: str, staged: Path) -> tuple[str, str]:
     """Give a finished, fsynced staging file its content-addressed name; returns (name, sha256)."""
     digest = file_sha256(staged)
@@ -128,7 +108,7 @@ def _commit_data(out: Path, kind: str, staged: Path) -> tuple[str, str]:
     try:
         os.replace(staged, out / name)
     except OSError as exc:
-        raise _write_error(out / name, exc) from None
+        raise write_error(out / name, exc) from None
     return name, digest
 
 
@@ -137,7 +117,7 @@ def save_state(model: FittedState, out: Path) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise _write_error(out, exc) from None
+        raise write_error(out, exc) from None
     with folder_lock(out):
         return _save_locked(model, out)
 
@@ -225,7 +205,7 @@ def _save_locked(model: FittedState, out: Path) -> Path:
     history, lineage = _adopt(model, out, current)
     clean_stale(out, locked=True)
     bank_path = model.bank.path
-    moved = bank_path.parent.resolve() == out.resolve() and bool(_STAGING.match(bank_path.name))
+    moved = bank_path.parent.resolve() == out.resolve() and is_staging(bank_path)
     try:
         model.base_sha256 = _write_locked(model, out, history, lineage)
     except BaseException:
@@ -251,7 +231,7 @@ def _write_locked(model: FittedState, out: Path, history: list[dict[str, Any]], 
     if bank_path.parent.resolve() == out.resolve() and _DATA_NAME.match(bank_path.name):
         files["bank"] = {"name": bank_path.name, "sha256": file_sha256(bank_path)}
     else:
-        moved = bank_path.parent.resolve() == out.resolve() and bool(_STAGING.match(bank_path.name))
+        moved = bank_path.parent.resolve() == out.resolve() and is_staging(bank_path)
         if moved:
             staged = bank_path  # fit wrote the bank right here: rename it, no copy
         else:

@@ -19,6 +19,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from spade_ad_runtime.runs import BATCH_SIZE
+
 from .errors import SpadeError
 from .io import MAX_PIXELS
 
@@ -167,7 +169,7 @@ class SpadeSettings:
     device: str = setting("cpu", "cpu, cuda, cuda:N or auto", stored=False)
     weights: str | None = setting(None, "backbone weights: a torchvision/timm state_dict file (for the ResNets)",
                                   stored=False)
-    batch_size: int = setting(16, "images decoded per step", low=1, high=4096, stored=False)
+    batch_size: int = setting(BATCH_SIZE, "images decoded per step", low=1, high=4096, stored=False)
     max_pixels: int = setting(MAX_PIXELS, "larger images are refused from their header (memory)", low=64,
                               high=2_000_000_000, stored=False)
     tile_bytes: int = setting(DEFAULT_TILE_BYTES, "work-tile bytes of the exact search", low=1 << 16, high=1 << 34,

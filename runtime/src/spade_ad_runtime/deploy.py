@@ -15,11 +15,13 @@ the folder is executed (ONNX graphs are data: onnxruntime runs standard operator
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
 from typing import Any
+
+from .errors import SpadeError
+from .io import file_sha256, header_digest
 
 FORMAT = "spade-ad-deploy"
 FORMAT_VERSION = 1
@@ -28,26 +30,36 @@ FILES = ("backbone.onnx", "bank.safetensors", "global.safetensors")
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-class DeployError(Exception):
+class DeployError(SpadeError):
     """A deploy folder or an input cannot be used; the message is one line naming the file and the problem."""
-
-
-def header_digest(header: dict[str, Any]) -> str:
-    """SHA-256 of the header without its own checksum (canonical JSON: sorted keys, no spaces)."""
-    body = {k: v for k, v in header.items() if k != "header_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not a valid number here")
+
+
+_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "settings": dict, "input_shape": list, "level_shapes": list, "train_names": list, "calibration": dict,
+    "model": dict, "image_threshold": (int, float, type(None)), "pixel_threshold": (int, float, type(None))}
+_SETTINGS = ("preprocess", "image_size", "k", "k_image", "kappa", "sigma", "image_score")  # what the detector reads
+_MODEL = ("lineage", "generation", "header_sha256")
+
+
+def _check_fields(header: dict[str, Any], hpath: Path) -> None:
+    """Every field the runtime reads is there with its type: a partial header is refused with one line."""
+    for key, kind in _FIELDS.items():
+        if key not in header or not isinstance(header[key], kind) or isinstance(header[key], bool):
+            raise DeployError(f"{hpath}: missing or invalid field {key!r} (a partial deploy header)")
+    for key in _SETTINGS:
+        if key not in header["settings"]:
+            raise DeployError(f"{hpath}: missing setting {key!r} (a partial deploy header)")
+    for key in _MODEL:
+        if key not in header["model"]:
+            raise DeployError(f"{hpath}: missing model field {key!r} (a partial deploy header)")
+    shapes = [header["input_shape"], *header["level_shapes"]]
+    if not header["level_shapes"] or not all(isinstance(s, list) and len(s) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in s) for s in shapes):
+        raise DeployError(f"{hpath}: invalid input or level shapes")
 
 
 def read_header(folder: Path, verify: bool = True) -> dict[str, Any]:
@@ -72,6 +84,7 @@ def read_header(folder: Path, verify: bool = True) -> dict[str, Any]:
                           "upgrade spade-ad-runtime")
     if header.get("header_sha256") != header_digest(header):
         raise DeployError(f"{hpath}: checksum mismatch (the header is damaged or was modified)")
+    _check_fields(header, hpath)
     files = header.get("files")
     if not isinstance(files, dict) or sorted(files) != sorted(FILES):
         raise DeployError(f"{hpath}: 'files' must name exactly {', '.join(FILES)}")

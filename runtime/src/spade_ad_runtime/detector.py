@@ -9,74 +9,29 @@ upsamples, averages and smooths the level maps (:mod:`.imaging`).
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
 from safetensors import safe_open
 
 from . import imaging
 from .deploy import DeployError, read_header
+from .io import load_image, to_rgb_uint8
+from .result import ImageResult
 from .search import nn_distances
 
 
-@dataclass(frozen=True)
-class Result:
-    """One image's result: what a ``predictions.jsonl`` row of ``spade-ad predict`` reports, and its map."""
-
-    name: str
-    score: float
-    map: np.ndarray  # (H, W) float32 at the image's own resolution
-    input_map: np.ndarray  # the map in the network input's frame
-    neighbours: tuple[str, ...]
-    image_threshold: float | None
-    pixel_threshold: float | None
-
-    @property
-    def verdict(self) -> str | None:
-        if self.image_threshold is None:
-            return None
-        return "defective" if not math.isfinite(self.score) or self.score >= self.image_threshold else "good"
-
-    @property
-    def mask(self) -> np.ndarray | None:
-        return None if self.pixel_threshold is None else self.map >= self.pixel_threshold
-
-    def summary(self) -> dict[str, Any]:
-        """The row's numbers (spade-ad's ``ImageResult.summary``)."""
-        mask = self.mask
-        top = float(self.map.max())
-        return {
-            "score": self.score,
-            "score_normalised": self.score / self.image_threshold if self.image_threshold else None,
-            "verdict": self.verdict,
-            "max_pixel_score": top,
-            "max_pixel_score_normalised": top / self.pixel_threshold if self.pixel_threshold else None,
-            "defect_pixels": None if mask is None else int(mask.sum()),
-            "defect_fraction": None if mask is None else float(mask.mean()),
-            "neighbours": list(self.neighbours),
-        }
-
-
-def _read_image(item: str | Path | np.ndarray) -> tuple[str, np.ndarray]:
+def _read_image(item: str | Path | np.ndarray, index: int, max_pixels: int | None) -> tuple[str, np.ndarray]:
+    """An image path or array as (name, HxWx3 uint8), read by spade-ad's rules (:mod:`.io`)."""
     if isinstance(item, np.ndarray):
-        if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
-            raise DeployError(f"array of shape {item.shape} and dtype {item.dtype}: expected HxWx3 uint8")
-        return "array", item
-    path = Path(item)
-    try:
-        with Image.open(path) as opened:
-            upright = ImageOps.exif_transpose(opened)
-            return str(item), np.asarray(upright.convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise DeployError(f"{item}: cannot read image ({exc})") from None
+        return f"array[{index}]", to_rgb_uint8(item, f"array[{index}]")
+    return str(item), load_image(item, max_pixels=max_pixels)
 
 
 class Detector:
-    """A loaded deploy folder. ``Detector.load(folder).predict(images)`` gives one :class:`Result` per image."""
+    """A loaded deploy folder. ``Detector.load(folder).predict(images)`` gives one ``ImageResult`` per image."""
 
     def __init__(self, folder: Path, header: dict[str, Any], device: str = "cpu") -> None:
         import onnxruntime as ort
@@ -145,22 +100,26 @@ class Detector:
         for li, (h, w) in enumerate(self.level_shapes):
             g = np.concatenate([self._levels[li][r : r + 1] for r in rows])  # positioned reads, one row each
             g = g.reshape(-1, g.shape[-1]).astype(np.float32)
-            out.append(nn_distances(levels[li], g, self.settings["kappa"], grid_hw=h * w).reshape(h, w))
+            out.append(nn_distances(levels[li], g, self.settings["kappa"]).reshape(h, w))
         return out
 
-    def predict(self, images: list[str | Path | np.ndarray]) -> list[Result]:
-        """Score images (paths or HxWx3 uint8 arrays)."""
+    def predict(self, images: Sequence[str | Path | np.ndarray],
+                pixel_threshold: float | None = None) -> list[ImageResult]:
+        """Score images (paths, or arrays as spade-ad takes them); ``pixel_threshold`` replaces the model's for
+        the masks, as in ``Spade.predict``."""
         s = self.settings
+        pthr = self.pixel_threshold if pixel_threshold is None else pixel_threshold
         results = []
-        for item in images:
-            name, image = _read_image(item)
+        for i, item in enumerate(images):
+            name, image = _read_image(item, i, s.get("max_pixels"))
             levels, gvec = self.features(image)
             knn, gallery = self.retrieve(gvec)
             amap = imaging.combine_levels(self.level_maps(levels, gallery), self.input_shape, s["sigma"])
             score = self._image_score(knn, float(amap.max()))
             full = imaging.map_to_image(amap, s["preprocess"], s["image_size"], image.shape[0], image.shape[1])
-            results.append(Result(name, score, full, amap, tuple(self.train_names[int(i)] for i in gallery),
-                                  self.image_threshold, self.pixel_threshold))
+            neigh = tuple(int(j) for j in gallery)
+            results.append(ImageResult(name, score, full, amap, neigh, tuple(self.train_names[j] for j in neigh),
+                                       self.image_threshold, pthr))
         return results
 
     def _image_score(self, knn: float, top: float) -> float:
@@ -173,4 +132,4 @@ class Detector:
         return float(f(f(knn) / f(self.score_scales[0])) + f(f(top) / f(self.score_scales[1])))
 
 
-__all__ = ["Detector", "Result"]
+__all__ = ["Detector"]

@@ -10,9 +10,10 @@ step give the same bits in numpy as in torch; ``tests/test_runtime.py`` holds th
 Finding the ``kappa`` smallest without computing :func:`exact_d2` for every pair: a float32 GEMM gives
 ``d~ = |q|^2 + |g|^2 - 2 q.g`` with ``|d~ - d^2| <= eps = gam (|q| + |g|)^2`` (:func:`eps_factor`, the
 engine's bound about the centre 0), and the exact value ``e`` is within ``G_E d^2 / 4`` of ``d^2``
-(:func:`G_E`). With ``ub`` the kappa-th smallest of ``(d~ + eps)(1 + G_E/4)``, a row whose
-``(d~ - eps)(1 - G_E/4)`` exceeds ``ub`` cannot be among the kappa nearest; every other row is
-re-checked exactly. Memory: one block of queries times the gallery at a time (``block_bytes``).
+(:func:`G_E`). With ``ub`` the kappa-th smallest of ``(d~ + eps)(1 + G_E/4)`` over the whole gallery
+(read off the same GEMM block), a row whose ``(d~ - eps)(1 - G_E/4)`` exceeds ``ub`` cannot be among the
+kappa nearest; every other row (on real features: the kappa nearest and rare near-ties) is re-checked
+exactly. Memory: one block of queries times the gallery at a time (``block_bytes``).
 """
 
 from __future__ import annotations
@@ -59,23 +60,10 @@ def mean_sqrt(d2: np.ndarray) -> np.ndarray:
     return acc / np.float32(x.shape[1]) if x.shape[1] > 1 else acc
 
 
-def _window_bound(q: np.ndarray, g: np.ndarray, hw: int, kk: int) -> np.ndarray:
-    """kappa-th smallest exact d^2 of each query among the rows at its own grid position in every gallery
-    image (galleries of whole images at the query's level shape): an upper bound on the answer's."""
-    n = q.shape[0]
-    per = g.shape[0] // hw
-    e = np.stack([exact_d2(g[i * hw : (i + 1) * hw], q) for i in range(per)], axis=1)  # (n, images)
-    e = np.where(np.isnan(e), np.float32(np.inf), e)
-    return np.sort(e, axis=1)[:, kk - 1] if per >= kk else np.full(n, np.inf, np.float32)
-
-
-def nn_distances(queries: np.ndarray, gallery: np.ndarray, kappa: int = 1, block_bytes: int = 32 << 20,
-                 grid_hw: int | None = None) -> np.ndarray:
+def nn_distances(queries: np.ndarray, gallery: np.ndarray, kappa: int = 1, block_bytes: int = 32 << 20) -> np.ndarray:
     """(n,) float32: each query's mean distance to its ``kappa`` nearest ``gallery`` rows (exact, canonical).
 
     ``queries`` (n, C) and ``gallery`` (m, C) are float32 (a float16 bank's rows convert exactly).
-    ``grid_hw``: the queries are the h*w positions of one image and the gallery whole images of the same
-    shape, one after the other; the rows at a query's own position give a first bound (fewer re-checks).
     """
     q = np.ascontiguousarray(queries, dtype=np.float32)
     g = np.ascontiguousarray(gallery, dtype=np.float32)
@@ -88,43 +76,54 @@ def nn_distances(queries: np.ndarray, gallery: np.ndarray, kappa: int = 1, block
     if m == 0:
         raise ValueError("the gallery is empty")
     kk = min(kappa, m)
-    lo_f = 1 - G_E(dim) / 4
+    lo_f, hi_f = 1 - G_E(dim) / 4, 1 + G_E(dim) / 4
     finite_g: np.ndarray = np.asarray(np.isfinite(g).all(axis=1))
     g_ok = g[finite_g] if not finite_g.all() else g
     rows_of = np.nonzero(finite_g)[0]
+    out = np.full((n, kk), np.inf, np.float32)
+    if g_ok.shape[0] == 0:
+        return mean_sqrt(out)
+    kg = min(kk, g_ok.shape[0])
     # [q, 1] . [-2 g, |g|^2] = D = d~ - |q|^2, |D - (d^2 - |q|^2)| <= eps = gam (|q| + |g|)^2 (the engine's form)
     aug = np.concatenate([g_ok * np.float32(-2.0), np.einsum("ij,ij->i", g_ok, g_ok)[:, None]], axis=1).T.copy()
     gmax = float(np.sqrt(np.einsum("ij,ij->i", g_ok.astype(np.float64), g_ok.astype(np.float64)).max(initial=0)))
     qn2 = np.einsum("ij,ij->i", q.astype(np.float64), q.astype(np.float64))
     eps = eps_factor(dim) * (np.sqrt(qn2) + gmax) ** 2
-    if grid_hw is not None and grid_hw == n and m % n == 0 and finite_g.all():
-        ub = _window_bound(q, g, n, kk).astype(np.float64)
-    else:  # the kappa-th smallest exact d^2 over a sample of rows spread over the gallery
-        step = max(1, m // 64)
-        sample = [r for r in range(0, m, step) if finite_g[r]]
-        e = np.stack([exact_d2(np.broadcast_to(g[r], q.shape), q) for r in sample], axis=1) if sample else None
-        ub = (np.sort(np.where(np.isnan(e), np.inf, e), axis=1)[:, kk - 1].astype(np.float64)
-              if e is not None and len(sample) >= kk else np.full(n, np.inf))
-    # a row can be among the kappa nearest only if (d~ - eps)(1 - G_E/4) <= ub
-    thr = np.nextafter((ub / lo_f + eps - qn2).astype(np.float32), np.float32(np.inf))
-    out = np.full((n, kk), np.inf, np.float32)
     rows = max(1, block_bytes // (4 * max(1, aug.shape[1])))
     buf = np.empty((rows, aug.shape[1]), np.float32)
     qa = np.concatenate([q, np.ones((n, 1), np.float32)], axis=1)
-    for a in range(0, n, rows):
-        b = min(n, a + rows)
-        d = np.matmul(qa[a:b], aug, out=buf[: b - a])
-        qi, ri = np.nonzero(d <= thr[a:b, None])
-        ri = rows_of[ri]
-        e = exact_d2(g[ri], q[a:b][qi])
-        e = np.where(np.isnan(e), np.float32(np.inf), e)
-        order = np.lexsort((e, qi))
-        qi, e = qi[order], e[order]
-        first = np.searchsorted(qi, np.arange(b - a))
-        count = np.diff(np.append(first, qi.size))
-        for j in range(kk):
-            has = count > j
-            out[a:b][has, j] = e[first[has] + j]
+    with np.errstate(invalid="ignore", over="ignore"):  # a non-finite query: no candidates, distance inf
+        for a in range(0, n, rows):
+            b = min(n, a + rows)
+            d = np.matmul(qa[a:b], aug, out=buf[: b - a])
+            # ub: the kappa-th smallest upper bound (D + |q|^2 + eps)(1 + G_E/4) of an exact value; a row whose
+            # lower bound (D + |q|^2 - eps)(1 - G_E/4) exceeds it cannot be among the kappa nearest
+            if kg == 1:
+                am = d.argmin(axis=1)
+                dk = d[np.arange(b - a), am].astype(np.float64)
+            else:
+                dk = np.partition(d, kg - 1, axis=1)[:, kg - 1].astype(np.float64)
+            ub = (dk + qn2[a:b] + eps[a:b]) * hi_f
+            thr = np.nextafter((ub / lo_f + eps[a:b] - qn2[a:b]).astype(np.float32), np.float32(np.inf))
+            cand = d <= thr[:, None]
+            if kg == 1:  # mostly one candidate, the argmin: index only the rows that have more
+                single = np.count_nonzero(cand, axis=1) == 1
+                multi = np.nonzero(~single)[0]
+                qm, rm = np.nonzero(cand[multi])
+                qi = np.concatenate([np.nonzero(single)[0], multi[qm]])
+                ri = np.concatenate([am[single], rm])
+            else:
+                qi, ri = np.nonzero(cand)
+            ri = rows_of[ri]
+            e = exact_d2(g[ri], q[a:b][qi])
+            e = np.where(np.isnan(e), np.float32(np.inf), e)
+            order = np.lexsort((e, qi))
+            qi, e = qi[order], e[order]
+            first = np.searchsorted(qi, np.arange(b - a))
+            count = np.diff(np.append(first, qi.size))
+            for j in range(kk):
+                has = count > j
+                out[a:b][has, j] = e[first[has] + j]
     return mean_sqrt(out)
 
 

@@ -265,16 +265,10 @@ def predict(
 
 def report_predictions(out: Path, summary: RunSummary) -> None:
     """The summary line of a predict run; images that could not be read make it exit with code 2."""
-    n_rows, n_failed, seconds = summary.n_rows, summary.n_failed, summary.seconds
-    scored = n_rows - n_failed
-    failed = f", {n_failed} failed" if n_failed else ""
-    verdicts = (f"{summary.n_defective} flagged defective" if summary.has_verdicts
-                else "no verdicts: the model has no thresholds (one training image)")
-    say(f"{scored} images in {seconds:.1f}s ({scored / max(seconds, 1e-9):.2f} images/s){failed}; "
-        f"{verdicts}; outputs in {out} (predictions.jsonl)")
-    if n_failed:
-        raise SpadeError(f"{n_failed} of {n_rows} images could not be read; their rows in "
-                         f"{out / 'predictions.jsonl'} say why")
+    from ..runs import check_failed, summary_line
+
+    say(summary_line(out, summary))
+    check_failed(out, summary)
 
 
 # --------------------------------------------------------------------------- benchmark / report / demo
