@@ -20,12 +20,24 @@ from .io import printable
 from .runs import BATCH_SIZE, check_failed, summary_line
 
 
-class Terminated(Exception):
-    """SIGTERM, turned into an exception so that a run finishes as ``interrupted``."""
+class Terminated(BaseException):
+    """SIGTERM, raised like Ctrl+C so that every ``finally`` and cleanup runs (a run finishes ``interrupted``)."""
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise Terminated
+def on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise Terminated()
+
+
+def ending(exc: BaseException) -> tuple[int, str] | None:
+    """The exit code and line of a command ended by ``exc`` (both packages' commands): bad input 2, Ctrl+C
+    130, SIGTERM 143; ``None`` for anything else (an unexpected error, reported by the caller)."""
+    if isinstance(exc, SpadeError):
+        return 2, f"error: {exc}"
+    if isinstance(exc, KeyboardInterrupt):
+        return 130, "interrupted"
+    if isinstance(exc, Terminated):
+        return 143, "terminated"
+    return None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,21 +90,16 @@ def run(argv: Sequence[str] | None = None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: one clear line per error (``--debug`` for the traceback), non-zero exit."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, on_sigterm)
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         run(argv)
-    except SpadeError as exc:
-        if debug:
+    except (SpadeError, KeyboardInterrupt, Terminated) as exc:
+        if debug and isinstance(exc, SpadeError):
             raise
-        _say(f"error: {exc}")
-        sys.exit(2)
-    except KeyboardInterrupt:
-        _say("interrupted")
-        sys.exit(130)
-    except Terminated:
-        _say("terminated")
-        sys.exit(143)
+        code, line = ending(exc)  # type: ignore[misc]
+        _say(line)
+        sys.exit(code)
     except Exception as exc:  # anything unexpected
         if debug:
             raise

@@ -60,10 +60,12 @@ def mean_sqrt(d2: np.ndarray) -> np.ndarray:
     return acc / np.float32(x.shape[1]) if x.shape[1] > 1 else acc
 
 
-def nn_distances(queries: np.ndarray, gallery: np.ndarray, kappa: int = 1, block_bytes: int = 32 << 20) -> np.ndarray:
+def nn_distances(queries: np.ndarray, gallery: np.ndarray, kappa: int = 1, block_bytes: int = 4 << 20) -> np.ndarray:
     """(n,) float32: each query's mean distance to its ``kappa`` nearest ``gallery`` rows (exact, canonical).
 
-    ``queries`` (n, C) and ``gallery`` (m, C) are float32 (a float16 bank's rows convert exactly).
+    ``queries`` (n, C) and ``gallery`` (m, C) are float32 (a float16 bank's rows convert exactly). Each block of
+    queries gets ``block_bytes`` of GEMM output: 4 MiB stays in cache (measured on bottle, 2-core AMD EPYC:
+    0.37 s per image against 0.47 s with 16 MiB and 0.67 s with 64 MiB; 1 MiB 0.40 s).
     """
     q = np.ascontiguousarray(queries, dtype=np.float32)
     g = np.ascontiguousarray(gallery, dtype=np.float32)

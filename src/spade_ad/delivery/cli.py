@@ -23,6 +23,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
+from spade_ad_runtime.cli import Terminated, ending, on_sigterm
+
 from .. import settings
 from ..errors import SpadeError
 from ..io import printable
@@ -562,14 +564,6 @@ def serve(
     uvicorn.run(application, host=host, port=port, log_level="info")
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised like Ctrl+C so that every ``finally`` and cleanup runs."""
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise Terminated()
-
-
 def _update_token(token_file: Path | None) -> str:
     """The inspector's write token: from --token-file, else SPADE_AD_TOKEN, else a new one printed once."""
     import os
@@ -625,20 +619,15 @@ def main() -> None:
     """
     import signal
 
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         code = command()(standalone_mode=False)
-    except SpadeError as exc:
-        if _state["debug"]:
+    except (SpadeError, KeyboardInterrupt, Terminated) as exc:
+        if _state["debug"] and isinstance(exc, SpadeError):
             raise
-        say(f"error: {exc}")
-        sys.exit(2)
-    except KeyboardInterrupt:
-        say("interrupted")
-        sys.exit(130)
-    except Terminated:
-        say("terminated")
-        sys.exit(143)
+        code, line = ending(exc)  # type: ignore[misc]
+        say(line)
+        sys.exit(code)
     except SystemExit:
         raise
     except Exception as exc:  # click usage errors and anything unexpected
