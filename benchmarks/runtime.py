@@ -1,9 +1,10 @@
 """spade-ad against spade-ad-runtime on the same CPU, in one run: one image (start-up included) and a batch.
 
 Fits a model on the first N training images of a category (``--preset`` settings), saves and exports it,
-then times, each in a fresh process: ``spade-ad predict MODEL IMAGE --out ...`` and the runtime's
-``Detector.load(DEPLOY).predict([IMAGE])`` (process start, imports and loading included), and the
-throughput of both on a batch of test images (loading excluded). Prints and saves one JSON document.
+then times, each in a fresh process: ``spade-ad predict MODEL IMAGE --out ...`` and
+``spade-ad-runtime predict DEPLOY IMAGE --out ...`` (process start, imports, loading and writing the files
+included; the median of ``--repeat`` runs each, alternating), and the throughput of both libraries on a batch
+of test images (loading excluded). Prints and saves one JSON document.
 
     python benchmarks/runtime.py --data ../shared/datasets/mvtec_ad/bottle --train 30 --batch 8
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,8 +26,6 @@ from spade_ad.export import export
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-RUNTIME_ONE = ("from spade_ad_runtime.detector import Detector; import sys; "
-               "Detector.load(sys.argv[1]).predict([sys.argv[2]])")
 BATCH = """
 import sys, time
 paths = sys.argv[3:]
@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=30)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--preset", default="paper")
+    ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     train = sorted((args.data / "train" / "good").glob("*.png"))[: args.train]
@@ -65,8 +66,11 @@ def main() -> None:
         export(model, deploy)
         export_s = time.perf_counter() - t0
         one = str(tests[0])
-        torch_one = _timed(["spade-ad", "predict", str(model), one, "--out", str(Path(tmp) / "o1")])
-        runtime_one = _timed([sys.executable, "-c", RUNTIME_ONE, str(deploy), one])
+        times: dict[str, list[float]] = {"spade-ad": [], "runtime": []}
+        for i in range(args.repeat):
+            times["spade-ad"].append(_timed(["spade-ad", "predict", str(model), one, "--out", f"{tmp}/a{i}"]))
+            times["runtime"].append(_timed(["spade-ad-runtime", "predict", str(deploy), one, "--out", f"{tmp}/b{i}"]))
+        torch_one, runtime_one = (statistics.median(times[k]) for k in ("spade-ad", "runtime"))
         paths = [str(p) for p in tests]
         out = {}
         for kind, folder in (("spade-ad", model), ("runtime", deploy)):
@@ -75,8 +79,9 @@ def main() -> None:
             out[kind] = len(paths) / float(res.stdout.strip().splitlines()[-1])
     doc = {"machine": machine_description(), "data": args.data.name, "preset": args.preset, "n_train": len(train),
            "export_seconds": round(export_s, 1),
-           "one_image_seconds": {"spade-ad predict": round(torch_one, 2), "runtime": round(runtime_one, 2),
-                                 "ratio": round(runtime_one / torch_one, 2)},
+           "one_image_seconds": {"spade-ad predict": round(torch_one, 2),
+                                 "spade-ad-runtime predict": round(runtime_one, 2),
+                                 "ratio": round(runtime_one / torch_one, 2), "runs": times},
            "batch_images_per_second": {k: round(v, 3) for k, v in out.items()}, "batch": len(paths)}
     print(json.dumps(doc, indent=1))
     dst = args.out or RESULTS / f"runtime_{args.data.name}_{args.preset}.json"

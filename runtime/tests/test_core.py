@@ -180,6 +180,20 @@ def test_a_graph_that_is_not_onnx_gets_one_line(tmp_path: Path) -> None:
         Detector.load(d)
 
 
+def test_cuda_without_a_cuda_provider_is_refused_not_ignored(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from spade_ad_runtime.errors import SpadeError
+
+    d = _folder(tmp_path)
+    with pytest.raises(SpadeError, match="--device must be cpu or cuda"):
+        Detector.load(d, device="tpu")
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has a CUDA provider")
+    with pytest.raises(SpadeError, match="--device cuda: this onnxruntime has no CUDA provider"):
+        Detector.load(d, device="cuda")
+
+
 def test_torch_is_not_imported() -> None:
     import sys
 

@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from . import imaging
 from .deploy import DeployError, read_header
+from .errors import SpadeError
 from .io import load_image, to_rgb_uint8
 from .result import ImageResult
 from .search import nn_distances
@@ -48,7 +49,12 @@ class Detector:
         scales = header["calibration"].get("score_scales", [1.0, 1.0])
         self.score_scales = (float(scales[0]), float(scales[1]))
         providers = ["CPUExecutionProvider"]
-        if device == "cuda":
+        if device not in ("cpu", "cuda"):
+            raise SpadeError(f"--device must be cpu or cuda, got {device!r}")
+        if device == "cuda":  # never a silent fall-back to the CPU
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise SpadeError("--device cuda: this onnxruntime has no CUDA provider (install onnxruntime-gpu "
+                                 "instead of onnxruntime, with a CUDA driver)")
             providers.insert(0, "CUDAExecutionProvider")
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
