@@ -216,3 +216,38 @@ def test_both_packages_are_one_version() -> None:
     deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
     assert f"spade-ad-runtime=={spade_ad.__version__}" in deps
     assert spade_ad_runtime.__version__ == spade_ad.__version__
+
+
+def test_a_graph_that_reads_external_data_is_refused(tmp_path: Path) -> None:
+    """A deploy folder whose backbone names an external weights file (here one outside the folder) is refused
+    with one line before onnxruntime could open that file."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from spade_ad_runtime.deploy import DeployError
+
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(np.ones(4, np.float32).tobytes())
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4], [0.0] * 4)
+    w.ClearField("float_data")
+    w.data_location = TensorProto.EXTERNAL
+    w.external_data.add(key="location", value="../outside.bin")
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [w])
+    d = tmp_path / "deploy"
+    d.mkdir()
+    onnx.save(helper.make_model(graph), str(d / "backbone.onnx"))
+    for name in ("bank.safetensors", "global.safetensors"):
+        (d / name).write_bytes(b"x")
+    header = {"format": deploy.FORMAT, "format_version": deploy.FORMAT_VERSION,
+              "files": {n: deploy.file_sha256(d / n) for n in deploy.FILES},
+              "settings": {k: 1 for k in ("preprocess", "image_size", "k", "k_image", "kappa", "sigma", "image_score")},
+              "input_shape": [4, 4], "level_shapes": [[1, 1]], "train_names": [], "calibration": {},
+              "model": {"lineage": "L", "generation": 1, "header_sha256": "0" * 64}, "image_threshold": None,
+              "pixel_threshold": None, "grid": None}
+    header["header_sha256"] = deploy.header_digest(header)
+    (d / "deploy.json").write_text(json.dumps(header))
+    with pytest.raises(DeployError, match="backbone.onnx: the graph refers to external data files") as err:
+        Detector.load(d)
+    assert "\n" not in str(err.value)

@@ -23,6 +23,11 @@ from .io import load_image, to_rgb_uint8
 from .result import ImageResult
 from .search import nn_distances
 
+# A TensorProto's external_data entry {key: "location", ...} (field 13 holding field 1 = "location"): a graph
+# that names files to read its weights from. Export never writes one; the runtime refuses the graph rather
+# than let onnxruntime resolve a path (fail-closed: a tensor named exactly "location" is refused too).
+_EXTERNAL_DATA = b"\x0a\x08location"
+
 
 def _read_image(item: str | Path | np.ndarray, index: int, max_pixels: int | None) -> tuple[str, np.ndarray]:
     """An image path or array as (name, HxWx3 uint8), read by spade-ad's rules (:mod:`.io`)."""
@@ -59,6 +64,9 @@ class Detector:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         model = (folder / "backbone.onnx").read_bytes()
+        if _EXTERNAL_DATA in model:
+            raise DeployError(f"{folder / 'backbone.onnx'}: the graph refers to external data files; a deploy "
+                              "folder's graph holds its weights (nothing outside the folder is read)")
         try:
             self.session = ort.InferenceSession(model, sess_options=opts, providers=providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
