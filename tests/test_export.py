@@ -251,3 +251,19 @@ def test_a_graph_that_reads_external_data_is_refused(tmp_path: Path) -> None:
     with pytest.raises(DeployError, match="backbone.onnx: the graph refers to external data files") as err:
         Detector.load(d)
     assert "\n" not in str(err.value)
+
+
+def test_the_index_changes_the_work_not_the_answer(small_train: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """The runtime's search grouped by the bank's fit-time index gives the bits of the plain search."""
+    model = tmp_path / "model"
+    Spade(SpadeSettings(weights="random", k=3, kappa=2)).fit(str(small_train / "train" / "good")).save(model)
+    assert run_cli(["export", str(model), "--out", str(tmp_path / "d"), *RANDOM], capsys)[0] == 0
+    det = Detector.load(tmp_path / "d")
+    assert all(ix is not None for ix in det._index)
+    images = [str(p) for p in sorted(small_train.glob("test/*/*.png"))]
+    grouped = det.predict(images)
+    det._index = [None] * len(det._index)
+    plain = det.predict(images)
+    for a, b in zip(grouped, plain, strict=True):
+        assert np.array_equal(a.input_map, b.input_map) and a.score == b.score

@@ -16,7 +16,7 @@ import pytest
 from spade_ad_runtime import imaging
 from spade_ad_runtime.deploy import FILES, FORMAT, FORMAT_VERSION, DeployError, file_sha256, header_digest, read_header
 from spade_ad_runtime.detector import Detector
-from spade_ad_runtime.search import exact_d2, mean_sqrt, nn_distances
+from spade_ad_runtime.search import exact_d2, grouped_nn_distances, mean_sqrt, nn_distances
 
 
 def _canonical(q: np.ndarray, g: np.ndarray, kappa: int) -> np.ndarray:
@@ -65,6 +65,37 @@ def test_search_is_exact_among_near_ties_and_bad_rows(kappa: int) -> None:
     q = np.concatenate([q, np.full((1, 40), np.inf, np.float32)])
     got = nn_distances(q, g, kappa)
     assert np.array_equal(got[:-1].view(np.int32), want.view(np.int32)) and not np.isfinite(got[-1])
+
+
+@pytest.mark.parametrize("kappa", [1, 3])
+@pytest.mark.parametrize("grouping", ["clusters", "random", "one", "far centres"])
+def test_grouped_search_is_the_canonical_brute_force(kappa: int, grouping: str) -> None:
+    """Any grouping and any centres give the brute force's answer bit for bit: clusters (what the index
+    gives), random groups, a single group, centres far from their rows; with duplicates, near-ties, a
+    non-finite row and a non-finite query."""
+    r = np.random.default_rng(kappa * 7 + len(grouping))
+    centres = (r.normal(size=(12, 24)) * 4).astype(np.float32)
+    label = r.integers(0, 12, 900)
+    g = (centres[label] + r.normal(size=(900, 24))).astype(np.float16).astype(np.float32)
+    g[5] = g[6]  # a duplicated row counts twice
+    g[9] = g[10]
+    g[9, 3] = np.nextafter(g[9, 3], np.float32(np.inf))  # a row one ulp from another
+    g[11, 2] = np.nan
+    q = np.concatenate([(centres[r.integers(0, 12, 200)] + r.normal(size=(200, 24))).astype(np.float32),
+                        g[[9, 10, 5]], np.full((1, 24), np.inf, np.float32)])
+    if grouping == "clusters":
+        groups, cen = label, centres
+    elif grouping == "random":
+        groups, cen = r.integers(0, 5, 900), (r.normal(size=(5, 24)) * 4).astype(np.float32)
+    elif grouping == "one":
+        groups, cen = np.zeros(900, np.int64), centres[:1]
+    else:
+        groups, cen = label, centres + np.float32(100)
+    got = grouped_nn_distances(q, g, groups, cen, kappa)
+    finite = np.isfinite(g).all(axis=1)
+    want = _canonical(q[:-1], g[finite], kappa)
+    assert np.array_equal(got[:-1].view(np.int32), want.view(np.int32)) and not np.isfinite(got[-1])
+    assert np.array_equal(got[:-1].view(np.int32), nn_distances(q, g, kappa)[:-1].view(np.int32))
 
 
 def test_search_rejects_bad_shapes() -> None:

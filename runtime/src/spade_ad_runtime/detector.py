@@ -21,7 +21,7 @@ from .deploy import DeployError, read_header
 from .errors import SpadeError
 from .io import load_image, to_rgb_uint8
 from .result import ImageResult
-from .search import nn_distances
+from .search import Grouped, group_gallery, grouped_nn_distances, nn_distances
 
 # A TensorProto's external_data entry {key: "location", ...} (field 13 holding field 1 = "location"): a graph
 # that names files to read its weights from. Export never writes one; the runtime refuses the graph rather
@@ -76,6 +76,8 @@ class Detector:
             self.global_ = np.asarray(f.get_tensor("global"), np.float64)
         self._bank = safe_open(str(folder / "bank.safetensors"), framework="numpy")
         self._levels = [self._bank.get_slice(f"level{i}") for i in range(len(self.level_shapes))]
+        self._index = [self._read_index(i) for i in range(len(self.level_shapes))]
+        self._galleries: dict[tuple[int, tuple[int, ...]], Grouped] = {}
         n = self.global_.shape[0]
         if len(self.train_names) != n:
             raise DeployError(f"{folder / 'deploy.json'}: {len(self.train_names)} training names for {n} vectors")
@@ -107,15 +109,51 @@ class Detector:
         score = float(np.float32(d[idx[: min(s["k_image"], n)]].mean()))
         return score, idx[: min(s["k"], n)]
 
+    def _read_index(self, level: int) -> tuple[Any, np.ndarray] | None:
+        """The bank's fit-time search index of ``level``, if it has one: each training image's unit per position
+        (read per gallery image) and the units' centres (unit = cell * shells + shell; a cell's centroid)."""
+        keys = set(self._bank.keys())
+        names = (f"cells{level}.unit", f"codebook{level}.centroids", f"codebook{level}.cuts")
+        if not all(k in keys for k in names):
+            return None
+        centroids = np.asarray(self._bank.get_tensor(names[1]), np.float32)
+        shells = int(self._bank.get_slice(names[2]).get_shape()[1]) + 1
+        return self._bank.get_slice(names[0]), np.repeat(centroids, shells, axis=0)
+
     def level_maps(self, levels: list[np.ndarray], gallery: np.ndarray) -> list[np.ndarray]:
-        """Stage 3's search: per level, each position's mean distance to its ``kappa`` nearest gallery features."""
+        """Stage 3's search: per level, each position's mean distance to its ``kappa`` nearest gallery features
+        (grouped by the bank's index where it has one: the same answer, fewer pairs computed)."""
         out = []
         rows = sorted(int(i) for i in gallery)
+        kappa = self.settings["kappa"]
         for li, (h, w) in enumerate(self.level_shapes):
-            g = np.concatenate([self._levels[li][r : r + 1] for r in rows])  # positioned reads, one row each
-            g = g.reshape(-1, g.shape[-1]).astype(np.float32)
-            out.append(nn_distances(levels[li], g, self.settings["kappa"]).reshape(h, w))
+            if self._index[li] is None:
+                out.append(nn_distances(levels[li], self._rows(li, rows), kappa).reshape(h, w))
+            else:
+                out.append(grouped_nn_distances(levels[li], self._grouped(li, rows), kappa=kappa).reshape(h, w))
         return out
+
+    def _rows(self, level: int, rows: list[int]) -> np.ndarray:
+        g = np.concatenate([self._levels[level][r : r + 1] for r in rows])  # positioned reads, one image each
+        return g.reshape(-1, g.shape[-1]).astype(np.float32)
+
+    def _grouped(self, level: int, rows: list[int]) -> Grouped:
+        """The gallery of training images ``rows`` at ``level``, grouped by the index; the last few galleries
+        are kept (with k at least the training images, every test image has the same gallery)."""
+        key = (level, tuple(rows))
+        if key in self._galleries:
+            return self._galleries[key]
+        index = self._index[level]
+        assert index is not None
+        g = self._rows(level, rows)
+        units = np.concatenate([index[0][r : r + 1] for r in rows]).reshape(-1).astype(np.int64)
+        if units.shape[0] != g.shape[0] or units.min() < 0 or units.max() >= index[1].shape[0]:
+            raise DeployError(f"{self.folder / 'bank.safetensors'}: damaged search index (level {level})")
+        grouped = group_gallery(g, units, index[1])
+        while len(self._galleries) >= 2 * len(self.level_shapes):  # bounded: the oldest goes first
+            self._galleries.pop(next(iter(self._galleries)))
+        self._galleries[key] = grouped
+        return grouped
 
     def predict(self, images: Sequence[str | Path | np.ndarray],
                 pixel_threshold: float | None = None) -> list[ImageResult]:

@@ -18,6 +18,8 @@ exactly. Memory: one block of queries times the gallery at a time (``block_bytes
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 U = 2.0**-24  # unit roundoff of float32
@@ -60,6 +62,18 @@ def mean_sqrt(d2: np.ndarray) -> np.ndarray:
     return acc / np.float32(x.shape[1]) if x.shape[1] > 1 else acc
 
 
+def _distinct_finite(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of one row per distinct finite row of ``g`` (bit for bit; in order of first occurrence) and how
+    often each occurs. Equal rows have equal distances, so each is scored once and counted with its
+    multiplicity (a uniform background repeats one row hundreds of times)."""
+    finite = np.nonzero(np.isfinite(g).all(axis=1))[0]
+    rows = np.ascontiguousarray(g[finite])
+    _, first, count = np.unique(rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel(),
+                                return_index=True, return_counts=True)
+    order = np.argsort(first)
+    return finite[first[order]], count[order]
+
+
 def nn_distances(queries: np.ndarray, gallery: np.ndarray, kappa: int = 1, block_bytes: int = 4 << 20) -> np.ndarray:
     """(n,) float32: each query's mean distance to its ``kappa`` nearest ``gallery`` rows (exact, canonical).
 
@@ -79,13 +93,12 @@ def nn_distances(queries: np.ndarray, gallery: np.ndarray, kappa: int = 1, block
         raise ValueError("the gallery is empty")
     kk = min(kappa, m)
     lo_f, hi_f = 1 - G_E(dim) / 4, 1 + G_E(dim) / 4
-    finite_g: np.ndarray = np.asarray(np.isfinite(g).all(axis=1))
-    g_ok = g[finite_g] if not finite_g.all() else g
-    rows_of = np.nonzero(finite_g)[0]
+    rows_of, mult = _distinct_finite(g)
+    g_ok = g[rows_of]
     out = np.full((n, kk), np.inf, np.float32)
     if g_ok.shape[0] == 0:
         return mean_sqrt(out)
-    kg = min(kk, g_ok.shape[0])
+    kg = min(kk, int(mult.sum()))
     # [q, 1] . [-2 g, |g|^2] = D = d~ - |q|^2, |D - (d^2 - |q|^2)| <= eps = gam (|q| + |g|)^2 (the engine's form)
     aug = np.concatenate([g_ok * np.float32(-2.0), np.einsum("ij,ij->i", g_ok, g_ok)[:, None]], axis=1).T.copy()
     gmax = float(np.sqrt(np.einsum("ij,ij->i", g_ok.astype(np.float64), g_ok.astype(np.float64)).max(initial=0)))
@@ -103,8 +116,9 @@ def nn_distances(queries: np.ndarray, gallery: np.ndarray, kappa: int = 1, block
             if kg == 1:
                 am = d.argmin(axis=1)
                 dk = d[np.arange(b - a), am].astype(np.float64)
-            else:
-                dk = np.partition(d, kg - 1, axis=1)[:, kg - 1].astype(np.float64)
+            else:  # the kg-th smallest distinct row bounds the kg-th smallest row (max: fewer distinct rows)
+                dk = (np.partition(d, kg - 1, axis=1)[:, kg - 1] if g_ok.shape[0] >= kg else d.max(axis=1)
+                      ).astype(np.float64)
             ub = (dk + qn2[a:b] + eps[a:b]) * hi_f
             thr = np.nextafter((ub / lo_f + eps[a:b] - qn2[a:b]).astype(np.float32), np.float32(np.inf))
             cand = d <= thr[:, None]
@@ -116,17 +130,155 @@ def nn_distances(queries: np.ndarray, gallery: np.ndarray, kappa: int = 1, block
                 ri = np.concatenate([am[single], rm])
             else:
                 qi, ri = np.nonzero(cand)
-            ri = rows_of[ri]
-            e = exact_d2(g[ri], q[a:b][qi])
-            e = np.where(np.isnan(e), np.float32(np.inf), e)
-            order = np.lexsort((e, qi))
-            qi, e = qi[order], e[order]
-            first = np.searchsorted(qi, np.arange(b - a))
-            count = np.diff(np.append(first, qi.size))
-            for j in range(kk):
-                has = count > j
-                out[a:b][has, j] = e[first[has] + j]
+            _kth_exact(q[a:b], g_ok, qi, ri, out[a:b], mult)
     return mean_sqrt(out)
 
 
-__all__ = ["nn_distances", "exact_d2", "mean_sqrt", "eps_factor", "G_E", "gamma"]
+
+@dataclass(frozen=True)
+class Grouped:
+    """A gallery prepared for :func:`grouped_nn_distances`: its distinct finite rows sorted by group, each
+    group's centre and radii, and the GEMM operand about the centres. Depends on the gallery alone, so one
+    preparation serves every test image with the same gallery."""
+
+    rows: np.ndarray  # (m', C) float32: distinct finite rows, group by group
+    mult: np.ndarray  # (m',) how often each occurs in the gallery
+    n_rows: int  # rows of the gallery as given (kappa is capped by it, as in nn_distances)
+    start: np.ndarray  # (U,) first row of each group
+    count: np.ndarray  # (U,) rows of each group
+    c32: np.ndarray  # (U, C) float32 centres
+    c64: np.ndarray  # (U, C) float64 centres
+    r_in: np.ndarray  # (U,) float64, inflated: every row's |g - c| lies in [r_in, r_out]
+    r_out: np.ndarray
+    aug: np.ndarray  # (m', C + 1) float32: [-2 (g - c), |g - c|^2]
+
+
+def group_gallery(gallery: np.ndarray, groups: np.ndarray, centres: np.ndarray) -> Grouped:
+    """Prepare ``gallery`` (m, C) for :func:`grouped_nn_distances`; ``groups``: (m,) ids into ``centres``."""
+    g = np.ascontiguousarray(gallery, dtype=np.float32)
+    if g.ndim != 2 or groups.shape != (g.shape[0],) or centres.ndim != 2 or centres.shape[1] != g.shape[1]:
+        raise ValueError(f"gallery {g.shape}, groups {groups.shape}, centres {centres.shape} do not match")
+    if g.shape[0] == 0:
+        raise ValueError("the gallery is empty")
+    if groups.min() < 0 or groups.max() >= centres.shape[0]:
+        raise ValueError("a group id is not a row of centres")
+    rel = (g.shape[1] + 8) * 2.0**-52
+    keep, mult = _distinct_finite(g)  # rows with a non-finite value are never neighbours
+    by_group = np.argsort(groups[keep], kind="stable")
+    order, mult = keep[by_group], mult[by_group]
+    gs = g[order]
+    ids, start, count = np.unique(groups[order], return_index=True, return_counts=True)
+    c64 = np.asarray(centres, np.float64)[ids]
+    r = np.sqrt(((gs.astype(np.float64) - np.repeat(c64, count, axis=0)) ** 2).sum(axis=1))
+    c32 = np.asarray(centres, np.float32)[ids]
+    gc = gs - np.repeat(c32, count, axis=0)  # each row about its group's centre: eps shrinks with the radius
+    aug = np.concatenate([gc * np.float32(-2.0), np.einsum("ij,ij->i", gc, gc)[:, None]], axis=1)
+    return Grouped(gs, mult, g.shape[0], start, count, c32, c64,
+                   np.minimum.reduceat(r, start) * (1 - rel) if r.size else r,
+                   np.maximum.reduceat(r, start) * (1 + rel) if r.size else r, aug)
+
+
+def grouped_nn_distances(queries: np.ndarray, gallery: np.ndarray | Grouped, groups: np.ndarray | None = None,
+                         centres: np.ndarray | None = None, kappa: int = 1) -> np.ndarray:
+    """:func:`nn_distances` with the gallery's rows in groups (``groups``: (m,) ids into ``centres``, (G, C);
+    or a gallery prepared by :func:`group_gallery`): the same answer, bit for bit, computing only the (query,
+    group) pairs the triangle inequality cannot rule out. Any grouping and any centres give the canonical
+    answer (they only change the speed); spade-ad's fit-time index gives groups of close rows (one shell of
+    one k-means cell, ``docs/engine.md`` part II).
+
+    Per group, its radii ``r_in <= |g - c| <= r_out`` over its rows bound every row's distance from a query
+    from below by ``l = max(|q - c| - r_out, r_in - |q - c|, 0)`` (float64, with margins for its rounding).
+    ``ub``, an upper bound on each query's kappa-th smallest exact value, comes from the rows of the group
+    with the nearest centre (and, for kappa = 1, tightens group by group); a group with ``l^2 > ub / (1 -
+    G_E/4)`` cannot hold a row among the kappa nearest. Within the others, the GEMM form about the group's
+    centre (eps with ``|q - c| + r_out``: small where rows are dense) picks the candidates, and they are
+    re-checked exactly as in :func:`nn_distances`, duplicates counted with their multiplicity.
+    """
+    if not isinstance(gallery, Grouped):
+        if groups is None or centres is None:
+            raise ValueError("groups and centres are needed with an unprepared gallery")
+        gallery = group_gallery(gallery, groups, centres)
+    G = gallery  # noqa: N806
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    if q.ndim != 2 or q.shape[1] != G.aug.shape[1] - 1:
+        raise ValueError(f"queries {q.shape} do not match the gallery's {G.aug.shape[1] - 1} columns")
+    if kappa < 1:
+        raise ValueError("kappa must be >= 1")
+    n, dim = q.shape
+    kk = min(kappa, G.n_rows)
+    out = np.full((n, kk), np.inf, np.float32)
+    if G.rows.shape[0] == 0:
+        return mean_sqrt(out)
+    kg = min(kk, int(G.mult.sum()))
+    lo_f, hi_f = 1 - G_E(dim) / 4, 1 + G_E(dim) / 4
+    rel = (dim + 8) * 2.0**-52  # float64 rounding of the bounds below, with room to spare
+    gs, mult, start, count, c32, c64, r_in, r_out, aug = (G.rows, G.mult, G.start, G.count, G.c32, G.c64, G.r_in,
+                                                          G.r_out, G.aug)
+    q64 = q.astype(np.float64)
+    qn2 = np.einsum("ij,ij->i", q64, q64)
+    ones = np.ones((n, 1), np.float32)
+    gam = eps_factor(dim)
+
+    def tile(u: int, sel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """D = d~ - |q - c|^2 about group u's centre c for queries ``sel``, with |q - c|^2 and eps."""
+        qc = q[sel] - c32[u]
+        qcn2 = np.einsum("ij,ij->i", qc.astype(np.float64), qc.astype(np.float64))
+        d = np.concatenate([qc, ones[: sel.size]], axis=1) @ aug[start[u] : start[u] + count[u]].T
+        return d, qcn2, gam * (np.sqrt(qcn2) + r_out[u]) ** 2
+
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite queries: no candidates, distance inf
+        cn2 = np.einsum("ij,ij->i", c64, c64)
+        s = qn2[:, None] + cn2[None] - 2 * (q64 @ c64.T)  # |q - c|^2, within err
+        err = rel * (np.sqrt(qn2)[:, None] + np.sqrt(cn2)[None]) ** 2
+        d_lo = np.sqrt(np.maximum(s - err, 0)) * (1 - rel)
+        d_hi = np.sqrt(s + err) * (1 + rel)
+        low2 = (np.maximum(np.maximum(d_lo - r_out[None], r_in[None] - d_hi), 0) * (1 - rel)) ** 2  # (n, groups)
+        ub = np.full(n, np.inf)
+        home = np.argmin(np.where(np.isnan(s), np.inf, s), axis=1)
+        for u in np.unique(home):  # ub from the rows of the group with the nearest centre
+            if count[u] < kg:  # fewer distinct rows than kappa: no bound from this group
+                continue
+            sel = np.nonzero(home == u)[0]
+            d, qcn2, eps = tile(u, sel)
+            dk = d.min(axis=1) if kg == 1 else np.partition(d, kg - 1, axis=1)[:, kg - 1]
+            ub[sel] = (dk.astype(np.float64) + qcn2 + eps) * hi_f
+        qis, ris, lows = [], [], []
+        for u in range(start.size):
+            sel = np.nonzero(low2[:, u] <= ub / lo_f)[0]
+            if sel.size == 0:
+                continue
+            d, qcn2, eps = tile(u, sel)
+            if kg == 1:
+                ub[sel] = np.minimum(ub[sel], (d.min(axis=1).astype(np.float64) + qcn2 + eps) * hi_f)
+            thr = np.nextafter((ub[sel] / lo_f + eps - qcn2).astype(np.float32), np.float32(np.inf))
+            qi, ri = np.nonzero(d <= thr[:, None])
+            qis.append(sel[qi])
+            ris.append(start[u] + ri)
+            lows.append(d[qi, ri].astype(np.float64) + qcn2[qi] - eps[qi])  # a lower bound on d^2
+        if qis:  # candidates taken under an earlier, looser ub are dropped under the final one
+            qi, ri, low = np.concatenate(qis), np.concatenate(ris), np.concatenate(lows)
+            ok = low <= ub[qi] / lo_f
+            _kth_exact(q, gs, qi[ok], ri[ok], out, mult)
+    return mean_sqrt(out)
+
+
+def _kth_exact(q: np.ndarray, g: np.ndarray, qi: np.ndarray, ri: np.ndarray, out: np.ndarray,
+               mult: np.ndarray) -> None:
+    """Score the candidate pairs (qi, ri) exactly and put each query's ``out.shape[1]`` smallest values, in
+    ascending order and each row counted ``mult[ri]`` times, into its row of ``out`` (rows without candidates
+    stay inf)."""
+    e = exact_d2(g[ri], q[qi])
+    e = np.where(np.isnan(e), np.float32(np.inf), e)
+    if out.shape[1] > 1:  # a row repeated r times is r of the kappa nearest (at most kappa of them count)
+        times = np.minimum(mult[ri], out.shape[1])
+        qi, e = np.repeat(qi, times), np.repeat(e, times)
+    order = np.lexsort((e, qi))
+    qi, e = qi[order], e[order]
+    first = np.searchsorted(qi, np.arange(out.shape[0]))
+    count = np.diff(np.append(first, qi.size))
+    for j in range(out.shape[1]):
+        has = count > j
+        out[has, j] = e[first[has] + j]
+
+__all__ = ["nn_distances", "grouped_nn_distances", "group_gallery", "Grouped", "exact_d2", "mean_sqrt", "eps_factor",
+           "G_E", "gamma"]
