@@ -110,9 +110,11 @@ def test_runtime_gives_spade_ad_answers_on_bottle(bottle: Path, preset: str, tmp
 
 
 @pytest.mark.slow
-def test_runtime_gives_spade_ad_answers_on_metal_plate(metal_plate: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("preset", ["paper", "fast", "accurate"])
+def test_runtime_gives_spade_ad_answers_on_metal_plate(metal_plate: Path, preset: str, tmp_path: Path) -> None:
     train, tests = _pick(metal_plate, 12, 2)
-    score, amap = _parity(train, tests, SpadeSettings(), tmp_path)
+    s = SpadeSettings() if preset == "paper" else SpadeSettings.from_preset(preset)
+    score, amap = _parity(train, tests, s, tmp_path)
     assert score < 1e-5 and amap < 1e-5, (score, amap)
 
 
