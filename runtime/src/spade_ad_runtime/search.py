@@ -249,9 +249,18 @@ def grouped_nn_distances(queries: np.ndarray, gallery: np.ndarray | Grouped, gro
                 continue
             d, qcn2, eps = tile(u, sel)
             if kg == 1:
-                ub[sel] = np.minimum(ub[sel], (d.min(axis=1).astype(np.float64) + qcn2 + eps) * hi_f)
+                am = d.argmin(axis=1)
+                dmin = d[np.arange(sel.size), am]
+                ub[sel] = np.minimum(ub[sel], (dmin.astype(np.float64) + qcn2 + eps) * hi_f)
             thr = np.nextafter((ub[sel] / lo_f + eps - qcn2).astype(np.float32), np.float32(np.inf))
-            qi, ri = np.nonzero(d <= thr[:, None])
+            cand = d <= thr[:, None]
+            if kg == 1:  # mostly no candidate or one, the argmin: index only the rows that have more
+                n_cand = np.count_nonzero(cand, axis=1)
+                one, more = np.nonzero(n_cand == 1)[0], np.nonzero(n_cand > 1)[0]
+                qm, rm = np.nonzero(cand[more])
+                qi, ri = np.concatenate([one, more[qm]]), np.concatenate([am[one], rm])
+            else:
+                qi, ri = np.nonzero(cand)
             qis.append(sel[qi])
             ris.append(start[u] + ri)
             lows.append(d[qi, ri].astype(np.float64) + qcn2[qi] - eps[qi])  # a lower bound on d^2
