@@ -102,17 +102,11 @@ def _pick(root: Path, n_train: int, per_type: int) -> tuple[list[Path], list[Pat
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["paper", "fast", "accurate"])
-def test_runtime_gives_spade_ad_answers_on_bottle(bottle: Path, preset: str, tmp_path: Path) -> None:
-    train, tests = _pick(bottle, 12, 1)
-    s = SpadeSettings() if preset == "paper" else SpadeSettings.from_preset(preset)
-    score, amap = _parity(train, tests, s, tmp_path)
-    assert score < 1e-5 and amap < 1e-5, (score, amap)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("preset", ["paper", "fast", "accurate"])
-def test_runtime_gives_spade_ad_answers_on_metal_plate(metal_plate: Path, preset: str, tmp_path: Path) -> None:
-    train, tests = _pick(metal_plate, 12, 2)
+@pytest.mark.parametrize("data, per_type", [("bottle", 1), ("metal_plate", 2)])
+def test_runtime_gives_spade_ad_answers(data: str, per_type: int, preset: str, tmp_path: Path,
+                                        request: pytest.FixtureRequest) -> None:
+    """bottle and metal_plate test images, the default and both presets: scores and maps within 1e-5."""
+    train, tests = _pick(request.getfixturevalue(data), 12, per_type)
     s = SpadeSettings() if preset == "paper" else SpadeSettings.from_preset(preset)
     score, amap = _parity(train, tests, s, tmp_path)
     assert score < 1e-5 and amap < 1e-5, (score, amap)
