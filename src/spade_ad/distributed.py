@@ -502,7 +502,7 @@ def _new_run(model_dir: Path, out: Path, given: list[Path], pin: runs.ModelPin, 
     del model  # the workers load their own; the driver keeps none
     items = runs.expand_inputs(given)
     runs.check_output_folder(out, given, overwrite)
-    return runs.Run(out, items, {"model": str(model_dir), **pin.record()}, image_threshold, thr, raw), items, step
+    return runs.Run(out, items, pin.run_source(model_dir), image_threshold, thr, raw), items, step
 
 
 def _scoring_dataset(ray: Any, items: list[runs.Input], step: int, pool: _Pool, scorer: dict[str, Any]) -> Any:

@@ -59,8 +59,10 @@ class ModelPin:
     generation: int
     header_sha256: str
 
-    def record(self) -> dict[str, Any]:
-        return {"lineage": self.lineage, "generation": self.generation, "header_sha256": self.header_sha256}
+    def run_source(self, model_dir: str | Path) -> dict[str, Any]:
+        """What ``run.json`` says of the model: the folder as given and the generation the run uses."""
+        return {"model": str(model_dir), "lineage": self.lineage, "generation": self.generation,
+                "header_sha256": self.header_sha256}
 
 
 def pin_model(model_dir: str | Path) -> ModelPin:
@@ -154,7 +156,7 @@ def predict(
     items = expand_inputs(given)
     check_output_folder(out, given, overwrite)
     thr = model.pixel_threshold_ if threshold is None else threshold
-    run = Run(out, items, {"model": str(model_dir), **pin.record()}, model.image_threshold_, thr, raw)
+    run = Run(out, items, pin.run_source(model_dir), model.image_threshold_, thr, raw)
     return predict_into(model, run, items, threshold, thr, raw, on_error, progress)
 
 

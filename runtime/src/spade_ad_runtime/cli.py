@@ -28,16 +28,17 @@ def on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise Terminated()
 
 
-def ending(exc: BaseException) -> tuple[int, str] | None:
+ENDINGS = (SpadeError, KeyboardInterrupt, Terminated)  # what ends a command with its own code and line
+
+
+def ending(exc: SpadeError | KeyboardInterrupt | Terminated) -> tuple[int, str]:
     """The exit code and line of a command ended by ``exc`` (both packages' commands): bad input 2, Ctrl+C
-    130, SIGTERM 143; ``None`` for anything else (an unexpected error, reported by the caller)."""
+    130, SIGTERM 143 (anything else is an unexpected error, reported by the caller)."""
     if isinstance(exc, SpadeError):
         return 2, f"error: {exc}"
     if isinstance(exc, KeyboardInterrupt):
         return 130, "interrupted"
-    if isinstance(exc, Terminated):
-        return 143, "terminated"
-    return None
+    return 143, "terminated"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -94,10 +95,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         run(argv)
-    except (SpadeError, KeyboardInterrupt, Terminated) as exc:
+    except ENDINGS as exc:
         if debug and isinstance(exc, SpadeError):
             raise
-        code, line = ending(exc)  # type: ignore[misc]
+        code, line = ending(exc)
         _say(line)
         sys.exit(code)
     except Exception as exc:  # anything unexpected

@@ -76,7 +76,8 @@ class Detector:
             self.global_ = np.asarray(f.get_tensor("global"), np.float64)
         self._bank = safe_open(str(folder / "bank.safetensors"), framework="numpy")
         self._levels = [self._bank.get_slice(f"level{i}") for i in range(len(self.level_shapes))]
-        self._index = [self._read_index(i) for i in range(len(self.level_shapes))]
+        keys = set(self._bank.keys())
+        self._index = [self._read_index(i, keys) for i in range(len(self.level_shapes))]
         self._galleries: dict[tuple[int, tuple[int, ...]], Grouped] = {}
         n = self.global_.shape[0]
         if len(self.train_names) != n:
@@ -109,10 +110,9 @@ class Detector:
         score = float(np.float32(d[idx[: min(s["k_image"], n)]].mean()))
         return score, idx[: min(s["k"], n)]
 
-    def _read_index(self, level: int) -> tuple[Any, np.ndarray] | None:
+    def _read_index(self, level: int, keys: set[str]) -> tuple[Any, np.ndarray] | None:
         """The bank's fit-time search index of ``level``, if it has one: each training image's unit per position
         (read per gallery image) and the units' centres (unit = cell * shells + shell; a cell's centroid)."""
-        keys = set(self._bank.keys())
         names = (f"cells{level}.unit", f"codebook{level}.centroids", f"codebook{level}.cuts")
         if not all(k in keys for k in names):
             return None

@@ -51,13 +51,12 @@ def predict(
     items = expand_inputs(given)
     check_output_folder(out, given, overwrite)
     thr = det.pixel_threshold if threshold is None else threshold
-    source = {"deploy": str(deploy_dir), **{k: det.header["model"][k] for k in ("lineage", "generation",
-                                                                                 "header_sha256")}}
+    model = det.header["model"]  # the generation the deploy folder was exported from
+    source = {"deploy": str(deploy_dir), **{k: model[k] for k in ("lineage", "generation", "header_sha256")}}
     run = Run(out, items, source, det.image_threshold, thr, raw)
     return score_into(run, items, lambda arrays: det.predict(arrays, pixel_threshold=threshold), step=batch_size,
                       threads=os.cpu_count() or 1, max_pixels=max_pixels, thr=thr, raw=raw,
-                      generation=det.header["model"]["generation"], on_error=on_error, progress=progress)
-
+                      generation=model["generation"], on_error=on_error, progress=progress)
 
 
 __all__ = ["predict"]

@@ -74,6 +74,29 @@ def _distinct_finite(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return finite[first[order]], count[order]
 
 
+def _kth_smallest(d: np.ndarray, kg: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per row of a GEMM tile ``d`` (queries x distinct rows): the ``kg``-th smallest value, which bounds the
+    ``kg``-th smallest row counted with multiplicity (the largest when the tile has fewer distinct rows), and,
+    for ``kg`` = 1, the column where it lies."""
+    if kg == 1:
+        am = d.argmin(axis=1)
+        return d[np.arange(d.shape[0]), am], am
+    return (np.partition(d, kg - 1, axis=1)[:, kg - 1] if d.shape[1] >= kg else d.max(axis=1)), None
+
+
+def _candidates(cand: np.ndarray, am: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(query, row) of the True entries of ``cand``. With ``am`` (each query's argmin, itself a candidate when
+    the query has any) a query with one candidate takes it without indexing its row; only rows with more are
+    indexed (kappa = 1: on real features most queries have one)."""
+    if am is None:
+        qi, ri = np.nonzero(cand)
+        return qi, ri
+    n_cand = np.count_nonzero(cand, axis=1)
+    one, more = np.nonzero(n_cand == 1)[0], np.nonzero(n_cand > 1)[0]
+    qm, rm = np.nonzero(cand[more])
+    return np.concatenate([one, more[qm]]), np.concatenate([am[one], rm])
+
+
 def nn_distances(queries: np.ndarray, gallery: np.ndarray, kappa: int = 1, block_bytes: int = 4 << 20) -> np.ndarray:
     """(n,) float32: each query's mean distance to its ``kappa`` nearest ``gallery`` rows (exact, canonical).
 
@@ -113,26 +136,12 @@ def nn_distances(queries: np.ndarray, gallery: np.ndarray, kappa: int = 1, block
             d = np.matmul(qa[a:b], aug, out=buf[: b - a])
             # ub: the kappa-th smallest upper bound (D + |q|^2 + eps)(1 + G_E/4) of an exact value; a row whose
             # lower bound (D + |q|^2 - eps)(1 - G_E/4) exceeds it cannot be among the kappa nearest
-            if kg == 1:
-                am = d.argmin(axis=1)
-                dk = d[np.arange(b - a), am].astype(np.float64)
-            else:  # the kg-th smallest distinct row bounds the kg-th smallest row (max: fewer distinct rows)
-                dk = (np.partition(d, kg - 1, axis=1)[:, kg - 1] if g_ok.shape[0] >= kg else d.max(axis=1)
-                      ).astype(np.float64)
-            ub = (dk + qn2[a:b] + eps[a:b]) * hi_f
+            dk, am = _kth_smallest(d, kg)
+            ub = (dk.astype(np.float64) + qn2[a:b] + eps[a:b]) * hi_f
             thr = np.nextafter((ub / lo_f + eps[a:b] - qn2[a:b]).astype(np.float32), np.float32(np.inf))
-            cand = d <= thr[:, None]
-            if kg == 1:  # mostly one candidate, the argmin: index only the rows that have more
-                single = np.count_nonzero(cand, axis=1) == 1
-                multi = np.nonzero(~single)[0]
-                qm, rm = np.nonzero(cand[multi])
-                qi = np.concatenate([np.nonzero(single)[0], multi[qm]])
-                ri = np.concatenate([am[single], rm])
-            else:
-                qi, ri = np.nonzero(cand)
+            qi, ri = _candidates(d <= thr[:, None], am)
             _kth_exact(q[a:b], g_ok, qi, ri, out[a:b], mult)
     return mean_sqrt(out)
-
 
 
 @dataclass(frozen=True)
@@ -240,27 +249,19 @@ def grouped_nn_distances(queries: np.ndarray, gallery: np.ndarray | Grouped, gro
                 continue
             sel = np.nonzero(home == u)[0]
             d, qcn2, eps = tile(u, sel)
-            dk = d.min(axis=1) if kg == 1 else np.partition(d, kg - 1, axis=1)[:, kg - 1]
-            ub[sel] = (dk.astype(np.float64) + qcn2 + eps) * hi_f
+            ub[sel] = (_kth_smallest(d, kg)[0].astype(np.float64) + qcn2 + eps) * hi_f
         qis, ris, lows = [], [], []
         for u in range(start.size):
             sel = np.nonzero(low2[:, u] <= ub / lo_f)[0]
             if sel.size == 0:
                 continue
             d, qcn2, eps = tile(u, sel)
-            if kg == 1:
-                am = d.argmin(axis=1)
-                dmin = d[np.arange(sel.size), am]
+            am = None
+            if kg == 1:  # the group's nearest row tightens ub
+                dmin, am = _kth_smallest(d, 1)
                 ub[sel] = np.minimum(ub[sel], (dmin.astype(np.float64) + qcn2 + eps) * hi_f)
             thr = np.nextafter((ub[sel] / lo_f + eps - qcn2).astype(np.float32), np.float32(np.inf))
-            cand = d <= thr[:, None]
-            if kg == 1:  # mostly no candidate or one, the argmin: index only the rows that have more
-                n_cand = np.count_nonzero(cand, axis=1)
-                one, more = np.nonzero(n_cand == 1)[0], np.nonzero(n_cand > 1)[0]
-                qm, rm = np.nonzero(cand[more])
-                qi, ri = np.concatenate([one, more[qm]]), np.concatenate([am[one], rm])
-            else:
-                qi, ri = np.nonzero(cand)
+            qi, ri = _candidates(d <= thr[:, None], am)
             qis.append(sel[qi])
             ris.append(start[u] + ri)
             lows.append(d[qi, ri].astype(np.float64) + qcn2[qi] - eps[qi])  # a lower bound on d^2
@@ -288,6 +289,7 @@ def _kth_exact(q: np.ndarray, g: np.ndarray, qi: np.ndarray, ri: np.ndarray, out
     for j in range(out.shape[1]):
         has = count > j
         out[has, j] = e[first[has] + j]
+
 
 __all__ = ["nn_distances", "grouped_nn_distances", "group_gallery", "Grouped", "exact_d2", "mean_sqrt", "eps_factor",
            "G_E", "gamma"]

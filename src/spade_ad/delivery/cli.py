@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from spade_ad_runtime.cli import Terminated, ending, on_sigterm
+from spade_ad_runtime.cli import ENDINGS, ending, on_sigterm
 
 from .. import settings
 from ..errors import SpadeError
@@ -622,10 +622,10 @@ def main() -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
         code = command()(standalone_mode=False)
-    except (SpadeError, KeyboardInterrupt, Terminated) as exc:
+    except ENDINGS as exc:
         if _state["debug"] and isinstance(exc, SpadeError):
             raise
-        code, line = ending(exc)  # type: ignore[misc]
+        code, line = ending(exc)
         say(line)
         sys.exit(code)
     except SystemExit:
