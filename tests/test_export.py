@@ -263,3 +263,38 @@ def test_the_index_changes_the_work_not_the_answer(small_train: Path, tmp_path: 
     plain = det.predict(images)
     for a, b in zip(grouped, plain, strict=True):
         assert np.array_equal(a.input_map, b.input_map) and a.score == b.score
+
+
+def test_the_runtime_command_interrupted_by_a_signal(small_train: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A real `spade-ad-runtime predict` process stopped by SIGINT or SIGTERM mid-run: exit 130 or 143 with its
+    line, run.json says interrupted and lists exactly the files that exist, every row is a complete line."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model = tmp_path / "model"
+    Spade(SpadeSettings(weights="random", k=3)).fit(str(small_train / "train" / "good")).save(model)
+    assert run_cli(["export", str(model), "--out", str(tmp_path / "d"), *RANDOM], capsys)[0] == 0
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(400):  # enough work to be interrupted mid-run
+        (many / f"{i:03d}.png").symlink_to(next((small_train / "test" / "good").glob("*.png")))
+    for sig, code, word in ((signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")):
+        out = tmp_path / f"o{code}"
+        p = subprocess.Popen([sys.executable, "-m", "spade_ad_runtime.cli", "predict", str(tmp_path / "d"),
+                              str(many), "--out", str(out), "--batch-size", "2"], stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while not ((out / "predictions.jsonl").is_file() and (out / "predictions.jsonl").stat().st_size) \
+                and time.time() < deadline:
+            time.sleep(0.05)  # the first rows are written
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == code and err.strip().endswith(word), err
+        run = json.loads((out / "run.json").read_text())
+        assert run["status"] == "interrupted" and 0 < run["n_images"] < 400
+        assert sorted(run["outputs"]) == sorted(f.name for f in out.iterdir()
+                                                if f.name not in ("run.json", "predictions.jsonl"))
+        rows = (out / "predictions.jsonl").read_text().splitlines()
+        assert len(rows) == run["n_images"] and all(json.loads(r)["file"] for r in rows)

@@ -293,6 +293,10 @@ def test_the_command_gives_one_line_and_exit_2_on_bad_input(tmp_path: Path, caps
         (["predict", str(tmp_path / "nope"), str(imgs), "--out", str(tmp_path / "o"), "--raw", "tiff"],
          "--raw must be npy or png16"),
         (["predict", str(_folder(tmp_path)), str(imgs), "--out", str(tmp_path / "o")], "cannot load the backbone"),
+        (["predict", "d", str(imgs), "--out", str(tmp_path / "o"), "--batch-size", "0"],
+         "--batch-size must be at least 1"),
+        (["predict", "d", str(imgs), "--out", str(tmp_path / "o"), "--max-pixels", "0"],
+         "--max-pixels must be at least 1"),
     ):
         with pytest.raises(SystemExit) as code:
             main(argv)
