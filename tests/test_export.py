@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -91,6 +92,8 @@ def _parity(train: list[Path], tests: list[Path], settings: SpadeSettings, tmp: 
         row = pred[i].summary()
         assert res.summary().keys() == row.keys()
         assert abs(res.summary()["defect_pixels"] - row["defect_pixels"]) <= int(differ.sum())
+        if not differ.any():
+            assert_same_regions(res.summary()["regions"], row["regions"], pred.maps[i])
     return worst_score, worst_map
 
 
@@ -105,9 +108,11 @@ def _pick(root: Path, n_train: int, per_type: int) -> tuple[list[Path], list[Pat
 @pytest.mark.parametrize("data, per_type", [("bottle", 1), ("metal_plate", 2)])
 def test_runtime_gives_spade_ad_answers(data: str, per_type: int, preset: str, tmp_path: Path,
                                         request: pytest.FixtureRequest) -> None:
-    """bottle and metal_plate test images, the default and both presets: scores and maps within 1e-5."""
+    """bottle and metal_plate test images, the default and both presets: scores and maps within 1e-5 (``fast``
+    with the regions verdict rule and a least region area: the same verdicts, masks and regions)."""
     train, tests = _pick(request.getfixturevalue(data), 12, per_type)
-    s = SpadeSettings() if preset == "paper" else SpadeSettings.from_preset(preset)
+    regions = {"min_area": 400, "verdict_rule": "regions"} if preset == "fast" else {}
+    s = SpadeSettings() if preset == "paper" else SpadeSettings.from_preset(preset, **regions)
     score, amap = _parity(train, tests, s, tmp_path)
     assert score < 1e-5 and amap < 1e-5, (score, amap)
 
@@ -155,6 +160,17 @@ def test_a_tiled_model_is_refused_in_one_line(small_train: Path, tmp_path: Path,
     assert code == 2 and "tiled models cannot be exported yet" in err and not (tmp_path / "d").exists()
 
 
+def assert_same_regions(r1: list[dict[str, Any]], r2: list[dict[str, Any]], amap: np.ndarray) -> None:
+    """Two rows' regions of one mask: the same boxes and areas; peaks and means within the parity tolerance
+    (a peak's position may move between pixels whose values tie within it)."""
+    assert [(r["box"], r["area"]) for r in r1] == [(r["box"], r["area"]) for r in r2]
+    for a, b in zip(r1, r2, strict=True):
+        for key in ("peak", "mean", "peak_normalised"):
+            assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (key, a, b)
+        (x1, y1), (x2, y2) = a["peak_at"], b["peak_at"]
+        assert abs(amap[y1, x1] - amap[y2, x2]) <= 1e-5 * abs(a["peak"])
+
+
 def test_runtime_predict_writes_what_spade_ad_predict_writes(small_train: Path, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     """The same inputs give the same files, names, run.json and rows from both commands (numbers within the
@@ -188,7 +204,7 @@ def test_runtime_predict_writes_what_spade_ad_predict_writes(small_train: Path, 
         for key, va in a.items():
             if isinstance(va, float):
                 assert abs(va - b[key]) <= 1e-5 * abs(va) + 1e-9, (key, va, b[key])
-            elif key != "defect_pixels":
+            elif key not in ("defect_pixels", "regions"):
                 assert va == b[key], key
         if "error" in a:
             continue
@@ -197,6 +213,8 @@ def test_runtime_predict_writes_what_spade_ad_predict_writes(small_train: Path, 
         k1, k2 = (np.asarray(Image.open(o / a["mask"])) > 0 for o in (o1, o2))
         assert np.all(np.abs(m1[k1 != k2] - thr) <= 1e-5 * thr) and abs(a["defect_pixels"] - b["defect_pixels"]) \
             == int((k1 != k2).sum())
+        if np.array_equal(k1, k2):  # the same mask: the same regions, their scores within the tolerance
+            assert_same_regions(a["regions"], b["regions"], m1)
         v1, v2 = (np.asarray(Image.open(o / a["overlay"])).astype(int) for o in (o1, o2))
         assert v1.shape == v2.shape and np.mean(v1 != v2) < 0.01  # a colour step where a value sits on a bin edge
 

@@ -240,15 +240,18 @@ class _Scorer:
     image_threshold = 1.0
     pixel_threshold = 1.5
     header = {"model": {"lineage": "L", "generation": 3, "header_sha256": "0" * 64}}
+    min_area, verdict_rule = 0, "score"
 
-    def predict(self, images, pixel_threshold=None):  # type: ignore[no-untyped-def]
+    def predict(self, images, pixel_threshold=None, min_area=None):  # type: ignore[no-untyped-def]
         from spade_ad_runtime.result import ImageResult
 
         thr = self.pixel_threshold if pixel_threshold is None else pixel_threshold
+        area = self.min_area if min_area is None else min_area
         out = []
         for img in images:
             m = img[..., 0].astype(np.float32) / 100
-            out.append(ImageResult("array", float(m.max()), m, m, (0,), ("train.png",), self.image_threshold, thr))
+            out.append(ImageResult("array", float(m.max()), m, m, (0,), ("train.png",), self.image_threshold, thr,
+                                   area, self.verdict_rule))
         return out
 
 
@@ -274,6 +277,9 @@ def test_predict_writes_spade_ads_files_and_rows(tmp_path: Path) -> None:
     assert [r["file"] for r in rows] == [str(imgs / n) for n in ("a.png", "b.png", "c.png")]
     assert rows[1]["verdict"] == "defective" and rows[1]["defect_pixels"] == 28 and rows[1]["generation"] == 3
     assert rows[1]["overlay"] == "in_b_overlay.png" and rows[1]["mask"] == "in_b_mask.png"
+    assert rows[1]["regions"] == [{"box": [5, 5, 7, 4], "area": 28, "peak": 2.0, "peak_at": [5, 5], "mean": 2.0,
+                                   "peak_normalised": 2.0 / 1.5}]
+    assert rows[0]["regions"] == [] and rows[0]["verdict"] == "good"
     assert "c.png" in rows[2]["error"] and set(rows[2]) == {"file", "error"}
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["status"] == "complete" and run["deploy"] == "deploy" and run["generation"] == 3

@@ -234,7 +234,7 @@ class _Scorer:
 
     def __init__(self, pin: runs.ModelPin, runtime: dict[str, Any], threads: int, out: str | None,
                  threshold: float | None, raw: str, image_column: str | None, name_column: str,
-                 stats: bool) -> None:
+                 stats: bool, min_area: int | None = None) -> None:
         import torch
 
         torch.set_num_threads(threads)
@@ -244,7 +244,7 @@ class _Scorer:
         self.generation = len(self.model.history_)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.out = Path(out) if out else None
-        self.threshold, self.raw, self.stats = threshold, raw, stats
+        self.threshold, self.raw, self.stats, self.min_area = threshold, raw, stats, min_area
         self.image_column, self.name_column = image_column, name_column
         self.thr = self.model.pixel_threshold_ if threshold is None else threshold
 
@@ -294,7 +294,8 @@ class _Scorer:
                ) -> tuple[list[str], list[bool]]:
         """Score the readable ``images`` as one batch (as a local step does); one JSON line per image."""
         readable = [a for a in images if isinstance(a, np.ndarray)]
-        results = iter(self.model.predict(readable, pixel_threshold=self.threshold) if readable else [])
+        results = iter(self.model.predict(readable, pixel_threshold=self.threshold,
+                                                  min_area=self.min_area) if readable else [])
         lines, failed = [], []
         for file, stem, img in zip(files, stems, images, strict=True):
             if isinstance(img, str):
@@ -436,6 +437,7 @@ def predict(
     device: str = "cpu",
     weights: str | None = None,
     threshold: float | None = None,
+    min_area: int | None = None,
     raw: str = "npy",
     batch_size: int | None = None,
     max_pixels: int | None = None,
@@ -456,7 +458,7 @@ def predict(
         inputs: image files and/or folders, as on the command line.
         out: the output folder.
         address, workers, gpus_per_worker, threads: as for :func:`fit`.
-        device, weights, threshold, raw, max_pixels: as for ``spade-ad predict``.
+        device, weights, threshold, min_area, raw, max_pixels: as for ``spade-ad predict``.
         batch_size: images scored together, as ``--batch-size`` of a local run (default: the model's
             ``batch_size``, 16); one worker call scores one such step, so the rows equal those of a local
             run with the same ``batch_size``.
@@ -469,11 +471,11 @@ def predict(
     """
     model_dir, out = Path(model_dir), Path(out)
     given, options = runs.run_request(inputs, batch_size, max_pixels)
-    runs.check_options(raw, threshold, on_error)
+    runs.check_options(raw, threshold, on_error, min_area)
     _check_pool(workers, gpus_per_worker, threads, batch_size)
     runtime: dict[str, Any] = {"device": _worker_device(device, gpus_per_worker), "weights": weights, **options}
     pin = runs.pin_model(model_dir)  # the generation every worker loads, whatever is committed meanwhile
-    run, items, step = _new_run(model_dir, out, given, pin, runtime, threshold, raw, overwrite)
+    run, items, step = _new_run(model_dir, out, given, pin, runtime, threshold, min_area, raw, overwrite)
     status, workers_seen = "interrupted", dict[str, dict[str, float]]()
     try:
         with connected(address) as ray:
@@ -483,7 +485,8 @@ def predict(
             run.start()  # run.json lists every file this run may write before any worker writes one
             ds = _scoring_dataset(ray, items, step, pool, {
                 "pin": pin, "runtime": runtime, "threads": pool.threads, "out": os.path.abspath(out),
-                "threshold": threshold, "raw": raw, "image_column": None, "name_column": "file", "stats": True})
+                "threshold": threshold, "raw": raw, "image_column": None, "name_column": "file", "stats": True,
+                "min_area": min_area})
             workers_seen = _collect(ds, run, on_error, progress)
             status = "complete"
     finally:
@@ -493,16 +496,18 @@ def predict(
 
 
 def _new_run(model_dir: Path, out: Path, given: list[Path], pin: runs.ModelPin, runtime: dict[str, Any],
-             threshold: float | None, raw: str, overwrite: bool) -> tuple[runs.Run, list[runs.Input], int]:
+             threshold: float | None, min_area: int | None, raw: str, overwrite: bool
+             ) -> tuple[runs.Run, list[runs.Input], int]:
     """The run (not started), its inputs and the images per worker call (the model's batch size), once the
     pinned model loads here (one clear line if anything is wrong) and OUT may be written."""
     model = runs.load_pinned(pin, **{**runtime, "device": "cpu"})
     thr = model.pixel_threshold_ if threshold is None else threshold
     image_threshold, step = model.image_threshold_, model.settings.batch_size
+    rule = runs.decision_rule(model, min_area)
     del model  # the workers load their own; the driver keeps none
     items = runs.expand_inputs(given)
     runs.check_output_folder(out, given, overwrite)
-    return runs.Run(out, items, pin.run_source(model_dir), image_threshold, thr, raw), items, step
+    return runs.Run(out, items, pin.run_source(model_dir), image_threshold, thr, raw, *rule), items, step
 
 
 def _scoring_dataset(ray: Any, items: list[runs.Input], step: int, pool: _Pool, scorer: dict[str, Any]) -> Any:
@@ -550,6 +555,7 @@ def score_dataset(
     name_column: str = "name",
     out: str | Path | None = None,
     threshold: float | None = None,
+    min_area: int | None = None,
     raw: str = "npy",
     workers: int | None = None,
     gpus_per_worker: float = 0.0,
@@ -574,7 +580,7 @@ def score_dataset(
         ...     print(row["name"], json.loads(row["prediction"])["verdict"])
     """
     ray = _ray()
-    runs.check_options(raw, threshold, "skip")
+    runs.check_options(raw, threshold, "skip", min_area)
     _check_pool(workers, gpus_per_worker, threads, batch_size)
     pin = runs.pin_model(model_dir)  # every worker loads this generation
     runs.load_pinned(pin, device="cpu", weights=weights)  # one clear line here if the folder is damaged
@@ -585,7 +591,7 @@ def score_dataset(
         "pin": pin, "runtime": {"device": _worker_device(device, gpus_per_worker),
                                                             "weights": weights},
         "threads": pool.threads, "out": None if out is None else os.path.abspath(out), "threshold": threshold,
-        "raw": raw, "image_column": image_column, "name_column": name_column, "stats": False},
+        "raw": raw, "image_column": image_column, "name_column": name_column, "stats": False, "min_area": min_area},
         **pool.map_args(batch_size))
 
 

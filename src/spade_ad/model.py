@@ -43,7 +43,7 @@ from .features import (
 from .io import image_shape, is_staging, list_images, load_image, staging_path, to_rgb_uint8
 from .persistence import clean_stale, utc_now
 from .preprocess import Preprocessor, aspect_shape
-from .result import Prediction
+from .result import Prediction, check_min_area
 from .scoring import image_score, score_features, score_tiles, tiled_image_score
 from .settings import SpadeSettings
 from .state import Fitted, FittedState
@@ -486,6 +486,7 @@ class Spade:
         progress: Progress | None = None,
         pixel_threshold: float | None = None,
         keep_features: bool = False,
+        min_area: int | None = None,
     ) -> Prediction:
         """Score images: image scores, anomaly maps at each image's own size, masks, neighbours.
 
@@ -495,6 +496,8 @@ class Spade:
             pixel_threshold: threshold for the masks (default: the calibrated one).
             keep_features: keep each image's feature pyramid so that ``result.correspondence(i, y, x)``
                 can give any pixel's correspondence.
+            min_area: defect regions of fewer pixels are dropped from the masks and regions (default: the
+                model's ``min_area`` setting).
 
         Returns:
             A :class:`~spade_ad.Prediction`: ``pred[i]`` is image i's :class:`~spade_ad.ImageResult`.
@@ -506,8 +509,9 @@ class Spade:
         """
         state = self.state_
         items, names = resolve_images(images)
+        area = self.settings.min_area if min_area is None else check_min_area(min_area)
         if state.grid is not None:
-            return self._predict_tiled(items, names, progress, pixel_threshold, keep_features)
+            return self._predict_tiled(items, names, progress, pixel_threshold, keep_features, area)
         net, dev, prep = self._net(), self.device, state.prep
         thr = state.pixel_threshold if pixel_threshold is None else pixel_threshold
         all_scores, all_maps, all_inputs, all_neigh = [], [], [], []
@@ -541,10 +545,12 @@ class Spade:
             features=kept if keep_features else None,
             sizes=sizes,
             state=state,
+            min_area=area,
+            verdict_rule=self.settings.verdict_rule,
         )
 
     def _predict_tiled(self, items: list[ImageInput], names: list[str], progress: Progress | None,
-                       pixel_threshold: float | None, keep_features: bool) -> Prediction:
+                       pixel_threshold: float | None, keep_features: bool, min_area: int) -> Prediction:
         """:meth:`predict` for a tiled model: each image's tiles are scored a chunk at a time and their maps
         stitched (:func:`spade_ad.scoring.score_tiles`); memory holds one image, its map and a chunk."""
         state = self.state_
@@ -591,7 +597,8 @@ class Spade:
             scores=np.asarray(scores, dtype=np.float32), maps=maps, input_maps=inputs, neighbours=np.stack(neigh),
             names=names, image_threshold=state.image_threshold, pixel_threshold=thr,
             train_names=state.train_names, features=kept if keep_features else None, sizes=sizes, state=state,
-            tile_knn=tile_knn, tile_max=tile_max, tile_neighbours=tile_neigh)
+            tile_knn=tile_knn, tile_max=tile_max, tile_neighbours=tile_neigh, min_area=min_area,
+            verdict_rule=self.settings.verdict_rule)
 
     def score_samples(self, images: Images) -> np.ndarray:
         """The images' anomaly scores (higher: more anomalous; the ``image_score`` setting)."""

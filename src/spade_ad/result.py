@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from spade_ad_runtime.result import DEFECTIVE, GOOD, ImageResult, normalised, verdict
+from spade_ad_runtime.result import DEFECTIVE, GOOD, ImageResult, Region, check_min_area, normalised, verdict
 
 from .correspondence import Correspondence, find_correspondence
 from .errors import SpadeError
@@ -35,6 +35,8 @@ class Prediction:
             gallery of the image's worst tile).
         names: the images' names; sizes: their (height, width).
         image_threshold / pixel_threshold: the thresholds in force.
+        min_area / verdict_rule: the model's settings in force (``min_area`` as given to ``predict``): see
+            :class:`ImageResult`.
         train_names: names of the model's training images.
         features: per image, per level, (H*W, C) features (with ``keep_features=True``; a tiled model:
             (tiles, H*W, C)).
@@ -61,6 +63,8 @@ class Prediction:
     tile_knn: list[np.ndarray] | None = None  # tiled models: per image, each tile's kNN score (T,)
     tile_max: list[np.ndarray] | None = None  # ... each tile's map maximum (T,)
     tile_neighbours: list[np.ndarray] | None = None  # ... each tile's gallery, bank rows (T, k)
+    min_area: int = 0
+    verdict_rule: str = "score"
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -76,6 +80,8 @@ class Prediction:
             neighbour_names=tuple(self.train_names[j] if j < len(self.train_names) else str(j) for j in neigh),
             image_threshold=self.image_threshold,
             pixel_threshold=self.pixel_threshold,
+            min_area=self.min_area,
+            verdict_rule=self.verdict_rule,
         )
 
     def __iter__(self) -> Iterator[ImageResult]:
@@ -83,16 +89,18 @@ class Prediction:
 
     @property
     def masks(self) -> list[np.ndarray] | None:
-        """N bool masks (map >= pixel threshold), ``None`` without a threshold."""
-        thr = self.pixel_threshold
-        return None if thr is None else [m >= thr for m in self.maps]
+        """N bool masks (see :attr:`ImageResult.mask`), ``None`` without a threshold."""
+        if self.pixel_threshold is None:
+            return None
+        return [m for m in (r.mask for r in self) if m is not None]
 
     @property
     def verdicts(self) -> np.ndarray | None:
-        """True = defective (see :func:`verdict`), ``None`` without a threshold."""
-        if self.image_threshold is None:
+        """True = defective (see :attr:`ImageResult.verdict`), ``None`` without the threshold the rule needs."""
+        found = [r.verdict for r in self]
+        if any(v is None for v in found):
             return None
-        return np.array([verdict(float(s), self.image_threshold) == DEFECTIVE for s in self.scores])
+        return np.array([v == DEFECTIVE for v in found], dtype=bool)
 
     @property
     def normalised_scores(self) -> np.ndarray | None:
@@ -116,4 +124,4 @@ class Prediction:
         return find_correspondence(self.state, feats, self.neighbours[i], self.sizes[i], y, x, level)
 
 
-__all__ = ["ImageResult", "Prediction", "verdict", "normalised", "DEFECTIVE", "GOOD"]
+__all__ = ["ImageResult", "Prediction", "Region", "verdict", "normalised", "check_min_area", "DEFECTIVE", "GOOD"]

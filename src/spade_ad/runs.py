@@ -137,6 +137,7 @@ def predict(
     device: str = "cpu",
     weights: str | None = None,
     threshold: float | None = None,
+    min_area: int | None = None,
     raw: str = "npy",
     batch_size: int | None = None,
     max_pixels: int | None = None,
@@ -148,7 +149,7 @@ def predict(
 
     Returns a :class:`RunSummary`; the command line exits with code 2 when ``n_failed`` > 0.
     """
-    check_options(raw, threshold, on_error)
+    check_options(raw, threshold, on_error, min_area)
     out = Path(out)
     given, runtime = run_request(inputs, batch_size, max_pixels)
     pin = pin_model(model_dir)
@@ -156,17 +157,23 @@ def predict(
     items = expand_inputs(given)
     check_output_folder(out, given, overwrite)
     thr = model.pixel_threshold_ if threshold is None else threshold
-    run = Run(out, items, pin.run_source(model_dir), model.image_threshold_, thr, raw)
-    return predict_into(model, run, items, threshold, thr, raw, on_error, progress)
+    run = Run(out, items, pin.run_source(model_dir), model.image_threshold_, thr, raw, *decision_rule(model, min_area))
+    return predict_into(model, run, items, threshold, thr, raw, on_error, progress, min_area)
+
+
+def decision_rule(model: Spade, min_area: int | None) -> tuple[int, str]:
+    """The ``min_area`` (given, or the model's) and ``verdict_rule`` a run records."""
+    return (model.settings.min_area if min_area is None else min_area), model.settings.verdict_rule
 
 
 def predict_into(model: Spade, run: Run, items: Sequence[Input], threshold: float | None, thr: float | None,
-                 raw: str, on_error: str = "stop", progress: Progress | None = None) -> RunSummary:
+                 raw: str, on_error: str = "stop", progress: Progress | None = None,
+                 min_area: int | None = None) -> RunSummary:
     """Score ``items`` into ``run`` with ``model``, ``batch_size`` images per chunk (:func:`score_into`)."""
     import torch
 
     def score(arrays: list[np.ndarray]) -> list[Any]:
-        return list(model.predict(arrays, pixel_threshold=threshold))
+        return list(model.predict(arrays, pixel_threshold=threshold, min_area=min_area))
 
     return score_into(run, items, score, step=model.settings.batch_size, threads=max(1, torch.get_num_threads()),
                       max_pixels=model.settings.max_pixels, thr=thr, raw=raw, generation=len(model.history_),

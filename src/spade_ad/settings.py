@@ -19,6 +19,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from spade_ad_runtime.result import MIN_AREA_HELP, VERDICT_RULES
 from spade_ad_runtime.runs import BATCH_SIZE
 
 from .errors import SpadeError
@@ -110,6 +111,10 @@ class SpadeSettings:
             ``max_mean`` (their sum: a defect in one tile counts in full, evidence spread over many adds).
         calibration_images: good training images scored leave-one-out to set the thresholds.
         false_alarm_rate: target fraction of good images flagged by the calibrated thresholds.
+        min_area: defect regions (the mask's 8-connected components) of fewer pixels, at the image's own
+            resolution, are dropped from the mask and the regions (0: keep all).
+        verdict_rule: ``score`` (defective when the image score reaches the image threshold, the paper) or
+            ``regions`` (defective when a defect region of at least ``min_area`` pixels survives).
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (runtime).
         weights: a state_dict file for backbones whose weights are not bundled (runtime).
         batch_size: images read and decoded per step (runtime; results do not depend on it on a CPU).
@@ -166,6 +171,10 @@ class SpadeSettings:
                                       low=0, high=100_000)
     false_alarm_rate: float = setting(0.01, "target fraction of good images flagged by the thresholds",
                                       low=0.0, high=1.0, open_low=True, open_high=True)
+    min_area: int = setting(0, MIN_AREA_HELP, low=0, high=1_000_000_000, implied=True)
+    verdict_rule: str = setting("score", "score: defective when the image score reaches the image threshold (the "
+                                "paper); regions: defective when a defect region of at least min_area pixels survives",
+                                choices=VERDICT_RULES, implied=True)
     device: str = setting("cpu", "cpu, cuda, cuda:N or auto", stored=False)
     weights: str | None = setting(None, "backbone weights: a torchvision/timm state_dict file (for the ResNets)",
                                   stored=False)

@@ -17,6 +17,7 @@ from types import FrameType
 from . import __version__
 from .errors import SpadeError
 from .io import printable
+from .result import MIN_AREA_HELP
 from .runs import BATCH_SIZE, check_failed, summary_line
 
 
@@ -55,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", type=Path, required=True, help="output folder")
     pr.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the backbone runs")
     pr.add_argument("--threshold", type=float, help="pixel threshold for the masks (default: the model's)")
+    pr.add_argument("--min-area", type=int, help=f"{MIN_AREA_HELP} (default: the model's)")
     pr.add_argument("--raw", default="npy", help="raw map format: npy (float32) or png16 (16-bit, scaled)")
     pr.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per step (outputs are written "
                     "after each step)")
@@ -82,7 +84,8 @@ def run(argv: Sequence[str] | None = None) -> None:
         if sys.stderr.isatty():
             print(f"\r{stage}: {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
-    summary = predict(args.deploy, args.images, args.out, device=args.device, threshold=args.threshold, raw=args.raw,
+    summary = predict(args.deploy, args.images, args.out, device=args.device, threshold=args.threshold,
+                      min_area=args.min_area, raw=args.raw,
                       batch_size=args.batch_size, max_pixels=args.max_pixels, on_error=args.on_error,
                       overwrite=args.overwrite, progress=progress)
     _say(summary_line(args.out, summary))

@@ -20,7 +20,7 @@ from . import imaging
 from .deploy import DeployError, read_header
 from .errors import SpadeError
 from .io import load_image, to_rgb_uint8
-from .result import ImageResult
+from .result import VERDICT_RULES, ImageResult, check_min_area
 from .search import Grouped, group_gallery, grouped_nn_distances, nn_distances
 
 # A TensorProto's external_data entry {key: "location", ...} (field 13 holding field 1 = "location"): a graph
@@ -50,6 +50,14 @@ class Detector:
         self.level_shapes = [tuple(x) for x in header["level_shapes"]]
         self.image_threshold = header["image_threshold"]
         self.pixel_threshold = header["pixel_threshold"]
+        try:  # settings added after the first deploy format: a folder without them has the defaults
+            self.min_area = check_min_area(s.get("min_area", 0))
+        except SpadeError as exc:
+            raise DeployError(f"{folder / 'deploy.json'}: {exc}") from None
+        self.verdict_rule = s.get("verdict_rule", "score")
+        if self.verdict_rule not in VERDICT_RULES:
+            raise DeployError(f"{folder / 'deploy.json'}: unknown verdict_rule {self.verdict_rule!r} (a deploy "
+                              "folder from a newer spade-ad?)")
         self.train_names = list(header["train_names"])
         scales = header["calibration"].get("score_scales", [1.0, 1.0])
         self.score_scales = (float(scales[0]), float(scales[1]))
@@ -155,12 +163,13 @@ class Detector:
         self._galleries[key] = grouped
         return grouped
 
-    def predict(self, images: Sequence[str | Path | np.ndarray],
-                pixel_threshold: float | None = None) -> list[ImageResult]:
-        """Score images (paths, or arrays as spade-ad takes them); ``pixel_threshold`` replaces the model's for
-        the masks, as in ``Spade.predict``."""
+    def predict(self, images: Sequence[str | Path | np.ndarray], pixel_threshold: float | None = None,
+                min_area: int | None = None) -> list[ImageResult]:
+        """Score images (paths, or arrays as spade-ad takes them); ``pixel_threshold`` and ``min_area`` replace
+        the model's for the masks and regions, as in ``Spade.predict``."""
         s = self.settings
         pthr = self.pixel_threshold if pixel_threshold is None else pixel_threshold
+        area = self.min_area if min_area is None else check_min_area(min_area)
         results = []
         for i, item in enumerate(images):
             name, image = _read_image(item, i, s.get("max_pixels"))
@@ -171,7 +180,7 @@ class Detector:
             full = imaging.map_to_image(amap, s["preprocess"], s["image_size"], image.shape[0], image.shape[1])
             neigh = tuple(int(j) for j in gallery)
             results.append(ImageResult(name, score, full, amap, neigh, tuple(self.train_names[j] for j in neigh),
-                                       self.image_threshold, pthr))
+                                       self.image_threshold, pthr, area, self.verdict_rule))
         return results
 
     def _image_score(self, knn: float, top: float) -> float:

@@ -30,6 +30,7 @@ def predict(
     *,
     device: str = "cpu",
     threshold: float | None = None,
+    min_area: int | None = None,
     raw: str = "npy",
     batch_size: int = BATCH_SIZE,
     max_pixels: int | None = None,
@@ -44,7 +45,7 @@ def predict(
     from their header (default: ``io.MAX_PIXELS``, as for spade-ad). Returns the
     :class:`.RunSummary`; the command exits with code 2 when ``n_failed`` > 0.
     """
-    check_options(raw, threshold, on_error)
+    check_options(raw, threshold, on_error, min_area)
     out = Path(out)
     given = [Path(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
     det = detector or Detector.load(deploy_dir, device=device)
@@ -53,8 +54,10 @@ def predict(
     thr = det.pixel_threshold if threshold is None else threshold
     model = det.header["model"]  # the generation the deploy folder was exported from
     source = {"deploy": str(deploy_dir), **{k: model[k] for k in ("lineage", "generation", "header_sha256")}}
-    run = Run(out, items, source, det.image_threshold, thr, raw)
-    return score_into(run, items, lambda arrays: det.predict(arrays, pixel_threshold=threshold), step=batch_size,
+    area = det.min_area if min_area is None else min_area
+    run = Run(out, items, source, det.image_threshold, thr, raw, area, det.verdict_rule)
+    return score_into(run, items, lambda arrays: det.predict(arrays, pixel_threshold=threshold, min_area=min_area),
+                      step=batch_size,
                       threads=os.cpu_count() or 1, max_pixels=max_pixels, thr=thr, raw=raw,
                       generation=model["generation"], on_error=on_error, progress=progress)
 

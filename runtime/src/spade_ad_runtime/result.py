@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 
+from .errors import SpadeError
+from .regions import Region, find_regions
+
 DEFECTIVE, GOOD = "defective", "good"
+VERDICT_RULES = ("score", "regions")  # the ``verdict_rule`` setting's choices; see ImageResult.verdict
+MIN_AREA_HELP = ("defect regions (8-connected components of the mask) of fewer pixels of the image are dropped from "
+                 "the mask and the regions; 0: keep all")
 
 
 def verdict(score: float, threshold: float | None) -> str | None:
@@ -26,6 +33,13 @@ def verdict(score: float, threshold: float | None) -> str | None:
     if not math.isfinite(score) or score >= threshold:
         return DEFECTIVE
     return GOOD
+
+
+def check_min_area(value: Any, name: str = "min_area") -> int:
+    """``value`` as a region area in pixels (a whole number >= 0), or one line naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise SpadeError(f"{name} must be a whole number of pixels >= 0, got {value!r}")
+    return int(value)
 
 
 def normalised(value: float, threshold: float | None) -> float | None:
@@ -47,6 +61,9 @@ class ImageResult:
         neighbours: indices of the retrieved training images (the gallery), nearest first.
         neighbour_names: their names as given to ``fit``.
         image_threshold / pixel_threshold: the thresholds in force (calibrated, or given to ``predict``).
+        min_area: defect regions of fewer pixels are dropped from the mask and the regions (0 or 1: none).
+        verdict_rule: ``score`` (defective when the score reaches the image threshold, :func:`verdict`) or
+            ``regions`` (defective when at least one defect region survives ``min_area``).
     """
 
     name: str
@@ -57,6 +74,8 @@ class ImageResult:
     neighbour_names: tuple[str, ...]
     image_threshold: float | None
     pixel_threshold: float | None
+    min_area: int = 0
+    verdict_rule: str = "score"
 
     @property
     def normalised_score(self) -> float | None:
@@ -65,13 +84,37 @@ class ImageResult:
 
     @property
     def verdict(self) -> str | None:
-        """``defective``, ``good``, or ``None`` without a threshold (see :func:`verdict`)."""
-        return verdict(self.score, self.image_threshold)
+        """``defective``, ``good``, or ``None`` without the threshold the rule needs.
+
+        ``score`` rule: :func:`verdict` of the score and the image threshold. ``regions`` rule: defective when
+        a defect region survives (``min_area``); fails closed like the score rule (a score or map that is not
+        finite is ``defective``).
+        """
+        if self.verdict_rule == "score":
+            return verdict(self.score, self.image_threshold)
+        if self.pixel_threshold is None:
+            return None
+        if self.regions or not math.isfinite(self.score) or not np.isfinite(self.max_pixel_score):
+            return DEFECTIVE
+        return GOOD
+
+    @cached_property
+    def _found(self) -> tuple[np.ndarray, list[Region]] | None:
+        if self.pixel_threshold is None:
+            return None
+        return find_regions(self.map, self.pixel_threshold, self.min_area)
 
     @property
     def mask(self) -> np.ndarray | None:
-        """Predicted defect pixels (map >= pixel threshold), ``None`` without a threshold."""
-        return None if self.pixel_threshold is None else self.map >= self.pixel_threshold
+        """Predicted defect pixels (map >= pixel threshold, less regions under ``min_area``), ``None`` without
+        a threshold."""
+        return None if self._found is None else self._found[0]
+
+    @property
+    def regions(self) -> list[Region] | None:
+        """The mask's 8-connected components, largest first (:func:`~spade_ad_runtime.regions.find_regions`),
+        ``None`` without a threshold."""
+        return None if self._found is None else self._found[1]
 
     @property
     def max_pixel_score(self) -> float:
@@ -88,8 +131,10 @@ class ImageResult:
             "max_pixel_score_normalised": normalised(self.max_pixel_score, self.pixel_threshold),
             "defect_pixels": None if mask is None else int(mask.sum()),
             "defect_fraction": None if mask is None else float(mask.mean()),
+            "regions": None if self.regions is None else [r.as_dict() for r in self.regions],
             "neighbours": list(self.neighbour_names),
         }
 
 
-__all__ = ["ImageResult", "verdict", "normalised", "DEFECTIVE", "GOOD"]
+__all__ = ["ImageResult", "Region", "verdict", "normalised", "DEFECTIVE", "GOOD", "VERDICT_RULES",
+           "MIN_AREA_HELP", "check_min_area"]

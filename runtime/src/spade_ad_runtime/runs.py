@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 
 from .errors import SpadeError
+from .result import check_min_area
 
 Progress = Callable[[str, int, int], None]
 RUN_FILE = "run.json"
@@ -65,8 +66,11 @@ BATCH_SIZE = 16  # images decoded (and scored) per step by default
 
 
 # --------------------------------------------------------------------------- options
-def check_options(raw: str, threshold: float | None, on_error: str) -> None:
-    """Refuse bad ``raw``, ``threshold`` and ``on_error`` values (``--raw``, ``--threshold``, ``--on-error``)."""
+def check_options(raw: str, threshold: float | None, on_error: str, min_area: int | None = None) -> None:
+    """Refuse bad ``raw``, ``threshold``, ``on_error`` and ``min_area`` values (``--raw``, ``--threshold``,
+    ``--on-error``, ``--min-area``)."""
+    if min_area is not None:
+        check_min_area(min_area, "--min-area")
     if raw not in ("npy", "png16"):
         raise SpadeError(f"--raw must be npy or png16, got {raw!r}")
     if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
@@ -383,13 +387,14 @@ class Run:
     """
 
     def __init__(self, out: Path, inputs: Sequence[Input], source: dict[str, Any], image_threshold: float | None,
-                 pixel_threshold: float | None, raw: str) -> None:
+                 pixel_threshold: float | None, raw: str, min_area: int = 0, verdict_rule: str = "score") -> None:
         self.out = out
         self.planned = [n for inp in inputs for n in output_names(inp.stem, raw, pixel_threshold is not None)
                         .values() if n]
         self.record: dict[str, Any] = {
             **source, "status": "running", "n_images": 0, "n_inputs": len(inputs),
-            "image_threshold": image_threshold, "pixel_threshold": pixel_threshold, "colour_scale": COLOUR_SCALE,
+            "image_threshold": image_threshold, "pixel_threshold": pixel_threshold, "min_area": min_area,
+            "verdict_rule": verdict_rule, "colour_scale": COLOUR_SCALE,
             "outputs": [], "previous_outputs": []}
         self.rows = RowWriter(out, len(inputs))
         self.started = self.finished = False
@@ -437,7 +442,8 @@ class Run:
             if not interrupted:
                 raise
         return RunSummary(r.n_rows, r.n_failed, r.n_defective, seconds, fields.get("workers", {}),
-                          self.record["image_threshold"] is not None)
+                          self.record["image_threshold" if self.record["verdict_rule"] == "score"
+                                      else "pixel_threshold"] is not None)
 
 
 def summary_line(out: Path, summary: RunSummary) -> str:

@@ -24,6 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from spade_ad_runtime.cli import ENDINGS, ending, on_sigterm
+from spade_ad_runtime.result import MIN_AREA_HELP
 
 from .. import settings
 from ..errors import SpadeError
@@ -225,6 +226,8 @@ def predict(
     threshold: Annotated[
         float | None, typer.Option(help="pixel threshold for the masks (default: the model's calibrated one)")
     ] = None,
+    min_area: Annotated[int | None, typer.Option("--min-area", help=f"{MIN_AREA_HELP} (default: the model's)")
+                        ] = None,
     raw: Annotated[str, typer.Option(help="raw map format: npy (float32) or png16 (16-bit, scaled)")] = "npy",
     weights: WeightsOpt = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="images per step (outputs are written "
@@ -248,19 +251,20 @@ def predict(
     from .. import runs
 
     policy = on_error or ("stop" if ray is None else "skip")
-    runs.check_options(raw, threshold, policy)
+    runs.check_options(raw, threshold, policy, min_area)
     _ray_options(ray, workers=workers, gpus_per_worker=gpus_per_worker, threads_per_worker=threads_per_worker)
     with progress_bars() as cb:
         if ray is None:
             summary = runs.predict(model_dir, images, out, device=device, weights=weights, threshold=threshold,
-                                   raw=raw, batch_size=batch_size, max_pixels=max_pixels, on_error=policy,
-                                   overwrite=overwrite, progress=cb)
+                                   min_area=min_area, raw=raw, batch_size=batch_size, max_pixels=max_pixels,
+                                   on_error=policy, overwrite=overwrite, progress=cb)
         else:
             from ..distributed import predict as predict_on_ray
 
             summary = predict_on_ray(model_dir, images, out, address=ray, workers=workers,
                                      gpus_per_worker=gpus_per_worker or 0, threads=threads_per_worker, device=device,
-                                     weights=weights, threshold=threshold, raw=raw, batch_size=batch_size,
+                                     weights=weights, threshold=threshold, min_area=min_area, raw=raw,
+                                     batch_size=batch_size,
                                      max_pixels=max_pixels, on_error=policy, overwrite=overwrite, progress=cb)
     report_predictions(out, summary)
 
