@@ -124,7 +124,9 @@ def test_inspector_end_to_end(page: Any, server: str, bottle: Path) -> None:
 
     # upload a defective bottle: score, verdict and overlay appear
     defective = bottle / "test" / "broken_large" / "000.png"
-    upload(page, defective)
+    with page.expect_response(lambda r: r.url.endswith("/predict")) as answer:
+        upload(page, defective)
+    regions = answer.value.json()["regions"]
     page.wait_for_selector("#result:not([hidden])")
     page.wait_for_function("document.getElementById('overlay').complete && "
                            "document.getElementById('overlay').naturalWidth > 0")
@@ -142,6 +144,22 @@ def test_inspector_end_to_end(page: Any, server: str, bottle: Path) -> None:
     page.wait_for_function("Array.from(document.querySelectorAll('#neighbours img'))"
                            ".every(i => i.complete && i.naturalWidth > 0)")
     assert page.is_hidden("#message")
+
+    # the defect regions are listed (largest first) and outlined on the overlay, where the server found them
+    assert len(regions) >= 1 and regions == sorted(regions, key=lambda r: -r["area"])
+    rows = page.locator("#regions tbody tr")
+    assert rows.count() == page.locator(".region-box").count() == len(regions)
+    first = rows.nth(0).locator("td").all_inner_texts()
+    assert first[:3] == ["1", ", ".join(map(str, regions[0]["box"])), str(regions[0]["area"])]
+    over = page.locator("#overlay").bounding_box()
+    drawn = page.locator(".region-box").nth(0).bounding_box()
+    x, y, w, h = regions[0]["box"]
+    scale = over["width"] / 900
+    assert drawn["x"] == pytest.approx(over["x"] + x * scale, abs=2)
+    assert drawn["y"] == pytest.approx(over["y"] + y * scale, abs=2)
+    assert drawn["width"] == pytest.approx(w * scale, abs=2) and drawn["height"] == pytest.approx(h * scale, abs=2)
+    assert page.inner_text("#regions-note").startswith(f"{len(regions)} at the pixel threshold")
+    shot(page, "inspector_regions.png")
 
     # the slider recomputes the mask in the page, without a new upload
     n_predicts = sum(u.endswith("/predict") for u in page.requests)

@@ -61,6 +61,15 @@ def test_report_has_a_row_per_test_image_sorted_by_score(report: Path, evaluated
     for key in ("all", "misses", "false-alarms", "defective", "good"):
         assert f'data-filter="{key}"' in text
     assert 'id="sort"' in text and "<script>" in text
+    # each image's defect regions: counted in its row, listed in report.json as the result lists them
+    notes = re.findall(r'<span class="muted(?: regions)?">(no defect region|(\d+) regions?: [^<]*)</span></td>', text)
+    entries = json.loads(report.with_suffix(".json").read_text())["images"]
+    assert len(notes) == len(entries) == len(rows)
+    by_name = {r.name: r for r in pred}
+    for (note, count), entry in zip(notes, entries, strict=True):
+        want = [r.as_dict() for r in by_name[entry["name"]].regions]
+        assert entry["regions"] == want and (int(count) if count else 0) == len(want), note
+    assert any(entry["regions"] for entry in entries)
 
 
 def test_report_f1_numbers_agree_with_metrics(report: Path, evaluated: tuple[Any, ...]) -> None:

@@ -88,6 +88,15 @@ class RawMap(BaseModel):
     data: str = Field(description="base64 of the raw anomaly map (not normalised), downsampled")
 
 
+class RegionOut(BaseModel):
+    box: list[int] = Field(description="(x, y, width, height) of the bounding box, pixels of the image")
+    area: int = Field(description="pixels in the region")
+    peak: float = Field(description="highest map value in the region")
+    peak_at: list[int] = Field(description="(x, y) of the peak")
+    mean: float = Field(description="mean map value over the region")
+    peak_normalised: float | None = Field(description="peak / pixel threshold")
+
+
 class PredictResponse(BaseModel):
     id: str = Field(description="key for /correspondence; the server keeps the last few uploads")
     filename: str
@@ -95,7 +104,12 @@ class PredictResponse(BaseModel):
     height: int
     score: float = Field(description="image anomaly score")
     normalised_score: float | None = Field(description="score / image threshold (1.0 = at the threshold)")
-    verdict: str | None = Field(description="'defective' (score >= image threshold) or 'good'")
+    verdict: str | None = Field(description="'defective' or 'good' by the model's verdict rule: the score at or "
+                                "over the image threshold ('score'), or a surviving defect region ('regions')")
+    verdict_rule: str = Field(description="'score' or 'regions'")
+    min_area: int = Field(description="defect regions of fewer pixels are dropped from the mask and the regions")
+    regions: list[RegionOut] | None = Field(description="the mask's 8-connected components at the pixel threshold, "
+                                            "largest first")
     image_threshold: float | None
     pixel_threshold: float | None
     max_pixel_score: float
@@ -629,7 +643,8 @@ def _predict_response(key: str, name: str, image: np.ndarray, spade: Spade, res:
     summary = res.summary()
     return PredictResponse(
         id=key, filename=name, width=w, height=h, score=res.score,
-        normalised_score=res.normalised_score, verdict=res.verdict,
+        normalised_score=res.normalised_score, verdict=res.verdict, verdict_rule=res.verdict_rule,
+        min_area=res.min_area, regions=summary["regions"],
         image_threshold=res.image_threshold, pixel_threshold=res.pixel_threshold, max_pixel_score=res.max_pixel_score,
         defect_fraction=summary["defect_fraction"],
         neighbours=[_neighbour(spade, int(j)) for j in res.neighbours[:N_NEIGHBOURS]],

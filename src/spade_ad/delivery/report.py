@@ -22,7 +22,7 @@ import numpy as np
 from .. import metrics
 from ..evaluate import Evaluation
 from ..io import atomic_write, save_json
-from ..result import ImageResult, Prediction
+from ..result import ImageResult, Prediction, find_regions
 from ..viz import (
     SCALE_MAX,
     colour_bar,
@@ -325,6 +325,17 @@ def _neighbour_cell(res: ImageResult, thumbs: _Thumbs) -> str:
     return f'<td><div class="nbs">{"".join(nb_html)}</div></td>'
 
 
+def _regions_note(res: ImageResult) -> str:
+    """The image's defect regions in a line: how many, the largest areas."""
+    regions = res.regions
+    if regions is None:
+        return ""
+    if not regions:
+        return '<br><span class="muted">no defect region</span>'
+    areas = ", ".join(f"{r.area:,} px" for r in regions[:3]) + (", ..." if len(regions) > 3 else "")
+    return f'<br><span class="muted regions">{len(regions)} region{"s" * (len(regions) > 1)}: {areas}</span>'
+
+
 def _image_row(page: _Page, rank: int, i: int, thumbs: _Thumbs, max_side: int) -> tuple[str, dict[str, Any]]:
     """Test image ``i``'s table row (pictures downscaled to ``max_side``) and its entry in report.json."""
     res = page.pred[i]
@@ -332,7 +343,9 @@ def _image_row(page: _Page, rank: int, i: int, thumbs: _Thumbs, max_side: int) -
     hw = small_size(img.shape[0], img.shape[1], max_side)
     small_img = resize_rgb(img, hw)
     small_map = resize_map(np.asarray(page.maps[i]), hw)
-    small_pred = small_map >= page.pix_thr if page.pix_thr is not None else None
+    small_pred = None  # the result's mask (regions under min_area dropped), in the protocol's frame, downscaled
+    if page.pix_thr is not None:
+        small_pred = resize_mask(find_regions(np.asarray(page.maps[i]), page.pix_thr, res.min_area)[0], hw)
     over = overlay(small_img, small_map, page.pix_thr, small_pred)
     label = "defective" if page.y[i] == 1 else "good"
     outcome = _outcome(res.verdict, int(page.y[i]))
@@ -346,7 +359,7 @@ def _image_row(page: _Page, rank: int, i: int, thumbs: _Thumbs, max_side: int) -
         f'<td><img class="pic" alt="heatmap overlay" src="{data_uri(over, "JPEG")}"></td>'
         f"{_mask_cells(page, i, hw, small_pred)}"
         f"<td>{_fmt(res.score)}<br><span class=\"muted\">normalised {_fmt(res.normalised_score, 3)}</span></td>"
-        f'<td><span class="verdict-{shown}">{shown}</span>{outcome_html}</td>'
+        f'<td><span class="verdict-{shown}">{shown}</span>{outcome_html}{_regions_note(res)}</td>'
         f"{_neighbour_cell(res, thumbs)}</tr>"
     )
     entry = {"name": res.name, "label": int(page.y[i]), **res.summary(), "outcome": outcome or None,

@@ -165,6 +165,7 @@
     v.className = res.verdict || '';
     $('explain').hidden = true;
     $('marker').hidden = true;
+    showRegions(res);
     var img = $('overlay');
     img.onload = function () { sizeCanvases(); drawMask(); };
     img.src = res.overlay;
@@ -203,6 +204,39 @@
       nb.appendChild(fig);
     });
     drawMask();
+  }
+
+  // the regions the server found at the model's pixel threshold (the slider redraws the mask only)
+  function showRegions(res) {
+    var boxes = $('region-boxes'), body = $('regions').querySelector('tbody');
+    boxes.textContent = '';
+    body.textContent = '';
+    var list = res.regions || [];
+    $('regions-note').textContent = res.regions === null ? '(no pixel threshold: no regions)' :
+      list.length + ' at the pixel threshold ' + fmt(res.pixel_threshold) +
+      (res.min_area > 1 ? ', at least ' + res.min_area + ' px each' : '') +
+      (res.verdict_rule === 'regions' ? '; the verdict follows the regions' : '');
+    list.forEach(function (r, i) {
+      var b = r.box, div = document.createElement('div');
+      div.className = 'region-box';
+      div.style.left = (100 * b[0] / res.width) + '%';
+      div.style.top = (100 * b[1] / res.height) + '%';
+      div.style.width = (100 * b[2] / res.width) + '%';
+      div.style.height = (100 * b[3] / res.height) + '%';
+      div.title = 'region ' + (i + 1) + ': ' + r.area + ' px, peak ' + fmt(r.peak);
+      var tag = document.createElement('span');
+      tag.textContent = String(i + 1);
+      div.appendChild(tag);
+      boxes.appendChild(div);
+      var tr = document.createElement('tr');
+      [String(i + 1), b.join(', '), String(r.area), fmt(r.peak), fmt(r.peak_normalised, 3), fmt(r.mean)]
+        .forEach(function (text) {
+          var td = document.createElement('td');
+          td.textContent = text;
+          tr.appendChild(td);
+        });
+      body.appendChild(tr);
+    });
   }
 
   function sizeCanvases() {
