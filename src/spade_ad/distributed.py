@@ -278,7 +278,7 @@ class _Scorer:
 
     def _read(self, path: str, file: str) -> np.ndarray | str:
         """The decoded image, or why it could not be read (naming the file as given)."""
-        return runs.read_input(path, file, self.model.settings.max_pixels, "skip")
+        return runs.read_input(path, file, self.model.settings.max_pixels, "skip", self.model.check_image)
 
     def _array(self, arr: Any, name: str) -> np.ndarray | str:
         from .io import to_rgb_uint8
@@ -314,7 +314,7 @@ class _Featurizer:
     """Actor of the fit pool: builds the backbone once, then turns batches of training images into bank rows."""
 
     def __init__(self, settings: SpadeSettings, threads: int, input_shape: tuple[int, int],
-                 grid: dict[str, Any] | None = None) -> None:
+                 grid: dict[str, Any] | None = None, zone: np.ndarray | None = None) -> None:
         import torch
 
         from .features import level_shapes
@@ -324,6 +324,7 @@ class _Featurizer:
         self.model = Spade(settings)
         # the driver's input shape and tile grid, read from the training files' headers
         self.model.fix_input_shape(shape=input_shape, grid=None if grid is None else grid_from_dict(grid))
+        self.model.set_zone(zone)  # the driver's inspection zone
         self.per_image = len(self.model.grid) if self.model.grid is not None else 1
         net = self.model._net()
         self.shapes = [(h * w, c) for (h, w), c in zip(level_shapes(net, self.model.prep), net.channels, strict=True)]
@@ -337,7 +338,8 @@ class _Featurizer:
         images: list[np.ndarray] = []
         ok: list[int] = []
         for j, (path, file) in enumerate(zip(batch["path"], batch["file"], strict=True)):
-            img = runs.read_input(str(path), str(file), self.model.settings.max_pixels, "skip")
+            img = runs.read_input(str(path), str(file), self.model.settings.max_pixels, "skip",
+                                  self.model.check_image)
             if isinstance(img, str):
                 errors[j] = img
             else:
@@ -373,8 +375,9 @@ def fit(
     gpus_per_worker: float = 0.0,
     threads: int | None = None,
     batch_size: int | None = None,
+    zone: str | Path | np.ndarray | None = None,
 ) -> Spade:
-    """``Spade(settings).fit(images, progress, workdir)`` with the features computed on Ray workers.
+    """``Spade(settings).fit(images, progress, workdir, zone)`` with the features computed on Ray workers.
 
     The workers read the training images (so they must see them at the same paths) and send back bank rows;
     this process writes them into the bank at each image's index, then calibrates the thresholds as a local
@@ -390,6 +393,7 @@ def fit(
         gpus_per_worker: GPUs per worker (fractions share a GPU); the workers then extract on ``cuda``.
         threads: torch threads per worker, also the CPUs each reserves (default: this process's count).
         batch_size: images per worker call (default: enough for two calls per worker, at most 16).
+        zone: an inspection zone, as for :meth:`~spade_ad.Spade.fit`.
 
     Returns:
         The fitted model (call ``save``).
@@ -400,6 +404,7 @@ def fit(
     files = [x for x in items if isinstance(x, (str, Path))]
     if len(files) != len(items):
         raise SpadeError("a distributed fit reads image files on the workers: give a folder or a list of files")
+    model.set_zone(zone)
     model.fix_input_shape(files)
     worker_settings = model.settings.replace(device=_worker_device(model.settings.device, gpus_per_worker))
     with connected(address) as ray:
@@ -409,7 +414,8 @@ def fit(
         ds = ray.data.from_items(todo, override_num_blocks=math.ceil(len(todo) / pool.batch_size)).map_batches(
             _Featurizer, fn_constructor_kwargs={"settings": worker_settings, "threads": pool.threads,
                                               "input_shape": model.prep.input_shape,
-                                              "grid": None if model.grid is None else model.grid.to_dict()},
+                                              "grid": None if model.grid is None else model.grid.to_dict(),
+                                              "zone": None if model.prep.zone is None else model.prep.zone.mask},
             **pool.map_args(pool.batch_size))
 
         def rows() -> Iterator[BankRows]:

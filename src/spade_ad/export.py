@@ -81,7 +81,12 @@ def export(model_dir: str | Path, out: str | Path, overwrite: bool = False, weig
     try:
         outputs = export_onnx(model, tmp / "backbone.onnx")
         shutil.copyfile(state.bank.path, tmp / "bank.safetensors")
-        save_file({"global": state.global_.float().contiguous()}, str(tmp / "global.safetensors"))
+        arrays = {"global": state.global_.float().contiguous()}
+        prep = state.prep
+        if prep.zone is not None and prep.input_zone is not None:  # the zone, and in the input frame
+            arrays["zone"] = torch.from_numpy(prep.zone.mask.astype("uint8"))
+            arrays["input_zone"] = torch.from_numpy(prep.input_zone.astype("uint8"))
+        save_file(arrays, str(tmp / "global.safetensors"))
         header: dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -92,6 +97,7 @@ def export(model_dir: str | Path, out: str | Path, overwrite: bool = False, weig
             "input_shape": list(state.input_shape),
             "level_shapes": [list(x) for x in state.level_shapes],
             "grid": None,
+            "zone": None if state.zone is None else list(state.zone.shape),
             "backbone": {"file": "backbone.onnx", "opset": OPSET, "input": "image",
                          "input_layout": "(1, 3, H, W) float32 RGB in [0, 255]", "outputs": outputs,
                          "weights_id": state.weights_id},

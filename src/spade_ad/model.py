@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from spade_ad_runtime.zone import Zone, read_zone
+
 from .backbones import FeatureExtractor, build_backbone
 from .bank import Bank
 from .calibration import calibrate
@@ -76,6 +78,20 @@ def read_item(item: ImageInput, name: str, max_pixels: int | None = None) -> np.
     if isinstance(item, (str, Path)):
         return load_image(item, max_pixels=max_pixels)
     return to_rgb_uint8(item, name)
+
+
+def as_zone(zone: str | Path | np.ndarray | Zone | None, settings: SpadeSettings) -> Zone | None:
+    """An inspection zone from a picture's path or a bool array (``None``: none); refused for tiled models."""
+    if zone is None:
+        return None
+    if settings.tile:
+        raise SpadeError("--roi: inspection zones are not supported with tiles yet (tile > 0); crop the images "
+                         "or fit without --roi")
+    if isinstance(zone, Zone):
+        return zone
+    if isinstance(zone, (str, Path)):
+        return Zone(read_zone(zone, settings.max_pixels), str(zone))
+    return Zone(np.asarray(zone), "zone")
 
 
 def read_items(items: Sequence[ImageInput], names: Sequence[str], max_pixels: int | None = None) -> list[np.ndarray]:
@@ -185,6 +201,7 @@ class Spade:
         self._net_cache: FeatureExtractor | None = None
         self._input_shape: tuple[int, int] | None = None  # fixed before fitting (fix_input_shape)
         self._grid: TileGrid | None = None  # a tiled model's grid, fixed before fitting (fix_input_shape)
+        self._zone: Zone | None = None  # the inspection zone given to fit
 
     # ------------------------------------------------------------------ settings
     @property
@@ -192,8 +209,14 @@ class Spade:
         """How images become the network input (the ``preprocess`` and ``image_size`` settings, and for
         ``aspect`` the input shape fixed by ``fit``)."""
         state = self.__dict__.get("_state")
-        shape = state.input_shape if state is not None else self._input_shape
-        return Preprocessor(self.settings.preprocess, self.settings.image_size, shape)
+        if state is not None:
+            return state.prep
+        return Preprocessor(self.settings.preprocess, self.settings.image_size, self._input_shape, self._zone)
+
+    def set_zone(self, zone: str | Path | np.ndarray | Zone | None) -> None:
+        """Before fitting: the inspection zone (a picture's path, white = inspect; a bool array; ``None``: the
+        whole image). Outside it images are grey to the network and maps are 0 (:mod:`spade_ad_runtime.zone`)."""
+        self._zone = as_zone(zone, self.settings)
 
     def fix_input_shape(self, items: Sequence[ImageInput] = (), shape: tuple[int, int] | None = None,
                         grid: TileGrid | None = None) -> None:
@@ -275,7 +298,8 @@ class Spade:
         self.state_  # noqa: B018 - raises NotFittedError before fit
 
     # ------------------------------------------------------------------ fit
-    def fit(self, images: Images, progress: Progress | None = None, workdir: str | Path | None = None) -> Spade:
+    def fit(self, images: Images, progress: Progress | None = None, workdir: str | Path | None = None,
+            zone: str | Path | np.ndarray | None = None) -> Spade:
         """Learn from good images: store their global vectors and feature pyramids, calibrate thresholds.
 
         Args:
@@ -283,6 +307,7 @@ class Spade:
             progress: optional callback ``(stage, done, total)``.
             workdir: where the bank is written while fitting (default: a temporary folder). Give the
                 model folder you will ``save`` to, and saving moves the bank instead of copying it.
+            zone: an inspection zone (see :meth:`set_zone`); stored with the model.
 
         Returns:
             ``self``, fitted.
@@ -292,6 +317,8 @@ class Spade:
         """
         pick_device(self.settings.device)
         items, names = resolve_images(images)
+        if zone is not None:
+            self.set_zone(zone)
         self.fix_input_shape(items)
         return self.fit_rows(names, self._rows(items, names), progress, workdir)
 
@@ -308,7 +335,20 @@ class Spade:
         # a tiled model holds a batch's tile features at once: as many images as fill a chunk of tiles
         per_batch = s.batch_size if self.grid is None else max(1, min(s.batch_size, TILE_CHUNK // len(self.grid)))
         for a, b in batches(len(items), per_batch):
-            yield self.bank_rows(read_items(items[a:b], names[a:b], s.max_pixels), a)
+            yield self.bank_rows(self._read(items[a:b], names[a:b]), a)
+
+    def _read(self, items: list[ImageInput], names: list[str]) -> list[np.ndarray]:
+        """Decoded images, each checked against the inspection zone's aspect ratio (one line naming it)."""
+        arrays = read_items(items, names, self.settings.max_pixels)
+        for arr, name in zip(arrays, names, strict=True):
+            self.check_image(arr, name)
+        return arrays
+
+    def check_image(self, image: np.ndarray, name: str) -> None:
+        """Refuse, with one line naming it, an image this model cannot take (the inspection zone's aspect ratio)."""
+        zone = self.prep.zone
+        if zone is not None:
+            zone.at(image.shape[0], image.shape[1], name)
 
     def fit_rows(self, names: Sequence[str], rows: Iterable[BankRows], progress: Progress | None = None,
                  workdir: str | Path | None = None) -> Spade:
@@ -339,7 +379,7 @@ class Spade:
                                      progress, len(grid) if grid is not None else 1)
         # a new model (base_sha256 None): saved over a folder, it becomes that folder's next generation
         state = FittedState(self.settings, self._input_shape, shapes, net.weights_id, glob, bank, names, ids,
-                            lineage=secrets.token_hex(8), grid=grid)
+                            lineage=secrets.token_hex(8), grid=grid, zone=self._zone)
         calibrate(state, self.device, progress)
         state.history = [_change(state, "fit", added=names, before=None)]
         self.state_ = state
@@ -422,7 +462,7 @@ class Spade:
         removed = [n for i, n in enumerate(old.train_names) if i not in kept]
         state = FittedState(old.settings, old.input_shape, old.level_shapes, old.weights_id, glob, bank,
                             [old.train_names[i] for i in keep] + names, ids, lineage=old.lineage,
-                            base_sha256=old.base_sha256, grid=old.grid)
+                            base_sha256=old.base_sha256, grid=old.grid, zone=old.zone)
         calibrate(state, self.device, progress)
         state.history = [*old.history, _change(state, action, before=before, added=names, removed=removed,
                                                source=source, generation=old.generation + 1)]
@@ -518,7 +558,7 @@ class Spade:
         kept: list[list[np.ndarray]] = []
         sizes: list[tuple[int, int]] = []
         for a, b in batches(len(items), self.settings.batch_size):
-            arrays = read_items(items[a:b], names[a:b], self.settings.max_pixels)
+            arrays = self._read(items[a:b], names[a:b])
             with COMPUTE_LOCK:
                 levels, gvec = extract(net, arrays, prep, dev)
                 knn, maps, neigh = score_features(state, levels, gvec)
@@ -564,7 +604,7 @@ class Spade:
         tile_knn, tile_max, tile_neigh = [], [], []
         long = t > 64  # long images report progress per chunk of tiles
         for a, b in batches(len(items), self.settings.batch_size):
-            arrays = read_items(items[a:b], names[a:b], self.settings.max_pixels)
+            arrays = self._read(items[a:b], names[a:b])
             for j, arr in enumerate(arrays):
 
                 def chunks(arr: np.ndarray = arr, at: int = a + j) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:

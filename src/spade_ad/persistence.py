@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from spade_ad_runtime.zone import Zone
+
 from .backbones import BACKBONES
 from .bank import Bank
 from .errors import SpadeError
@@ -243,7 +245,10 @@ def _write_locked(model: FittedState, out: Path, history: list[dict[str, Any]], 
             model.bank = Bank(out / name)
     crash_point("save-bank")
     staged = staging_path(out, ".index.safetensors")
-    atomic_write(staged, lambda tmp: save_file({"global": model.global_.float().contiguous()}, str(tmp)))
+    arrays = {"global": model.global_.float().contiguous()}
+    if model.zone is not None:
+        arrays["zone"] = torch.from_numpy(model.zone.mask.astype("uint8"))
+    atomic_write(staged, lambda tmp: save_file(arrays, str(tmp)))
     name, digest = _commit_data(out, "index", staged)
     files["index"] = {"name": name, "sha256": digest}
     fsync_dir(out)
@@ -259,6 +264,7 @@ def _write_locked(model: FittedState, out: Path, history: list[dict[str, Any]], 
         "bank_dtype": "float16",
         "n_train": model.n_train,
         "tile_grid": model.grid.to_dict() if model.grid is not None else None,
+        "zone": list(model.zone.shape) if model.zone is not None else None,
         "train_names": model.train_names,
         "train_ids": model.train_ids,
         "image_threshold": model.image_threshold,
@@ -371,15 +377,15 @@ def read_state(folder: Path, runtime: dict[str, Any], verify: bool,
         fields = _header_fields(header, settings, hpath)
     except KeyError as exc:
         raise SpadeError(f"{hpath}: damaged model header (missing field {exc})") from None
-    glob, bank = _read_arrays(paths, folder, len(fields.train_names) * (len(fields.grid) if fields.grid else 1),
-                              fields.level_shapes)
+    glob, bank, zone = _read_arrays(paths, folder, len(fields.train_names) * (len(fields.grid) if fields.grid else 1),
+                                    fields.level_shapes, _zone_shape(header.get("zone"), settings, hpath))
     _check_weights_given(settings, fields.weights_id, folder)
     return FittedState(
         settings=settings, input_shape=fields.input_shape, level_shapes=fields.level_shapes,
         weights_id=fields.weights_id, global_=glob, bank=bank, train_names=fields.train_names,
         train_ids=fields.train_ids, image_threshold=fields.image_threshold, pixel_threshold=fields.pixel_threshold,
         calibration=fields.calibration, history=fields.history, lineage=fields.lineage,
-        base_sha256=header["header_sha256"], grid=fields.grid)
+        base_sha256=header["header_sha256"], grid=fields.grid, zone=zone)
 
 
 @dataclass
@@ -502,16 +508,33 @@ def _tile_grid(d: Any, settings: SpadeSettings, hpath: Path) -> TileGrid | None:
     return grid
 
 
-def _read_arrays(paths: dict[str, tuple[Path, str]], folder: Path, n_train: int,
-                 shapes: list[tuple[int, int]]) -> tuple[torch.Tensor, Bank]:
-    """The global vectors and the feature bank, checked against the header and each other."""
+def _zone_shape(value: Any, settings: SpadeSettings, hpath: Path) -> tuple[int, int] | None:
+    """The header's ``zone`` (the inspection zone's [height, width], or null; written since models have zones)."""
+    if value is None:
+        return None
+    if not _positive_pair(value) or settings.tile:
+        raise SpadeError(f"{hpath}: zone must be [height, width] of the inspection zone (untiled models) or null")
+    return int(value[0]), int(value[1])
+
+
+def _read_arrays(paths: dict[str, tuple[Path, str]], folder: Path, n_train: int, shapes: list[tuple[int, int]],
+                 zone_shape: tuple[int, int] | None) -> tuple[torch.Tensor, Bank, Zone | None]:
+    """The global vectors, the feature bank and the inspection zone, checked against the header and each other."""
     from safetensors.torch import load_file
 
+    ipath = paths["index"][0]
     try:
-        index = load_file(str(paths["index"][0]))
+        index = load_file(str(ipath))
         glob = index["global"]
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-        raise SpadeError(f"{paths['index'][0]}: damaged model file ({exc})") from None
+        raise SpadeError(f"{ipath}: damaged model file ({exc})") from None
+    zone = None
+    if zone_shape is not None or "zone" in index:
+        z = index.get("zone")
+        if z is None or zone_shape is None or tuple(z.shape) != zone_shape or z.dtype != torch.uint8 \
+                or bool((z > 1).any()):
+            raise SpadeError(f"{ipath}: the inspection zone disagrees with model.json (damaged model file)")
+        zone = Zone(z.numpy().astype(bool), str(ipath))
     bank = Bank(paths["bank"][0])
     if bank.n != n_train or glob.ndim != 2 or len(glob) != n_train:
         raise SpadeError(f"{folder}: model files disagree on the number of training images")
@@ -521,7 +544,7 @@ def _read_arrays(paths: dict[str, tuple[Path, str]], folder: Path, n_train: int,
         raise SpadeError(f"{folder}: level_shapes in model.json disagree with the feature bank")
     if not bool(torch.isfinite(glob).all()):
         raise SpadeError(f"{paths['index'][0]}: global vectors contain NaN or infinite values")
-    return glob, bank
+    return glob, bank, zone
 
 
 def _check_weights_given(settings: SpadeSettings, weights_id: str, folder: Path) -> None:

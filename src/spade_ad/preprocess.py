@@ -15,6 +15,9 @@ the report and the benchmark all prepare images the same way:
   Pillow) and keep the centred ``image_size`` square. The map covers that crop, resized back to the
   crop's place in the image; outside the crop the map is 0 (that border is not inspected).
 
+With an inspection zone (``fit --roi``, :mod:`spade_ad_runtime.zone`), an image's pixels outside it become
+grey before any of this, and the map is 0 outside it in both frames.
+
 Coordinates: the *input frame* is the ``input_shape`` (the ``image_size`` square, except ``aspect``) the
 network sees; the *image frame* is the
 image's own pixels. Masks move into the input frame with :meth:`Preprocessor.mask_to_input` (for
@@ -23,12 +26,14 @@ metrics computed on the crop, as in the paper).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from spade_ad_runtime.zone import Zone
 
 from .settings import PREPROCESS_MODES
 
@@ -55,11 +60,13 @@ def is_aspect_shape(size: int, shape: tuple[int, int] | list[int]) -> bool:
 
 @dataclass(frozen=True)
 class Preprocessor:
-    """One preprocessing mode at one input size (``shape``: the fitted input shape of ``aspect``)."""
+    """One preprocessing mode at one input size (``shape``: the fitted input shape of ``aspect``; ``zone``: the
+    model's inspection zone, if any)."""
 
     mode: str
     size: int
     shape: tuple[int, int] | None = None
+    zone: Zone | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         assert self.mode in PREPROCESS_MODES, self.mode
@@ -90,8 +97,10 @@ class Preprocessor:
         return self.to_input(image).round().byte().permute(1, 2, 0).numpy()
 
     def to_input(self, image: np.ndarray, device: torch.device | None = None) -> torch.Tensor:
-        """HxWx3 uint8 -> (3, *input_shape) float tensor in [0, 255] on ``device``."""
+        """HxWx3 uint8 -> (3, *input_shape) float tensor in [0, 255] on ``device`` (outside the zone: grey)."""
         dev = device or torch.device("cpu")
+        if self.zone is not None:
+            image = self.zone.fill_outside(image)
         if self.mode == "paper":
             r, o = self.resize_to, (self.resize_to - self.size) // 2
             pil = Image.fromarray(np.ascontiguousarray(image)).resize((r, r), Image.Resampling.BILINEAR)
@@ -103,14 +112,29 @@ class Preprocessor:
         return t[0].clamp_(0, 255)
 
     def map_to_image(self, amap: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """An input-frame map (``input_shape``) -> the image frame (height, width), 0 outside the crop."""
+        """An input-frame map (``input_shape``) -> the image frame (height, width), 0 outside the crop and the
+        zone."""
         y0, x0, y1, x1 = self.crop_box(height, width)
         inner = _resize_map(amap, y1 - y0, x1 - x0)
         if (y0, x0, y1, x1) == (0, 0, height, width):
-            return inner
-        out = torch.zeros(height, width, dtype=amap.dtype, device=amap.device)
-        out[y0:y1, x0:x1] = inner
-        return out
+            out = inner
+        else:
+            out = torch.zeros(height, width, dtype=amap.dtype, device=amap.device)
+            out[y0:y1, x0:x1] = inner
+        if self.zone is None:
+            return out
+        inside = torch.from_numpy(np.array(self.zone.at(height, width))).to(amap.device)
+        return torch.where(inside, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+    @property
+    def input_zone(self) -> np.ndarray | None:
+        """The zone in the input frame (``mask_to_input``: nearest neighbour, the crop), ``None`` without one."""
+        if self.zone is None:
+            return None
+        key = ("input", self.mode, self.size, self.input_shape)
+        if key not in self.zone.derived:
+            self.zone.derived[key] = self.mask_to_input(self.zone.mask)
+        return self.zone.derived[key]
 
     def mask_to_input(self, mask: np.ndarray) -> np.ndarray:
         """A ground-truth mask (image frame) -> the input frame (nearest neighbour), for metrics on the crop."""

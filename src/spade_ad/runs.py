@@ -177,7 +177,7 @@ def predict_into(model: Spade, run: Run, items: Sequence[Input], threshold: floa
 
     return score_into(run, items, score, step=model.settings.batch_size, threads=max(1, torch.get_num_threads()),
                       max_pixels=model.settings.max_pixels, thr=thr, raw=raw, generation=len(model.history_),
-                      on_error=on_error, progress=progress)
+                      on_error=on_error, progress=progress, check=model.check_image)
 
 
 __all__ = ["predict", "predict_into", "Run", "RunSummary", "RowWriter", "Input", "ModelPin", "expand_inputs",

@@ -15,6 +15,8 @@ from typing import Any, Generic, TypeVar, overload
 
 import torch
 
+from spade_ad_runtime.zone import Zone
+
 from .bank import Bank
 from .errors import NotFittedError
 from .preprocess import Preprocessor
@@ -45,6 +47,7 @@ class FittedState:
         lineage: identifies the fit that the model's generations descend from.
         base_sha256: checksum of the saved header this state was read from or saved as (``None``: unsaved).
         grid: a tiled model's tile grid, fixed at fit (``None``: not tiled).
+        zone: the inspection zone (``None``: the whole image is inspected).
     """
 
     settings: SpadeSettings
@@ -62,6 +65,7 @@ class FittedState:
     lineage: str = ""
     base_sha256: str | None = None
     grid: TileGrid | None = None
+    zone: Zone | None = None
 
     @property
     def rows_per_image(self) -> int:
@@ -76,7 +80,7 @@ class FittedState:
     @property
     def prep(self) -> Preprocessor:
         """How images become this model's network input."""
-        return Preprocessor(self.settings.preprocess, self.settings.image_size, self.input_shape)
+        return Preprocessor(self.settings.preprocess, self.settings.image_size, self.input_shape, self.zone)
 
     @property
     def generation(self) -> int:

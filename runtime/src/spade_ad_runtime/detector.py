@@ -22,6 +22,7 @@ from .errors import SpadeError
 from .io import load_image, to_rgb_uint8
 from .result import VERDICT_RULES, ImageResult, check_min_area
 from .search import Grouped, group_gallery, grouped_nn_distances, nn_distances
+from .zone import Zone
 
 # A TensorProto's external_data entry {key: "location", ...} (field 13 holding field 1 = "location"): a graph
 # that names files to read its weights from. Export never writes one; the runtime refuses the graph rather
@@ -82,6 +83,7 @@ class Detector:
         self.input_name = self.session.get_inputs()[0].name
         with safe_open(str(folder / "global.safetensors"), framework="numpy") as f:
             self.global_ = np.asarray(f.get_tensor("global"), np.float64)
+            self.zone, self.input_zone = self._read_zone(f, header.get("zone"))
         self._bank = safe_open(str(folder / "bank.safetensors"), framework="numpy")
         self._levels = [self._bank.get_slice(f"level{i}") for i in range(len(self.level_shapes))]
         keys = set(self._bank.keys())
@@ -90,6 +92,23 @@ class Detector:
         n = self.global_.shape[0]
         if len(self.train_names) != n:
             raise DeployError(f"{folder / 'deploy.json'}: {len(self.train_names)} training names for {n} vectors")
+
+    def _read_zone(self, f: Any, shape: Any) -> tuple[Zone | None, np.ndarray | None]:
+        """The inspection zone (its own size, and the input frame's), checked against the header."""
+        keys = set(f.keys())
+        if shape is None and not keys & {"zone", "input_zone"}:
+            return None, None
+        where = self.folder / "global.safetensors"
+        if shape is None or not {"zone", "input_zone"} <= keys:
+            raise DeployError(f"{where}: the inspection zone disagrees with deploy.json")
+        zone, inside = f.get_tensor("zone"), f.get_tensor("input_zone")
+        if list(zone.shape) != list(shape) or tuple(inside.shape) != self.input_shape or zone.dtype != np.uint8 \
+                or inside.dtype != np.uint8 or zone.max() > 1 or inside.max() > 1:
+            raise DeployError(f"{where}: the inspection zone disagrees with deploy.json")
+        try:
+            return Zone(zone.astype(bool), str(where)), inside.astype(bool)
+        except SpadeError as exc:
+            raise DeployError(str(exc)) from None
 
     @classmethod
     def load(cls, folder: str | Path, device: str = "cpu", verify: bool = True) -> Detector:
@@ -100,9 +119,17 @@ class Detector:
             raise DeployError(f"{folder / 'deploy.json'}: tiled models are not yet supported by this runtime")
         return cls(folder, header, device)
 
+    def check_image(self, image: np.ndarray, name: str) -> None:
+        """Refuse, with one line naming it, an image this model cannot take (the inspection zone's aspect ratio)."""
+        if self.zone is not None:
+            self.zone.at(image.shape[0], image.shape[1], name)
+
     def features(self, image: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
-        """Stage 1: per level (h*w, C) float32 features and the (D,) global vector of one image."""
+        """Stage 1: per level (h*w, C) float32 features and the (D,) global vector of one image (grey outside
+        the inspection zone)."""
         s = self.settings
+        if self.zone is not None:
+            image = self.zone.fill_outside(image)
         x = imaging.to_input(image, s["preprocess"], s["image_size"], self.input_shape)[None]
         outs = self.session.run(None, {self.input_name: x})
         levels = [np.ascontiguousarray(o[0].reshape(o.shape[1], -1).T, np.float32) for o in outs[:-1]]
@@ -173,11 +200,16 @@ class Detector:
         results = []
         for i, item in enumerate(images):
             name, image = _read_image(item, i, s.get("max_pixels"))
+            self.check_image(image, name)
             levels, gvec = self.features(image)
             knn, gallery = self.retrieve(gvec)
             amap = imaging.combine_levels(self.level_maps(levels, gallery), self.input_shape, s["sigma"])
+            if self.input_zone is not None:
+                amap = np.where(self.input_zone, amap, np.float32(0))
             score = self._image_score(knn, float(amap.max()))
             full = imaging.map_to_image(amap, s["preprocess"], s["image_size"], image.shape[0], image.shape[1])
+            if self.zone is not None:
+                full = self.zone.clear_outside(full)
             neigh = tuple(int(j) for j in gallery)
             results.append(ImageResult(name, score, full, amap, neigh, tuple(self.train_names[j] for j in neigh),
                                        self.image_threshold, pthr, area, self.verdict_rule))

@@ -59,7 +59,8 @@ def predict(
     return score_into(run, items, lambda arrays: det.predict(arrays, pixel_threshold=threshold, min_area=min_area),
                       step=batch_size,
                       threads=os.cpu_count() or 1, max_pixels=max_pixels, thr=thr, raw=raw,
-                      generation=model["generation"], on_error=on_error, progress=progress)
+                      generation=model["generation"], on_error=on_error, progress=progress,
+                      check=det.check_image)
 
 
 __all__ = ["predict"]

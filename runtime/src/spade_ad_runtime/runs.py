@@ -59,6 +59,7 @@ from .errors import SpadeError
 from .result import check_min_area
 
 Progress = Callable[[str, int, int], None]
+Check = Callable[[np.ndarray, str], None]  # a model's check of one decoded image (raises SpadeError naming it)
 RUN_FILE = "run.json"
 ROWS_FILE = "predictions.jsonl"
 COLOUR_SCALE = "map / pixel_threshold on [0, 2]; 1.0 = threshold"
@@ -151,13 +152,18 @@ def unique_stems(named: Sequence[tuple[str, str]]) -> list[str]:
     return [n for n in names if n is not None]
 
 
-def read_input(path: str | Path, file: str, max_pixels: int | None, on_error: str = "stop") -> np.ndarray | str:
-    """The decoded image at ``path``, or (``on_error="skip"``) why it cannot be read, naming ``file`` (the file
-    as the user gave it; ``path`` may be its absolute path on a worker). ``"stop"`` raises that line."""
+def read_input(path: str | Path, file: str, max_pixels: int | None, on_error: str = "stop",
+               check: Check | None = None) -> np.ndarray | str:
+    """The decoded image at ``path``, or (``on_error="skip"``) why it cannot be read or the model cannot take it
+    (``check(image, file)`` raising: an inspection zone's aspect ratio), naming ``file`` (the file as the user
+    gave it; ``path`` may be its absolute path on a worker). ``"stop"`` raises that line."""
     from .io import load_image
 
     try:
-        return load_image(path, max_pixels=max_pixels)
+        image = load_image(path, max_pixels=max_pixels)
+        if check is not None:
+            check(image, file)
+        return image
     except SpadeError as exc:
         message = str(exc)
         if message.startswith(str(path)):
@@ -465,7 +471,7 @@ def check_failed(out: Path, summary: RunSummary) -> None:
 
 def score_into(run: Run, items: Sequence[Input], score: Callable[[list[np.ndarray]], Sequence[Any]], *, step: int,
                threads: int, max_pixels: int | None, thr: float | None, raw: str, generation: int | None,
-               on_error: str = "stop", progress: Progress | None = None) -> RunSummary:
+               on_error: str = "stop", progress: Progress | None = None, check: Check | None = None) -> RunSummary:
     """Score ``items`` chunk by chunk (``step`` images) into ``run``; ``score`` maps a chunk's decoded images to
     their results (``ImageResult``: spade-ad's model or the runtime's detector).
 
@@ -479,7 +485,7 @@ def score_into(run: Run, items: Sequence[Input], score: Callable[[list[np.ndarra
     """
 
     def read(inp: Input) -> np.ndarray | str:
-        return read_input(inp.path, inp.file, max_pixels, on_error)
+        return read_input(inp.path, inp.file, max_pixels, on_error, check)
 
     def write(job: tuple[str, np.ndarray, Any]) -> dict[str, str | None]:
         stem, img, res = job

@@ -182,6 +182,8 @@ def fit(
     train_dir: Annotated[Path, typer.Argument(help="folder of good images")],
     out: Annotated[Path, typer.Option("--out", help="model folder to write")],
     given: dict[str, Any],
+    roi: Annotated[Path | None, typer.Option("--roi", help="inspection zone: a picture with the images' aspect "
+                                             "ratio, white = inspect, black = ignore (stored with the model)")] = None,
     ray: RayOpt = None,
     workers: WorkersOpt = None,
     gpus_per_worker: GpusOpt = None,
@@ -201,12 +203,12 @@ def fit(
             # the bank is written into the model folder as a staging file and renamed on save: no copy,
             # no bank-sized debris elsewhere; the old model in OUT stays intact until the new one is complete
             if ray is None:
-                model = Spade(chosen).fit(files, progress=cb, workdir=out)
+                model = Spade(chosen).fit(files, progress=cb, workdir=out, zone=roi)
             else:
                 from ..distributed import fit as fit_on_ray
 
                 model = fit_on_ray(files, chosen, workdir=out, progress=cb, address=ray, workers=workers,
-                                   gpus_per_worker=gpus_per_worker or 0, threads=threads_per_worker)
+                                   gpus_per_worker=gpus_per_worker or 0, threads=threads_per_worker, zone=roi)
         model.save(out)
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):
