@@ -228,6 +228,52 @@ def test_inspector_end_to_end(page: Any, server: str, bottle: Path) -> None:
     assert time.monotonic() - t0 < 60
 
 
+def test_a_zoned_model_shows_its_zone_and_regions(browser: Any, bottle: Path,
+                                                  tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A model with an inspection zone (the bottle's inner disc): the page shades what it ignores, outlines and
+    lists the regions inside it."""
+    import numpy as np
+
+    train = sorted((bottle / "train" / "good").glob("*.png"))[::26][:8]
+    folder = tmp_path_factory.mktemp("browser_zone") / "model"
+    yy, xx = np.mgrid[:900, :900]
+    zone = (yy - 450) ** 2 + (xx - 450) ** 2 <= 300**2
+    Spade(k=4, k_image=3, calibration_images=4, min_area=200).fit(train, zone=zone).save(folder)
+    serving = _serve(create_app(folder))
+    url = next(serving)
+    errors: list[str] = []
+    context = browser.new_context(viewport={"width": 1400, "height": 1100})
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(url + "/")
+    with page.expect_response(lambda r: r.url.endswith("/predict")) as answer:
+        upload(page, bottle / "test" / "broken_large" / "000.png")
+    body = answer.value.json()
+    page.wait_for_selector("#result:not([hidden])")
+    page.wait_for_function("document.getElementById('zone-shade').complete && "
+                           "document.getElementById('zone-shade').naturalWidth === 900")
+    assert body["zone"].startswith("data:image/png;base64,") and page.is_visible("#zone-shade")
+    # the shade is transparent inside the zone, dark outside: read back two of its pixels in the page
+    alpha = page.evaluate("""() => { const i = document.getElementById('zone-shade');
+        const c = document.createElement('canvas'); c.width = 900; c.height = 900;
+        const g = c.getContext('2d'); g.drawImage(i, 0, 0);
+        return [g.getImageData(450, 450, 1, 1).data[3], g.getImageData(10, 10, 1, 1).data[3]]; }""")
+    assert alpha == [0, 150]
+    over = page.locator("#overlay").bounding_box()
+    assert page.locator("#zone-shade").bounding_box() == over
+    regions = body["regions"]
+    assert regions and all(r["area"] >= 200 for r in regions) and body["min_area"] == 200
+    for r in regions:  # every region lies in the disc (the map is 0 outside it)
+        x, y, w, h = r["box"]
+        assert 150 <= x and x + w <= 750 and 150 <= y and y + h <= 750
+    assert page.locator(".region-box").count() == page.locator("#regions tbody tr").count() == len(regions)
+    assert "at least 200 px each" in page.inner_text("#regions-note")
+    shot(page, "inspector_zone_regions.png")
+    assert errors == []
+    next(serving, None)
+
+
 def test_a_click_on_a_tiled_model_shows_the_matching_normal_tile(browser: Any, bottle: Path,
                                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
     train = sorted((bottle / "train" / "good").glob("*.png"))[::26][:8]

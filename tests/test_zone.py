@@ -128,3 +128,50 @@ def test_the_zone_is_stored_checked_and_refused_in_one_line(small_train: Path, t
                                 str(roi), "--k", "3", *extra, *RANDOM], capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "m2").exists()
+
+
+def test_update_changes_the_zone_as_a_generation(small_train: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """update --roi gives exactly the model fit --roi gives; --clear-roi the model without one; a training image
+    changed since fit is refused by name."""
+    import shutil
+
+    train = tmp_path / "train"
+    shutil.copytree(small_train / "train" / "good", train)
+    zone = tmp_path / "zone.png"
+    z = np.zeros((96, 96), np.uint8)
+    z[10:90, 20:96] = 255
+    Image.fromarray(z).save(zone)
+    args = ["--k", "3", "--calibration-images", "4", *RANDOM]
+    assert run_cli(["fit", str(train), "--out", str(tmp_path / "plain"), *args], capsys)[0] == 0
+    assert run_cli(["fit", str(train), "--out", str(tmp_path / "zoned"), "--roi", str(zone), *args], capsys)[0] == 0
+    code, _, err = run_cli(["update", str(tmp_path / "plain"), "--roi", str(zone), *RANDOM], capsys)
+    assert code == 0, err
+    a, b = (Spade.load(tmp_path / m, weights="random") for m in ("plain", "zoned"))
+    assert a.image_threshold_ == b.image_threshold_ and a.pixel_threshold_ == b.pixel_threshold_
+    assert torch_equal(a.global_, b.global_) and a.history_[-1]["action"] == "zone"
+    tests = [str(p) for p in sorted((small_train / "test").glob("*/*.png"))]
+    pa, pb = a.predict(tests), b.predict(tests)
+    assert np.array_equal(pa.scores, pb.scores) and all(np.array_equal(x, y) for x, y in zip(pa.maps, pb.maps,
+                                                                                            strict=True))
+    code, out, _ = run_cli(["history", str(tmp_path / "plain")], capsys)
+    assert code == 0 and "zone set" in out
+    code, _, err = run_cli(["update", str(tmp_path / "plain"), "--clear-roi", *RANDOM], capsys)
+    assert code == 0, err
+    c = Spade.load(tmp_path / "plain", weights="random")
+    assert c.state_.zone is None and len(c.history_) == 3
+    first = Spade(SpadeSettings(k=3, calibration_images=4, weights="random")).fit(sorted(str(p) for p in
+                                                                                       train.iterdir()))
+    assert c.image_threshold_ == first.image_threshold_ and torch_equal(c.global_, first.global_)
+    # a training image changed since: refused by name, the model unchanged
+    Image.fromarray(np.zeros((96, 96, 3), np.uint8)).save(sorted(train.iterdir())[2])
+    code, _, err = run_cli(["update", str(tmp_path / "plain"), "--roi", str(zone), *RANDOM], capsys)
+    assert code == 2 and "not the image this model was fitted on" in err and len(err.strip().splitlines()) == 1
+    assert len(Spade.load(tmp_path / "plain", weights="random").history_) == 3
+
+
+def torch_equal(x: object, y: object) -> bool:
+    import torch
+
+    assert isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
+    return bool(torch.equal(x, y))

@@ -242,6 +242,9 @@ class _Scorer:
     header = {"model": {"lineage": "L", "generation": 3, "header_sha256": "0" * 64}}
     min_area, verdict_rule = 0, "score"
 
+    def check_image(self, image, name):  # type: ignore[no-untyped-def]
+        pass
+
     def predict(self, images, pixel_threshold=None, min_area=None):  # type: ignore[no-untyped-def]
         from spade_ad_runtime.result import ImageResult
 

@@ -114,3 +114,27 @@ def test_min_area_is_a_whole_number_of_pixels() -> None:
     for bad in (-1, 2.5, True, "3", None):
         with pytest.raises(SpadeError, match="--min-area must be a whole number of pixels >= 0"):
             check_min_area(bad, "--min-area")
+
+
+def test_a_zone_scales_fills_and_clears() -> None:
+    from spade_ad_runtime.zone import FILL, Zone
+
+    mask = np.zeros((4, 6), bool)
+    mask[1:3, 2:5] = True
+    zone = Zone(mask)
+    big = zone.at(8, 12)  # nearest neighbour: each zone pixel becomes a 2 x 2 block
+    assert np.array_equal(big, np.repeat(np.repeat(mask, 2, 0), 2, 1)) and zone.at(8, 12) is big
+    assert zone.at(4, 6) is zone.mask and zone.at(81, 120).shape == (81, 120)  # within the aspect tolerance
+    img = np.full((8, 12, 3), 7, np.uint8)
+    filled = zone.fill_outside(img)
+    assert (filled[big] == 7).all() and (filled[~big] == FILL).all() and (img == 7).all()
+    amap = np.ones((8, 12), np.float32)
+    cleared = zone.clear_outside(amap)
+    assert cleared.dtype == np.float32 and np.array_equal(cleared, big.astype(np.float32))
+    with pytest.raises(SpadeError, match=r"^part.png: its aspect ratio \(12x12\) does not match the inspection "
+                                         r"zone's \(6x4\)$"):
+        zone.at(12, 12, "part.png")
+    for bad, message in ((np.zeros((4, 6), bool), "all black"), (np.ones((2, 2, 3), bool), "2-D"),
+                         (np.ones((3, 3), np.float32), "2-D")):
+        with pytest.raises(SpadeError, match=message):
+            Zone(bad)

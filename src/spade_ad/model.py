@@ -16,6 +16,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from .features import (
     bank_rows,
     batches,
     extract,
+    image_id,
     level_shapes,
     network_inputs,
     write_bank,
@@ -448,11 +450,45 @@ class Spade:
         self._rewrite(keep, [], [], "remove", progress, source)
         return self
 
+    def change_zone(self, zone: str | Path | np.ndarray | None, progress: Progress | None = None,
+                    source: str | None = None) -> Spade:
+        """A new inspection zone for a fitted model (``None``: inspect the whole image), as a new generation.
+
+        The features of every training image depend on the zone (outside it the network sees grey), so the
+        training images are read again from their paths as given to ``fit``, each checked to be the same
+        pixels as then (its identity), and the model becomes exactly what ``fit`` with the new zone gives.
+        A training image that is missing, changed or given as an array is refused with one line naming it.
+        """
+        self._check_fitted()
+        old = self.state_
+        new = as_zone(zone, self.settings)
+        prep = replace(old.prep, zone=new)
+        names = list(old.train_names)
+
+        def rows() -> Iterator[BankRows]:
+            for a, b in batches(len(names), self.settings.batch_size):
+                arrays = []
+                for i in range(a, b):
+                    if names[i].startswith("array[") and not Path(names[i]).exists():
+                        raise SpadeError(f"{names[i]}: a training image given as an array cannot be read again "
+                                         "to change the zone; fit a new model with the zone instead")
+                    arr = read_item(names[i], names[i], self.settings.max_pixels)
+                    if old.train_ids[i] is not None and image_id(arr) != old.train_ids[i]:
+                        raise SpadeError(f"{names[i]}: not the image this model was fitted on (its pixels changed); "
+                                         "the zone can only change with the same training images")
+                    if new is not None:
+                        new.at(arr.shape[0], arr.shape[1], names[i])
+                    arrays.append(arr)
+                yield bank_rows(self._net(), prep, self.device, arrays, a, old.grid)
+
+        self._rewrite([], rows(), names, "zone", progress, source, zone=new)
+        return self
+
     def _rewrite(self, keep: list[int], rows: Iterable[BankRows], names: list[str], action: str,
-                 progress: Progress | None, source: str | None) -> None:
+                 progress: Progress | None, source: str | None, zone: Zone | None | bool = True) -> None:
         """The bank's rows ``keep``, then ``rows`` for the new images ``names``: a new bank, recalibrated,
-        one more generation. An unsaved intermediate bank (a staging file of ours) is deleted at once
-        (readers still holding it keep reading: the file stays open)."""
+        one more generation (with inspection zone ``zone``; ``True``: the old one). An unsaved intermediate bank
+        (a staging file of ours) is deleted at once (readers still holding it keep reading: the file stays open)."""
         old = self.state_
         before = old.numbers()
         olds = OldRows(old.bank, old.global_, old.train_names, old.train_ids, keep)
@@ -462,10 +498,14 @@ class Spade:
         removed = [n for i, n in enumerate(old.train_names) if i not in kept]
         state = FittedState(old.settings, old.input_shape, old.level_shapes, old.weights_id, glob, bank,
                             [old.train_names[i] for i in keep] + names, ids, lineage=old.lineage,
-                            base_sha256=old.base_sha256, grid=old.grid, zone=old.zone)
+                            base_sha256=old.base_sha256, grid=old.grid,
+                            zone=old.zone if zone is True else zone if isinstance(zone, Zone) else None)
         calibrate(state, self.device, progress)
-        state.history = [*old.history, _change(state, action, before=before, added=names, removed=removed,
-                                               source=source, generation=old.generation + 1)]
+        change = _change(state, action, before=before, added=names, removed=removed, source=source,
+                         generation=old.generation + 1)
+        if action == "zone":  # the same images: neither added nor removed
+            change.update(added=[], removed=[], zone=None if state.zone is None else list(state.zone.shape))
+        state.history = [*old.history, change]
         self.state_ = state
         if is_staging(old.bank.path) and old.bank.path != bank.path:
             _unlink(old.bank.path)

@@ -418,6 +418,9 @@ def update(
                                                      "(repeatable; each image once)")] = None,
     force: Annotated[bool, typer.Option("--force", help="allow leaving a single training image (the model then "
                                                         "has no thresholds: no verdicts, no masks)")] = False,
+    roi: Annotated[Path | None, typer.Option("--roi", help="a new inspection zone (white = inspect): the training "
+                                             "images are read again from their paths and checked unchanged")] = None,
+    clear_roi: Annotated[bool, typer.Option("--clear-roi", help="inspect the whole image again (as --roi)")] = False,
     device: DeviceOpt = "cpu",
     weights: WeightsOpt = None,
 ) -> None:
@@ -427,14 +430,18 @@ def update(
     ones, less the removed ones). The folder gains a generation; `spade-ad history` lists them and
     `spade-ad rollback` returns to an earlier one. Writers of one folder take turns: the model is read,
     changed and saved while holding the folder's lock. An image already in the model (identical pixels,
-    however its path is spelled) is refused.
+    however its path is spelled) is refused. --roi / --clear-roi change the inspection zone: the training
+    images are read again (from their paths as fitted, checked to be the same pixels) and the model becomes
+    what fit with that zone gives.
     """
     from ..io import list_images
     from ..model import Spade
     from ..persistence import folder_lock
 
-    if not add and not remove:
-        raise SpadeError("nothing to do: give --add PATH and/or --remove NAME")
+    if not add and not remove and roi is None and not clear_roi:
+        raise SpadeError("nothing to do: give --add PATH, --remove NAME, --roi ZONE or --clear-roi")
+    if roi is not None and clear_roi:
+        raise SpadeError("--roi and --clear-roi: give one")
     files: list[Path] = []
     for item in add or []:
         if item.is_dir():
@@ -448,6 +455,8 @@ def update(
         model = Spade.load(model_dir, device=device, weights=weights)
         start, before = len(model.history_), model.thresholds_summary()
         with progress_bars() as cb:
+            if roi is not None or clear_roi:
+                model.change_zone(roi, progress=cb, source="cli")
             if remove:
                 model.remove([int(r) if r.isdigit() else r for r in remove], progress=cb, source="cli", force=force)
             if files:
@@ -478,6 +487,8 @@ def history(model_dir: Annotated[Path, typer.Argument(help="model folder")]) -> 
             what += f" -{len(e['removed'])} ({_short_list(e['removed'])})"
         if e.get("to"):
             what += f" to generation {e['to']}"
+        if e.get("action") == "zone":
+            what += " cleared: the whole image" if e.get("zone") is None else " set"
 
         def arrow(key: str, b: dict[str, Any] = b, a: dict[str, Any] = a) -> str:
             return f"{_fmt(b.get(key)) if b else '-'} -> {_fmt(a.get(key))}" if key != "n_train" else (

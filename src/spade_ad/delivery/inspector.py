@@ -118,6 +118,8 @@ class PredictResponse(BaseModel):
     generation: int = Field(description="the model generation that scored the image (its training images)")
     overlay: str = Field(description="data URI (JPEG): the image blended with its heatmap, fixed colour scale")
     mask: str | None = Field(description="data URI (PNG): mask at the pixel threshold, at the image's resolution")
+    zone: str | None = Field(None, description="data URI (PNG, RGBA): the model's inspection zone at the image's "
+                             "resolution, shaded where it is ignored (transparent where inspected); null: no zone")
     map: RawMap
     colour_scale: str = COLOUR_SCALE
 
@@ -634,6 +636,17 @@ def _remember(ctx: _Context, entry: _Entry) -> str:
     return key
 
 
+def _zone_picture(spade: Spade, height: int, width: int) -> str | None:
+    """The inspection zone at an image's size as a shade: dark translucent where ignored, clear where inspected."""
+    zone = spade.state_.zone
+    if zone is None:
+        return None
+    ignored = ~zone.at(height, width)
+    rgba = np.zeros((height, width, 4), np.uint8)
+    rgba[..., 3] = ignored.astype(np.uint8) * 150
+    return data_uri(rgba, "PNG")
+
+
 def _predict_response(key: str, name: str, image: np.ndarray, spade: Spade, res: ImageResult, over: np.ndarray,
                       small_map: np.ndarray) -> PredictResponse:
     """POST /predict's answer: scores, verdict, neighbours, the pictures and the downsampled raw map."""
@@ -651,6 +664,7 @@ def _predict_response(key: str, name: str, image: np.ndarray, spade: Spade, res:
         generation=_generation(spade),
         overlay=data_uri(over, "JPEG"),
         mask=data_uri(mask, "PNG") if mask is not None else None,
+        zone=_zone_picture(spade, h, w),
         map=RawMap(width=mw, height=mh, dtype="float32-le",
                    data=base64.b64encode(small_map.astype("<f4").tobytes()).decode("ascii")),
     )

@@ -166,6 +166,9 @@
     $('explain').hidden = true;
     $('marker').hidden = true;
     showRegions(res);
+    var shade = $('zone-shade');  // the inspection zone: what lies outside it is shaded (and scores 0)
+    shade.hidden = !res.zone;
+    if (res.zone) shade.src = res.zone; else shade.removeAttribute('src');
     var img = $('overlay');
     img.onload = function () { sizeCanvases(); drawMask(); };
     img.src = res.overlay;
