@@ -27,6 +27,12 @@ from .state import FittedState
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
+def good_threshold(values: list[float], false_alarm_rate: float) -> float:
+    """The good-image rule: the ``1 - false_alarm_rate`` quantile of good images' scores (the higher value
+    between two), so at most about that fraction of them reaches it."""
+    return float(np.quantile(values, 1.0 - false_alarm_rate, method="higher"))
+
+
 def calibration_sample(n_train: int, n_images: int) -> np.ndarray:
     """The training indices scored for calibration: ``n_images`` spread evenly over ``n_train``."""
     return np.unique(np.linspace(0, n_train - 1, min(n_images, n_train)).round().astype(int))
@@ -51,9 +57,8 @@ def calibrate(state: FittedState, device: torch.device, progress: Progress | Non
         state.calibration["score_scales"] = list(scales)
     scores = image_scores(s.image_score, scales, torch.tensor(knn, dtype=torch.float32),
                           torch.tensor(maxima, dtype=torch.float32)).tolist()
-    q = 1.0 - s.false_alarm_rate
-    state.image_threshold = float(np.quantile(scores, q, method="higher"))
-    state.pixel_threshold = float(np.quantile(maxima, q, method="higher"))
+    state.image_threshold = good_threshold(scores, s.false_alarm_rate)
+    state.pixel_threshold = good_threshold(maxima, s.false_alarm_rate)
     state.calibration.update({"image_scores": scores, "map_maxima": maxima})
 
 
@@ -79,13 +84,12 @@ def _calibrate_tiled(state: FittedState, idx: np.ndarray, device: torch.device, 
     k_arr, m_arr = np.asarray(tile_knn), np.asarray(tile_max)
     scales = np.array([[positive_median(list(k_arr[:, p])), positive_median(list(m_arr[:, p]))] for p in range(t)])
     scores = tile_image_scores(s.image_score, s.tile_pool, scales, k_arr, m_arr).tolist()
-    q = 1.0 - s.false_alarm_rate
     state.calibration = {"method": "leave-one-out on training images (all tiles of an image left out)",
                          "n_images": len(idx), "false_alarm_rate": s.false_alarm_rate,
                          "position_scales": scales.tolist(), "image_scores": scores, "map_maxima": maxima,
                          "tile_knn": tile_knn, "tile_max": tile_max}
-    state.image_threshold = float(np.quantile(scores, q, method="higher"))
-    state.pixel_threshold = float(np.quantile(maxima, q, method="higher"))
+    state.image_threshold = good_threshold(scores, s.false_alarm_rate)
+    state.pixel_threshold = good_threshold(maxima, s.false_alarm_rate)
 
 
 def _leave_one_out(state: FittedState, idx: np.ndarray, device: torch.device,
@@ -103,4 +107,4 @@ def _leave_one_out(state: FittedState, idx: np.ndarray, device: torch.device,
     return knn, maxima
 
 
-__all__ = ["calibrate", "calibration_sample"]
+__all__ = ["calibrate", "calibration_sample", "good_threshold"]

@@ -121,7 +121,7 @@ def load_folder_category(path: str | Path) -> Category:
         root/masks/                        or all masks in one folder, when no stem occurs in two test folders
 
     With masks, every defective test image needs its mask and every mask belongs to exactly one defective
-    test image (see :func:`_match_masks`); without them the pixel metrics are undefined.
+    test image (see :func:`match_masks`); without them the pixel metrics are undefined.
     """
     root = Path(path)
     if not root.is_dir():
@@ -141,7 +141,7 @@ def load_folder_category(path: str | Path) -> Category:
         if any(d.is_dir() for d in masks_dir.iterdir()):
             masks = _masks_by_type(masks_dir, defects)
         else:
-            masks = _match_masks(list_images(masks_dir), [f for fs in defects.values() for f in fs], masks_dir,
+            masks = match_masks(list_images(masks_dir), [f for fs in defects.values() for f in fs], masks_dir,
                                  f": put each defect type's masks in {masks_dir}/<type>/ (mirroring test/<type>/)")
     test = [TestSample(f, t, masks.get(f)) for t, files in tests.items() for f in files]
     return Category(root.name, root, list_images(train_dir), test)
@@ -159,7 +159,7 @@ def _test_images(test_root: Path, dirs: list[Path]) -> dict[str, list[Path]]:
     return out
 
 
-def _match_masks(masks: list[Path], images: list[Path], folder: Path, advice: str = "") -> dict[Path, Path]:
+def match_masks(masks: list[Path], images: list[Path], folder: Path, advice: str = "") -> dict[Path, Path]:
     """Each of ``images`` (defective test images) to its mask among ``masks`` (files of ``folder``), by name:
     ``<stem>_mask.<ext>`` or ``<stem>.<ext>``. A mask must belong to exactly one image and every image needs
     exactly one mask; masks saved as JPEG are refused (:data:`LOSSY_MASK_SUFFIXES`). ``advice`` ends the
@@ -208,7 +208,7 @@ def _masks_by_type(gt_root: Path, defects: dict[str, list[Path]]) -> dict[Path, 
         folder = gt_root / label
         if not folder.is_dir():
             raise SpadeError(f"{images[0]}: no mask folder {folder} for test/{label}/")
-        out.update(_match_masks(list_images(folder), images, folder))
+        out.update(match_masks(list_images(folder), images, folder))
     return out
 
 

@@ -30,6 +30,7 @@ from .bank import Bank
 from .calibration import calibrate
 from .correspondence import Correspondence
 from .correspondence.runtime import COMPUTE_LOCK
+from .defects import Defect, DefectSet, write_defects
 from .errors import NotFittedError, SpadeError
 from .features import (
     THUMB,
@@ -45,9 +46,10 @@ from .features import (
     write_bank,
 )
 from .io import image_shape, is_staging, list_images, load_image, staging_path, to_rgb_uint8
+from .operating import Evidence, check_rule, costs, thresholds
 from .persistence import clean_stale, utc_now
 from .preprocess import Preprocessor, aspect_shape
-from .result import Prediction, check_min_area
+from .result import GOOD, Prediction, check_min_area
 from .scoring import image_score, score_features, score_tiles, tiled_image_score
 from .settings import SpadeSettings
 from .state import Fitted, FittedState
@@ -499,14 +501,16 @@ class Spade:
         state = FittedState(old.settings, old.input_shape, old.level_shapes, old.weights_id, glob, bank,
                             [old.train_names[i] for i in keep] + names, ids, lineage=old.lineage,
                             base_sha256=old.base_sha256, grid=old.grid,
-                            zone=old.zone if zone is True else zone if isinstance(zone, Zone) else None)
+                            zone=old.zone if zone is True else zone if isinstance(zone, Zone) else None,
+                            defects=old.defects)
         calibrate(state, self.device, progress)
+        self.state_ = state
+        self._keep_operating_point(old.calibration.get("operating_point"))
         change = _change(state, action, before=before, added=names, removed=removed, source=source,
                          generation=old.generation + 1)
         if action == "zone":  # the same images: neither added nor removed
             change.update(added=[], removed=[], zone=None if state.zone is None else list(state.zone.shape))
         state.history = [*old.history, change]
-        self.state_ = state
         if is_staging(old.bank.path) and old.bank.path != bank.path:
             _unlink(old.bank.path)
 
@@ -696,6 +700,120 @@ class Spade:
                              "on fewer than two training images): use score_samples")
         return self.score_samples(images) - thr
 
+    # ------------------------------------------------------------------ operating points and known defects
+    def evidence(self, defects: DefectSet | None = None) -> Evidence | None:
+        """The known defects (the model's, or ``defects``) as this model scores them (``None``: none known)."""
+        ds = self.state_.defects if defects is None else defects
+        if ds is None or not len(ds):
+            return None
+        scores, pixels = [], []
+        for d in ds.read():
+            pred = self.predict([d.image])
+            scores.append(float(pred.scores[0]))
+            if d.mask is not None:
+                pixels.append(pred.maps[0][d.mask])
+        return Evidence(ds.names, np.asarray(scores, np.float64),
+                        np.concatenate(pixels).astype(np.float64) if pixels else None)
+
+    def missed_defects(self) -> list[str]:
+        """The known defects this model judges good (the defect gate: a change that misses one is refused
+        unless forced); empty without known defects or thresholds."""
+        ds = self.state_.defects
+        if ds is None:
+            return []
+        return [d.name for d in ds.read() if self.predict([d.image])[0].verdict == GOOD]
+
+    def calibrate(self, defects: Sequence[tuple[str | Path | np.ndarray, np.ndarray | None]] = (),
+                  target_recall: float | None = None, false_alarm_rate: float | None = None,
+                  source: str | None = None, names: Sequence[str] | None = None
+                  ) -> tuple[dict[str, float | None], dict[str, float | None]]:
+        """Set the operating point, as a new generation (see :mod:`spade_ad.operating`).
+
+        Args:
+            defects: labelled defective images to keep with the model as known defects: (image, mask or
+                ``None``) pairs, the image a path or an array, the mask bool at the image's size (any non-zero
+                pixel a defect). They join the known defects already kept.
+            target_recall: the thresholds for this recall on the known defects (image level; pixel level
+                with masks).
+            false_alarm_rate: the thresholds for this false-alarm rate on the good calibration images (also
+                becomes the model's ``false_alarm_rate`` setting). Neither: the good-image rule with the
+                model's rate.
+            source: who asked (recorded in the history); names: the new defects' names (default: paths).
+
+        Returns:
+            What the thresholds before and after cost (:func:`spade_ad.operating.costs`).
+        """
+        self._check_fitted()
+        if target_recall is not None and false_alarm_rate is not None:
+            raise SpadeError("--target-recall and --false-alarm-rate: give one")
+        rule, value = (("recall", target_recall) if target_recall is not None
+                       else ("false_alarm_rate", self.settings.false_alarm_rate if false_alarm_rate is None
+                             else false_alarm_rate))
+        check_rule(rule, value)
+        old = self.state_
+        known = self._known_defects(defects, names)
+        ev = self.evidence(known)
+        before = costs(old.calibration, old.image_threshold, old.pixel_threshold, ev)
+        settings = old.settings if false_alarm_rate is None else old.settings.replace(false_alarm_rate=value)
+        image_thr, pixel_thr = thresholds(old.calibration, rule, value, ev, settings.false_alarm_rate)
+        calibration = {**old.calibration, "false_alarm_rate": settings.false_alarm_rate,
+                       "operating_point": {"rule": rule, "value": value}}
+        after = costs(calibration, image_thr, pixel_thr, ev)
+        state = replace(old, settings=settings, image_threshold=image_thr, pixel_threshold=pixel_thr,
+                        calibration=calibration, defects=known)
+        change = _change(state, "calibrate", old.numbers(), source=source, generation=old.generation + 1)
+        change.update(defects_added=[] if known is None else list(known.names[len(old.defects or ()):]),
+                      operating_point={"rule": rule, "value": value}, costs={"before": before, "after": after})
+        state.history = [*old.history, change]
+        self.settings = settings
+        self.state_ = state
+        return before, after
+
+    def _keep_operating_point(self, point: dict[str, Any] | None) -> None:
+        """After a recalibration: the operating point chosen before applies again (a target recall is measured
+        again on the known defects with the changed model; a false-alarm rate is the model's setting)."""
+        state = self.state_
+        if point is None or state.image_threshold is None:
+            return
+        if point["rule"] == "recall":
+            state.image_threshold, state.pixel_threshold = thresholds(
+                state.calibration, "recall", point["value"], self.evidence(), self.settings.false_alarm_rate)
+        state.calibration["operating_point"] = dict(point)
+
+    def _known_defects(self, given: Sequence[tuple[str | Path | np.ndarray, np.ndarray | None]],
+                       names: Sequence[str] | None) -> DefectSet | None:
+        """The known defects plus ``given`` (written to a new file; the model's own when nothing is given):
+        an image already known, or one of the model's good training images, is refused by name."""
+        old = self.state_.defects
+        if not given:
+            return old
+        items = [g[0] for g in given]
+        _, found = resolve_images(items) if all(isinstance(x, (str, Path)) for x in items) else (None, [
+            f"array[{i}]" for i in range(len(items))])
+        names = list(found if names is None else names)
+        images = read_items(items, names, self.settings.max_pixels)
+        ids = [image_id(x) for x in images]
+        known = dict(zip(old.ids, old.names, strict=True)) if old is not None else {}
+        train = {x: n for x, n in zip(self.state_.train_ids, self.state_.train_names, strict=True) if x}
+        new: list[Defect] = []
+        for (_, mask), img, x, name in zip(given, images, ids, names, strict=True):
+            if x in train:
+                raise SpadeError(f"{name}: it is the model's good training image {train[x]}; a known defect cannot "
+                                 "be both (remove it from the training images first)")
+            if x in known:
+                raise SpadeError(f"{name}: already a known defect of this model ({known[x]})")
+            known[x] = name
+            m = None if mask is None else np.asarray(mask, bool)
+            if m is not None and m.shape != img.shape[:2]:
+                raise SpadeError(f"{name}: its mask is {m.shape[1]}x{m.shape[0]}, the image {img.shape[1]}x"
+                                 f"{img.shape[0]}; a mask must have its image's size")
+            self.check_image(img, name)
+            new.append(Defect(name, img, m))
+        previous = list(old.read()) if old is not None else []
+        path = staging_path(self.bank_.path.parent, ".defects.safetensors")
+        weakref.finalize(self, _unlink, path)  # a staging file: save copies it into the folder
+        return write_defects(path, previous + new, [*(old.ids if old is not None else ()), *ids])
+
     # ------------------------------------------------------------------ correspondences
     def correspondence(self, image: ImageInput, y: int, x: int, level: int = 0) -> Correspondence:
         """Which normal image, and where in it, pixel (y, x) of ``image`` was matched to (see
@@ -734,7 +852,7 @@ class Spade:
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "cpu", weights: str | None = None, verify: bool = True,
-             **runtime: Any) -> Spade:
+             generation: int | None = None, **runtime: Any) -> Spade:
         """Load a model folder written by ``save``; validated and (``verify``) checksummed.
 
         Args:
@@ -742,15 +860,23 @@ class Spade:
             device: where to compute (runtime setting).
             weights: the backbone's weights file, for backbones whose weights are not bundled.
             verify: check every file's SHA-256 (recommended).
+            generation: an earlier generation kept in the folder (see ``history``) instead of the current one.
             **runtime: other runtime settings (``batch_size``, ``max_pixels``, ``tile_bytes``).
 
         Example:
             >>> model = Spade.load("model_dir")            # doctest: +SKIP
         """
-        from .persistence import read_state
+        from .persistence import generation_file, read_header, read_state
 
         folder = Path(model_dir)
-        return cls.from_state(read_state(folder, {"device": device, "weights": weights, **runtime}, verify), folder)
+        header_file = None
+        if generation is not None:
+            current = read_header(folder)
+            header_file = generation_file(folder, current["lineage"], generation)
+            if not header_file.is_file():
+                raise SpadeError(f"{folder}: generation {generation} is not kept in this folder")
+        return cls.from_state(read_state(folder, {"device": device, "weights": weights, **runtime}, verify,
+                                         header_file), folder)
 
     @classmethod
     def from_state(cls, state: FittedState, folder: Path) -> Spade:

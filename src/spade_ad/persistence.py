@@ -32,7 +32,7 @@ import re
 import signal
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +43,7 @@ from spade_ad_runtime.zone import Zone
 
 from .backbones import BACKBONES
 from .bank import Bank
+from .defects import defects_from_header
 from .errors import SpadeError
 from .io import (
     atomic_write,
@@ -56,7 +57,7 @@ from .io import (
     write_error,
 )
 from .preprocess import is_aspect_shape
-from .settings import SpadeSettings
+from .settings import SpadeSettings, check_operating_point
 from .tiling import TileGrid, grid_from_dict
 from .version import __version__
 
@@ -67,7 +68,8 @@ FORMAT_VERSION = 2
 GENERATIONS = "generations"  # copies of the last headers, for rollback
 KEEP_GENERATIONS = 5  # generations whose files a folder keeps (the current one included)
 DATA = ("bank", "index")  # the data files of a model, each ``<kind>-<sha256 prefix>.safetensors``
-_DATA_NAME = re.compile(r"^(bank|index)-[0-9a-f]{16}\.safetensors$")
+OPTIONAL_DATA = ("defects",)  # data files a model may have (its known defects: spade_ad.defects)
+_DATA_NAME = re.compile(r"^(bank|index|defects)-[0-9a-f]{16}\.safetensors$")
 _IMAGE_ID = re.compile(r"^[0-9a-f]{64}$")  # a training image's identity: model.image_id
 _ATOMIC_TMP = re.compile(r"^\..+\.tmp$")  # io.atomic_write's temporary files (only written under the lock)
 _held = threading.local()  # folders whose lock this thread holds (folder_lock is reentrant per thread)
@@ -251,6 +253,8 @@ def _write_locked(model: FittedState, out: Path, history: list[dict[str, Any]], 
     atomic_write(staged, lambda tmp: save_file(arrays, str(tmp)))
     name, digest = _commit_data(out, "index", staged)
     files["index"] = {"name": name, "sha256": digest}
+    if model.defects is not None:
+        files["defects"] = _commit_defects(model, out)
     fsync_dir(out)
     crash_point("save-index")
     header: dict[str, Any] = {
@@ -270,12 +274,26 @@ def _write_locked(model: FittedState, out: Path, history: list[dict[str, Any]], 
         "image_threshold": model.image_threshold,
         "pixel_threshold": model.pixel_threshold,
         "calibration": model.calibration,
+        "defects": model.defects.as_header() if model.defects is not None else None,
         "files": files,
         "lineage": lineage,
         "generation": len(history),
         "history": history,
     }
     return _commit_header(out, header)
+
+
+def _commit_defects(model: FittedState, out: Path) -> dict[str, str]:
+    """The known defects' data file in ``out`` (already there under its name, or copied in)."""
+    assert model.defects is not None
+    path = model.defects.path
+    if path.parent.resolve() == out.resolve() and _DATA_NAME.match(path.name):
+        return {"name": path.name, "sha256": file_sha256(path)}
+    staged = staging_path(out, ".defects.safetensors")
+    atomic_write(staged, lambda tmp: _copy(path, tmp))
+    name, digest = _commit_data(out, "defects", staged)
+    model.defects = replace(model.defects, path=out / name)
+    return {"name": name, "sha256": digest}
 
 
 def _commit_header(out: Path, header: dict[str, Any]) -> str:
@@ -385,7 +403,8 @@ def read_state(folder: Path, runtime: dict[str, Any], verify: bool,
         weights_id=fields.weights_id, global_=glob, bank=bank, train_names=fields.train_names,
         train_ids=fields.train_ids, image_threshold=fields.image_threshold, pixel_threshold=fields.pixel_threshold,
         calibration=fields.calibration, history=fields.history, lineage=fields.lineage,
-        base_sha256=header["header_sha256"], grid=fields.grid, zone=zone)
+        base_sha256=header["header_sha256"], grid=fields.grid, zone=zone,
+        defects=defects_from_header(header.get("defects"), paths["defects"][0], hpath) if "defects" in paths else None)
 
 
 @dataclass
@@ -490,6 +509,14 @@ def _calibration(calibration: Any, hpath: Path, tiles: int | None) -> dict[str, 
     if pos is not None and (tiles is None or not isinstance(pos, list) or len(pos) != tiles
                             or not all(_positive_pair(v) for v in pos)):
         raise SpadeError(f"{hpath}: calibration.position_scales must be two positive numbers per tile")
+    point = calibration.get("operating_point")
+    if point is not None:
+        if not isinstance(point, dict):
+            raise SpadeError(f"{hpath}: calibration.operating_point must be a mapping")
+        try:
+            check_operating_point(point.get("rule"), point.get("value"))
+        except SpadeError as exc:
+            raise SpadeError(f"{hpath}: calibration.operating_point: {exc}") from None
     return calibration
 
 
@@ -560,10 +587,10 @@ def _check_weights_given(settings: SpadeSettings, weights_id: str, folder: Path)
 
 def _data_paths(files: Any, folder: Path, hpath: Path) -> dict[str, tuple[Path, str]]:
     """The data files named by the header: plain names inside the folder, never a path elsewhere."""
-    if not isinstance(files, dict) or set(files) != set(DATA):
-        raise SpadeError(f"{hpath}: files must name the {' and '.join(DATA)} files")
+    if not isinstance(files, dict) or not set(DATA) <= set(files) <= set(DATA + OPTIONAL_DATA):
+        raise SpadeError(f"{hpath}: files must name the {' and '.join(DATA)} files (and at most the defects file)")
     out = {}
-    for kind in DATA:
+    for kind in [k for k in DATA + OPTIONAL_DATA if k in files]:
         entry = files[kind]
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not isinstance(
                 entry.get("sha256"), str):
@@ -601,11 +628,13 @@ def read_history(folder: Path) -> list[dict[str, Any]]:
     return history
 
 
-def rollback(folder: Path, generation: int, source: str | None = None) -> dict[str, Any]:
+def rollback(folder: Path, generation: int, source: str | None = None,
+             forced: list[str] | None = None) -> dict[str, Any]:
     """Make an earlier generation current again (as a new generation, so the history keeps everything).
 
     Returns the history entry of the rollback. The earlier generation's files must still be kept (the
-    folder keeps the last ``KEEP_GENERATIONS``).
+    folder keeps the last ``KEEP_GENERATIONS``). The folder's known defects stay as they are; ``forced``
+    names those the caller let the rollback judge good (recorded in the entry).
     """
     with folder_lock(folder):
         current = read_header(folder)
@@ -630,8 +659,13 @@ def rollback(folder: Path, generation: int, source: str | None = None) -> dict[s
         entry = {"generation": current["generation"] + 1, "time": utc_now(),
                  "action": "rollback", "to": generation, "added": [], "removed": [], "source": source,
                  "before": _numbers(current), "after": _numbers(old)}
+        if forced:
+            entry["forced"] = list(forced)
         header = {**old, "generation": entry["generation"], "history": [*current["history"], entry],
-                  "lineage": current["lineage"]}
+                  "lineage": current["lineage"], "defects": current.get("defects")}  # known defects stay known
+        header["files"] = {k: v for k, v in old["files"].items() if k != "defects"}
+        if "defects" in current["files"]:
+            header["files"]["defects"] = current["files"]["defects"]
         header.pop("header_sha256", None)
         _commit_header(folder, header)
         return entry

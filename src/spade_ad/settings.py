@@ -264,6 +264,21 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+OPERATING_RULES = ("false_alarm_rate", "recall")  # how thresholds are chosen: spade_ad.operating
+
+
+def check_operating_point(rule: Any, value: Any) -> None:
+    """Refuse an unknown operating-point rule or a value out of its bounds (a recall in (0, 1], a false-alarm
+    rate in (0, 1)), naming the command-line option."""
+    if rule not in OPERATING_RULES:
+        raise SpadeError(f"unknown operating-point rule {rule!r}; choose one of: {', '.join(OPERATING_RULES)}")
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
+        0 < value <= 1 if rule == "recall" else 0 < value < 1)
+    if not ok:
+        flag, bounds = ("--target-recall", "(0, 1]") if rule == "recall" else ("--false-alarm-rate", "(0, 1)")
+        raise SpadeError(f"{flag} must be in {bounds}, got {value!r}")
+
+
 def spec_of(f: dataclasses.Field[Any]) -> SettingSpec:
     spec = f.metadata.get("spec")
     assert isinstance(spec, SettingSpec), f"setting {f.name} is not declared with setting()"
@@ -331,4 +346,5 @@ def _check(name: str, value: Any, annotation: Any, spec: SettingSpec) -> Any:
     return value
 
 
-__all__ = ["SpadeSettings", "SettingSpec", "setting", "fields", "names", "spec_of", "PREPROCESS_MODES", "PRESETS"]
+__all__ = ["SpadeSettings", "SettingSpec", "OPERATING_RULES", "check_operating_point",
+           "setting", "fields", "names", "spec_of", "PREPROCESS_MODES", "PRESETS"]

@@ -18,6 +18,7 @@ import torch
 from spade_ad_runtime.zone import Zone
 
 from .bank import Bank
+from .defects import DefectSet
 from .errors import NotFittedError
 from .preprocess import Preprocessor
 from .settings import SpadeSettings
@@ -48,6 +49,7 @@ class FittedState:
         base_sha256: checksum of the saved header this state was read from or saved as (``None``: unsaved).
         grid: a tiled model's tile grid, fixed at fit (``None``: not tiled).
         zone: the inspection zone (``None``: the whole image is inspected).
+        defects: the known defects kept with the model (``None``: none).
     """
 
     settings: SpadeSettings
@@ -66,6 +68,7 @@ class FittedState:
     base_sha256: str | None = None
     grid: TileGrid | None = None
     zone: Zone | None = None
+    defects: DefectSet | None = None
 
     @property
     def rows_per_image(self) -> int:

@@ -417,7 +417,8 @@ def update(
                                                      "given to fit, its file name, its id or its index "
                                                      "(repeatable; each image once)")] = None,
     force: Annotated[bool, typer.Option("--force", help="allow leaving a single training image (the model then "
-                                                        "has no thresholds: no verdicts, no masks)")] = False,
+                                                        "has no thresholds: no verdicts, no masks), and a change "
+                                                        "that judges a known defect good (recorded)")] = False,
     roi: Annotated[Path | None, typer.Option("--roi", help="a new inspection zone (white = inspect): the training "
                                              "images are read again from their paths and checked unchanged")] = None,
     clear_roi: Annotated[bool, typer.Option("--clear-roi", help="inspect the whole image again (as --roi)")] = False,
@@ -461,12 +462,83 @@ def update(
                 model.remove([int(r) if r.isdigit() else r for r in remove], progress=cb, source="cli", force=force)
             if files:
                 model.add([str(f) for f in files], progress=cb, source="cli")
+        gate(model_dir, model, force)
         model.save(model_dir)
     changes = model.history_[start:]
     added = sum(len(e["added"]) for e in changes)
     removed = sum(len(e["removed"]) for e in changes)
     say(f"generation {len(model.history_)} in {time.perf_counter() - t0:.1f}s: added {added}, removed "
         f"{removed}; before: {_numbers(before)}; after: {_numbers(model.thresholds_summary())}")
+
+
+@app.command()
+def calibrate(
+    model_dir: Annotated[Path, typer.Argument(help="model folder written by fit")],
+    defects: Annotated[list[Path] | None, typer.Option("--defects", help="defective images or folders to keep as "
+                                                       "known defects (repeatable)")] = None,
+    masks: Annotated[Path | None, typer.Option("--masks", help="their masks: <stem>_mask.png or <stem>.png, any "
+                                               "non-zero pixel a defect")] = None,
+    target_recall: Annotated[float | None, typer.Option("--target-recall", help="thresholds for this recall on "
+                                                        "the known defects (image; pixel with masks)")] = None,
+    false_alarm_rate: Annotated[float | None, typer.Option("--false-alarm-rate", help="thresholds for this "
+                                                           "false-alarm rate on the good calibration images")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print what the choice costs, change nothing")] = False,
+    device: DeviceOpt = "cpu",
+    weights: WeightsOpt = None,
+) -> None:
+    """Choose the operating point: thresholds from the good images (a false-alarm rate, the default rule) or for
+    a target recall on labelled defective images, which are kept with the model as known defects (the defect
+    gate). Prints what the thresholds before and after cost; the change is a new generation."""
+    from ..data import match_masks
+    from ..io import list_images, load_mask
+    from ..model import Spade
+    from ..persistence import folder_lock
+
+    files: list[Path] = []
+    for item in defects or []:
+        if item.is_dir():
+            files += list_images(item)
+        elif item.exists() or item.is_symlink():
+            files.append(item)
+        else:
+            raise SpadeError(f"{item}: file or folder does not exist")
+    if masks is not None and not files:
+        raise SpadeError("--masks: give the defective images with --defects")
+    owners = match_masks(list_images(masks), files, masks) if masks is not None else {}
+    given = [(str(f), load_mask(owners[f]) if f in owners else None) for f in files]
+    with folder_lock(model_dir, on_wait=_waiting(model_dir)):
+        model = Spade.load(model_dir, device=device, weights=weights)
+        with progress_bars():
+            before, after = model.calibrate(given, target_recall=target_recall, false_alarm_rate=false_alarm_rate,
+                                            source="cli")
+        if not dry_run:
+            model.save(model_dir)
+    table = Table(title=Text(printable(f"operating point of {model_dir}")))
+    for col in ("", "image threshold", "false alarms (good)", "recall (defects)", "pixel threshold",
+                "good images flagged", "defect pixels flagged"):
+        table.add_column(col)
+    keys = ("image_threshold", "image_false_alarm_rate", "image_recall", "pixel_threshold", "pixel_false_alarm_rate",
+            "pixel_recall")
+    for label, row in (("before", before), ("after", after)):
+        table.add_row(label, *(_fmt(row[k]) for k in keys))
+    out_console.print(table, markup=False, highlight=False)
+    n = len(model.state_.defects or ())
+    say(("dry run: nothing changed" if dry_run else f"generation {len(model.history_)}") +
+        f"; {n} known defect(s); measured on {len(model.calibration_.get('image_scores', []))} good calibration "
+        "images")
+
+
+def gate(model_dir: Path, model: Any, force: bool) -> None:
+    """The defect gate: a changed model that judges a known defect good is refused, unless ``force`` (then the
+    change's history entry records them)."""
+    missed = model.missed_defects()
+    if not missed:
+        return
+    if not force:
+        raise SpadeError(f"{model_dir}: this change would judge {len(missed)} known defect(s) good: "
+                         f"{', '.join(missed)}; nothing was changed (--force to accept it anyway)")
+    model.history_[-1]["forced"] = missed
+    say(f"forced: known defect(s) judged good from now on: {', '.join(missed)}")
 
 
 @app.command()
@@ -489,6 +561,13 @@ def history(model_dir: Annotated[Path, typer.Argument(help="model folder")]) -> 
             what += f" to generation {e['to']}"
         if e.get("action") == "zone":
             what += " cleared: the whole image" if e.get("zone") is None else " set"
+        if e.get("operating_point"):
+            op = e["operating_point"]
+            what += f" {op['rule'].replace('_', ' ')} {op['value']:g}"
+            if e.get("defects_added"):
+                what += f" +{len(e['defects_added'])} known defect(s)"
+        if e.get("forced"):
+            what += f" (forced: {len(e['forced'])} known defect(s) judged good)"
 
         def arrow(key: str, b: dict[str, Any] = b, a: dict[str, Any] = a) -> str:
             return f"{_fmt(b.get(key)) if b else '-'} -> {_fmt(a.get(key))}" if key != "n_train" else (
@@ -512,13 +591,30 @@ def _short_list(names: list[str], n: int = 3) -> str:
 def rollback(
     model_dir: Annotated[Path, typer.Argument(help="model folder")],
     to: Annotated[int, typer.Option("--to", help="the generation to return to (see spade-ad history)")],
+    force: Annotated[bool, typer.Option("--force", help="return even if that generation judges a known defect "
+                                                        "good (recorded)")] = False,
+    device: DeviceOpt = "cpu",
+    weights: WeightsOpt = None,
 ) -> None:
-    """Make an earlier generation current again (recorded as a new generation: nothing is lost)."""
+    """Make an earlier generation current again (recorded as a new generation: nothing is lost).
+
+    The defect gate: if that generation would judge one of the model's known defects good, the rollback is
+    refused unless --force."""
+    from ..model import Spade
     from ..persistence import folder_lock
     from ..persistence import rollback as do_rollback
 
     with folder_lock(model_dir, on_wait=_waiting(model_dir)):
-        entry = do_rollback(model_dir, to, source="cli")
+        missed: list[str] = []
+        current = Spade.load(model_dir, device=device, weights=weights)
+        if current.state_.defects is not None and 1 <= to < len(current.history_):
+            target = Spade.load(model_dir, device=device, weights=weights, generation=to)
+            target.state_.defects = current.state_.defects  # the folder's known defects, not that generation's
+            missed = target.missed_defects()
+            if missed and not force:
+                raise SpadeError(f"{model_dir}: generation {to} judges {len(missed)} known defect(s) good: "
+                                 f"{', '.join(missed)}; nothing was changed (--force to return anyway)")
+        entry = do_rollback(model_dir, to, source="cli", forced=missed)
     say(f"generation {entry['generation']}: back to generation {to}; before: {_numbers(entry['before'])}; "
         f"after: {_numbers(entry['after'])}")
 
