@@ -150,3 +150,32 @@ def test_calibrate_refuses_bad_input_in_one_line(small_train: Path, tmp_path: Pa
     assert code == 0 and "dry run" in err and len(Spade.load(m, weights="random").history_) == 2
     img = load_image(other)
     assert img.shape[:2] != (10, 10)
+
+
+@pytest.mark.slow
+def test_the_inspector_keeps_a_missed_defect_and_gates_its_changes(scene: Path, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from spade_ad.delivery.inspector import create_app
+
+    token = "operating-test-token-0123456789"
+    auth = {"Authorization": f"Bearer {token}"}
+    folder = tmp_path / "m"
+    Spade().fit(sorted(str(p) for p in (scene / "train").iterdir())).save(folder)
+    c = TestClient(create_app(folder, allow_updates=True, token=token), base_url="http://localhost")
+    defect = sorted((scene / "defects").glob("*.png"))[0]
+    up = c.post("/predict", files={"file": ("broken.png", defect.read_bytes(), "image/png")}).json()
+    assert c.post("/defects", json={"id": up["id"]}).status_code == 401  # no token
+    r = c.post("/defects", json={"id": up["id"]}, headers={**auth, "Origin": "http://evil.example"})
+    assert r.status_code == 403  # another origin may not write
+    assert len(Spade.load(folder).history_) == 1
+    r = c.post("/defects", json={"id": up["id"]}, headers=auth)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["action"] == "calibrate" and body["generation"] == 2 and body["defects_added"][0].endswith("broken.png")
+    model = Spade.load(folder)
+    assert model.state_.defects is not None and len(model.state_.defects) == 1 and model.missed_defects() == []
+    # marking that very image as normal would make the model judge it good: the gate refuses it
+    r = c.post("/normals", json={"id": up["id"]}, headers=auth)
+    assert r.status_code == 409 and "would judge 1 known defect(s) good" in r.json()["detail"]
+    assert len(Spade.load(folder).history_) == 2

@@ -736,8 +736,8 @@ class Spade:
             target_recall: the thresholds for this recall on the known defects (image level; pixel level
                 with masks).
             false_alarm_rate: the thresholds for this false-alarm rate on the good calibration images (also
-                becomes the model's ``false_alarm_rate`` setting). Neither: the good-image rule with the
-                model's rate.
+                becomes the model's ``false_alarm_rate`` setting). Neither: the model's operating point as it
+                is (a target recall chosen before is measured again, with the new defects).
             source: who asked (recorded in the history); names: the new defects' names (default: paths).
 
         Returns:
@@ -746,9 +746,11 @@ class Spade:
         self._check_fitted()
         if target_recall is not None and false_alarm_rate is not None:
             raise SpadeError("--target-recall and --false-alarm-rate: give one")
+        current = self.state_.calibration.get("operating_point") or {"rule": "false_alarm_rate",
+                                                                       "value": self.settings.false_alarm_rate}
         rule, value = (("recall", target_recall) if target_recall is not None
-                       else ("false_alarm_rate", self.settings.false_alarm_rate if false_alarm_rate is None
-                             else false_alarm_rate))
+                       else ("false_alarm_rate", false_alarm_rate) if false_alarm_rate is not None
+                       else (current["rule"], current["value"]))
         check_rule(rule, value)
         old = self.state_
         known = self._known_defects(defects, names)

@@ -168,13 +168,14 @@ class AddNormal(BaseModel):
 
 class UpdateResponse(BaseModel):
     generation: int = Field(description="the model's new generation")
-    action: str = Field(description="add or remove")
+    action: str = Field(description="add, remove or calibrate (a known defect kept)")
     n_train: int
     image_threshold: float | None
     pixel_threshold: float | None
     before: dict[str, Any] | None = Field(description="training-image count and thresholds before the change")
     added: list[str]
     removed: list[str]
+    defects_added: list[str] = Field(default_factory=list, description="images kept as known defects")
 
 
 class ErrorResponse(BaseModel):
@@ -703,8 +704,8 @@ def _correspondence_response(entry: _Entry, spade: Spade, upload_id: str, y: int
 
 
 def _changes(ctx: _Context) -> APIRouter:
-    """Changing the model's good images (needs --allow-updates and the token): mark an upload as normal
-    (POST /normals), remove a training image (DELETE /normals/{image})."""
+    """Changing the model (needs --allow-updates and the token): mark an upload as normal (POST /normals) or as
+    a missed defect (POST /defects), remove a training image (DELETE /normals/{image})."""
     router = APIRouter()
 
     @router.post("/normals", response_model=UpdateResponse, responses=WRITE_ERRORS,
@@ -717,6 +718,18 @@ def _changes(ctx: _Context) -> APIRouter:
             raise HTTPException(404, f"upload {_clip(body.id)} is not cached any more; upload the image again")
         image, name = entry.image, f"inspector/{body.id[:12]}-{entry.filename}"
         return _change(ctx, lambda m: m.add([image], names=[name], source=source))
+
+    @router.post("/defects", response_model=UpdateResponse, responses=WRITE_ERRORS,
+                 summary="Mark an upload as a missed defect: keep it as a known defect of the model (needs "
+                 "--allow-updates); the operating point is measured again with it")
+    def add_defect(body: AddNormal, request: Request) -> UpdateResponse:
+        source = _authorise(ctx, request)
+        with ctx.cache_lock:
+            entry = ctx.cache.get(body.id)
+        if entry is None or entry.image is None:
+            raise HTTPException(404, f"upload {_clip(body.id)} is not cached any more; upload the image again")
+        image, name = entry.image, f"inspector/{body.id[:12]}-{entry.filename}"
+        return _change(ctx, lambda m: m.calibrate([(image, None)], source=source, names=[name]))
 
     @router.delete("/normals/{image}", response_model=UpdateResponse, responses=WRITE_ERRORS,
                    summary="Remove a training image from the model's good images (needs --allow-updates)")
@@ -768,6 +781,11 @@ def _change(ctx: _Context, apply: Callable[[Spade], object], generation: int | N
             raise HTTPException(409, f"the model changed since you saw it (generation {generation}, now "
                                      f"{len(new.history_)}); reload and choose again")
         apply(new)
+        missed = new.missed_defects()
+        if missed:  # the defect gate (forcing it is for the command line)
+            raise HTTPException(409, f"this change would judge {len(missed)} known defect(s) good: "
+                                     f"{', '.join(_public_name(x) for x in missed)}; nothing was changed (spade-ad "
+                                     "update --force on the command line accepts it)")
         new.save(ctx.folder)
         ctx.model = new
         ctx.header = _header_stat(ctx.folder) if stat is not None else None
@@ -781,4 +799,5 @@ def _update_response(spade: Spade) -> UpdateResponse:
     return UpdateResponse(generation=e["generation"], action=e["action"], n_train=int(spade.state_.n_train),
                           image_threshold=spade.image_threshold_, pixel_threshold=spade.pixel_threshold_,
                           before=e["before"], added=[_public_name(x) for x in e["added"]],
-                          removed=[_public_name(x) for x in e["removed"]])
+                          removed=[_public_name(x) for x in e["removed"]],
+                          defects_added=[_public_name(x) for x in e.get("defects_added", [])])

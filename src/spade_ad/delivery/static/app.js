@@ -127,7 +127,10 @@
         $('generation').textContent = d.generation;
         $('model-info').textContent = 'model: ' + info.backbone + ', ' + d.n_train + ' normal images, image threshold ' +
           fmt(d.image_threshold) + ', pixel threshold ' + fmt(d.pixel_threshold);
-        showMessage((d.action === 'add' ? 'Added ' + d.added.join(', ') : 'Removed ' + d.removed.join(', ')) +
+        var what = d.action === 'add' ? 'Added ' + d.added.join(', ') :
+          d.action === 'calibrate' ? 'Kept as a known defect: ' + d.defects_added.join(', ') :
+          'Removed ' + d.removed.join(', ');
+        showMessage(what +
           ': model generation ' + d.generation + ', ' + d.n_train + ' normal images, image threshold ' +
           fmt(d.before && d.before.image_threshold) + ' → ' + fmt(d.image_threshold) + ', pixel threshold ' +
           fmt(d.before && d.before.pixel_threshold) + ' → ' + fmt(d.pixel_threshold) + '.', 'info');
@@ -139,6 +142,9 @@
   }
   $('mark-normal').addEventListener('click', function () {
     if (current) changeModel('POST', '/normals', { id: current.id });
+  });
+  $('mark-defect').addEventListener('click', function () {
+    if (current) changeModel('POST', '/defects', { id: current.id });
   });
 
   // ------------------------------------------------------------------ result
