@@ -830,3 +830,53 @@ def test_list_functions_errors_and_no_leftover_files(tmp_path: Path, monkeypatch
         with pytest.raises(ValueError, match="no images given"):
             fn([], [])
     assert list(tmp_path.iterdir()) == []
+
+
+# AUPIMO as anomalib 2.7.0 computes it (anomalib.metrics.pimo.functional.aupimo_scores, float64 maps,
+# num_thresholds=300_000, fpr_bounds=(1e-5, 1e-4), force=True), run on the data of _pimo_data(seed): the
+# per-image scores of the anomalous images, in order. Computed with anomalib itself, outside this repository.
+ANOMALIB_AUPIMO = {
+    0: [0.16281444443850215, 0.0561288550930532, 0.002498774732165998, 0.47329165084094815, 0.05660763352999615],
+    1: [0.0034705204613416528, 0.6614832732077827, 0.8574366976071373, 0.347083946188911, 0.8646690477913391],
+    2: [0.21477716352827142, 0.00014300369183797702, 0.025085832971998432, 0.48560907678492893, 0.2929324547249114],
+}
+
+
+def _pimo_data(seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """10 normal 128x128 maps (gamma noise) and 5 anomalous ones (a square raised by 4 to 14)."""
+    rng = np.random.default_rng(seed)
+    maps, masks = [], []
+    for i in range(15):
+        m = rng.gamma(2.0, 1.0, (128, 128))
+        mask = np.zeros((128, 128), bool)
+        if i >= 10:
+            y, x = rng.integers(5, 108), rng.integers(5, 108)
+            s = rng.integers(4, 15)
+            mask[y : y + s, x : x + s] = True
+            m[mask] += rng.uniform(4.0, 14.0)
+        maps.append(m)
+        masks.append(mask)
+    return maps, masks
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_aupimo_equals_anomalibs(seed: int) -> None:
+    from spade_ad.metrics import Aupimo, aupimo
+
+    maps, masks = _pimo_data(seed)
+    acc = Aupimo()
+    order = np.random.default_rng(seed).permutation(15)  # normal and anomalous images in any order
+    for i in order:
+        acc.add(masks[i], maps[i])
+    want = np.array(ANOMALIB_AUPIMO[seed])
+    got = acc.per_image()[np.argsort([i for i in order if i >= 10])]
+    assert np.abs(got - want).max() < 1e-12
+    assert aupimo(masks, maps) == pytest.approx(float(want.mean()), abs=1e-12)
+
+
+def test_aupimo_is_undefined_without_enough_normal_pixels() -> None:
+    from spade_ad.metrics import aupimo
+
+    maps, masks = _pimo_data(0)
+    assert aupimo(masks[:2] + masks[10:], maps[:2] + maps[10:]) is None  # 2 x 16384 pixels cannot reach 1e-5
+    assert aupimo(masks[10:], maps[10:]) is None  # no normal image

@@ -20,7 +20,9 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 __all__ = [
+    "Aupimo",
     "PixelMetrics",
+    "aupimo",
     "aupro",
     "best_f1_threshold",
     "image_auroc",
@@ -834,3 +836,96 @@ class PixelMetrics:
             self._aupro[m] = min(max(areas[m] / 2.0 / m, 0.0), 1.0)
         if want_curve:
             self._curves[resolution] = (np.concatenate(curve_x), np.concatenate(curve_y), np.concatenate(curve_t))
+
+
+# --------------------------------------------------------------------------- AUPIMO
+AUPIMO_FPR_BOUNDS = (1e-5, 1e-4)  # the shared-FPR range AUPIMO integrates over (anomalib's default)
+AUPIMO_THRESHOLDS = 300_000  # thresholds, evenly spaced over the normal images' scores (anomalib's default)
+
+
+class Aupimo:
+    """AUPIMO (Bertoldo et al. 2024, "AUPIMO: Redefining Visual Anomaly Detection Benchmarks with High Speed and
+    Low Tolerance"), computed as anomalib's ``aupimo_scores`` computes it, fed one ``(mask, map)`` at a time.
+
+    An image whose mask is empty is *normal*, any other *anomalous* (as anomalib decides from the masks).
+    ``thresholds`` are ``AUPIMO_THRESHOLDS`` values evenly spaced from the lowest to the highest score of the
+    normal images; at each, the *shared FPR* is the mean over the normal images of their fraction of pixels
+    ``>= threshold``, and each anomalous image's TPR is its fraction of defect pixels ``>= threshold``. The
+    integration range runs between the thresholds whose shared FPR is closest to the bounds (1e-4 and 1e-5);
+    an image's AUPIMO is the trapezoid area under its TPR over ``ln(shared FPR)`` there, divided by
+    ``ln(1e-4 / 1e-5)`` and clipped to [0, 1]. :meth:`score` is their mean over the anomalous images.
+
+    Memory: each normal image's scores, sorted (float32), and each anomalous image's defect-pixel scores.
+    """
+
+    def __init__(self, num_thresholds: int = AUPIMO_THRESHOLDS,
+                 fpr_bounds: tuple[float, float] = AUPIMO_FPR_BOUNDS) -> None:
+        self.num_thresholds, self.fpr_bounds = num_thresholds, fpr_bounds
+        self._normal: list[np.ndarray] = []
+        self._defect: list[np.ndarray] = []
+        self._cache: tuple[float | None, FloatArray] | None = None
+
+    def add(self, mask: npt.ArrayLike, amap: npt.ArrayLike) -> None:
+        m, a = _checked_pair(len(self._normal) + len(self._defect), mask, amap)
+        m = m.astype(bool)
+        if m.any():
+            self._defect.append(np.sort(a[m].astype(np.float64)))
+        else:
+            self._normal.append(np.sort(a.ravel()))
+        self._cache = None
+
+    def per_image(self) -> FloatArray:
+        """Each anomalous image's AUPIMO, in the order added (``nan`` for all where it is undefined)."""
+        return self._compute()[1]
+
+    def score(self) -> float | None:
+        """The mean AUPIMO over the anomalous images; ``None`` without normal or anomalous images, or when
+        the shared FPR does not span the integration range."""
+        return self._compute()[0]
+
+    def _compute(self) -> tuple[float | None, FloatArray]:
+        if self._cache is None:
+            self._cache = self._evaluate()
+        return self._cache
+
+    def _evaluate(self) -> tuple[float | None, FloatArray]:
+        none = (None, np.full(len(self._defect), np.nan))
+        if not self._normal or not self._defect:
+            return none
+        lo = min(float(v[0]) for v in self._normal)
+        hi = max(float(v[-1]) for v in self._normal)
+        if not hi > lo:
+            return none
+        thresholds = np.linspace(lo, hi, self.num_thresholds)
+        shared = np.zeros(self.num_thresholds)
+        for v in self._normal:  # fraction of the image's pixels >= each threshold
+            shared += (len(v) - np.searchsorted(v.astype(np.float64), thresholds, side="left")) / len(v)
+        shared /= len(self._normal)
+        low_fpr, high_fpr = self.fpr_bounds
+        if shared.min() > low_fpr or shared.max() < high_fpr:  # too few normal pixels to reach the bounds
+            return none
+        top = int(np.argmin(np.abs(shared - low_fpr)))  # the higher threshold: FPR closest to the lower bound
+        bottom = int(np.argmin(np.abs(shared - high_fpr)))
+        if bottom >= top:
+            return none
+        fpr = shared[bottom : top + 1][::-1]
+        with np.errstate(divide="ignore"):
+            log_fpr = np.log(fpr)
+        ok = np.isfinite(log_fpr)
+        if ok.sum() < 2:
+            return none
+        span = thresholds[bottom : top + 1][::-1][ok]
+        areas = []
+        for v in self._defect:
+            tpr = (len(v) - np.searchsorted(v, span, side="left")) / len(v)
+            areas.append(np.trapezoid(tpr, x=log_fpr[ok]) / np.log(high_fpr / low_fpr))
+        per = np.clip(np.asarray(areas, np.float64), 0.0, 1.0)
+        return float(per.mean()), per
+
+
+def aupimo(masks: Sequence[npt.ArrayLike], maps: Sequence[npt.ArrayLike], **kwargs: Any) -> float | None:
+    """Mean AUPIMO over the anomalous images of ``(mask, map)`` pairs (see :class:`Aupimo`)."""
+    acc = Aupimo(**kwargs)
+    for m, a in _validated_pairs(masks, maps):
+        acc.add(m, a)
+    return acc.score()
