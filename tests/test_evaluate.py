@@ -30,7 +30,8 @@ def bottle_subset(bottle: Path) -> Category:
 
 @pytest.mark.parametrize("protocol", ["full", "paper"])
 def test_streamed_metrics_agree_with_the_list_functions(bottle_subset: Category, protocol: str) -> None:
-    ev = evaluate_category(bottle_subset, PARAMS, protocol, keep_maps=True)
+    params = PARAMS.replace(calibration_images=4)  # thresholds: the numbers at the thresholds are defined
+    ev = evaluate_category(bottle_subset, params, protocol, keep_maps=True)
     pred, masks, maps = ev.kept()
     row = ev.row
     assert row["n_test"] == len(pred) == len(masks) == len(maps) == 6
@@ -50,8 +51,27 @@ def test_streamed_metrics_agree_with_the_list_functions(bottle_subset: Category,
     assert whole.names == pred.names and whole.sizes == pred.sizes
 
     # the default keeps no map, and measures the same numbers
-    lean = evaluate_category(bottle_subset, PARAMS, protocol)
+    lean = evaluate_category(bottle_subset, params, protocol)
     assert lean.pred is None and lean.maps is None and lean.masks is None
     assert np.array_equal(lean.scores, ev.scores)
     for k in METRIC_KEYS:
-        assert abs(lean.row[k] - row[k]) <= 1e-9, k
+        assert (lean.row[k] is None and row[k] is None) or abs(lean.row[k] - row[k]) <= 1e-9, k
+
+    # the numbers at the thresholds, and per defect type, from the kept maps by the list functions
+    assert row["aupimo"] == metrics.aupimo(masks, maps)
+    flagged = [r.verdict == "defective" for r in pred]
+    assert (row["image_precision"], row["image_recall"], row["image_f1"]) == metrics.precision_recall_f1(
+        ev.labels, flagged, 0.5)
+    thr = pred.pixel_threshold
+    assert thr is not None
+    tp = sum(int(((m >= thr) & k).sum()) for m, k in zip(maps, masks, strict=True))
+    fp = sum(int(((m >= thr) & ~k).sum()) for m, k in zip(maps, masks, strict=True))
+    fn = sum(int(((m < thr) & k).sum()) for m, k in zip(maps, masks, strict=True))
+    assert row["pixel_precision"] == tp / (tp + fp) and row["pixel_recall"] == tp / (tp + fn)
+    kinds = [s.defect_type for s in bottle_subset.test]
+    for t, r in row["types"].items():
+        keep = [i for i, k in enumerate(kinds) if k in (t, "good")]
+        assert r["n_test"] == kinds.count(t)
+        assert r["image_auroc"] == metrics.image_auroc([ev.labels[i] for i in keep], pred.scores[keep])
+        assert abs(r["aupro"] - metrics.aupro([masks[i] for i in keep], [maps[i] for i in keep])) <= 1e-9
+        assert r["image_recall"] == np.mean([flagged[i] for i, k in enumerate(kinds) if k == t])

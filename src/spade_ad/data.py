@@ -14,10 +14,10 @@ PROTOCOLS = ("full", "paper")
 """full: metrics at each mask's own resolution; paper: the paper's preprocessing (resize, centre crop) and
 metrics on the crop (see :mod:`spade_ad.evaluate`)."""
 
-LAYOUTS = ("auto", "mvtec", "folder")
+LAYOUTS = ("auto", "mvtec", "folder", "csv")
 """Dataset layouts: auto (detect), mvtec (``train/good``, ``test/<defect>``, ``ground_truth/<defect>``; one
 category or a root of several), folder (generic: ``good/`` or ``train/good``, ``test/<label>``, optional
-``masks/``; see :func:`load_folder_category`)."""
+``masks/``; see :func:`load_folder_category`), csv (a manifest file: :func:`load_csv_category`)."""
 
 
 def check_protocol(protocol: str) -> str:
@@ -219,13 +219,18 @@ def resolve_layout(data: str | Path, layout: str = "auto") -> str:
     if layout != "auto":
         return layout
     root = Path(data)
+    if root.suffix.lower() == ".csv" and not root.is_dir():
+        return "csv"
     return "folder" if root.is_dir() and is_folder_dataset(root) else "mvtec"
 
 
 def load_categories(data: str | Path, layout: str = "auto") -> list[Category]:
     """The categories of ``data`` in ``layout`` (one of :data:`LAYOUTS`; ``auto`` tells them apart)."""
     root = Path(data)
-    if resolve_layout(root, layout) == "folder":
+    resolved = resolve_layout(root, layout)
+    if resolved == "csv":
+        return [load_csv_category(root)]
+    if resolved == "folder":
         return [load_folder_category(root)]
     also = "" if layout == "mvtec" else f", nor a generic folder ({root}/good or {root}/train/good, and {root}/test)"
     return [load_mvtec_category(p) for p in find_categories(root, also)]
@@ -250,6 +255,78 @@ def load_mvtec_category(path: str | Path) -> Category:
     masks = _masks_by_type(gt, defects) if gt.is_dir() else {}
     test = [TestSample(f, t, masks.get(f)) for t, files in tests.items() for f in files]
     return Category(root.name, root, list_images(train_dir), test)
+
+
+CSV_COLUMNS = ("image", "split", "label", "mask")
+
+
+def load_csv_category(path: str | Path) -> Category:
+    """A category listed in a CSV manifest (for data not arranged in folders), one row per image::
+
+        image,split,label,mask
+        parts/a.png,train,good,
+        parts/b.png,test,good,
+        parts/c.png,test,scratch,masks/c.png
+
+    ``split`` is ``train`` (good images to fit on) or ``test``; ``label`` is ``good`` or the defect type;
+    ``mask`` (optional column and value) a defective test image's mask, any non-zero pixel a defect. Paths are
+    relative to the CSV's folder (absolute ones are taken as they are). Every problem is one line naming the
+    CSV file and its line.
+    """
+    import csv
+
+    src = Path(path)
+    try:
+        with open(src, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+            header = rows[0].keys() if rows else []
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise SpadeError(f"{src}: cannot read the CSV manifest ({exc})") from None
+    missing = [c for c in CSV_COLUMNS[:3] if c not in header]
+    if not rows or missing:
+        raise SpadeError(f"{src}: a CSV manifest needs a header with columns {', '.join(CSV_COLUMNS)} (mask "
+                         f"optional) and one row per image{'; missing: ' + ', '.join(missing) if rows else ''}")
+    base = src.parent
+    train: list[Path] = []
+    test: list[TestSample] = []
+    seen: dict[Path, int] = {}
+    for line, row in enumerate(rows, start=2):
+        where = f"{src}:{line}"
+        image, split = (row.get("image") or "").strip(), (row.get("split") or "").strip().lower()
+        label, mask = (row.get("label") or "").strip(), (row.get("mask") or "").strip()
+        if not image:
+            raise SpadeError(f"{where}: no image path")
+        file = base / image
+        if not file.is_file():
+            raise SpadeError(f"{where}: {image}: image file does not exist")
+        if file.resolve() in seen:
+            raise SpadeError(f"{where}: {image} is listed twice (also on line {seen[file.resolve()]})")
+        seen[file.resolve()] = line
+        good = label.lower() == GOOD
+        if split not in ("train", "test"):
+            raise SpadeError(f"{where}: split must be train or test, got {split!r}")
+        if not label:
+            raise SpadeError(f"{where}: no label (good, or the defect type)")
+        if split == "train":
+            if not good or mask:
+                raise SpadeError(f"{where}: training images are good images without masks")
+            train.append(file)
+            continue
+        mask_path = None
+        if mask:
+            if good:
+                raise SpadeError(f"{where}: a good image has no mask")
+            mask_path = base / mask
+            if mask_path.suffix.lower() in LOSSY_MASK_SUFFIXES:
+                raise SpadeError(f"{where}: {mask}: masks saved as JPEG are refused; save them losslessly (PNG)")
+            if not mask_path.is_file():
+                raise SpadeError(f"{where}: {mask}: mask file does not exist")
+        test.append(TestSample(file, GOOD if good else label, mask_path))
+    if not train:
+        raise SpadeError(f"{src}: no training images (rows with split train)")
+    if not test:
+        raise SpadeError(f"{src}: no test images (rows with split test)")
+    return Category(src.stem, base, train, test)
 
 
 def load_sample(sample: TestSample) -> tuple[np.ndarray, np.ndarray]:

@@ -20,15 +20,15 @@ import numpy as np
 import torch
 
 from . import metrics
-from .data import Category, check_protocol, load_categories, load_truth, resolve_layout
+from .data import GOOD, Category, check_protocol, load_categories, load_truth, resolve_layout
 from .errors import SpadeError
 from .io import load_image
 from .model import Progress, Spade
-from .result import Prediction
+from .result import DEFECTIVE, Prediction, find_regions
 from .settings import SpadeSettings
 from .version import __version__
 
-METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro")
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "aupimo", "image_f1", "pixel_f1")
 
 
 def machine_description() -> dict[str, Any]:
@@ -131,8 +131,10 @@ def evaluate_category(
     scores: list[np.ndarray] = []
     masks: list[np.ndarray] = []
     maps: list[np.ndarray] = []
+    verdicts: list[str | None] = []
+    tally = _Tally(category, with_masks, model.pixel_threshold_, model.settings.min_area)
     pred_s = 0.0
-    with metrics.PixelMetrics() as acc:
+    with tally:
         for a in range(0, n, step):
             t1 = time.perf_counter()
             part = model.predict(paths[a : a + step])
@@ -144,8 +146,8 @@ def evaluate_category(
                     mask, amap = model.prep.mask_to_input(truth), part.input_maps[j]
                 else:
                     mask, amap = truth, part.maps[j]
-                if with_masks:
-                    acc.add(mask, amap)
+                tally.add(s.defect_type, mask, amap)
+                verdicts.append(part[j].verdict)
                 if keep_maps:
                     masks.append(mask)
                     maps.append(amap)
@@ -154,22 +156,115 @@ def evaluate_category(
             del part
             if progress:
                 progress("predict", min(a + step, n), n)
-        pixel_auroc = acc.pixel_auroc() if with_masks else None
-        aupro = acc.aupro() if with_masks else None
-    all_scores = np.concatenate(scores)
-    row: dict[str, Any] = {
-        "image_auroc": metrics.image_auroc(labels, all_scores),
-        "pixel_auroc": pixel_auroc,
-        "aupro": aupro,
-        "n_train": len(category.train),
-        "n_test": n,
-        "fit_seconds": round(fit_s, 3),
-        "predict_seconds_per_image": round(pred_s / n, 4),
-    }
+        all_scores = np.concatenate(scores)
+        row: dict[str, Any] = {
+            "image_auroc": metrics.image_auroc(labels, all_scores),
+            **tally.pixel_row(),
+            **_at_threshold("image", labels, verdicts),
+            "n_train": len(category.train),
+            "n_test": n,
+            "fit_seconds": round(fit_s, 3),
+            "predict_seconds_per_image": round(pred_s / n, 4),
+            "types": tally.type_rows(category, all_scores, verdicts),
+        }
     ev = Evaluation(row, model, all_scores, paths, labels, protocol)
     if keep_maps:
         ev.pred, ev.masks, ev.maps = _joined(parts), masks, maps
     return ev
+
+
+def _at_threshold(level: str, labels: list[int], verdicts: list[str | None]) -> dict[str, float | None]:
+    """Precision, recall and F1 of the model's verdicts (``None`` without thresholds)."""
+    keys = [f"{level}_precision", f"{level}_recall", f"{level}_f1"]
+    if any(v is None for v in verdicts):
+        return dict.fromkeys(keys)
+    flagged = [1.0 if v == DEFECTIVE else 0.0 for v in verdicts]
+    return dict(zip(keys, metrics.precision_recall_f1(labels, flagged, 0.5), strict=True))
+
+
+class _Tally:
+    """The pixel metrics of a category's test images, fed one image at a time: pixel ROC-AUC, AUPRO and AUPIMO
+    over all, per defect type (with the good images), and the pixel counts at the pixel threshold (each image's
+    mask as the model gives it: ``min_area`` applied)."""
+
+    def __init__(self, category: Category, with_masks: bool, pixel_threshold: float | None, min_area: int) -> None:
+        self.with_masks, self.thr, self.min_area = with_masks, pixel_threshold, min_area
+        types = sorted({s.defect_type for s in category.test if s.label})
+        self.acc = metrics.PixelMetrics()
+        self.by_type = {t: metrics.PixelMetrics() for t in types} if with_masks and len(types) > 1 else {}
+        self.pimo = metrics.Aupimo()
+        self.pimo_types: list[str] = []
+        self.counts = {t: [0, 0, 0] for t in [*types, ""]}  # per type and in all ("") : TP, FP, FN pixels
+
+    def __enter__(self) -> _Tally:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.acc.close()
+        for a in self.by_type.values():
+            a.close()
+
+    def add(self, defect_type: str, mask: np.ndarray, amap: np.ndarray) -> None:
+        if not self.with_masks:
+            return
+        self.acc.add(mask, amap)
+        for t, a in self.by_type.items():
+            if defect_type in (t, GOOD):
+                a.add(mask, amap)
+        self.pimo.add(mask, amap)
+        if mask.any():
+            self.pimo_types.append(defect_type)
+        if self.thr is not None:
+            flagged = find_regions(amap, self.thr, self.min_area)[0]
+            tp = int(np.count_nonzero(flagged & mask))
+            fp = int(np.count_nonzero(flagged & ~mask))
+            fn = int(np.count_nonzero(~flagged & mask))
+            for key in ("", defect_type) if defect_type != GOOD else ("",):
+                c = self.counts[key]
+                c[0], c[1], c[2] = c[0] + tp, c[1] + fp, c[2] + fn
+
+    def pixel_row(self) -> dict[str, float | None]:
+        """Pixel ROC-AUC, AUPRO, AUPIMO and precision, recall and F1 at the pixel threshold, over all images."""
+        if not self.with_masks:
+            return dict.fromkeys(("pixel_auroc", "aupro", "aupimo", "pixel_precision", "pixel_recall", "pixel_f1"))
+        return {"pixel_auroc": self.acc.pixel_auroc(), "aupro": self.acc.aupro(), "aupimo": self.pimo.score(),
+                **_pixel_prf(self.counts[""] if self.thr is not None else None)}
+
+    def type_rows(self, category: Category, scores: np.ndarray, verdicts: list[str | None]) -> dict[str, Any]:
+        """Per defect type, with the good test images: image ROC-AUC, the share of its images judged defective,
+        and with masks pixel ROC-AUC, AUPRO, AUPIMO (its images' mean) and pixel recall at the threshold."""
+        labels = np.array([s.label for s in category.test])
+        kinds = [s.defect_type for s in category.test]
+        per_image = self.pimo.per_image()
+        rows: dict[str, Any] = {}
+        for t in sorted(set(kinds) - {GOOD}):
+            mine = np.array([k == t for k in kinds])
+            keep = mine | (labels == 0)
+            flagged = [verdicts[i] for i in np.flatnonzero(mine)]
+            row: dict[str, Any] = {
+                "n_test": int(mine.sum()),
+                "image_auroc": metrics.image_auroc(labels[keep], scores[keep]),
+                "image_recall": None if any(v is None for v in flagged) else float(np.mean(
+                    [v == DEFECTIVE for v in flagged])),
+            }
+            if self.with_masks:
+                acc = self.by_type.get(t, self.acc)
+                pimo = [p for p, k in zip(per_image, self.pimo_types, strict=True) if k == t]
+                tp, _, fn = self.counts[t]
+                row.update(pixel_auroc=acc.pixel_auroc(), aupro=acc.aupro(),
+                           aupimo=float(np.mean(pimo)) if pimo and not np.isnan(pimo).any() else None,
+                           pixel_recall=tp / (tp + fn) if self.thr is not None and tp + fn else None)
+            rows[t] = row
+        return rows
+
+
+def _pixel_prf(counts: list[int] | None) -> dict[str, float | None]:
+    keys = ("pixel_precision", "pixel_recall", "pixel_f1")
+    if counts is None:
+        return dict.fromkeys(keys)
+    tp, fp, fn = counts
+    return {"pixel_precision": tp / (tp + fp) if tp + fp else 0.0, "pixel_recall": tp / (tp + fn) if tp + fn else 0.0,
+            "pixel_f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0}
 
 
 def run_benchmark(

@@ -286,31 +286,41 @@ def _metric(x: float | None) -> str:
 
 def _print_table(doc: dict[str, Any]) -> None:
     table = Table(title=f"spade-ad benchmark (protocol: {doc['settings']['protocol']})")
-    for col in ("category", "image AUROC", "pixel AUROC", "AUPRO", "train", "test", "fit s", "predict s/img"):
+    cols = ("category", "image AUROC", "pixel AUROC", "AUPRO", "AUPIMO", "image F1", "pixel F1", "train", "test",
+            "fit s", "predict s/img")
+    for col in cols:
         table.add_column(col, justify="right" if col != "category" else "left")
     for name, r in doc["categories"].items():
-        table.add_row(name, _metric(r["image_auroc"]), _metric(r["pixel_auroc"]), _metric(r["aupro"]),
+        table.add_row(name, *(_metric(r[k]) for k in ("image_auroc", "pixel_auroc", "aupro", "aupimo", "image_f1",
+                                                       "pixel_f1")),
                       str(r["n_train"]), str(r["n_test"]), f"{r['fit_seconds']:.1f}",
                       f"{r['predict_seconds_per_image']:.3f}")
+        for t, tr in r.get("types", {}).items():  # per defect type, with the good images; recall at the threshold
+            recall = "" if tr.get("image_recall") is None else f"recall {tr['image_recall']:.2f}"
+            table.add_row(f"  {t}", _metric(tr["image_auroc"]), _metric(tr.get("pixel_auroc")),
+                          _metric(tr.get("aupro")), _metric(tr.get("aupimo")), recall, "", "", str(tr["n_test"]), "",
+                          "")
     m = doc["mean"]
     if len(doc["categories"]) > 1:
-        table.add_row("mean", _metric(m["image_auroc"]), _metric(m["pixel_auroc"]), _metric(m["aupro"]),
-                      "", "", "", "")
+        table.add_row("mean", *(_metric(m[k]) for k in ("image_auroc", "pixel_auroc", "aupro", "aupimo", "image_f1",
+                                                         "pixel_f1")), "", "", "", "")
     out_console.print(table, markup=False, highlight=False)  # category names are folder names: printed literally
 
 
 @app.command()
 @settings_options
 def benchmark(
-    data: Annotated[Path, typer.Argument(help="an MVTec-layout category folder or a root holding several, or a "
-                                              "generic folder (good/ or train/good/, test/<label>/, optional masks/)")],
+    data: Annotated[Path, typer.Argument(help="an MVTec-layout category folder or a root holding several, a "
+                                              "generic folder (good/ or train/good/, test/<label>/, optional masks/), "
+                                              "or a CSV manifest (image,split,label,mask)")],
     out: Annotated[Path, typer.Option("--out", help="folder for metrics.json")],
     given: dict[str, Any],
     protocol: ProtocolOpt = "full",
     layout: Annotated[str, typer.Option(help="auto: tell the layouts apart; mvtec: train/good, test/<defect>/, "
                                              "ground_truth/<defect>/; folder: good/ (or train/good/), "
                                              "test/good/ and test/<defect>/, optional masks/ (<stem>.png or "
-                                             "<stem>_mask.png)")] = "auto",
+                                             "<stem>_mask.png); csv: a manifest with columns image, split "
+                                             "(train/test), label (good or the defect type), mask")] = "auto",
 ) -> None:
     """Fit on the good training images, evaluate on the test images and masks, print a table, write metrics.json."""
     from ..evaluate import run_benchmark
@@ -359,7 +369,8 @@ def demo(
 @app.command()
 @settings_options
 def report(
-    data: Annotated[Path, typer.Argument(help="one MVTec-layout category folder (train/good, test/, ground_truth/)")],
+    data: Annotated[Path, typer.Argument(help="one MVTec-layout category folder (train/good, test/, ground_truth/) "
+                                              "or a CSV manifest (image,split,label,mask)")],
     out: Annotated[Path, typer.Option("--out", help="folder for report.html and report.json")],
     given: dict[str, Any],
     protocol: ProtocolOpt = "full",
@@ -368,16 +379,19 @@ def report(
     ] = None,
 ) -> None:
     """Fit and evaluate one category; write a self-contained HTML report (report.html) and report.json."""
-    from ..data import find_categories, load_mvtec_category
+    from ..data import find_categories, load_csv_category, load_mvtec_category, resolve_layout
     from ..evaluate import evaluate_category
     from .report import write_report
 
     chosen = _settings(given, protocol)
-    cats = find_categories(data)
-    if len(cats) != 1:
-        raise SpadeError(f"{data}: holds {len(cats)} categories; report takes one category folder "
-                         f"(e.g. {cats[0]})")
-    cat = load_mvtec_category(cats[0])
+    if resolve_layout(data) == "csv":
+        cat = load_csv_category(data)
+    else:
+        cats = find_categories(data)
+        if len(cats) != 1:
+            raise SpadeError(f"{data}: holds {len(cats)} categories; report takes one category folder "
+                             f"(e.g. {cats[0]})")
+        cat = load_mvtec_category(cats[0])
     with progress_bars() as cb:
         ev = evaluate_category(cat, chosen, protocol, cb, keep_maps=True)
     if model_out is not None:

@@ -396,12 +396,33 @@ def _good_with_flagged_pixels(page: _Page) -> float | None:
     return float(np.mean([float(np.asarray(page.maps[i]).max()) >= page.pix_thr for i in np.flatnonzero(page.y == 0)]))
 
 
+def _triple(row: dict[str, Any], level: str) -> str:
+    values = [row.get(f"{level}_{k}") for k in ("precision", "recall", "f1")]
+    return "–" if any(v is None for v in values) else " / ".join(f"{v:.4f}" for v in values)
+
+
+def _types_table(row: dict[str, Any]) -> str:
+    """Per defect type (with the good test images): the AUCs, AUPIMO and the recall at the thresholds."""
+    types = row.get("types") or {}
+    if not types:
+        return ""
+    cols = (("image AUROC", "image_auroc"), ("pixel AUROC", "pixel_auroc"), ("AUPRO", "aupro"),
+            ("AUPIMO", "aupimo"), ("images flagged", "image_recall"), ("defect pixels flagged", "pixel_recall"))
+    head = "".join(f"<th>{html.escape(c)}</th>" for c, _ in cols)
+    body = "".join(f"<tr><th>{html.escape(t)} ({r['n_test']})</th>" + "".join(
+        f"<td>{_fmt(r.get(k))}</td>" for _, k in cols) + "</tr>" for t, r in types.items())
+    return f'<h3>Per defect type</h3><table class="metrics types"><tr><th></th>{head}</tr>{body}</table>'
+
+
 def _summary_items(row: dict[str, Any], n: int) -> list[tuple[str, Any]]:
     """The metrics row: the three AUCs, the data's size and the timings."""
     return [
         ("image AUROC", row.get("image_auroc")),
         ("pixel AUROC", row.get("pixel_auroc")),
         ("AUPRO (FPR ≤ 0.3)", row.get("aupro")),
+        ("AUPIMO (FPR 1e-5 to 1e-4)", row.get("aupimo")),
+        ("image precision / recall / F1 at the threshold", _triple(row, "image")),
+        ("pixel precision / recall / F1 at the threshold", _triple(row, "pixel")),
         ("training images", row.get("n_train")),
         ("test images", row.get("n_test", n)),
         ("fit seconds", row.get("fit_seconds")),
@@ -442,7 +463,7 @@ def _metrics_section(page: _Page, calib: dict[str, Any], good_any: float | None)
     summary = _metrics_table(_summary_items(page.ev.row, len(page.pred)))
     thresholds = _metrics_table(_threshold_items(page, calib, good_any))
     return f"""<h2>Metrics</h2>
-<div class="figs"><div>{summary}</div><div>{thresholds}
+<div class="figs"><div>{summary}{_types_table(page.ev.row)}</div><div>{thresholds}
 <p class="muted">{counts}</p></div>
 <div><img alt="colour bar" src="{bar}"><p class="muted" style="max-width:18em">Heatmap colours: pixel score divided
 by the pixel threshold, on a fixed scale from 0 to {SCALE_MAX:g} (1.0 = threshold, labels show raw scores).
