@@ -62,6 +62,27 @@ def test_a_defect_outside_the_zone_changes_nothing(zoned: tuple[Path, Path], bot
     assert float(pred.maps[2][400:490, 400:490].max()) > model.pixel_threshold_
 
 
+@pytest.mark.parametrize("tiled", [False, True])
+def test_outside_the_zone_nothing_counts_tiled_or_not(small_train: Path, tiled: bool) -> None:
+    """A tiled model takes the zone too: the whole image is grey outside it before it is cut into tiles, each
+    tile's map is 0 outside its part of the zone, and so is the stitched map."""
+    zone = np.zeros((96, 96), bool)
+    zone[8:88, 30:90] = True
+    tiles = {"tile": 48, "tile_overlap": 0.25, "image_size": 48} if tiled else {}
+    s = SpadeSettings(weights="random", k=3, calibration_images=4, image_score="max", **tiles)
+    model = Spade(s).fit(str(small_train / "train" / "good"), zone=zone)
+    assert (model.grid is not None) == tiled
+    good = load_image(sorted((small_train / "test" / "good").glob("*.png"))[0])
+    pasted = _paste(good, 10, 2, size=20)  # in the ignored left band
+    inside = _paste(good, 40, 50, size=20)
+    pred = model.predict([good, pasted, inside])
+    assert pred.scores[1] == pred.scores[0] and np.array_equal(pred.maps[1], pred.maps[0])
+    assert pred.scores[2] > pred.scores[0]
+    for m in pred.maps:
+        assert not m[~zone].any()
+    assert model.pixel_threshold_ is not None
+
+
 def test_calibration_sees_only_the_zone(small_train: Path, tmp_path: Path) -> None:
     """Training images that differ only outside the zone give the same model (thresholds, scores, maps)."""
     files = sorted((small_train / "train" / "good").glob("*.png"))
@@ -122,8 +143,7 @@ def test_the_zone_is_stored_checked_and_refused_in_one_line(small_train: Path, t
     black = tmp_path / "black.png"
     Image.fromarray(np.zeros((48, 48), np.uint8)).save(black)
     for roi, extra, message in ((black, [], "the inspection zone is all black"),
-                                (tmp_path / "nope.png", [], "nope.png"),
-                                (zone, ["--tile", "48"], "inspection zones are not supported with tiles yet")):
+                                (tmp_path / "nope.png", [], "nope.png")):
         code, _, err = run_cli(["fit", str(small_train / "train" / "good"), "--out", str(tmp_path / "m2"), "--roi",
                                 str(roi), "--k", "3", *extra, *RANDOM], capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

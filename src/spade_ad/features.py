@@ -20,6 +20,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from spade_ad_runtime.zone import Zone
+
 from .backbones import FeatureExtractor
 from .bank import Bank, BankWriter, level_key
 from .correspondence.cells import index_spec, write_index
@@ -92,15 +94,17 @@ def image_id(image: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def network_inputs(arrays: Sequence[np.ndarray], grid: TileGrid | None) -> Iterator[list[np.ndarray]]:
+def network_inputs(arrays: Sequence[np.ndarray], grid: TileGrid | None,
+                   zone: Zone | None = None) -> Iterator[list[np.ndarray]]:
     """The network's inputs for decoded images, in chunks: the images themselves (one chunk), or with a
-    tile grid their tiles, image by image in the grid's order, at most :data:`TILE_CHUNK` at a time."""
+    tile grid their tiles, image by image in the grid's order, at most :data:`TILE_CHUNK` at a time (each
+    image grey outside the inspection ``zone`` first: a tiled model's zone is the whole image's)."""
     if grid is None:
         yield list(arrays)
         return
     chunk: list[np.ndarray] = []
     for a in arrays:
-        for t in iter_tiles(a, grid):
+        for t in iter_tiles(a if zone is None else zone.fill_outside(a), grid):
             chunk.append(t)
             if len(chunk) == TILE_CHUNK:
                 yield chunk
@@ -110,7 +114,7 @@ def network_inputs(arrays: Sequence[np.ndarray], grid: TileGrid | None) -> Itera
 
 
 def bank_rows(net: FeatureExtractor, prep: Preprocessor, device: torch.device, arrays: Sequence[np.ndarray],
-              start: int, grid: TileGrid | None = None) -> BankRows:
+              start: int, grid: TileGrid | None = None, zone: Zone | None = None) -> BankRows:
     """What the bank stores for training images ``start, start+1, ...`` (decoded ``arrays``): a row per
     image, or with a tile ``grid`` a row per tile.
 
@@ -119,7 +123,7 @@ def bank_rows(net: FeatureExtractor, prep: Preprocessor, device: torch.device, a
     """
     levels: list[list[np.ndarray]] = []
     gvecs, thumbs = [], []
-    for inputs in network_inputs(arrays, grid):
+    for inputs in network_inputs(arrays, grid, zone if grid is not None else None):
         with COMPUTE_LOCK:
             lv, gvec = extract(net, inputs, prep, device)
         levels.append([x.cpu().numpy().astype(np.float16) for x in lv])

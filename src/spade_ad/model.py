@@ -85,12 +85,9 @@ def read_item(item: ImageInput, name: str, max_pixels: int | None = None) -> np.
 
 
 def as_zone(zone: str | Path | np.ndarray | Zone | None, settings: SpadeSettings) -> Zone | None:
-    """An inspection zone from a picture's path or a bool array (``None``: none); refused for tiled models."""
+    """An inspection zone from a picture's path or a bool array (``None``: none)."""
     if zone is None:
         return None
-    if settings.tile:
-        raise SpadeError("--roi: inspection zones are not supported with tiles yet (tile > 0); crop the images "
-                         "or fit without --roi")
     if isinstance(zone, Zone):
         return zone
     if isinstance(zone, (str, Path)):
@@ -215,7 +212,14 @@ class Spade:
         state = self.__dict__.get("_state")
         if state is not None:
             return state.prep
-        return Preprocessor(self.settings.preprocess, self.settings.image_size, self._input_shape, self._zone)
+        return Preprocessor(self.settings.preprocess, self.settings.image_size, self._input_shape,
+                            self._zone if self._grid is None else None)
+
+    @property
+    def zone(self) -> Zone | None:
+        """The inspection zone (the fitted model's, or the one given before fitting)."""
+        state = self.__dict__.get("_state")
+        return state.zone if state is not None else self._zone
 
     def set_zone(self, zone: str | Path | np.ndarray | Zone | None) -> None:
         """Before fitting: the inspection zone (a picture's path, white = inspect; a bool array; ``None``: the
@@ -332,7 +336,7 @@ class Spade:
         The one definition of a bank row: ``fit`` and ``add`` call it here, and :mod:`spade_ad.distributed`
         calls it on Ray workers, so all write the same bytes.
         """
-        return bank_rows(self._net(), self.prep, self.device, arrays, start, self.grid)
+        return bank_rows(self._net(), self.prep, self.device, arrays, start, self.grid, self.zone)
 
     def _rows(self, items: list[ImageInput], names: list[str]) -> Iterator[BankRows]:
         s = self.settings
@@ -350,9 +354,8 @@ class Spade:
 
     def check_image(self, image: np.ndarray, name: str) -> None:
         """Refuse, with one line naming it, an image this model cannot take (the inspection zone's aspect ratio)."""
-        zone = self.prep.zone
-        if zone is not None:
-            zone.at(image.shape[0], image.shape[1], name)
+        if self.zone is not None:
+            self.zone.at(image.shape[0], image.shape[1], name)
 
     def fit_rows(self, names: Sequence[str], rows: Iterable[BankRows], progress: Progress | None = None,
                  workdir: str | Path | None = None) -> Spade:
@@ -464,7 +467,7 @@ class Spade:
         self._check_fitted()
         old = self.state_
         new = as_zone(zone, self.settings)
-        prep = replace(old.prep, zone=new)
+        prep = replace(old.prep, zone=new if old.grid is None else None)
         names = list(old.train_names)
 
         def rows() -> Iterator[BankRows]:
@@ -481,7 +484,7 @@ class Spade:
                     if new is not None:
                         new.at(arr.shape[0], arr.shape[1], names[i])
                     arrays.append(arr)
-                yield bank_rows(self._net(), prep, self.device, arrays, a, old.grid)
+                yield bank_rows(self._net(), prep, self.device, arrays, a, old.grid, new)
 
         self._rewrite([], rows(), names, "zone", progress, source, zone=new)
         return self
@@ -653,7 +656,7 @@ class Spade:
 
                 def chunks(arr: np.ndarray = arr, at: int = a + j) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
                     done = 0
-                    for tiles in network_inputs([arr], grid):
+                    for tiles in network_inputs([arr], grid, state.zone):
                         with COMPUTE_LOCK:
                             levels, gvec = extract(net, tiles, prep, dev)
                         yield levels, gvec
@@ -663,8 +666,9 @@ class Spade:
 
                 res = score_tiles(state, chunks(), keep_features=keep_features)
                 scores.append(tiled_image_score(state, res.knn, res.maxima))
-                maps.append(to_native(res.map, grid, (arr.shape[0], arr.shape[1])))
-                inputs.append(res.map)
+                native = to_native(res.map, grid, (arr.shape[0], arr.shape[1]))
+                maps.append(native if state.zone is None else state.zone.clear_outside(native))
+                inputs.append(res.map if state.zone is None else state.zone.clear_outside(res.map))
                 sizes.append((arr.shape[0], arr.shape[1]))
                 best = int(np.argmax(res.maxima / np.asarray(state.calibration.get(
                     "position_scales", np.ones((t, 2))))[:, 1]))

@@ -21,7 +21,7 @@ from .correspondence import anomaly_maps
 from .correspondence.runtime import COMPUTE_LOCK
 from .retrieval import image_knn, image_scores, tile_image_scores, tile_knn
 from .state import FittedState
-from .tiling import Stitcher
+from .tiling import Stitcher, tile_zones
 
 
 def score_features(state: FittedState, levels: list[torch.Tensor], gvec: torch.Tensor,
@@ -30,9 +30,10 @@ def score_features(state: FittedState, levels: list[torch.Tensor], gvec: torch.T
     """Stage 2 (image kNN over the global vectors ``gvec``) then stage 3 (the maps of ``levels``, (B, h*w, C)
     per level, against each image's gallery).
 
-    Returns the global kNN scores (B,), the maps in the input frame (B, H, W) and the galleries (B, k) of
-    bank rows. ``exclude`` (B,) leaves one training image out per query (calibration). In a tiled model the
-    queries are tiles and ``positions`` (B,) their grid positions (see :func:`spade_ad.retrieval.tile_knn`).
+    Returns the global kNN scores (B,), the maps in the input frame (B, H, W; 0 outside the inspection zone)
+    and the galleries (B, k) of bank rows. ``exclude`` (B,) leaves one training image out per query
+    (calibration). In a tiled model the queries are tiles and ``positions`` (B,) their grid positions (see
+    :func:`spade_ad.retrieval.tile_knn`).
     """
     s = state.settings
     with COMPUTE_LOCK:
@@ -42,8 +43,24 @@ def score_features(state: FittedState, levels: list[torch.Tensor], gvec: torch.T
             assert positions is not None, "a tiled model's queries need their grid positions"
             knn, neigh = tile_knn(gvec, positions, state.global_, state.rows_per_image, s.tile_retrieval,
                                   s.k_image, s.k, exclude)
-        maps = anomaly_maps(state, levels, neigh)
+        maps = zoned(state, anomaly_maps(state, levels, neigh), positions)
     return knn, maps, neigh
+
+
+def zoned(state: FittedState, maps: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Input-frame maps (B, H, W) with 0 outside the model's inspection zone (a tiled model's queries are tiles
+    at grid ``positions``: each its part of the zone)."""
+    if state.zone is None:
+        return maps
+    if state.grid is None:
+        inside = state.prep.input_zone
+        assert inside is not None
+    else:
+        assert positions is not None
+        shape = (int(maps.shape[-2]), int(maps.shape[-1]))
+        inside = tile_zones(state.zone, state.grid, shape)[positions.cpu().numpy()]
+    return torch.where(torch.tensor(inside, device=maps.device), maps, torch.zeros((), dtype=maps.dtype,
+                                                                                   device=maps.device))
 
 
 def image_score(state: FittedState, knn: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
@@ -104,4 +121,4 @@ def tiled_image_score(state: FittedState, knn: np.ndarray, maxima: np.ndarray) -
     return float(tile_image_scores(s.image_score, s.tile_pool, scales, knn[None], maxima[None])[0])
 
 
-__all__ = ["score_features", "image_score", "score_tiles", "tiled_image_score", "TiledImage"]
+__all__ = ["score_features", "zoned", "image_score", "score_tiles", "tiled_image_score", "TiledImage"]

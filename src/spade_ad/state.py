@@ -83,7 +83,9 @@ class FittedState:
     @property
     def prep(self) -> Preprocessor:
         """How images become this model's network input."""
-        return Preprocessor(self.settings.preprocess, self.settings.image_size, self.input_shape, self.zone)
+        # a tiled model's zone applies to the whole image before it is cut (features.network_inputs), not per tile
+        return Preprocessor(self.settings.preprocess, self.settings.image_size, self.input_shape,
+                            self.zone if self.grid is None else None)
 
     @property
     def generation(self) -> int:

@@ -29,9 +29,12 @@ import numpy as np
 import numpy.typing as npt
 import torch
 import torch.nn.functional as F
+from PIL import Image
+
+from spade_ad_runtime.zone import Zone
 
 __all__ = ["Stitcher", "TileGrid", "axis_starts", "blend_weights", "cut_tiles", "iter_tiles", "fit_grid",
-           "grid_from_dict", "make_grid", "mosaic", "rescale", "stitch", "tile_at", "to_native"]
+           "grid_from_dict", "make_grid", "mosaic", "rescale", "stitch", "tile_at", "tile_zones", "to_native"]
 
 
 def axis_starts(length: int, tile: int, overlap: float) -> list[int]:
@@ -324,6 +327,19 @@ def mosaic(tiles: np.ndarray, grid: TileGrid, size: int) -> np.ndarray:
         canvas[yy : yy + s, xx : xx + s] = t
     sh, sw = grid.scaled_shape
     return rescale(canvas[: max(1, round(sh * f)), : max(1, round(sw * f))], (size, size))
+
+
+def tile_zones(zone: Zone, grid: TileGrid, input_shape: tuple[int, int]) -> npt.NDArray[np.bool_]:
+    """A zone cut like an image into the grid's tiles, each at the network input's shape (nearest neighbour):
+    (T, H, W) bool, True = inspected. Computed once per zone and grid."""
+    key = ("tiles", grid.scaled_shape, grid.tile, tuple(grid.origins), tuple(input_shape))
+    found = zone.derived.get(key)
+    if found is None:
+        tiles = [np.asarray(Image.fromarray(t.astype(np.uint8) * 255).resize(
+            (input_shape[1], input_shape[0]), Image.Resampling.NEAREST)) > 127
+            for t in iter_tiles(zone.at(*grid.scaled_shape), grid)]
+        found = zone.derived[key] = np.stack(tiles)
+    return found
 
 
 def to_native(amap: np.ndarray, grid: TileGrid, size: tuple[int, int] | None = None) -> npt.NDArray[np.float32]:

@@ -14,18 +14,11 @@ def anomaly_maps(state: FittedState, levels: list[torch.Tensor], neighbours: tor
     features among all positions of its gallery's pyramids at the same level (:func:`.gallery.level_maps`,
     exact), per level upsampled, averaged and smoothed with the Gaussian ``sigma`` (:func:`.maps.combine_levels`).
 
-    Outside the model's inspection zone the maps are 0.
-
     ``levels``: per pyramid level, (B, h*w, C) test features; ``neighbours``: (B, k) training indices.
     """
     s = state.settings
     grids = level_maps(levels, neighbours, state.bank, state.level_shapes, s.kappa, s.tile_bytes)
-    maps = combine_levels(grids, state.prep.input_shape, s.sigma)
-    inside = state.prep.input_zone
-    if inside is None:
-        return maps
-    return torch.where(torch.tensor(inside, device=maps.device), maps, torch.zeros((), dtype=maps.dtype,
-                                                                                   device=maps.device))
+    return combine_levels(grids, state.prep.input_shape, s.sigma)
 
 
 __all__ = ["anomaly_maps"]
