@@ -228,6 +228,17 @@ def test_inspector_end_to_end(page: Any, server: str, bottle: Path) -> None:
     assert time.monotonic() - t0 < 60
 
 
+def _open(browser: Any, url: str) -> tuple[Any, list[str]]:
+    """A new page on ``url`` (the inspector of a model served for one test) and the list its script errors go to."""
+    errors: list[str] = []
+    context = browser.new_context(viewport={"width": 1400, "height": 1100})
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(url + "/")
+    return page, errors
+
+
 def test_a_zoned_model_shows_its_zone_and_regions(browser: Any, bottle: Path,
                                                   tmp_path_factory: pytest.TempPathFactory) -> None:
     """A model with an inspection zone (the bottle's inner disc): the page shades what it ignores, outlines and
@@ -240,13 +251,7 @@ def test_a_zoned_model_shows_its_zone_and_regions(browser: Any, bottle: Path,
     zone = (yy - 450) ** 2 + (xx - 450) ** 2 <= 300**2
     Spade(k=4, k_image=3, calibration_images=4, min_area=200).fit(train, zone=zone).save(folder)
     serving = _serve(create_app(folder))
-    url = next(serving)
-    errors: list[str] = []
-    context = browser.new_context(viewport={"width": 1400, "height": 1100})
-    page = context.new_page()
-    page.set_default_timeout(20_000)
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(url + "/")
+    page, errors = _open(browser, next(serving))
     with page.expect_response(lambda r: r.url.endswith("/predict")) as answer:
         upload(page, bottle / "test" / "broken_large" / "000.png")
     body = answer.value.json()
@@ -271,7 +276,8 @@ def test_a_zoned_model_shows_its_zone_and_regions(browser: Any, bottle: Path,
     assert "at least 200 px each" in page.inner_text("#regions-note")
     shot(page, "inspector_zone_regions.png")
     assert errors == []
-    next(serving, None)
+    page.context.close()
+    next(serving, None)  # stops the server
 
 
 def test_a_click_on_a_tiled_model_shows_the_matching_normal_tile(browser: Any, bottle: Path,
@@ -280,13 +286,7 @@ def test_a_click_on_a_tiled_model_shows_the_matching_normal_tile(browser: Any, b
     folder = tmp_path_factory.mktemp("browser_tiled") / "model"
     Spade(k=4, k_image=3, image_size=112, tile=112, tile_span=2, calibration_images=4).fit(train).save(folder)
     serving = _serve(create_app(folder))
-    url = next(serving)
-    errors: list[str] = []
-    context = browser.new_context(viewport={"width": 1400, "height": 1100})
-    page = context.new_page()
-    page.set_default_timeout(20_000)
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(url + "/")
+    page, errors = _open(browser, next(serving))
     upload(page, bottle / "test" / "broken_large" / "000.png")
     page.wait_for_selector("#result:not([hidden])")
     box = page.locator("#overlay").bounding_box()
@@ -306,7 +306,7 @@ def test_a_click_on_a_tiled_model_shows_the_matching_normal_tile(browser: Any, b
     assert re.fullmatch(r"tile \d+", page.get_attribute("#tile-box", "title") or "")
     shot(page, "inspector_tiled_explain.png")
     assert errors == []
-    context.close()
+    page.context.close()
     next(serving, None)  # stops the server
 
 

@@ -419,6 +419,21 @@ def _numbers(h: dict[str, Any] | None) -> str:
             f"pixel threshold {_fmt(h['pixel_threshold'])}")
 
 
+def _image_files(items: list[Path] | None) -> list[Path]:
+    """Image files given as files and/or folders (a folder: its images, sorted), each checked to exist."""
+    from ..io import list_images
+
+    files: list[Path] = []
+    for item in items or []:
+        if item.is_dir():
+            files += list_images(item)
+        elif item.exists() or item.is_symlink():
+            files.append(item)
+        else:
+            raise SpadeError(f"{item}: file or folder does not exist")
+    return files
+
+
 def _waiting(model_dir: Path) -> Callable[[], None]:
     return lambda: say(f"{model_dir}: another writer is changing this model; waiting for it to finish")
 
@@ -449,7 +464,6 @@ def update(
     images are read again (from their paths as fitted, checked to be the same pixels) and the model becomes
     what fit with that zone gives.
     """
-    from ..io import list_images
     from ..model import Spade
     from ..persistence import folder_lock
 
@@ -457,14 +471,7 @@ def update(
         raise SpadeError("nothing to do: give --add PATH, --remove NAME, --roi ZONE or --clear-roi")
     if roi is not None and clear_roi:
         raise SpadeError("--roi and --clear-roi: give one")
-    files: list[Path] = []
-    for item in add or []:
-        if item.is_dir():
-            files += list_images(item)
-        elif item.exists() or item.is_symlink():
-            files.append(item)
-        else:
-            raise SpadeError(f"{item}: file or folder does not exist")
+    files = _image_files(add)
     t0 = time.perf_counter()
     with folder_lock(model_dir, on_wait=_waiting(model_dir)):
         model = Spade.load(model_dir, device=device, weights=weights)
@@ -508,14 +515,7 @@ def calibrate(
     from ..model import Spade
     from ..persistence import folder_lock
 
-    files: list[Path] = []
-    for item in defects or []:
-        if item.is_dir():
-            files += list_images(item)
-        elif item.exists() or item.is_symlink():
-            files.append(item)
-        else:
-            raise SpadeError(f"{item}: file or folder does not exist")
+    files = _image_files(defects)
     if masks is not None and not files:
         raise SpadeError("--masks: give the defective images with --defects")
     owners = match_masks(list_images(masks), files, masks) if masks is not None else {}

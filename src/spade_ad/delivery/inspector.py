@@ -712,11 +712,7 @@ def _changes(ctx: _Context) -> APIRouter:
                  summary="Mark an upload as normal: add it to the model's good images (needs --allow-updates)")
     def add_normal(body: AddNormal, request: Request) -> UpdateResponse:
         source = _authorise(ctx, request)
-        with ctx.cache_lock:
-            entry = ctx.cache.get(body.id)
-        if entry is None or entry.image is None:
-            raise HTTPException(404, f"upload {_clip(body.id)} is not cached any more; upload the image again")
-        image, name = entry.image, f"inspector/{body.id[:12]}-{entry.filename}"
+        image, name = _upload(ctx, body.id)
         return _change(ctx, lambda m: m.add([image], names=[name], source=source))
 
     @router.post("/defects", response_model=UpdateResponse, responses=WRITE_ERRORS,
@@ -724,11 +720,7 @@ def _changes(ctx: _Context) -> APIRouter:
                  "--allow-updates); the operating point is measured again with it")
     def add_defect(body: AddNormal, request: Request) -> UpdateResponse:
         source = _authorise(ctx, request)
-        with ctx.cache_lock:
-            entry = ctx.cache.get(body.id)
-        if entry is None or entry.image is None:
-            raise HTTPException(404, f"upload {_clip(body.id)} is not cached any more; upload the image again")
-        image, name = entry.image, f"inspector/{body.id[:12]}-{entry.filename}"
+        image, name = _upload(ctx, body.id)
         return _change(ctx, lambda m: m.calibrate([(image, None)], source=source, names=[name]))
 
     @router.delete("/normals/{image}", response_model=UpdateResponse, responses=WRITE_ERRORS,
@@ -744,6 +736,15 @@ def _changes(ctx: _Context) -> APIRouter:
         return _change(ctx, lambda m: m.remove([_training_index(m, image, generation)], source=source), generation)
 
     return router
+
+
+def _upload(ctx: _Context, upload_id: str) -> tuple[np.ndarray, str]:
+    """A cached upload's pixels and the name a change records for it; 404 once it left the cache."""
+    with ctx.cache_lock:
+        entry = ctx.cache.get(upload_id)
+    if entry is None or entry.image is None:
+        raise HTTPException(404, f"upload {_clip(upload_id)} is not cached any more; upload the image again")
+    return entry.image, f"inspector/{upload_id[:12]}-{entry.filename}"
 
 
 def _authorise(ctx: _Context, request: Request) -> str:
