@@ -271,6 +271,44 @@ def predict(
     report_predictions(out, summary)
 
 
+@app.command()
+def watch(
+    model_dir: Annotated[Path, typer.Argument(help="model folder written by fit")],
+    inbox: Annotated[Path, typer.Argument(help="folder new images arrive in")],
+    out: Annotated[Path, typer.Option("--out", help="output folder: predict's files and rows, and the watch state")],
+    move_to: Annotated[Path | None, typer.Option("--move-to", help="move each image here once its row is "
+                                                 "written")] = None,
+    post: Annotated[str | None, typer.Option("--post", help="POST each row as JSON to this URL (retried with "
+                                             "back-off; never holds scoring up)")] = None,
+    on_error: Annotated[str, typer.Option("--on-error", metavar="skip|stop", help="an unreadable image: stop (the "
+                                          "default) or skip it (its row says why)")] = "stop",
+    settle: Annotated[float, typer.Option("--settle", help="seconds a file's size and time must stay unchanged "
+                                          "before it is read")] = 1.0,
+    interval: Annotated[float, typer.Option("--interval", help="seconds between looks at the inbox")] = 0.5,
+    once: Annotated[bool, typer.Option("--once", help="score what is in the inbox, then stop")] = False,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="images scored together")] = None,
+    device: DeviceOpt = "cpu",
+    weights: WeightsOpt = None,
+) -> None:
+    """Score each new image of INBOX exactly once, after it is completely written, as predict would (rows in
+    OUT/predictions.jsonl). Stopped (Ctrl+C) or killed at any moment and started again, it scores every image
+    once: its state lives in OUT."""
+    from ..watch import WatchSummary
+    from ..watch import watch as run_watch
+
+    def note(s: WatchSummary) -> None:
+        say(f"{s.n_rows} scored ({s.n_defective} defective, {s.n_failed} failed)")
+
+    summary = run_watch(model_dir, inbox, out, move_to=move_to, post=post, on_error=on_error, settle=settle,
+                        interval=interval, once=once, batch_size=batch_size, device=device, weights=weights,
+                        progress=None if once else note, started=lambda: say(
+                            f"watching {inbox} with {model_dir}; rows in {out / 'predictions.jsonl'}"
+                            + ("" if once else " (Ctrl+C stops)")))
+    posted = "" if summary.posted is None else f"; {summary.posted} row(s) posted in all"
+    say(f"stopped: {summary.n_rows} image(s) scored this session ({summary.n_defective} defective, "
+        f"{summary.n_failed} failed){posted}")
+
+
 def report_predictions(out: Path, summary: RunSummary) -> None:
     """The summary line of a predict run; images that could not be read make it exit with code 2."""
     from ..runs import check_failed, summary_line
