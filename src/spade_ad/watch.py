@@ -18,7 +18,10 @@
   doubling to 60 s) while the server is down; it reads the rows from the file, so scoring never waits for
   it, and ``OUT/posted.json`` counts the rows delivered, so a restart goes on from there (at-least-once:
   a row whose POST succeeded just before a kill is sent again).
-* **Memory** holds the known images' keys (a few dozen bytes each) and one batch; nothing else grows.
+* **Drift.** The watcher keeps the model's drift window (:mod:`spade_ad.drift`: the last ``WINDOW`` images
+  its current generation scored, refilled from the rows on restart) and writes its health to
+  ``OUT/health.json`` after each batch.
+* **Memory** holds the known images' keys (a few dozen bytes each), the drift window and one batch.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .drift import WINDOW, DriftMonitor, monitor_for
 from .errors import SpadeError
 from .io import IMAGE_SUFFIXES, save_json
 from .runs import (
@@ -48,6 +52,7 @@ from .runs import (
 
 STATE_FILE = "watch.json"
 POSTED_FILE = "posted.json"
+HEALTH_FILE = "health.json"
 TEMP_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".download", ".filepart")
 Key = tuple[str, int, int]  # (name, size, mtime_ns): an inbox image
 
@@ -208,6 +213,7 @@ class WatchSummary:
     n_failed: int = 0
     n_defective: int = 0
     posted: int | None = None  # rows delivered to --post (all sessions)
+    health: dict[str, Any] = field(default_factory=dict)  # the model's drift health (spade_ad.drift), now
 
 
 def check_watch_options(out: Path, inbox: Path, move_to: Path | None, on_error: str, settle: float,
@@ -260,6 +266,7 @@ def watch(model_dir: str | Path, inbox: str | Path, out: str | Path, *, move_to:
         started()
     stop = stop or threading.Event()
     header_sha = model.base_sha256_
+    monitor = _monitor(model, ledger)
     status = "interrupted"
     try:
         while not stop.is_set():
@@ -273,7 +280,14 @@ def watch(model_dir: str | Path, inbox: str | Path, out: str | Path, *, move_to:
                 if current is not None and current != header_sha:  # another process changed the model
                     model = Spade.load(model_dir, device=device, weights=weights)
                     header_sha = model.base_sha256_
-                _score(model, todo[: model.settings.batch_size], ledger, out, dest, on_error, summary)
+                    monitor = _monitor(model, ledger)  # a new generation: new thresholds, a new window
+                rows = _score(model, todo[: model.settings.batch_size], ledger, out, dest, on_error, summary)
+                for r in rows:
+                    if "error" not in r:
+                        monitor.add(r["score"], r["verdict"])
+                summary.health = monitor.health()
+                save_json(out / HEALTH_FILE, {"model": str(model_dir), "generation": len(model.history_),
+                                              **summary.health})
                 if progress:
                     progress(summary)
                 continue  # more may be ready at once
@@ -305,8 +319,28 @@ def _current_sha(model_dir: Path, read_header: Callable[[Path], dict[str, Any]])
         return None  # being replaced this very moment, or damaged: keep the model in hand
 
 
+def _monitor(model: Any, ledger: Ledger) -> DriftMonitor:
+    """The drift window of ``model``, refilled from the rows its generation scored (the last ``WINDOW``)."""
+    monitor = monitor_for(model)
+    generation = len(model.history_)
+    try:
+        lines = ledger.path.read_bytes().splitlines()
+    except OSError:
+        lines = []
+    recent = []
+    for line in reversed(lines):
+        row = json.loads(line)
+        if row.get("generation") == generation and "error" not in row:
+            recent.append(row)
+            if len(recent) == WINDOW:
+                break
+    for row in reversed(recent):
+        monitor.add(row["score"], row["verdict"])
+    return monitor
+
+
 def _score(model: Any, todo: list[tuple[Path, Key]], ledger: Ledger, out: Path, dest: Path | None,
-           on_error: str, summary: WatchSummary) -> None:
+           on_error: str, summary: WatchSummary) -> list[dict[str, Any]]:
     """One batch: read, score, write the outputs, append the rows (the commit), move the images."""
     rows: list[dict[str, Any]] = []
     stems: list[str] = []
@@ -334,6 +368,7 @@ def _score(model: Any, todo: list[tuple[Path, Key]], ledger: Ledger, out: Path, 
     if dest is not None:
         for path, _ in todo:
             _move(path, dest)
+    return rows
 
 
 def _move(path: Path, dest: Path) -> None:
@@ -351,4 +386,5 @@ def _move(path: Path, dest: Path) -> None:
         raise SpadeError(f"{path}: cannot move it to {dest} ({exc.strerror or exc})") from None
 
 
-__all__ = ["watch", "WatchSummary", "Inbox", "Ledger", "Poster", "is_temporary", "STATE_FILE", "POSTED_FILE"]
+__all__ = ["watch", "WatchSummary", "Inbox", "Ledger", "Poster", "is_temporary", "STATE_FILE", "POSTED_FILE",
+           "HEALTH_FILE"]

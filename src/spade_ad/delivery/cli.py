@@ -293,11 +293,18 @@ def watch(
     """Score each new image of INBOX exactly once, after it is completely written, as predict would (rows in
     OUT/predictions.jsonl). Stopped (Ctrl+C) or killed at any moment and started again, it scores every image
     once: its state lives in OUT."""
+    from ..drift import health_line
     from ..watch import WatchSummary
     from ..watch import watch as run_watch
 
+    warned = {"status": ""}
+
     def note(s: WatchSummary) -> None:
         say(f"{s.n_rows} scored ({s.n_defective} defective, {s.n_failed} failed)")
+        status = s.health.get("status", "")
+        if status != warned["status"] and status in ("drift", "ok") and (status == "drift" or warned["status"]):
+            say(health_line(s.health))  # when drift starts, and when it ends
+        warned["status"] = status
 
     summary = run_watch(model_dir, inbox, out, move_to=move_to, post=post, on_error=on_error, settle=settle,
                         interval=interval, once=once, batch_size=batch_size, device=device, weights=weights,
@@ -307,6 +314,8 @@ def watch(
     posted = "" if summary.posted is None else f"; {summary.posted} row(s) posted in all"
     say(f"stopped: {summary.n_rows} image(s) scored this session ({summary.n_defective} defective, "
         f"{summary.n_failed} failed){posted}")
+    if summary.health:
+        say(health_line(summary.health))
 
 
 def report_predictions(out: Path, summary: RunSummary) -> None:
@@ -594,7 +603,11 @@ def gate(model_dir: Path, model: Any, force: bool) -> None:
 
 
 @app.command()
-def history(model_dir: Annotated[Path, typer.Argument(help="model folder")]) -> None:
+def history(
+    model_dir: Annotated[Path, typer.Argument(help="model folder")],
+    health: Annotated[list[Path] | None, typer.Option("--health", help="a watch output folder: add a line on the "
+                                                      "model's health there (drift; repeatable)")] = None,
+) -> None:
     """List the model's generations: time, what was added or removed, counts and thresholds before/after."""
     from ..persistence import read_history
 
@@ -632,6 +645,24 @@ def history(model_dir: Annotated[Path, typer.Argument(help="model folder")]) -> 
     last = entries[-1].get("after") or {} if entries else {}
     bare = last.get("image_threshold", 0) is None and last.get("pixel_threshold", 0) is None
     say(f"current generation: {len(entries)}" + (f"; the model has {NO_THRESHOLDS}" if bare else ""))
+    for folder in health or []:
+        say(f"{folder}: {_health_of(folder, len(entries))}")
+
+
+def _health_of(folder: Path, generation: int) -> str:
+    """The health line a watcher wrote into its output folder (``health.json``)."""
+    from ..drift import health_line
+    from ..watch import HEALTH_FILE
+
+    try:
+        h = json.loads((folder / HEALTH_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise SpadeError(f"{folder / HEALTH_FILE}: no health record here ({exc})") from None
+    if not isinstance(h, dict):
+        raise SpadeError(f"{folder / HEALTH_FILE}: not a health record")
+    gen = h.get("generation")
+    when = "" if gen == generation else f" (measured on generation {gen}, the model is now at {generation})"
+    return health_line(h) + when
 
 
 def _short_list(names: list[str], n: int = 3) -> str:

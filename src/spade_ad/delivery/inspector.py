@@ -46,6 +46,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..drift import DriftMonitor, health_line, monitor_for
 from ..errors import SpadeError
 from ..io import decode_image, printable
 from ..model import Spade
@@ -358,6 +359,16 @@ class _Context:
     cache_lock: threading.Lock = field(default_factory=threading.Lock)
     cache: OrderedDict[str, _Entry] = field(default_factory=OrderedDict)
     thumbs: dict[tuple[int, int], bytes] = field(default_factory=dict)  # (generation, index) -> PNG, current model
+    drift: dict[int, DriftMonitor] = field(default_factory=dict)  # generation -> its window of recent scores
+
+    def monitor(self, spade: Spade) -> DriftMonitor:
+        """The drift window of ``spade``'s generation (a new generation starts a new window)."""
+        gen = _generation(spade)
+        with self.cache_lock:
+            if gen not in self.drift:
+                self.drift.clear()
+                self.drift[gen] = monitor_for(spade)
+            return self.drift[gen]
 
     def current(self) -> Spade:
         """The model as the folder holds it now: reloaded once ``model.json`` changed (another writer, such as
@@ -586,10 +597,18 @@ def _predictions(ctx: _Context) -> APIRouter:
         over = _overlay(image, res)
         h, w = image.shape[:2]
         small_map = resize_map(res.map, small_size(h, w, MAP_SIDE))
+        ctx.monitor(spade).add(res.score, res.verdict)
         key = _remember(ctx, _Entry(pred=replace(pred, maps=[], input_maps=[], state=None),
                                     scored_by=weakref.ref(spade), generation=_generation(spade), small_map=small_map,
                                     image=image if ctx.allow_updates else None, filename=name))
         return _predict_response(key, name, image, spade, res, over, small_map)
+
+    @router.get("/model/health", summary="The model's health: the share of recent uploads judged defective against its "
+                "false-alarm rate, and where the good ones score against its calibration (spade_ad.drift)")
+    def model_health() -> dict[str, Any]:
+        spade = ctx.current()
+        h = ctx.monitor(spade).health()
+        return {"generation": _generation(spade), **h, "line": health_line(h)}
 
     @router.get("/correspondence", response_model=CorrespondenceResponse,
                 summary="The correspondence of pixel (y, x): the normal patch it matched",

@@ -172,6 +172,7 @@
     $('explain').hidden = true;
     $('marker').hidden = true;
     showRegions(res);
+    checkHealth();
     var shade = $('zone-shade');  // the inspection zone: what lies outside it is shaded (and scores 0)
     shade.hidden = !res.zone;
     if (res.zone) shade.src = res.zone; else shade.removeAttribute('src');
@@ -246,6 +247,15 @@
         });
       body.appendChild(tr);
     });
+  }
+
+  // drift: warn when the recent uploads leave the model's expected band (GET /model/health)
+  function checkHealth() {
+    fetch('/model/health').then(function (r) { return r.ok ? r.json() : null; }).then(function (h) {
+      var box = $('drift');
+      box.hidden = !h || h.status !== 'drift';
+      if (h && h.status === 'drift') box.textContent = 'Drift: ' + h.line;
+    }).catch(function () {});
   }
 
   function sizeCanvases() {
