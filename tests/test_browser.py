@@ -280,6 +280,37 @@ def test_a_zoned_model_shows_its_zone_and_regions(browser: Any, bottle: Path,
     next(serving, None)  # stops the server
 
 
+def test_a_folder_of_models_lets_the_user_pick_one_and_shows_its_health(browser: Any, bottle: Path,
+                                                                        tmp_path_factory: pytest.TempPathFactory
+                                                                        ) -> None:
+    from spade_ad.delivery.models_server import create_models_app
+
+    root = tmp_path_factory.mktemp("browser_models")
+    train = sorted((bottle / "train" / "good").glob("*.png"))
+    Spade(k=4, k_image=3, calibration_images=4).fit(train[::26][:8]).save(root / "bottle-a")
+    Spade(k=4, k_image=3, calibration_images=4).fit(train[1::20][:6]).save(root / "bottle-b")
+    serving = _serve(create_models_app(root))
+    page, errors = _open(browser, next(serving))
+    page.wait_for_selector("#model-picker:not([hidden])")
+    assert page.eval_on_selector_all("#model-pick option", "os => os.map(o => o.value)") == ["bottle-a", "bottle-b"]
+    page.wait_for_function("document.getElementById('model-info').textContent.includes('8 normal images')")
+    page.select_option("#model-pick", "bottle-b")
+    page.wait_for_function("document.getElementById('model-info').textContent.includes('6 normal images')")
+    with page.expect_response(lambda r: r.url.endswith("/models/bottle-b/predict")) as answer:
+        upload(page, bottle / "test" / "good" / "000.png")
+    assert answer.value.status == 200
+    page.wait_for_selector("#result:not([hidden])")
+    page.wait_for_function("document.getElementById('health').textContent.includes('1 recent image')")
+    assert page.inner_text("#health").startswith("health: warming up")
+    page.wait_for_function("Array.from(document.querySelectorAll('#neighbours img'))"
+                           ".every(i => i.complete && i.naturalWidth > 0)")  # thumbnails under the model's root
+    assert page.eval_on_selector("#colour-bar", "e => e.naturalHeight") == 256
+    shot(page, "inspector_models.png")
+    assert errors == []
+    page.context.close()
+    next(serving, None)
+
+
 def test_a_click_on_a_tiled_model_shows_the_matching_normal_tile(browser: Any, bottle: Path,
                                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
     train = sorted((bottle / "train" / "good").glob("*.png"))[::26][:8]

@@ -724,7 +724,8 @@ def export(
 # --------------------------------------------------------------------------- serve
 @app.command()
 def serve(
-    model_dir: Annotated[Path, typer.Argument(help="model folder written by fit")],
+    model_dir: Annotated[Path, typer.Argument(help="model folder written by fit, or a folder of model folders "
+                                                  "(each served at /models/<name>/)")],
     host: Annotated[str, typer.Option(help="address to listen on (127.0.0.1: this machine only)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="largest accepted upload, in MB")] = 20.0,
@@ -736,6 +737,8 @@ def serve(
                                                 "good images (needs a token: SPADE_AD_TOKEN or --token-file; one is "
                                                 "generated and printed if neither is given)")] = False,
     token_file: Annotated[Path | None, typer.Option("--token-file", help="file holding the token for updates")] = None,
+    max_memory_mb: Annotated[float, typer.Option("--max-memory-mb", help="a folder of models: keep loaded models "
+                                                 "within this estimate, least recently used unloaded first")] = 2048,
     allowed_hosts: Annotated[list[str] | None, typer.Option("--allow-host", help="also accept requests whose Host "
                                                             "header names this host (repeatable; default: the "
                                                             "address served on, localhost)")] = None,
@@ -746,17 +749,27 @@ def serve(
     import uvicorn
 
     from .inspector import create_app
+    from .models_server import create_models_app, is_models_dir
 
     if not (math.isfinite(max_upload_mb) and 0 < max_upload_mb <= 4096):
         raise SpadeError(f"--max-upload-mb must be a number in (0, 4096], got {max_upload_mb}")
     if not 1 <= port <= 65535:
         raise SpadeError(f"--port must be between 1 and 65535, got {port}")
+    if not (math.isfinite(max_memory_mb) and max_memory_mb > 0):
+        raise SpadeError(f"--max-memory-mb must be positive, got {max_memory_mb}")
     token = _update_token(token_file) if allow_updates else None
-    application = create_app(model_dir, max_upload_bytes=int(max_upload_mb * 1024 * 1024), device=device,
-                             weights=weights, allowed_hosts=[host, *(allowed_hosts or [])],
-                             allow_updates=allow_updates, token=token, max_pixels=max_pixels)
-    say(f"spade-ad inspector on http://{host}:{port}/ (API docs at /docs; Ctrl+C stops); "
-        + ("updates ALLOWED (token required)" if allow_updates else "read-only"))
+    options = dict(max_upload_bytes=int(max_upload_mb * 1024 * 1024), device=device, weights=weights,
+                   allowed_hosts=[host, *(allowed_hosts or [])], allow_updates=allow_updates, token=token,
+                   max_pixels=max_pixels)
+    if is_models_dir(model_dir):
+        application = create_models_app(model_dir, max_memory=int(max_memory_mb * 1024 * 1024), **options)
+        names = [m["name"] for m in application.registry.listing()]
+        say(f"spade-ad models server on http://{host}:{port}/ ({len(names)} model folders, each at /models/<name>/; "
+            "Ctrl+C stops); " + ("updates ALLOWED (token required)" if allow_updates else "read-only"))
+    else:
+        application = create_app(model_dir, **options)  # type: ignore[arg-type]
+        say(f"spade-ad inspector on http://{host}:{port}/ (API docs at /docs; Ctrl+C stops); "
+            + ("updates ALLOWED (token required)" if allow_updates else "read-only"))
     uvicorn.run(application, host=host, port=port, log_level="info")
 
 

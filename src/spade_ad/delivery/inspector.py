@@ -413,6 +413,7 @@ def create_app(
     ctx = _context(model_dir, max_upload_bytes, device, cache_size, model, weights, max_pixels, allow_updates,
                    token)
     app = _bare_app(ctx, allowed_hosts)
+    app.state.inspector = ctx  # (the models server reads the model it serves)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")  # (routers do not carry mounts)
     for router in (_pages(ctx), _model_routes(ctx), _predictions(ctx), _changes(ctx)):
         app.include_router(router)

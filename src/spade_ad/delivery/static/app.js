@@ -43,8 +43,44 @@
     });
   }
 
+  // ------------------------------------------------------------------ which model (spade-ad serve MODELS_DIR)
+  // A single model is served at the root; a folder of models at /models/<name>/, picked in the header.
+  var here = location.pathname.match(/^(\/models\/[^\/]+)/);
+  var base = here ? here[1] : '';
+  function at(path) { return base + path; }  // a URL of the model shown (answers give them relative to it)
+
+  fetch('/models').then(function (r) { return r.ok ? r.json() : null; }).then(function (d) {
+    if (!d || !d.models) { loadInfo(); return; }
+    var pick = $('model-pick');
+    pick.textContent = '';
+    d.models.forEach(function (m) {
+      var o = document.createElement('option');
+      o.value = m.name;
+      o.disabled = !m.available;
+      o.textContent = m.available ? m.name + ' (generation ' + m.generation + ', ' + m.images + ' images)' :
+        m.name + ' (unavailable: ' + m.reason + ')';
+      pick.appendChild(o);
+    });
+    var first = d.models.filter(function (m) { return m.available; })[0];
+    var wanted = here ? decodeURIComponent(here[1].slice(8)) : (first && first.name);
+    if (wanted) pick.value = wanted;
+    $('model-picker').hidden = false;
+    pick.addEventListener('change', function () { choose(pick.value); });
+    if (wanted) choose(wanted); else showMessage('No model is available in this folder.', 'error');
+  }).catch(function () { loadInfo(); });
+
+  function choose(name) {
+    base = '/models/' + encodeURIComponent(name);
+    $('result').hidden = true;
+    current = null;
+    clearMessage();
+    loadInfo();
+  }
+
   // ------------------------------------------------------------------ model information
-  fetch('/info').then(function (r) { return r.json(); }).then(function (d) {
+  function loadInfo() {
+  $('colour-bar').src = at('/colour-bar.png');
+  fetch(at('/info')).then(function (r) { return r.json(); }).then(function (d) {
     info = d;
     $('model-info').textContent = 'model: ' + d.backbone + ', ' + d.n_train + ' normal images, image threshold ' +
       fmt(d.image_threshold) + ', pixel threshold ' + fmt(d.pixel_threshold);
@@ -52,9 +88,11 @@
     $('scale-note').textContent = d.colour_scale;
     $('generation').textContent = d.generation;
     document.querySelectorAll('.updates').forEach(function (el) { el.hidden = !d.updates_allowed; });
+    checkHealth();
   }).catch(function () {
     showMessage('Could not reach the server for the model information.', 'error');
   });
+  }
 
   // ------------------------------------------------------------------ upload
   function upload(file, keepMessage) {
@@ -69,7 +107,7 @@
     $('busy').hidden = false;
     var form = new FormData();
     form.append('file', file, file.name);
-    fetch('/predict', { method: 'POST', body: form }).then(function (resp) {
+    fetch(at('/predict'), { method: 'POST', body: form }).then(function (resp) {
       return readJson(resp).then(function (body) {
         if (my !== seq) return;
         if (!resp.ok) {
@@ -118,7 +156,7 @@
     var opts = { method: method, headers: { 'Authorization': 'Bearer ' + token } };
     if (body) { opts.headers['Content-Type'] = 'application/json'; opts.body = JSON.stringify(body); }
     $('busy').hidden = false;
-    fetch(url, opts).then(function (resp) {
+    fetch(at(url), opts).then(function (resp) {
       return readJson(resp).then(function (d) {
         if (!resp.ok) { showMessage(errorText(resp.status, d), 'error'); return; }
         info.generation = d.generation;
@@ -192,7 +230,7 @@
         im.alt = 'thumbnail unavailable: the model changed since this image was scored; upload it again';
         im.title = im.alt;
       };
-      im.src = n.thumbnail_url;
+      im.src = at(n.thumbnail_url);
       im.alt = 'normal image ' + n.index;
       cap.textContent = n.name.split(/[\\/]/).pop();
       cap.title = n.name;
@@ -251,7 +289,10 @@
 
   // drift: warn when the recent uploads leave the model's expected band (GET /model/health)
   function checkHealth() {
-    fetch('/model/health').then(function (r) { return r.ok ? r.json() : null; }).then(function (h) {
+    fetch(at('/model/health')).then(function (r) { return r.ok ? r.json() : null; }).then(function (h) {
+      $('health').textContent = h ? 'health: ' + h.status + ' (' + h.images + ' recent image' +
+        (h.images === 1 ? '' : 's') + ')' : '';
+      $('health').title = h ? h.line : '';
       var box = $('drift');
       box.hidden = !h || h.status !== 'drift';
       if (h && h.status === 'drift') box.textContent = 'Drift: ' + h.line;
@@ -328,7 +369,7 @@
     marker.style.top = (100 * fy) + '%';
     marker.hidden = false;
     var my = ++explainSeq, id = current.id;
-    fetch('/correspondence?id=' + encodeURIComponent(id) + '&y=' + y + '&x=' + x).then(function (resp) {
+    fetch(at('/correspondence?id=') + encodeURIComponent(id) + '&y=' + y + '&x=' + x).then(function (resp) {
       return readJson(resp).then(function (body) {
         if (my !== explainSeq) return;
         if (!resp.ok) { showMessage(errorText(resp.status, body), 'error'); return; }
@@ -347,7 +388,7 @@
       showMessage('The matched normal image is not served any more: the model changed since this image was ' +
         'scored (generation ' + c.generation + '); upload it again.', 'error');
     };
-    thumb.src = c.thumbnail_url;
+    thumb.src = at(c.thumbnail_url);
     var size = 256, minSide = 12;  // the displayed thumbnail's side; keep the box visible
     var b = c.box_frac;
     var bw = Math.max(minSide, (b[3] - b[1]) * size), bh = Math.max(minSide, (b[2] - b[0]) * size);
