@@ -80,8 +80,8 @@ def test_the_inspector_reports_health(small_train: Path, tmp_path: Path) -> None
     Spade(k=3, k_image=2, image_size=64, calibration_images=4).fit(str(small_train / "train" / "good")).save(
         model_dir)
     c = TestClient(create_app(model_dir), base_url="http://localhost")
-    assert c.get("/model/health").json()["images"] == 0
+    assert c.get("/health").json()["images"] == 0
     for p in sorted((small_train / "test").glob("*/*.png"))[:3]:
         assert c.post("/predict", files={"file": (p.name, p.read_bytes(), "image/png")}).status_code == 200
-    h = c.get("/model/health").json()
+    h = c.get("/health").json()
     assert h["images"] == 3 and h["status"] == "warming up" and h["generation"] == 1 and "3 recent" in h["line"]

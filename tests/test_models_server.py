@@ -89,7 +89,7 @@ def test_two_models_side_by_side_answer_as_predict_does(models: Path, server: st
         assert info["n_train"] == listing[name]["images"]
         thumb = c.get(f"/models/{name}" + got["neighbours"][0]["thumbnail_url"])
         assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/png"
-        assert c.get(f"/models/{name}/model/health").json()["images"] == 1
+        assert c.get(f"/models/{name}/health").json()["images"] == 1
     assert _predict(c, "widget", image)["score"] != _predict(c, "widget-small", image)["score"]
     r = c.post("/models/broken/predict", files={"file": (image.name, image.read_bytes(), "image/png")})
     assert r.status_code == 503 and "unavailable" in r.json()["detail"]

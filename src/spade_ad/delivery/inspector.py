@@ -482,7 +482,7 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 
 
 def _pages(ctx: _Context) -> APIRouter:
-    """The page and what it draws with: /, /favicon.ico, /health, /colour-bar.png (/static is mounted by
+    """The page and what it draws with: /, /favicon.ico, /colour-bar.png (/static is mounted by
     ``create_app``, /docs and its assets by FastAPIOffline)."""
     router = APIRouter()
 
@@ -493,10 +493,6 @@ def _pages(ctx: _Context) -> APIRouter:
     @router.get("/favicon.ico", include_in_schema=False)
     def favicon() -> Response:
         return Response(status_code=204)
-
-    @router.get("/health", summary="Liveness check")
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
 
     @router.get("/colour-bar.png", summary="The heatmap colour bar (PNG), labelled in raw pixel scores",
                 response_class=Response, responses={200: {"content": {"image/png": {}}}})
@@ -604,8 +600,9 @@ def _predictions(ctx: _Context) -> APIRouter:
                                     image=image if ctx.allow_updates else None, filename=name))
         return _predict_response(key, name, image, spade, res, over, small_map)
 
-    @router.get("/model/health", summary="The model's health: the share of recent uploads judged defective against its "
-                "false-alarm rate, and where the good ones score against its calibration (spade_ad.drift)")
+    @router.get("/health", summary="The model's health (200 while the server is up): the share of recent uploads "
+                "judged defective against its false-alarm rate, and where the good ones score against its "
+                "calibration (spade_ad.drift)")
     def model_health() -> dict[str, Any]:
         spade = ctx.current()
         h = ctx.monitor(spade).health()

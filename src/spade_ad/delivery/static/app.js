@@ -287,9 +287,9 @@
     });
   }
 
-  // drift: warn when the recent uploads leave the model's expected band (GET /model/health)
+  // drift: warn when the recent uploads leave the model's expected band (GET /health)
   function checkHealth() {
-    fetch(at('/model/health')).then(function (r) { return r.ok ? r.json() : null; }).then(function (h) {
+    fetch(at('/health')).then(function (r) { return r.ok ? r.json() : null; }).then(function (h) {
       $('health').textContent = h ? 'health: ' + h.status + ' (' + h.images + ' recent image' +
         (h.images === 1 ? '' : 's') + ')' : '';
       $('health').title = h ? h.line : '';
