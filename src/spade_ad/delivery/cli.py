@@ -440,7 +440,7 @@ def report(
                              f"(e.g. {cats[0]})")
         cat = load_mvtec_category(cats[0])
     with progress_bars() as cb:
-        ev = evaluate_category(cat, chosen, protocol, cb, keep_maps=True)
+        ev = evaluate_category(cat, chosen, protocol, cb, keep_maps=True, type_pixels=True)
     if model_out is not None:
         ev.model.save(model_out)
     path = write_report(out / "report.html", ev, title=f"spade-ad report: {cat.name} (protocol {protocol})")
