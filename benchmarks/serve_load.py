@@ -4,8 +4,8 @@ Fits 3 models (bottle, metal_plate, bsdata by default: ``--train`` good images e
 ``spade-ad serve`` process on a folder holding them, then runs ``--clients`` client threads that each POST
 test images to the models in turn (``/models/<name>/predict``) for ``--seconds`` after a ``--warmup``. Records
 every request's latency and status, and the server process's resident memory every second. Prints and saves
-one JSON document: p50 / p90 / p99 latency, requests per second, errors, memory at the end of the warm-up and
-at the end (flat: no growth with requests).
+one JSON document: p50 / p90 / p99 latency, requests per second, errors, and the memory in the first and the
+last 10 s of the measured minute (flat: no growth with requests once the upload caches are full).
 
     python benchmarks/serve_load.py --seconds 60 --clients 16
 """
@@ -60,11 +60,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="spade-load-"))
     payloads: list[tuple[str, str, bytes]] = []
     for name, root in SETS.items():
-        train = sorted((root / "train" / "good").glob("*.png"))[: args.train]
+        train = sorted(p for p in (root / "train" / "good").iterdir() if p.suffix in (".png", ".jpg"))[: args.train]
         t0 = time.perf_counter()
         Spade().fit([str(p) for p in train]).save(work / name)
         print(f"fitted {name} on {len(train)} images in {time.perf_counter() - t0:.1f}s", flush=True)
-        tests = sorted((root / "test").glob("*/*.png"))
+        tests = sorted(p for p in (root / "test").glob("*/*") if p.suffix in (".png", ".jpg"))
         for p in tests[:: max(1, len(tests) // args.images)][: args.images]:
             payloads.append((name, p.name, p.read_bytes()))
 
@@ -97,7 +97,7 @@ def main() -> None:
             i += 1
             t0 = time.monotonic()
             try:
-                status = c.post(f"/models/{name}/predict", files={"file": (fname, data, "image/png")}).status_code
+                status = c.post(f"/models/{name}/predict", files={"file": (fname, data)}).status_code
             except httpx.HTTPError:
                 status = -1
             with lock:
@@ -119,6 +119,7 @@ def main() -> None:
     errors = sum(st != 200 for _, _, st in measured)
     warm_mem = [m for t, m in memory if t <= args.warmup]
     end_mem = [m for t, m in memory if t >= args.warmup + args.seconds - 10]
+    first_mem = [m for t, m in memory if args.warmup <= t < args.warmup + 10]
     doc = {
         "models": list(SETS), "train_images": args.train, "clients": args.clients, "seconds": args.seconds,
         "warmup_seconds": args.warmup, "requests": len(measured), "errors": errors,
@@ -127,6 +128,7 @@ def main() -> None:
                             "p99": float(np.percentile(secs, 99)), "mean": float(secs.mean()),
                             "max": float(secs.max())} if len(secs) else None,
         "server_rss_mb": {"end_of_warmup": warm_mem[-1] if warm_mem else None,
+                          "first_10s_median": statistics.median(first_mem) if first_mem else None,
                           "last_10s_median": statistics.median(end_mem) if end_mem else None,
                           "max": max(m for _, m in memory)},
         "memory_samples": [[round(t, 1), round(m, 1)] for t, m in memory],
