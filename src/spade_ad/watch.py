@@ -21,7 +21,8 @@
 * **Drift.** The watcher keeps the model's drift window (:mod:`spade_ad.drift`: the last ``WINDOW`` images
   its current generation scored, refilled from the rows on restart) and writes its health to
   ``OUT/health.json`` after each batch.
-* **Memory** holds the known images' keys (a few dozen bytes each), the drift window and one batch.
+* **Memory** holds the keys of the images still in INBOX, the output stems used (a few dozen bytes per
+  distinct file name), the drift window and one batch; the rows are streamed, never held.
 """
 
 from __future__ import annotations
@@ -109,13 +110,15 @@ class Ledger:
         self.done: set[Key] = set()
         self.stems: set[str] = set()
         self.n_rows = 0
-        size = 0
         if self.path.exists():
-            data = self.path.read_bytes()
-            size = data.rfind(b"\n") + 1  # a row cut short by a kill is dropped
-            for line in data[:size].splitlines():
-                self._note(json.loads(line))
-            if size != len(data):
+            size = 0
+            with open(self.path, "rb") as f:  # streamed: a day of rows is not held at once
+                for line in f:
+                    if not line.endswith(b"\n"):
+                        break  # a row cut short by a kill is dropped
+                    self._note(json.loads(line))
+                    size += len(line)
+            if size != self.path.stat().st_size:
                 os.truncate(self.path, size)
         self.fh = open(self.path, "ab")  # noqa: SIM115 - closed by close()
 
@@ -127,6 +130,12 @@ class Ledger:
         if isinstance(overlay, str):
             self.stems.add(overlay.removesuffix("_overlay.png"))
         self.n_rows += 1
+
+    def forget_gone(self, present: set[str]) -> None:
+        """Drop the keys of images no longer in the inbox (moved or deleted): memory follows the inbox, not
+        the number of images scored. (A later file of the same name, size and time is a new arrival.)"""
+        if len(self.done) > 2 * max(len(present), 64):
+            self.done = {k for k in self.done if k[0] in present}
 
     def stem_for(self, name: str) -> str:
         """The output stem of a new image called ``name``: its stem, numbered if an earlier image had it."""
@@ -271,6 +280,7 @@ def watch(model_dir: str | Path, inbox: str | Path, out: str | Path, *, move_to:
     try:
         while not stop.is_set():
             ready = box.ready(time.monotonic())
+            ledger.forget_gone(set(box._last))
             todo = [(p, k) for p, k in ready if k not in ledger.done]
             for path, key in ready:  # scored before a kill stopped its move
                 if key in ledger.done and dest is not None:
