@@ -95,6 +95,8 @@ def test_two_models_side_by_side_answer_as_predict_does(models: Path, server: st
     assert r.status_code == 503 and "unavailable" in r.json()["detail"]
     assert c.get("/models/nothing/info").status_code == 404
     assert c.get("/").status_code == 200 and c.get("/health").json() == {"status": "ok"}
+    code, _, err = run_cli(["history", str(models / "widget"), "--health", f"{server}/models/widget"], capsys)
+    assert code == 0 and "health warming up:" in err and "recent image(s)" in err, err
 
 
 def test_changes_on_disk_and_new_folders_are_served_without_a_restart(models: Path, small_train: Path,

@@ -605,8 +605,9 @@ def gate(model_dir: Path, model: Any, force: bool) -> None:
 @app.command()
 def history(
     model_dir: Annotated[Path, typer.Argument(help="model folder")],
-    health: Annotated[list[Path] | None, typer.Option("--health", help="a watch output folder: add a line on the "
-                                                      "model's health there (drift; repeatable)")] = None,
+    health: Annotated[list[str] | None, typer.Option("--health", help="a watch output folder, or the URL of a "
+                                                     "served model (http://host:port or .../models/<name>): add a "
+                                                     "line on the model's health there (drift; repeatable)")] = None,
 ) -> None:
     """List the model's generations: time, what was added or removed, counts and thresholds before/after."""
     from ..persistence import read_history
@@ -649,17 +650,28 @@ def history(
         say(f"{folder}: {_health_of(folder, len(entries))}")
 
 
-def _health_of(folder: Path, generation: int) -> str:
-    """The health line a watcher wrote into its output folder (``health.json``)."""
+def _health_of(where: str, generation: int) -> str:
+    """The health line of a watcher's output folder (its ``health.json``) or of a served model (``GET /health``)."""
     from ..drift import health_line
     from ..watch import HEALTH_FILE
 
-    try:
-        h = json.loads((folder / HEALTH_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise SpadeError(f"{folder / HEALTH_FILE}: no health record here ({exc})") from None
-    if not isinstance(h, dict):
-        raise SpadeError(f"{folder / HEALTH_FILE}: not a health record")
+    if where.startswith(("http://", "https://")):
+        import urllib.request
+
+        url = where.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 - the user's URL
+                h = json.loads(resp.read())
+        except (OSError, ValueError) as exc:
+            raise SpadeError(f"{url}: no health answer ({exc})") from None
+    else:
+        folder = Path(where)
+        try:
+            h = json.loads((folder / HEALTH_FILE).read_text())
+        except (OSError, ValueError) as exc:
+            raise SpadeError(f"{folder / HEALTH_FILE}: no health record here ({exc})") from None
+    if not isinstance(h, dict) or "images" not in h:
+        raise SpadeError(f"{where}: not a health record")
     gen = h.get("generation")
     when = "" if gen == generation else f" (measured on generation {gen}, the model is now at {generation})"
     return health_line(h) + when
