@@ -106,7 +106,7 @@ def test_calibrate_for_a_recall_and_the_defect_gate(scene: Path, tmp_path: Path,
 
     # a rollback to a generation that misses them is gated too
     code, _, err = run_cli(["rollback", m, "--to", "3"], capsys)
-    assert code == 2 and "generation 3 judges 3 known defect(s) good" in err and len(Spade.load(m).history_) == 5
+    assert code == 2 and "generation 3 would judge 3 known defect(s) good" in err and len(Spade.load(m).history_) == 5
     code, _, err = run_cli(["rollback", m, "--to", "3", "--force"], capsys)
     assert code == 0, err
     back = Spade.load(m)

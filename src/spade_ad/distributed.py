@@ -415,7 +415,7 @@ def fit(
             _Featurizer, fn_constructor_kwargs={"settings": worker_settings, "threads": pool.threads,
                                               "input_shape": model.prep.input_shape,
                                               "grid": None if model.grid is None else model.grid.to_dict(),
-                                              "zone": None if model.prep.zone is None else model.prep.zone.mask},
+                                              "zone": None if model.zone is None else model.zone.mask},
             **pool.map_args(pool.batch_size))
 
         def rows() -> Iterator[BankRows]:

@@ -18,6 +18,7 @@ compares them with the model's own calibration:
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from typing import Any
 
@@ -30,30 +31,36 @@ ALPHA = 0.01  # a test below this is drift
 
 
 class DriftMonitor:
-    """The rolling window of one model's recent scores and verdicts, and its health."""
+    """The rolling window of one model's recent scores and verdicts, and its health.
 
-    def __init__(self, calibration_scores: list[float] | None, image_threshold: float | None,
-                 false_alarm_rate: float, window: int = WINDOW) -> None:
-        self.threshold = image_threshold
-        self.rate = false_alarm_rate
-        calib = np.asarray(calibration_scores or [], np.float64)
-        self.reference = np.sort(calib[calib < image_threshold] if image_threshold is not None else calib)
+    ``reference``: the calibration images' scores that the model's verdict rule judges good (what good images
+    scored when it was calibrated); ``rate``: the share of good images it is expected to flag; ``active``:
+    False for a model without thresholds (no verdicts, no verdict on drift). Thread-safe.
+    """
+
+    def __init__(self, reference: list[float] | None, rate: float, window: int = WINDOW, active: bool = True) -> None:
+        self.rate, self.active = rate, active
+        self.reference = np.sort(np.asarray(reference or [], np.float64))
         self.recent: deque[tuple[float, bool]] = deque(maxlen=window)
+        self.lock = threading.Lock()
 
     def add(self, score: float, verdict: str | None) -> None:
         """One scored image (its verdict ``None``: the model has no thresholds; ignored)."""
         if verdict is not None and np.isfinite(score):
-            self.recent.append((float(score), verdict == "defective"))
+            with self.lock:
+                self.recent.append((float(score), verdict == "defective"))
 
     def health(self) -> dict[str, Any]:
         """The window's numbers, the tests and the status (see the module docstring)."""
-        n = len(self.recent)
-        flagged = sum(d for _, d in self.recent)
-        good = np.array([s for s, d in self.recent if not d], np.float64)
+        with self.lock:
+            recent = list(self.recent)
+        n = len(recent)
+        flagged = sum(d for _, d in recent)
+        good = np.array([s for s, d in recent if not d], np.float64)
         out: dict[str, Any] = {"images": n, "defective": flagged, "defective_share": flagged / n if n else None,
                                "false_alarm_rate": self.rate, "expected_band": None, "binomial_p": None,
                                "good_score_percentile": None, "mannwhitney_p": None}
-        if self.threshold is None:
+        if not self.active:
             return {**out, "status": "no thresholds", "advice": None}
         if n:
             lo, hi = stats.binom.ppf([0.005, 0.995], n, self.rate) / n
@@ -86,9 +93,19 @@ def health_line(h: dict[str, Any]) -> str:
 
 
 def monitor_for(model: Any) -> DriftMonitor:
-    """A monitor of a fitted :class:`~spade_ad.Spade` (its calibration scores, threshold and rate)."""
+    """A monitor of a fitted :class:`~spade_ad.Spade`: its calibration images judged by its verdict rule (the
+    ``regions`` rule by their map maxima against the pixel threshold: any flagged pixel), the good ones as the
+    reference, and as the expected rate the larger of its ``false_alarm_rate`` and the share of calibration
+    images its thresholds flag (a threshold chosen for a recall, or a small calibration set, flags more)."""
     calib = model.calibration_ or {}
-    return DriftMonitor(calib.get("image_scores"), model.image_threshold_, float(model.settings.false_alarm_rate))
+    scores, maxima = calib.get("image_scores") or [], calib.get("map_maxima") or []
+    regions = model.settings.verdict_rule == "regions"
+    threshold = model.pixel_threshold_ if regions else model.image_threshold_
+    if threshold is None or not scores:
+        return DriftMonitor(None, float(model.settings.false_alarm_rate), active=threshold is not None)
+    flagged = [v >= threshold for v in (maxima if regions else scores)]
+    rate = max(float(model.settings.false_alarm_rate), float(np.mean(flagged)))
+    return DriftMonitor([x for x, f in zip(scores, flagged, strict=True) if not f], min(rate, 0.999))
 
 
 __all__ = ["DriftMonitor", "health_line", "monitor_for", "WINDOW", "MIN_IMAGES", "ALPHA"]

@@ -714,10 +714,17 @@ class Spade:
         for d in ds.read():
             pred = self.predict([d.image])
             scores.append(float(pred.scores[0]))
-            if d.mask is not None:
-                pixels.append(pred.maps[0][d.mask])
+            if d.mask is not None:  # the defect pixels the model inspects (in its zone and, for paper, its crop)
+                pixels.append(pred.maps[0][d.mask & self.inspected(*d.mask.shape)])
         return Evidence(ds.names, np.asarray(scores, np.float64),
                         np.concatenate(pixels).astype(np.float64) if pixels else None)
+
+    def inspected(self, height: int, width: int) -> np.ndarray:
+        """Which pixels of an image of this size the model inspects: its zone, and for ``paper`` its crop."""
+        inside = np.zeros((height, width), bool)
+        y0, x0, y1, x1 = self.prep.crop_box(height, width)
+        inside[y0:y1, x0:x1] = True
+        return inside if self.zone is None else inside & self.zone.at(height, width)
 
     def missed_defects(self) -> list[str]:
         """The known defects this model judges good (the defect gate: a change that misses one is refused

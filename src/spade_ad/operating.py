@@ -64,6 +64,9 @@ def thresholds(calibration: dict[str, Any], rule: str, value: float, evidence: E
     image = recall_threshold(evidence.scores, value)
     pixel = (recall_threshold(evidence.pixels, value) if evidence.pixels is not None and len(evidence.pixels)
              else good_threshold(good_maxima, false_alarm_rate))
+    if not (image > 0 and pixel > 0):
+        raise SpadeError(f"a recall of {value:g} needs a threshold of 0 (defects the model scores 0): nothing would "
+                         "be judged good; choose a lower --target-recall")
     return image, pixel
 
 

@@ -539,8 +539,8 @@ def _zone_shape(value: Any, settings: SpadeSettings, hpath: Path) -> tuple[int, 
     """The header's ``zone`` (the inspection zone's [height, width], or null; written since models have zones)."""
     if value is None:
         return None
-    if not _positive_pair(value) or settings.tile:
-        raise SpadeError(f"{hpath}: zone must be [height, width] of the inspection zone (untiled models) or null")
+    if not _positive_pair(value):
+        raise SpadeError(f"{hpath}: zone must be [height, width] of the inspection zone, or null")
     return int(value[0]), int(value[1])
 
 

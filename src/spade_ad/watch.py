@@ -16,8 +16,8 @@
   is loaded between batches; each row says which generation scored it.
 * **Posting** (``--post URL``): a thread POSTs each row as JSON, in order, retrying with back-off (1 s
   doubling to 60 s) while the server is down; it reads the rows from the file, so scoring never waits for
-  it, and ``OUT/posted.json`` counts the rows delivered, so a restart goes on from there (at-least-once:
-  a row whose POST succeeded just before a kill is sent again).
+  it, and ``OUT/posted.json`` counts the rows delivered (and where the next begins), so a restart goes on
+  from there (at-least-once: a row whose POST succeeded just before a kill is sent again).
 * **Drift.** The watcher keeps the model's drift window (:mod:`spade_ad.drift`: the last ``WINDOW`` images
   its current generation scored, refilled from the rows on restart) and writes its health to
   ``OUT/health.json`` after each batch.
@@ -34,6 +34,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,7 +100,8 @@ class Inbox:
 
     def pending(self, done: set[Key]) -> list[str]:
         """The image files seen in the last scan that are not scored yet (ready or still being written)."""
-        return [name for name, (size, mtime, _) in self._last.items() if (name, size, mtime) not in done]
+        return [name for name, (size, mtime, _) in self._last.items()
+                if size > 0 and (name, size, mtime) not in done]  # (an empty file is no image: never read)
 
 
 class Ledger:
@@ -168,39 +170,49 @@ class Poster(threading.Thread):
         super().__init__(name="spade-watch-post", daemon=True)
         self.out, self.url, self.timeout, self.max_wait = out, url, timeout, max_wait
         self.stop = threading.Event()
-        self.posted = self._read_count()
+        self.posted, self.offset = self._read_state()
         self.last_error: str | None = None
 
-    def _read_count(self) -> int:
+    def _read_state(self) -> tuple[int, int]:
+        """(rows delivered, byte offset of the next row) from ``posted.json``."""
         try:
-            return int(json.loads((self.out / POSTED_FILE).read_text())["rows"])
+            doc = json.loads((self.out / POSTED_FILE).read_text())
+            return int(doc["rows"]), int(doc["offset"])
         except (OSError, ValueError, KeyError, TypeError):
-            return 0
+            return 0, 0
 
-    def _rows_from(self, n: int) -> list[bytes]:
+    def _next_rows(self, limit: int = 64) -> list[bytes]:
+        """The complete rows after the delivered ones (read from their offset on, a few at a time)."""
         try:
-            data = (self.out / ROWS_FILE).read_bytes()
+            with open(self.out / ROWS_FILE, "rb") as f:
+                f.seek(self.offset)
+                lines: list[bytes] = []
+                for line in f:
+                    if not line.endswith(b"\n") or len(lines) == limit:
+                        break
+                    lines.append(line)
+                return lines
         except OSError:
             return []
-        return data[: data.rfind(b"\n") + 1].splitlines()[n:]
 
     def run(self) -> None:
         wait = 1.0
         while not self.stop.is_set():
-            rows = self._rows_from(self.posted)
+            rows = self._next_rows()
             if not rows:
                 self.stop.wait(0.2)
                 continue
             for line in rows:
                 if self.stop.is_set():
                     return
-                if not self._send(line):
+                if not self._send(line.rstrip(b"\n")):
                     self.stop.wait(wait)
                     wait = min(self.max_wait, wait * 2)
                     break
                 wait = 1.0
                 self.posted += 1
-                save_json(self.out / POSTED_FILE, {"url": self.url, "rows": self.posted})
+                self.offset += len(line)
+                save_json(self.out / POSTED_FILE, {"url": self.url, "rows": self.posted, "offset": self.offset})
 
     def _send(self, line: bytes) -> bool:
         req = urllib.request.Request(self.url, data=line, headers={"Content-Type": "application/json"},
@@ -333,19 +345,15 @@ def _monitor(model: Any, ledger: Ledger) -> DriftMonitor:
     """The drift window of ``model``, refilled from the rows its generation scored (the last ``WINDOW``)."""
     monitor = monitor_for(model)
     generation = len(model.history_)
-    try:
-        lines = ledger.path.read_bytes().splitlines()
-    except OSError:
-        lines = []
-    recent = []
-    for line in reversed(lines):
-        row = json.loads(line)
-        if row.get("generation") == generation and "error" not in row:
-            recent.append(row)
-            if len(recent) == WINDOW:
-                break
-    for row in reversed(recent):
-        monitor.add(row["score"], row["verdict"])
+    recent: deque[tuple[float, str | None]] = deque(maxlen=WINDOW)
+    with contextlib.suppress(OSError), open(ledger.path, "rb") as f:  # streamed, the last WINDOW kept
+        for line in f:
+            if line.endswith(b"\n"):
+                row = json.loads(line)
+                if row.get("generation") == generation and "error" not in row:
+                    recent.append((row["score"], row["verdict"]))
+    for score, verdict in recent:
+        monitor.add(score, verdict)
     return monitor
 
 

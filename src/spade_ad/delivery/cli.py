@@ -523,6 +523,7 @@ def update(
     with folder_lock(model_dir, on_wait=_waiting(model_dir)):
         model = Spade.load(model_dir, device=device, weights=weights)
         start, before = len(model.history_), model.thresholds_summary()
+        missed_before = set(model.missed_defects())
         with progress_bars() as cb:
             if roi is not None or clear_roi:
                 model.change_zone(roi, progress=cb, source="cli")
@@ -530,7 +531,7 @@ def update(
                 model.remove([int(r) if r.isdigit() else r for r in remove], progress=cb, source="cli", force=force)
             if files:
                 model.add([str(f) for f in files], progress=cb, source="cli")
-        gate(model_dir, model, force)
+        gate(model_dir, model, force, missed_before)
         model.save(model_dir)
     changes = model.history_[start:]
     added = sum(len(e["added"]) for e in changes)
@@ -589,10 +590,10 @@ def calibrate(
         "images")
 
 
-def gate(model_dir: Path, model: Any, force: bool) -> None:
-    """The defect gate: a changed model that judges a known defect good is refused, unless ``force`` (then the
-    change's history entry records them)."""
-    missed = model.missed_defects()
+def gate(model_dir: Path, model: Any, force: bool, before: set[str]) -> None:
+    """The defect gate: a changed model that judges good a known defect the model before the change (which
+    missed ``before``) judged defective is refused, unless ``force`` (then the change's history records them)."""
+    missed = [d for d in model.missed_defects() if d not in before]
     if not missed:
         return
     if not force:
@@ -695,19 +696,23 @@ def rollback(
 
     The defect gate: if that generation would judge one of the model's known defects good, the rollback is
     refused unless --force."""
+    from ..defects import defects_from_header
     from ..model import Spade
-    from ..persistence import folder_lock
+    from ..persistence import folder_lock, read_header
     from ..persistence import rollback as do_rollback
 
     with folder_lock(model_dir, on_wait=_waiting(model_dir)):
         missed: list[str] = []
-        current = Spade.load(model_dir, device=device, weights=weights)
-        if current.state_.defects is not None and 1 <= to < len(current.history_):
+        header = read_header(model_dir)  # (not a full load: a generation that does not load can be left)
+        if header.get("defects") and 1 <= to < header.get("generation", 0):
+            defects = defects_from_header(header["defects"], model_dir / header["files"]["defects"]["name"],
+                                          model_dir / "model.json")
             target = Spade.load(model_dir, device=device, weights=weights, generation=to)
-            target.state_.defects = current.state_.defects  # the folder's known defects, not that generation's
-            missed = target.missed_defects()
+            before = set(Spade.load(model_dir, device=device, weights=weights).missed_defects())
+            target.state_.defects = defects  # the folder's known defects, not that generation's
+            missed = [d for d in target.missed_defects() if d not in before]
             if missed and not force:
-                raise SpadeError(f"{model_dir}: generation {to} judges {len(missed)} known defect(s) good: "
+                raise SpadeError(f"{model_dir}: generation {to} would judge {len(missed)} known defect(s) good: "
                                  f"{', '.join(missed)}; nothing was changed (--force to return anyway)")
         entry = do_rollback(model_dir, to, source="cli", forced=missed)
     say(f"generation {entry['generation']}: back to generation {to}; before: {_numbers(entry['before'])}; "

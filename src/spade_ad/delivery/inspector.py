@@ -738,7 +738,7 @@ def _changes(ctx: _Context) -> APIRouter:
     def add_defect(body: AddNormal, request: Request) -> UpdateResponse:
         source = _authorise(ctx, request)
         image, name = _upload(ctx, body.id)
-        return _change(ctx, lambda m: m.calibrate([(image, None)], source=source, names=[name]))
+        return _change(ctx, lambda m: m.calibrate([(image, None)], source=source, names=[name]), gated=False)
 
     @router.delete("/normals/{image}", response_model=UpdateResponse, responses=WRITE_ERRORS,
                    summary="Remove a training image from the model's good images (needs --allow-updates)")
@@ -786,11 +786,13 @@ def _training_index(spade: Spade, image: str, generation: int) -> int:
     raise HTTPException(404, f"no training image {image!r} in generation {generation}")
 
 
-def _change(ctx: _Context, apply: Callable[[Spade], object], generation: int | None = None) -> UpdateResponse:
+def _change(ctx: _Context, apply: Callable[[Spade], object], generation: int | None = None,
+            gated: bool = True) -> UpdateResponse:
     """Apply a change to the model as the folder holds it now (read, changed and saved under the folder's
     lock, so no other writer comes in between), then swap it in: requests running meanwhile use the old
     model, later ones the new one, never a mix. With ``generation``: refused (409) unless the folder is
-    still at that generation (what the client saw)."""
+    still at that generation (what the client saw). ``gated``: the defect gate applies (a change of the good
+    images may not make the model judge good a known defect it judged defective before)."""
     assert ctx.folder is not None
     with ctx.update_lock, folder_lock(ctx.folder):
         stat = _header_stat(ctx.folder)
@@ -798,8 +800,9 @@ def _change(ctx: _Context, apply: Callable[[Spade], object], generation: int | N
         if generation is not None and generation != len(new.history_):
             raise HTTPException(409, f"the model changed since you saw it (generation {generation}, now "
                                      f"{len(new.history_)}); reload and choose again")
+        before = set(new.missed_defects()) if gated else set()
         apply(new)
-        missed = new.missed_defects()
+        missed = [d for d in new.missed_defects() if d not in before] if gated else []
         if missed:  # the defect gate (forcing it is for the command line)
             raise HTTPException(409, f"this change would judge {len(missed)} known defect(s) good: "
                                      f"{', '.join(_public_name(x) for x in missed)}; nothing was changed (spade-ad "
