@@ -64,9 +64,12 @@ def test_streamed_metrics_agree_with_the_list_functions(bottle_subset: Category,
         ev.labels, flagged, 0.5)
     thr = pred.pixel_threshold
     assert thr is not None
-    tp = sum(int(((m >= thr) & k).sum()) for m, k in zip(maps, masks, strict=True))
-    fp = sum(int(((m >= thr) & ~k).sum()) for m, k in zip(maps, masks, strict=True))
-    fn = sum(int(((m < thr) & k).sum()) for m, k in zip(maps, masks, strict=True))
+    # the model's own masks (the image's map >= the threshold), moved into the protocol's frame
+    own = [r.mask if protocol == "full" else ev.model.prep.mask_to_input(r.mask) for r in pred]
+    assert all(o is not None and o.shape == k.shape for o, k in zip(own, masks, strict=True))
+    tp = sum(int((o & k).sum()) for o, k in zip(own, masks, strict=True))
+    fp = sum(int((o & ~k).sum()) for o, k in zip(own, masks, strict=True))
+    fn = sum(int((~o & k).sum()) for o, k in zip(own, masks, strict=True))
     assert row["pixel_precision"] == tp / (tp + fp) and row["pixel_recall"] == tp / (tp + fn)
     kinds = [s.defect_type for s in bottle_subset.test]
     for t, r in row["types"].items():

@@ -83,3 +83,19 @@ def test_manifest_rows_are_checked_one_line_each(small_train: Path, tmp_path: Pa
         write(rows, header or ("image", "split", "label", "mask"))
         code, _, err = run_cli(["benchmark", str(m), "--out", str(tmp_path / "o"), "--weights", "random"], capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (message, err)
+
+
+def test_a_defective_row_without_its_mask_is_refused_when_others_have_masks(small_train: Path, tmp_path: Path
+                                                                           ) -> None:
+    from spade_ad.errors import SpadeError
+
+    good = sorted((small_train / "train" / "good").glob("*.png"))
+    bad = sorted(p for p in (small_train / "test").glob("*/*.png") if p.parent.name != "good")
+    masks = sorted((small_train / "ground_truth").glob("*/*.png"))
+    m = tmp_path / "m.csv"
+    m.write_text("image,split,label,mask\n"
+                 f"{good[0]},train,good,\n"
+                 f'"{bad[0]}",test,dent,{masks[0]}\n'
+                 f"{bad[1]},test,dent,\n")
+    with pytest.raises(SpadeError, match="a defective test image without a mask, while others have masks"):
+        load_csv_category(m)

@@ -131,6 +131,8 @@ def test_least_recently_used_models_are_unloaded_within_the_memory(models: Path,
     app = create_models_app(models, max_memory=int(one * 1.5))  # room for one model
     c = TestClient(app, base_url="http://localhost")
     image = sorted((small_train / "test").glob("*/*.png"))[-1]
+    r = c.get("/models/widget/info", headers={"Host": "evil.example"})  # DNS rebinding: refused before loading
+    assert r.status_code == 421 and not app.registry.loaded
     for name in ("widget", "widget-small", "widget"):
         assert c.post(f"/models/{name}/predict", files={"file": (image.name, image.read_bytes(),
                                                                  "image/png")}).status_code == 200

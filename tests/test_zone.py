@@ -63,7 +63,7 @@ def test_a_defect_outside_the_zone_changes_nothing(zoned: tuple[Path, Path], bot
 
 
 @pytest.mark.parametrize("tiled", [False, True])
-def test_outside_the_zone_nothing_counts_tiled_or_not(small_train: Path, tiled: bool) -> None:
+def test_outside_the_zone_nothing_counts_tiled_or_not(small_train: Path, tiled: bool, tmp_path: Path) -> None:
     """A tiled model takes the zone too: the whole image is grey outside it before it is cut into tiles, each
     tile's map is 0 outside its part of the zone, and so is the stitched map."""
     zone = np.zeros((96, 96), bool)
@@ -81,6 +81,10 @@ def test_outside_the_zone_nothing_counts_tiled_or_not(small_train: Path, tiled: 
     for m in pred.maps:
         assert not m[~zone].any()
     assert model.pixel_threshold_ is not None
+    model.save(tmp_path / "m")  # stored, and read back as it was
+    again = Spade.load(tmp_path / "m", weights="random").predict([good, pasted, inside])
+    assert np.array_equal(again.scores, pred.scores) and all(
+        np.array_equal(a, b) for a, b in zip(again.maps, pred.maps, strict=True))
 
 
 def test_calibration_sees_only_the_zone(small_train: Path, tmp_path: Path) -> None:

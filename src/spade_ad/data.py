@@ -278,8 +278,11 @@ def load_csv_category(path: str | Path) -> Category:
     src = Path(path)
     try:
         with open(src, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-            header = rows[0].keys() if rows else []
+            reader = csv.DictReader(f)
+            rows = []
+            for row in reader:
+                rows.append((reader.line_num, row))  # (the line the row ends on: rows may span lines)
+            header = reader.fieldnames or []
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise SpadeError(f"{src}: cannot read the CSV manifest ({exc})") from None
     missing = [c for c in CSV_COLUMNS[:3] if c not in header]
@@ -290,7 +293,7 @@ def load_csv_category(path: str | Path) -> Category:
     train: list[Path] = []
     test: list[TestSample] = []
     seen: dict[Path, int] = {}
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
         where = f"{src}:{line}"
         image, split = (row.get("image") or "").strip(), (row.get("split") or "").strip().lower()
         label, mask = (row.get("label") or "").strip(), (row.get("mask") or "").strip()
@@ -322,6 +325,10 @@ def load_csv_category(path: str | Path) -> Category:
             if not mask_path.is_file():
                 raise SpadeError(f"{where}: {mask}: mask file does not exist")
         test.append(TestSample(file, GOOD if good else label, mask_path))
+    unmasked = [s for s in test if s.label and s.mask_path is None]
+    if unmasked and any(s.mask_path is not None for s in test):  # pixel metrics would count it all normal
+        raise SpadeError(f"{src}: {unmasked[0].path}: a defective test image without a mask, while others have "
+                         "masks; give every defective image its mask (or none of them)")
     if not train:
         raise SpadeError(f"{src}: no training images (rows with split train)")
     if not test:

@@ -24,7 +24,7 @@ from .data import GOOD, Category, check_protocol, load_categories, load_truth, r
 from .errors import SpadeError
 from .io import load_image
 from .model import Progress, Spade
-from .result import DEFECTIVE, Prediction, find_regions
+from .result import DEFECTIVE, Prediction
 from .settings import SpadeSettings
 from .version import __version__
 
@@ -136,7 +136,7 @@ def evaluate_category(
     masks: list[np.ndarray] = []
     maps: list[np.ndarray] = []
     verdicts: list[str | None] = []
-    tally = _Tally(category, with_masks, model.pixel_threshold_, model.settings.min_area, type_pixels)
+    tally = _Tally(category, with_masks, model.pixel_threshold_, type_pixels)
     pred_s = 0.0
     with tally:
         for a in range(0, n, step):
@@ -150,7 +150,10 @@ def evaluate_category(
                     mask, amap = model.prep.mask_to_input(truth), part.input_maps[j]
                 else:
                     mask, amap = truth, part.maps[j]
-                tally.add(s.defect_type, mask, amap)
+                flagged = part[j].mask  # the model's own mask (min_area, zone), in the protocol's frame
+                if flagged is not None and protocol == "paper":
+                    flagged = model.prep.mask_to_input(flagged)
+                tally.add(s.defect_type, mask, amap, flagged)
                 verdicts.append(part[j].verdict)
                 if keep_maps:
                     masks.append(mask)
@@ -189,11 +192,11 @@ def _at_threshold(level: str, labels: list[int], verdicts: list[str | None]) -> 
 class _Tally:
     """The pixel metrics of a category's test images, fed one image at a time: pixel ROC-AUC, AUPRO and AUPIMO
     over all, per defect type (with the good images), and the pixel counts at the pixel threshold (each image's
-    mask as the model gives it: ``min_area`` applied)."""
+    mask as the model gives it, ``min_area`` and the zone applied, moved into the protocol's frame)."""
 
-    def __init__(self, category: Category, with_masks: bool, pixel_threshold: float | None, min_area: int,
+    def __init__(self, category: Category, with_masks: bool, pixel_threshold: float | None,
                  type_pixels: bool) -> None:
-        self.with_masks, self.thr, self.min_area = with_masks, pixel_threshold, min_area
+        self.with_masks, self.thr = with_masks, pixel_threshold
         types = sorted({s.defect_type for s in category.test if s.label})
         self.acc = metrics.PixelMetrics()
         self.type_pixels = type_pixels
@@ -211,7 +214,7 @@ class _Tally:
         for a in self.by_type.values():
             a.close()
 
-    def add(self, defect_type: str, mask: np.ndarray, amap: np.ndarray) -> None:
+    def add(self, defect_type: str, mask: np.ndarray, amap: np.ndarray, flagged: np.ndarray | None) -> None:
         if not self.with_masks:
             return
         self.acc.add(mask, amap)
@@ -221,8 +224,7 @@ class _Tally:
         self.pimo.add(mask, amap)
         if mask.any():
             self.pimo_types.append(defect_type)
-        if self.thr is not None:
-            flagged = find_regions(amap, self.thr, self.min_area)[0]
+        if flagged is not None:
             tp = int(np.count_nonzero(flagged & mask))
             fp = int(np.count_nonzero(flagged & ~mask))
             fn = int(np.count_nonzero(~flagged & mask))

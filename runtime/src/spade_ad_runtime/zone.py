@@ -9,6 +9,7 @@ runtime, so both prepare an image and its map the same way.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,7 @@ class Zone:
         self.mask.flags.writeable = False
         self._sizes: dict[tuple[int, int], np.ndarray] = {}
         self.derived: dict[object, np.ndarray] = {}  # other frames of the zone, computed once by their users
+        self._lock = threading.Lock()
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -64,14 +66,16 @@ class Zone:
                              f"({zw}x{zh})")
         if (zh, zw) == (height, width):
             return self.mask
-        found = self._sizes.get((height, width))
-        if found is None:
-            pil = Image.fromarray(self.mask.astype(np.uint8) * 255).resize((width, height), Image.Resampling.NEAREST)
-            found = np.asarray(pil) > 127
-            found.flags.writeable = False
-            while len(self._sizes) >= 8:  # bounded: the oldest size goes first
-                self._sizes.pop(next(iter(self._sizes)))
-            self._sizes[(height, width)] = found
+        with self._lock:  # (server threads share a model's zone)
+            found = self._sizes.get((height, width))
+            if found is None:
+                pil = Image.fromarray(self.mask.astype(np.uint8) * 255).resize((width, height),
+                                                                                Image.Resampling.NEAREST)
+                found = np.asarray(pil) > 127
+                found.flags.writeable = False
+                while len(self._sizes) >= 8:  # bounded: the oldest size goes first
+                    self._sizes.pop(next(iter(self._sizes)))
+                self._sizes[(height, width)] = found
         return found
 
     def fill_outside(self, image: np.ndarray, name: str = "image") -> np.ndarray:

@@ -61,14 +61,17 @@ class Registry:
         self.root, self.max_memory, self.options = root, max_memory, app_options
         self.loaded: OrderedDict[str, _Loaded] = OrderedDict()
         self.lock = threading.Lock()
+        self.loading: dict[str, threading.Lock] = {}
 
     def listing(self) -> list[dict[str, Any]]:
         """Every model folder: name, availability (or why not), generation, images, thresholds, preset."""
         out = []
+        with self.lock:
+            loaded = set(self.loaded)
         for d in sorted(p for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else []:
-            if not (d / "model.json").exists() or not NAME.match(d.name):
+            if not (d / "model.json").exists() or not NAME.fullmatch(d.name):
                 continue
-            entry: dict[str, Any] = {"name": d.name, "loaded": d.name in self.loaded}
+            entry: dict[str, Any] = {"name": d.name, "loaded": d.name in loaded}
             try:
                 h = read_header(d)
                 entry.update(available=True, reason=None, generation=h.get("generation"), images=h.get("n_train"),
@@ -83,25 +86,34 @@ class Registry:
         """The inspector app of model ``name`` (loaded now if needed); 404 / 503 with the reason otherwise."""
         from .inspector import create_app
 
-        if not NAME.match(name) or not (self.root / name / "model.json").exists():
+        if not NAME.fullmatch(name) or not (self.root / name / "model.json").exists():
             raise HTTPException(404, f"no model {name!r} in {self.root}")
         with self.lock:
             found = self.loaded.get(name)
             if found is not None:
                 self.loaded.move_to_end(name)
                 return found.app
+        with self.loading.setdefault(name, threading.Lock()):  # one load per model; others are not held up
+            with self.lock:
+                found = self.loaded.get(name)
+            if found is not None:
+                return found.app
             try:
                 app = create_app(self.root / name, **self.options)
             except SpadeError as exc:
                 raise HTTPException(503, f"model {name} is unavailable: {exc}") from None
             model = app.state.inspector.model
-            self.loaded[name] = _Loaded(app, model, model_bytes(model))
+            loaded = _Loaded(app, model, model_bytes(model))
+        with self.lock:
+            self.loaded[name] = loaded
+            self.loaded.move_to_end(name)
             while len(self.loaded) > 1 and sum(x.size for x in self.loaded.values()) > self.max_memory:
                 self.loaded.popitem(last=False)  # the least recently used goes first
-            return app
+        return app
 
     def memory(self) -> int:
-        return sum(x.size for x in self.loaded.values())
+        with self.lock:
+            return sum(x.size for x in self.loaded.values())
 
 
 class _Dispatch:
@@ -145,7 +157,6 @@ def create_models_app(models_dir: str | Path, max_memory: int = 2 << 30, **app_o
     registry = Registry(root, max_memory, app_options)
     app = FastAPI(title="spade-ad models", docs_url=None, redoc_url=None, openapi_url=None)
     hosts = {_host_only(h) for h in (app_options.get("allowed_hosts") or [])} | set(LOCAL_HOSTS)
-    app.add_middleware(_SameOrigin, hosts=hosts)
     app.state.registry = registry
 
     @app.get("/models")
@@ -165,17 +176,22 @@ def create_models_app(models_dir: str | Path, max_memory: int = 2 << 30, **app_o
         return Response(status_code=204)
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    return _Server(app, _Dispatch(registry))
+    return _Server(app, _Dispatch(registry), _SameOrigin, hosts)
 
 
 class _Server:
-    """The ASGI app: ``/models/<name>/...`` to that model's app, everything else to the listing app."""
+    """The ASGI app: ``/models/<name>/...`` to that model's app, everything else to the listing app; the host
+    and origin are checked first (before a model is loaded for a foreign request)."""
 
-    def __init__(self, api: FastAPI, dispatch: _Dispatch) -> None:
+    def __init__(self, api: FastAPI, dispatch: _Dispatch, guard: Any, hosts: set[str]) -> None:
         self.api, self.dispatch = api, dispatch
         self.registry = dispatch.registry
+        self.guarded = guard(self._route, hosts=hosts)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.guarded(scope, receive, send)
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope.get("path", "").startswith("/models/"):
             await self.dispatch(scope, receive, send)
         else:

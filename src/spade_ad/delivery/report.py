@@ -22,7 +22,7 @@ import numpy as np
 from .. import metrics
 from ..evaluate import Evaluation
 from ..io import atomic_write, save_json
-from ..result import ImageResult, Prediction, find_regions
+from ..result import ImageResult, Prediction
 from ..viz import (
     SCALE_MAX,
     colour_bar,
@@ -344,8 +344,9 @@ def _image_row(page: _Page, rank: int, i: int, thumbs: _Thumbs, max_side: int) -
     small_img = resize_rgb(img, hw)
     small_map = resize_map(np.asarray(page.maps[i]), hw)
     small_pred = None  # the result's mask (regions under min_area dropped), in the protocol's frame, downscaled
-    if page.pix_thr is not None:
-        small_pred = resize_mask(find_regions(np.asarray(page.maps[i]), page.pix_thr, res.min_area)[0], hw)
+    if res.mask is not None:
+        flagged = page.ev.model.prep.mask_to_input(res.mask) if page.ev.protocol == "paper" else res.mask
+        small_pred = resize_mask(flagged, hw)
     over = overlay(small_img, small_map, page.pix_thr, small_pred)
     label = "defective" if page.y[i] == 1 else "good"
     outcome = _outcome(res.verdict, int(page.y[i]))
