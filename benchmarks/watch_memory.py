@@ -17,18 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from serve_load import rss_mb  # (benchmarks/ is the script's folder)
+
 from spade_ad import Spade
 from spade_ad.evaluate import machine_description
 from spade_ad.synthetic import make_dataset
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main() -> None:

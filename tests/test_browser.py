@@ -9,14 +9,13 @@ these tests fail (they never skip).
 from __future__ import annotations
 
 import re
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import serve_app
 
 from spade_ad import Spade
 from spade_ad.delivery.inspector import create_app
@@ -37,7 +36,7 @@ def _model(bottle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(bottle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    yield from _serve(create_app(_model(bottle, tmp_path_factory), max_upload_bytes=LIMIT_MB * 1024 * 1024))
+    yield from serve_app(create_app(_model(bottle, tmp_path_factory), max_upload_bytes=LIMIT_MB * 1024 * 1024))
 
 
 TOKEN = "browser-test-token-0123456789"
@@ -45,28 +44,7 @@ TOKEN = "browser-test-token-0123456789"
 
 @pytest.fixture(scope="module")
 def update_server(bottle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    yield from _serve(create_app(_model(bottle, tmp_path_factory), allow_updates=True, token=TOKEN))
-
-
-def _serve(app: Any) -> Iterator[str]:
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail("the inspector server did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    yield from serve_app(create_app(_model(bottle, tmp_path_factory), allow_updates=True, token=TOKEN))
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +228,7 @@ def test_a_zoned_model_shows_its_zone_and_regions(browser: Any, bottle: Path,
     yy, xx = np.mgrid[:900, :900]
     zone = (yy - 450) ** 2 + (xx - 450) ** 2 <= 300**2
     Spade(k=4, k_image=3, calibration_images=4, min_area=200).fit(train, zone=zone).save(folder)
-    serving = _serve(create_app(folder))
+    serving = serve_app(create_app(folder))
     page, errors = _open(browser, next(serving))
     with page.expect_response(lambda r: r.url.endswith("/predict")) as answer:
         upload(page, bottle / "test" / "broken_large" / "000.png")
@@ -289,7 +267,7 @@ def test_a_folder_of_models_lets_the_user_pick_one_and_shows_its_health(browser:
     train = sorted((bottle / "train" / "good").glob("*.png"))
     Spade(k=4, k_image=3, calibration_images=4).fit(train[::26][:8]).save(root / "bottle-a")
     Spade(k=4, k_image=3, calibration_images=4).fit(train[1::20][:6]).save(root / "bottle-b")
-    serving = _serve(create_models_app(root))
+    serving = serve_app(create_models_app(root))
     page, errors = _open(browser, next(serving))
     page.wait_for_selector("#model-picker:not([hidden])")
     assert page.eval_on_selector_all("#model-pick option", "os => os.map(o => o.value)") == ["bottle-a", "bottle-b"]
@@ -316,7 +294,7 @@ def test_a_click_on_a_tiled_model_shows_the_matching_normal_tile(browser: Any, b
     train = sorted((bottle / "train" / "good").glob("*.png"))[::26][:8]
     folder = tmp_path_factory.mktemp("browser_tiled") / "model"
     Spade(k=4, k_image=3, image_size=112, tile=112, tile_span=2, calibration_images=4).fit(train).save(folder)
-    serving = _serve(create_app(folder))
+    serving = serve_app(create_app(folder))
     page, errors = _open(browser, next(serving))
     upload(page, bottle / "test" / "broken_large" / "000.png")
     page.wait_for_selector("#result:not([hidden])")

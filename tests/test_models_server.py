@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import run_cli
+from conftest import run_cli, serve_app
 
 from spade_ad import Spade
 from spade_ad.delivery.models_server import create_models_app, model_bytes
@@ -40,28 +37,9 @@ def models(small_train: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _serve(app: Any) -> Iterator[str]:
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
-
-
 @pytest.fixture()
 def server(models: Path) -> Iterator[str]:
-    yield from _serve(create_models_app(models))
+    yield from serve_app(create_models_app(models))
 
 
 def _predict(c: httpx.Client, name: str, image: Path) -> dict[str, Any]:
@@ -103,7 +81,7 @@ def test_changes_on_disk_and_new_folders_are_served_without_a_restart(models: Pa
                                                                       tmp_path: Path) -> None:
     root = tmp_path / "models"
     shutil.copytree(models / "widget-small", root / "a")
-    gen = _serve(create_models_app(root))
+    gen = serve_app(create_models_app(root))
     url = next(gen)
     try:
         c = httpx.Client(base_url=url, timeout=120)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import rng_images, run_cli
+from conftest import rng_images, run_cli, serve_app
 from fastapi.testclient import TestClient
 
 from spade_ad import Spade, SpadeError
@@ -174,21 +173,7 @@ def test_a_save_from_an_out_of_date_model_is_refused(good: list[Path], folder: P
 
 @pytest.fixture()
 def server(folder: Path) -> Iterator[str]:
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(create_app(folder, allow_updates=True, token=TOKEN), log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the inspector did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    srv.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    yield from serve_app(create_app(folder, allow_updates=True, token=TOKEN))
 
 
 def test_an_inspector_change_during_a_cli_update_both_count(good: list[Path], folder: Path, server: str) -> None:
