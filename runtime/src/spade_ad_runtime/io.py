@@ -613,6 +613,15 @@ def staging_owner_gone(path: Path) -> bool:
     return bool(m) and not _alive(int(m.group(1)))  # type: ignore[union-attr]
 
 
+def remove_own_staging(folder: Path) -> None:
+    """Remove this process's own staging files from ``folder`` (a command interrupted while writing them)."""
+    for f in folder.iterdir() if folder.is_dir() else []:
+        m = _STAGING.match(f.name)
+        if m and int(m.group(1)) == os.getpid():
+            with contextlib.suppress(OSError):
+                f.unlink()
+
+
 def clean_staging(folder: Path) -> None:
     """Remove the staging files of writers that are no longer running from ``folder``."""
     for f in folder.iterdir() if folder.is_dir() else []:
@@ -653,4 +662,5 @@ def header_digest(header: dict[str, Any]) -> str:
 __all__ = ["IMAGE_SUFFIXES", "MAX_PIXELS", "list_images", "to_rgb_uint8", "load_image", "image_shape",
            "decode_image", "load_mask", "fsync_dir", "atomic_write", "save_png", "printable", "write_error",
            "png_bytes", "save_npy", "save_json", "staging_path", "is_staging", "staging_owner_gone", "clean_staging",
+           "remove_own_staging",
            "file_sha256", "header_digest"]

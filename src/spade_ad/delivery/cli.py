@@ -190,7 +190,7 @@ def fit(
     threads_per_worker: ThreadsOpt = None,
 ) -> None:
     """Fit on a folder of good images and save the model folder (with --ray: features computed on a Ray cluster)."""
-    from ..io import list_images
+    from ..io import list_images, remove_own_staging
     from ..model import Spade
 
     _ray_options(ray, workers=workers, gpus_per_worker=gpus_per_worker, threads_per_worker=threads_per_worker)
@@ -211,8 +211,10 @@ def fit(
                                    gpus_per_worker=gpus_per_worker or 0, threads=threads_per_worker, zone=roi)
         model.save(out)
     except BaseException:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+        if created and out.is_dir():  # a folder this fit created: its staging files, then the folder, go
+            remove_own_staging(out)
+            if not any(out.iterdir()):
+                out.rmdir()
         raise
     gen = len(model.history_)
     say(f"fitted on {_numbers(model.thresholds_summary())} in {time.perf_counter() - t0:.1f}s; model written to "
