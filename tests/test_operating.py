@@ -56,7 +56,7 @@ def scene(bottle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_calibrate_for_a_recall_and_the_defect_gate(scene: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     m = str(tmp_path / "m")
-    assert run_cli(["fit", str(scene / "train"), "--out", m], capsys)[0] == 0
+    assert run_cli(["fit", str(scene / "train"), "--out", m, "--image-size", "128"], capsys)[0] == 0
     fitted = Spade.load(m)
     defects = sorted((scene / "defects").glob("*.png"))
     names = [str(p) for p in defects]
