@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from spade_ad_runtime.regions import find_regions
 from spade_ad_runtime.result import DEFECTIVE, GOOD, ImageResult, Region, check_min_area, normalised, verdict
 
 from .correspondence import Correspondence, find_correspondence
@@ -125,5 +124,5 @@ class Prediction:
         return find_correspondence(self.state, feats, self.neighbours[i], self.sizes[i], y, x, level)
 
 
-__all__ = ["ImageResult", "Prediction", "Region", "verdict", "normalised", "check_min_area", "find_regions",
-           "DEFECTIVE", "GOOD"]
+__all__ = ["ImageResult", "Prediction", "Region", "verdict", "normalised", "check_min_area", "DEFECTIVE",
+           "GOOD"]

@@ -98,6 +98,10 @@ class Inbox:
         self._last = seen
         return out
 
+    def names(self) -> set[str]:
+        """The image files seen in the last scan (ready or still being written)."""
+        return set(self._last)
+
     def pending(self, done: set[Key]) -> list[str]:
         """The image files seen in the last scan that are not scored yet (ready or still being written)."""
         return [name for name, (size, mtime, _) in self._last.items()
@@ -292,7 +296,7 @@ def watch(model_dir: str | Path, inbox: str | Path, out: str | Path, *, move_to:
     try:
         while not stop.is_set():
             ready = box.ready(time.monotonic())
-            ledger.forget_gone(set(box._last))
+            ledger.forget_gone(box.names())
             todo = [(p, k) for p, k in ready if k not in ledger.done]
             for path, key in ready:  # scored before a kill stopped its move
                 if key in ledger.done and dest is not None:
