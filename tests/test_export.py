@@ -25,6 +25,7 @@ from spade_ad.correspondence import search as engine
 from spade_ad.correspondence.maps import combine_levels
 from spade_ad.preprocess import Preprocessor
 from spade_ad_runtime import deploy, imaging
+from spade_ad_runtime import detector as detector_module
 from spade_ad_runtime import search as rt
 from spade_ad_runtime.detector import Detector
 
@@ -42,9 +43,10 @@ def test_one_format_one_search_rule() -> None:
 
 @pytest.mark.parametrize("kappa", [1, 5])
 def test_runtime_search_equals_the_engine(kappa: int) -> None:
-    """Same squared distances, bit for bit (the canonical answer: exact_d2 of the kappa nearest rows). The
-    final means agree to 2 float32 units in the last place: torch's CPU sqrt is not always correctly rounded
-    (measured: 17% of values differ from IEEE sqrt by one unit), numpy's is."""
+    """Same squared distances and the same final means, bit for bit (the canonical answer: exact_d2 of the
+    kappa nearest rows, correctly rounded square roots summed in a fixed order). torch's own CPU sqrt is not
+    always correctly rounded (about one value in five one unit off, torch 2.14, AVX2): the engine takes the
+    roots in float64, as the runtime does."""
     r = np.random.default_rng(kappa)
     hw = 196
     q = (r.normal(size=(hw, 40)) + 1).astype(np.float32)
@@ -53,8 +55,36 @@ def test_runtime_search_equals_the_engine(kappa: int) -> None:
     b = torch.from_numpy(q[np.repeat(np.arange(hw), len(g))])
     assert np.array_equal(engine.exact_d2(a, b).numpy(), rt.exact_d2(a.numpy(), b.numpy()))
     want = engine_nn(torch.from_numpy(q), torch.from_numpy(g), kappa).numpy()
-    got = rt.nn_distances(q, g, kappa)
-    assert np.abs(want.view(np.int32) - got.view(np.int32)).max() <= 2
+    assert np.array_equal(want.view(np.int32), rt.nn_distances(q, g, kappa).view(np.int32))
+    d2 = np.sort(r.random((5000, kappa)).astype(np.float32) * np.float32(1e-3), axis=1)
+    assert np.array_equal(engine.mean_sqrt(torch.from_numpy(d2)).numpy().view(np.int32),
+                          rt.mean_sqrt(d2).view(np.int32))
+
+
+@pytest.mark.parametrize("kappa", [1, 3])
+def test_the_two_searches_agree_on_real_features(bottle: Path, tmp_path: Path, kappa: int) -> None:
+    """On real bottle features (the runtime's, given to both), the engine's search of the gallery merged from
+    the fit-time index and the runtime's grouped search (first bound from each query's own position) give
+    the same level maps, bit for bit."""
+    from spade_ad.correspondence.gallery import indexed_pays
+    from spade_ad.correspondence.gallery import level_maps as engine_maps
+
+    train, tests = _pick(bottle, 6, 1)
+    model = Spade(SpadeSettings(kappa=kappa)).fit([str(p) for p in train])
+    model.save(tmp_path / "model")
+    exp.export(tmp_path / "model", tmp_path / "deploy")
+    det = Detector.load(tmp_path / "deploy")
+    state = model.state_
+    hw = state.level_shapes[0][0] * state.level_shapes[0][1]
+    assert indexed_pays(torch.device("cpu"), hw, 6 * hw, 24, kappa)  # level 0 takes the merged gallery
+    for path in tests[:2]:
+        levels, gvec = det.features(np.asarray(Image.open(path).convert("RGB")))
+        _, gallery = det.retrieve(gvec)
+        got = det.level_maps(levels, gallery)
+        want = engine_maps([torch.from_numpy(x)[None] for x in levels], torch.from_numpy(gallery)[None],
+                           state.bank, state.level_shapes, kappa, 4 << 20)
+        for a, b in zip(got, want, strict=True):
+            assert np.array_equal(a.view(np.int32), b[0].numpy().view(np.int32))
 
 
 def test_runtime_resizing_matches_torch() -> None:
@@ -285,10 +315,10 @@ def test_the_index_changes_the_work_not_the_answer(small_train: Path, tmp_path: 
     Spade(SpadeSettings(weights="random", k=3, kappa=2)).fit(str(small_train / "train" / "good")).save(model)
     assert run_cli(["export", str(model), "--out", str(tmp_path / "d"), *RANDOM], capsys)[0] == 0
     det = Detector.load(tmp_path / "d")
-    assert all(ix is not None for ix in det._index)
+    assert all(ix is not None for ix in det.search.index)
     images = [str(p) for p in sorted(small_train.glob("test/*/*.png"))]
     grouped = det.predict(images)
-    det._index = [None] * len(det._index)
+    det.search.index = [None] * len(det.search.index)
     plain = det.predict(images)
     for a, b in zip(grouped, plain, strict=True):
         assert np.array_equal(a.input_map, b.input_map) and a.score == b.score
@@ -310,10 +340,12 @@ def test_the_runtime_command_interrupted_by_a_signal(small_train: Path, tmp_path
     many.mkdir()
     for i in range(400):  # enough work to be interrupted mid-run
         (many / f"{i:03d}.png").symlink_to(next((small_train / "test" / "good").glob("*.png")))
-    for sig, code, word in ((signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")):
-        out = tmp_path / f"o{code}"
+    # batches of 2 are scored in the command's process, batches of 16 on its search workers
+    for sig, code, word, batch in ((signal.SIGINT, 130, "interrupted", "2"), (signal.SIGTERM, 143, "terminated", "2"),
+                                   (signal.SIGINT, 130, "interrupted", "16")):
+        out = tmp_path / f"o{code}_{batch}"
         p = subprocess.Popen([sys.executable, "-m", "spade_ad_runtime.cli", "predict", str(tmp_path / "d"),
-                              str(many), "--out", str(out), "--batch-size", "2"], stderr=subprocess.PIPE, text=True)
+                              str(many), "--out", str(out), "--batch-size", batch], stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 120
         while not ((out / "predictions.jsonl").is_file() and (out / "predictions.jsonl").stat().st_size) \
                 and time.time() < deadline:
@@ -327,3 +359,60 @@ def test_the_runtime_command_interrupted_by_a_signal(small_train: Path, tmp_path
                                                 if f.name not in ("run.json", "predictions.jsonl"))
         rows = (out / "predictions.jsonl").read_text().splitlines()
         assert len(rows) == run["n_images"] and all(json.loads(r)["file"] for r in rows)
+
+
+def test_a_batch_searched_on_worker_processes_gives_the_same_bits(small_train: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A batch large enough is searched on forked worker processes (not this one): the results are those of
+    the one-process path, bit for bit; closing stops the workers."""
+    model = tmp_path / "model"
+    Spade(SpadeSettings(weights="random", k=3)).fit(str(small_train / "train" / "good")).save(model)
+    assert run_cli(["export", str(model), "--out", str(tmp_path / "d"), *RANDOM], capsys)[0] == 0
+    images = [str(p) for p in sorted(small_train.glob("test/*/*.png"))] * 2
+    assert len(images) >= detector_module.POOL_MIN_IMAGES
+    alone = Detector.load(tmp_path / "d", threads=1).predict(images)
+    det = Detector.load(tmp_path / "d", threads=2)
+    pooled = det.predict(images)
+    assert det._workers is not None
+    pids = [p.pid for p in det._workers._pool._processes.values()]  # type: ignore[attr-defined]
+    assert len(pids) == 2 and os.getpid() not in pids
+    for a, b in zip(alone, pooled, strict=True):
+        assert a.name == b.name and a.score == b.score and a.neighbours == b.neighbours
+        assert np.array_equal(a.map, b.map) and np.array_equal(a.input_map, b.input_map)
+    det.close()
+    assert det._workers is None and not any(map(_running, pids))
+
+
+def test_search_workers_end_with_their_process(small_train: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A process scoring a batch on workers is killed (SIGKILL: nothing of it runs): its workers end too."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model = tmp_path / "model"
+    Spade(SpadeSettings(weights="random", k=3)).fit(str(small_train / "train" / "good")).save(model)
+    assert run_cli(["export", str(model), "--out", str(tmp_path / "d"), *RANDOM], capsys)[0] == 0
+    images = [str(p) for p in sorted(small_train.glob("test/*/*.png"))] * 2
+    script = (f"import sys, time\nfrom spade_ad_runtime import Detector\nd = Detector.load({str(tmp_path / 'd')!r}, "
+              f"threads=2)\nd.predict({images!r})\n"
+              "print(*[p.pid for p in d._workers._pool._processes.values()], flush=True)\ntime.sleep(600)\n")
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    pids = [int(x) for x in p.stdout.readline().split()]
+    assert len(pids) == 2 and all(map(_running, pids))
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=30)
+    deadline = time.time() + 30
+    while any(map(_running, pids)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(map(_running, pids))
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (Linux)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False

@@ -9,25 +9,32 @@ upsamples, averages and smooths the level maps (:mod:`.imaging`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from safetensors import safe_open
 
-from . import imaging
+from . import imaging, workers
+from .blas import single_threaded_blas
 from .deploy import DeployError, read_header
 from .errors import SpadeError
+from .gallery import PixelSearch
 from .io import load_image, to_rgb_uint8
 from .result import VERDICT_RULES, ImageResult, check_min_area
-from .search import Grouped, group_gallery, grouped_nn_distances, nn_distances
+from .workers import SearchWorkers
 from .zone import Zone
 
 # A TensorProto's external_data entry {key: "location", ...} (field 13 holding field 1 = "location"): a graph
 # that names files to read its weights from. Export never writes one; the runtime refuses the graph rather
 # than let onnxruntime resolve a path (fail-closed: a tensor named exactly "location" is refused too).
 _EXTERNAL_DATA = b"\x0a\x08location"
+
+POOL_MIN_IMAGES = 8  # a smaller batch is scored in this process (starting the workers costs about what they save)
 
 
 def _read_image(item: str | Path | np.ndarray, index: int, max_pixels: int | None) -> tuple[str, np.ndarray]:
@@ -40,10 +47,12 @@ def _read_image(item: str | Path | np.ndarray, index: int, max_pixels: int | Non
 class Detector:
     """A loaded deploy folder. ``Detector.load(folder).predict(images)`` gives one ``ImageResult`` per image."""
 
-    def __init__(self, folder: Path, header: dict[str, Any], device: str = "cpu") -> None:
+    def __init__(self, folder: Path, header: dict[str, Any], device: str = "cpu", threads: int | None = None) -> None:
         import onnxruntime as ort
 
         self.folder = folder
+        self.device = device
+        self.threads = max(1, threads if threads is not None else os.cpu_count() or 1)
         self.header = header
         s = header["settings"]
         self.settings = s
@@ -72,6 +81,8 @@ class Detector:
             providers.insert(0, "CUDAExecutionProvider")
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        # the cores are shared among the images scored at once (one per worker thread, each single-threaded)
+        opts.intra_op_num_threads = max(1, (os.cpu_count() or 1) // self.threads)
         model = (folder / "backbone.onnx").read_bytes()
         if _EXTERNAL_DATA in model:
             raise DeployError(f"{folder / 'backbone.onnx'}: the graph refers to external data files; a deploy "
@@ -84,11 +95,9 @@ class Detector:
         with safe_open(str(folder / "global.safetensors"), framework="numpy") as f:
             self.global_ = np.asarray(f.get_tensor("global"), np.float64)
             self.zone, self.input_zone = self._read_zone(f, header.get("zone"))
-        self._bank = safe_open(str(folder / "bank.safetensors"), framework="numpy")
-        self._levels = [self._bank.get_slice(f"level{i}") for i in range(len(self.level_shapes))]
-        keys = set(self._bank.keys())
-        self._index = [self._read_index(i, keys) for i in range(len(self.level_shapes))]
-        self._galleries: dict[tuple[int, tuple[int, ...]], Grouped] = {}
+        self.search = PixelSearch(folder / "bank.safetensors", self.level_shapes, s["kappa"])
+        self._workers: SearchWorkers | None = None
+        self._no_fork = False
         n = self.global_.shape[0]
         if len(self.train_names) != n:
             raise DeployError(f"{folder / 'deploy.json'}: {len(self.train_names)} training names for {n} vectors")
@@ -111,13 +120,14 @@ class Detector:
             raise DeployError(str(exc)) from None
 
     @classmethod
-    def load(cls, folder: str | Path, device: str = "cpu", verify: bool = True) -> Detector:
-        """Load and check a deploy folder (``verify``: every file's SHA-256, as model folders are)."""
+    def load(cls, folder: str | Path, device: str = "cpu", verify: bool = True, threads: int | None = None) -> Detector:
+        """Load and check a deploy folder (``verify``: every file's SHA-256, as model folders are; ``threads``:
+        images scored at once, default one per CPU core)."""
         folder = Path(folder)
         header = read_header(folder, verify)
         if header.get("grid") is not None:
             raise DeployError(f"{folder / 'deploy.json'}: tiled models are not yet supported by this runtime")
-        return cls(folder, header, device)
+        return cls(folder, header, device, threads)
 
     def check_image(self, image: np.ndarray, name: str) -> None:
         """Refuse, with one line naming it, an image this model cannot take (the inspection zone's aspect ratio)."""
@@ -145,75 +155,85 @@ class Detector:
         score = float(np.float32(d[idx[: min(s["k_image"], n)]].mean()))
         return score, idx[: min(s["k"], n)]
 
-    def _read_index(self, level: int, keys: set[str]) -> tuple[Any, np.ndarray] | None:
-        """The bank's fit-time search index of ``level``, if it has one: each training image's unit per position
-        (read per gallery image) and the units' centres (unit = cell * shells + shell; a cell's centroid)."""
-        names = (f"cells{level}.unit", f"codebook{level}.centroids", f"codebook{level}.cuts")
-        if not all(k in keys for k in names):
-            return None
-        centroids = np.asarray(self._bank.get_tensor(names[1]), np.float32)
-        shells = int(self._bank.get_slice(names[2]).get_shape()[1]) + 1
-        return self._bank.get_slice(names[0]), np.repeat(centroids, shells, axis=0)
-
     def level_maps(self, levels: list[np.ndarray], gallery: np.ndarray) -> list[np.ndarray]:
         """Stage 3's search: per level, each position's mean distance to its ``kappa`` nearest gallery features
-        (grouped by the bank's index where it has one: the same answer, fewer pairs computed)."""
-        out = []
-        rows = sorted(int(i) for i in gallery)
-        kappa = self.settings["kappa"]
-        for li, (h, w) in enumerate(self.level_shapes):
-            if self._index[li] is None:
-                out.append(nn_distances(levels[li], self._rows(li, rows), kappa).reshape(h, w))
-            else:
-                out.append(grouped_nn_distances(levels[li], self._grouped(li, rows), kappa=kappa).reshape(h, w))
-        return out
-
-    def _rows(self, level: int, rows: list[int]) -> np.ndarray:
-        g = np.concatenate([self._levels[level][r : r + 1] for r in rows])  # positioned reads, one image each
-        return g.reshape(-1, g.shape[-1]).astype(np.float32)
-
-    def _grouped(self, level: int, rows: list[int]) -> Grouped:
-        """The gallery of training images ``rows`` at ``level``, grouped by the index; the last few galleries
-        are kept (with k at least the training images, every test image has the same gallery)."""
-        key = (level, tuple(rows))
-        if key in self._galleries:
-            return self._galleries[key]
-        index = self._index[level]
-        assert index is not None
-        g = self._rows(level, rows)
-        units = np.concatenate([index[0][r : r + 1] for r in rows]).reshape(-1).astype(np.int64)
-        if units.shape[0] != g.shape[0] or units.min() < 0 or units.max() >= index[1].shape[0]:
-            raise DeployError(f"{self.folder / 'bank.safetensors'}: damaged search index (level {level})")
-        grouped = group_gallery(g, units, index[1])
-        while len(self._galleries) >= 2 * len(self.level_shapes):  # bounded: the oldest goes first
-            self._galleries.pop(next(iter(self._galleries)))
-        self._galleries[key] = grouped
-        return grouped
+        (:meth:`.PixelSearch.level_maps`)."""
+        return self.search.level_maps(levels, gallery)
 
     def predict(self, images: Sequence[str | Path | np.ndarray], pixel_threshold: float | None = None,
                 min_area: int | None = None) -> list[ImageResult]:
         """Score images (paths, or arrays as spade-ad takes them); ``pixel_threshold`` and ``min_area`` replace
-        the model's for the masks and regions, as in ``Spade.predict``."""
-        s = self.settings
+        the model's for the masks and regions, as in ``Spade.predict``.
+
+        A batch of at least :data:`POOL_MIN_IMAGES` images is searched on ``threads`` worker processes (one
+        per CPU core by default, :mod:`.workers`; threads where processes are not forked) while this process
+        decodes and runs the backbone; the results do not depend on it. The first failing image (in input
+        order) raises."""
         pthr = self.pixel_threshold if pixel_threshold is None else pixel_threshold
         area = self.min_area if min_area is None else check_min_area(min_area)
-        results = []
-        for i, item in enumerate(images):
-            name, image = _read_image(item, i, s.get("max_pixels"))
-            self.check_image(image, name)
-            levels, gvec = self.features(image)
-            knn, gallery = self.retrieve(gvec)
-            amap = imaging.combine_levels(self.level_maps(levels, gallery), self.input_shape, s["sigma"])
-            if self.input_zone is not None:
-                amap = np.where(self.input_zone, amap, np.float32(0))
-            score = self._image_score(knn, float(amap.max()))
-            full = imaging.map_to_image(amap, s["preprocess"], s["image_size"], image.shape[0], image.shape[1])
-            if self.zone is not None:
-                full = self.zone.clear_outside(full)
-            neigh = tuple(int(j) for j in gallery)
-            results.append(ImageResult(name, score, full, amap, neigh, tuple(self.train_names[j] for j in neigh),
-                                       self.image_threshold, pthr, area, self.verdict_rule))
-        return results
+        jobs = list(enumerate(images))
+        with single_threaded_blas():
+            pool = self._pool(len(jobs))
+            if pool is None and min(len(jobs), self.threads) > 1:  # (no fork: one image per thread)
+                with ThreadPoolExecutor(min(len(jobs), self.threads), "spade-rt-score") as threads:
+                    return list(threads.map(lambda job: self._finish(*self._first_stages(*job),
+                                                                     pthr=pthr, area=area), jobs))
+            if pool is None:
+                return [self._finish(*self._first_stages(i, item), pthr=pthr, area=area) for i, item in jobs]
+            pending: list[tuple[str, tuple[int, int], float, np.ndarray, Future[list[np.ndarray]]]] = []
+            try:
+                for i, item in jobs:  # this process: decoding and the backbone; the workers: the searches
+                    name, shape, knn, gallery, levels = self._first_stages(i, item, search=False)
+                    pending.append((name, shape, knn, gallery, pool.submit(levels, gallery)))
+                return [self._finish(name, shape, knn, gallery, fut.result(), pthr=pthr, area=area)
+                        for name, shape, knn, gallery, fut in pending]
+            except BrokenProcessPool:
+                self.close()
+                raise SpadeError("a search worker process ended unexpectedly (out of memory, or killed)") from None
+            finally:
+                for *_, fut in pending:
+                    fut.cancel()
+
+    def _pool(self, n_images: int) -> SearchWorkers | None:
+        """The worker processes for a batch of ``n_images`` (started for the first large enough batch)."""
+        processes = min(self.threads, n_images)
+        if self._workers is None and processes > 1 and n_images >= POOL_MIN_IMAGES and self.device == "cpu" \
+                and not self._no_fork:
+            self._workers = workers.start(self.search, self.threads)
+            self._no_fork = self._workers is None
+        return self._workers if processes > 1 else None
+
+    def close(self) -> None:
+        """Stop the search workers, if any (a later batch starts new ones)."""
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
+
+    def _first_stages(self, index: int, item: str | Path | np.ndarray, search: bool = True) -> tuple[
+            str, tuple[int, int], float, np.ndarray, list[np.ndarray]]:
+        """Read one image, run stages 1 and 2 and (``search``) stage 3's search: (name, image shape, kNN score,
+        gallery, level features or level maps)."""
+        name, image = _read_image(item, index, self.settings.get("max_pixels"))
+        self.check_image(image, name)
+        levels, gvec = self.features(image)
+        knn, gallery = self.retrieve(gvec)
+        return name, (image.shape[0], image.shape[1]), knn, gallery, (
+            self.level_maps(levels, gallery) if search else levels)
+
+    def _finish(self, name: str, shape: tuple[int, int], knn: float, gallery: np.ndarray,
+                level_maps: list[np.ndarray], *, pthr: float, area: int) -> ImageResult:
+        """Stage 3's maps from the level maps, the image score, the result."""
+        s = self.settings
+        amap = imaging.combine_levels(level_maps, self.input_shape, s["sigma"])
+        if self.input_zone is not None:
+            amap = np.where(self.input_zone, amap, np.float32(0))
+        score = self._image_score(knn, float(amap.max()))
+        full = imaging.map_to_image(amap, s["preprocess"], s["image_size"], *shape)
+        if self.zone is not None:
+            full = self.zone.clear_outside(full)
+        neigh = tuple(int(j) for j in gallery)
+        return ImageResult(name, score, full, amap, neigh, tuple(self.train_names[j] for j in neigh),
+                           self.image_threshold, pthr, area, self.verdict_rule)
 
     def _image_score(self, knn: float, top: float) -> float:
         rule = self.settings["image_score"]

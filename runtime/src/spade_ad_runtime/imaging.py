@@ -11,14 +11,14 @@ from PIL import Image
 PAPER_RATIO = 256 / 224
 
 
-def _aa_weights(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) weights of torch's antialiased bilinear resize along one axis (align_corners=False),
-    computed as torch does, in float32."""
+def _aa_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Torch's antialiased bilinear resize along one axis (align_corners=False) as taps: (n_out, K) source
+    indices and float32 weights (computed as torch does, in float32; unused taps: weight 0 on a valid index)."""
     f = np.float32
     scale = f(n_in) / f(n_out)
     support = scale if scale >= 1.0 else f(1.0)
     inv = f(1.0) / scale if scale >= 1.0 else f(1.0)
-    w = np.zeros((n_out, n_in), np.float32)
+    lo_hi, weights = [], []
     for i in range(n_out):
         centre = scale * f(i + 0.5)
         lo = max(int(centre - support + f(0.5)), 0)
@@ -28,12 +28,18 @@ def _aa_weights(n_in: int, n_out: int) -> np.ndarray:
         total = f(0)
         for v in t:
             total += v
-        w[i, lo:hi] = t / total if total != 0 else t
-    return w
+        lo_hi.append(lo)
+        weights.append(t / total if total != 0 else t)
+    k = max(len(w) for w in weights)
+    idx = np.minimum(np.asarray(lo_hi)[:, None] + np.arange(k)[None], n_in - 1)
+    w = np.zeros((n_out, k), np.float32)
+    for i, wi in enumerate(weights):
+        w[i, : len(wi)] = wi
+    return idx, w
 
 
-def _linear_weights(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) weights of torch's bilinear resize along one axis (align_corners=False, no antialias)."""
+def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Torch's bilinear resize along one axis (align_corners=False, no antialias) as two taps per output."""
     f = np.float32
     scale = f(n_in) / f(n_out)  # as torch computes it: in float32
     # scale * (i + 0.5) - 0.5 rounded once (torch's kernel contracts it into a fused multiply-add)
@@ -41,20 +47,43 @@ def _linear_weights(n_in: int, n_out: int) -> np.ndarray:
     i0 = np.minimum(src.astype(np.int64), n_in - 1)
     i1 = np.minimum(i0 + 1, n_in - 1)
     lam = np.minimum(src - i0.astype(f), f(1)) if n_in > 1 else np.zeros(n_out, f)
-    w = np.zeros((n_out, n_in), np.float32)
-    np.add.at(w, (np.arange(n_out), i0), f(1) - lam)
-    np.add.at(w, (np.arange(n_out), i1), lam)
-    return w
+    return np.stack([i0, i1], axis=1), np.stack([f(1) - lam, lam], axis=1).astype(f)
 
 
-def _separable(x: np.ndarray, wy: np.ndarray, wx: np.ndarray) -> np.ndarray:
-    """``wy @ x @ wx.T`` over the first two axes of ``x`` (H, W[, C]), in float32."""
-    wy32, wx32 = wy.astype(np.float32), wx.astype(np.float32)
-    x = np.asarray(x, np.float32)
-    if x.ndim == 2:
-        return (wy32 @ x) @ wx32.T
-    planes = np.ascontiguousarray(x.transpose(2, 0, 1))  # (C, H, W): one BLAS product per side and channel
-    return np.ascontiguousarray((wy32 @ planes @ wx32.T).transpose(1, 2, 0))
+def _along(x: np.ndarray, idx: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The first axis of ``x`` resampled by taps: each output row the sum, tap by tap in order, of source rows
+    times weights, in float32 (one rounding per operation: the same bits on every machine)."""
+    shape = (idx.shape[0],) + (1,) * (x.ndim - 1)
+    acc = x[idx[:, 0]] * w[:, 0].reshape(shape)  # (uint8 rows become float32 here, exactly)
+    for j in range(1, idx.shape[1]):
+        acc += x[idx[:, j]] * w[:, j].reshape(shape)
+    return acc
+
+
+def resample(x: np.ndarray, shape: tuple[int, int], antialias: bool) -> np.ndarray:
+    """``x`` (H, W[, C]) resized to ``shape`` by torch's bilinear interpolation (align_corners=False; with
+    ``antialias`` its antialiased form), in float32 (torch's values to float32 rounding): the height first,
+    then the width, each by taps over whole rows."""
+    x = np.asarray(x) if np.asarray(x).dtype == np.uint8 else np.asarray(x, np.float32)
+    taps = _aa_taps if antialias else _linear_taps
+    if x.shape[0] != shape[0]:
+        x = _along(x, *taps(x.shape[0], shape[0]))
+    if x.shape[1] != shape[1]:
+        x = np.ascontiguousarray(np.swapaxes(_along(np.ascontiguousarray(np.swapaxes(x, 0, 1)),
+                                                    *taps(x.shape[1], shape[1])), 0, 1))
+    return x.astype(np.float32, copy=False)
+
+
+def rescale(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``image`` (H, W[, C]) resized to ``shape`` (bilinear, antialiased when shrinking either axis); same dtype
+    (uint8: rounded to the nearest, ties to even, and clipped). The identity (the same array) when the size
+    already matches. The one definition for spade-ad's tiles and the runtime's: the same bytes in both."""
+    if image.shape[:2] == tuple(shape):
+        return image
+    out = resample(image, shape, shape[0] < image.shape[0] or shape[1] < image.shape[1])
+    if image.dtype == np.uint8:
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return out.astype(image.dtype, copy=False)
 
 
 def to_input(image: np.ndarray, mode: str, size: int, shape: tuple[int, int]) -> np.ndarray:
@@ -65,10 +94,7 @@ def to_input(image: np.ndarray, mode: str, size: int, shape: tuple[int, int]) ->
         pil = Image.fromarray(np.ascontiguousarray(image)).resize((r, r), Image.Resampling.BILINEAR)
         crop = np.asarray(pil)[o : o + size, o : o + size]
         return np.ascontiguousarray(crop.transpose(2, 0, 1), dtype=np.float32)
-    h, w = image.shape[:2]
-    x = np.asarray(image, np.float32)
-    if (h, w) != tuple(shape):
-        x = _separable(x, _aa_weights(h, shape[0]), _aa_weights(w, shape[1]))
+    x = resample(image, shape, antialias=True)
     return np.ascontiguousarray(np.clip(x, 0, 255).transpose(2, 0, 1))
 
 
@@ -84,9 +110,7 @@ def crop_box(mode: str, size: int, height: int, width: int) -> tuple[int, int, i
 
 def resize_map(amap: np.ndarray, height: int, width: int) -> np.ndarray:
     """Bilinear resize of a 2-D map (torch's ``interpolate``, align_corners=False, no antialias)."""
-    if amap.shape == (height, width):
-        return np.asarray(amap, np.float32)
-    return _separable(amap, _linear_weights(amap.shape[0], height), _linear_weights(amap.shape[1], width))
+    return resample(amap, (height, width), antialias=False)
 
 
 def map_to_image(amap: np.ndarray, mode: str, size: int, height: int, width: int) -> np.ndarray:
@@ -132,4 +156,5 @@ def combine_levels(level_maps: list[np.ndarray], shape: tuple[int, int], sigma: 
     return gaussian_blur(mean, sigma)
 
 
-__all__ = ["to_input", "map_to_image", "resize_map", "combine_levels", "gaussian_blur", "crop_box"]
+__all__ = ["to_input", "map_to_image", "resize_map", "resample", "rescale", "combine_levels", "gaussian_blur",
+           "crop_box"]

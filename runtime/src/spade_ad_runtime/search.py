@@ -54,8 +54,9 @@ def exact_d2(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def mean_sqrt(d2: np.ndarray) -> np.ndarray:
-    """Mean of the square roots of each row of ``d2`` (sorted ascending), summed in a fixed order."""
-    x = np.sqrt(np.maximum(d2.astype(np.float32, copy=False), np.float32(0)))
+    """Mean of the square roots of each row of ``d2`` (sorted ascending), summed in a fixed order; each root
+    correctly rounded to float32 (taken in float64, rounded once: spade-ad's engine does the same)."""
+    x = np.sqrt(np.maximum(d2.astype(np.float32, copy=False), np.float32(0)).astype(np.float64)).astype(np.float32)
     acc = x[:, 0].copy()
     for j in range(1, x.shape[1]):
         acc += x[:, j]
@@ -187,8 +188,28 @@ def group_gallery(gallery: np.ndarray, groups: np.ndarray, centres: np.ndarray) 
                    np.maximum.reduceat(r, start) * (1 + rel) if r.size else r, aug)
 
 
+def position_bound(queries: np.ndarray, positions: np.ndarray, kappa: int = 1) -> np.ndarray:
+    """(n,) float64: per query, the ``kappa``-th smallest exact value :func:`exact_d2` over the gallery rows at
+    its own position (``positions``: (k, n, C), the k gallery images' rows laid out like the queries), or inf
+    with fewer than ``kappa`` finite ones. Each is the exact value of ``kappa`` gallery rows, so it is at least
+    the canonical kappa-th smallest over the whole gallery: a valid first ``ub`` for
+    :func:`grouped_nn_distances` (the engine's first bound from the query's own grid position, docs/engine.md
+    part I). On aligned parts it is close to the answer (bottle level 0: median 1.09 times it)."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    k, n = positions.shape[:2]
+    if positions.shape[1:] != q.shape:
+        raise ValueError(f"positions {positions.shape} are not laid out like the queries {q.shape}")
+    if k < kappa:
+        return np.full(n, np.inf)
+    e = exact_d2(positions.reshape(k * n, -1), np.broadcast_to(q, (k, *q.shape)).reshape(k * n, -1)).reshape(k, n)
+    e = np.where(np.isnan(e), np.float32(np.inf), e)
+    kth = e.min(axis=0) if kappa == 1 else np.partition(e, kappa - 1, axis=0)[kappa - 1]
+    return kth.astype(np.float64)
+
+
 def grouped_nn_distances(queries: np.ndarray, gallery: np.ndarray | Grouped, groups: np.ndarray | None = None,
-                         centres: np.ndarray | None = None, kappa: int = 1) -> np.ndarray:
+                         centres: np.ndarray | None = None, kappa: int = 1,
+                         first_ub: np.ndarray | None = None) -> np.ndarray:
     """:func:`nn_distances` with the gallery's rows in groups (``groups``: (m,) ids into ``centres``, (G, C);
     or a gallery prepared by :func:`group_gallery`): the same answer, bit for bit, computing only the (query,
     group) pairs the triangle inequality cannot rule out. Any grouping and any centres give the canonical
@@ -197,11 +218,13 @@ def grouped_nn_distances(queries: np.ndarray, gallery: np.ndarray | Grouped, gro
 
     Per group, its radii ``r_in <= |g - c| <= r_out`` over its rows bound every row's distance from a query
     from below by ``l = max(|q - c| - r_out, r_in - |q - c|, 0)`` (float64, with margins for its rounding).
-    ``ub``, an upper bound on each query's kappa-th smallest exact value, comes from the rows of the group
-    with the nearest centre (and, for kappa = 1, tightens group by group); a group with ``l^2 > ub / (1 -
-    G_E/4)`` cannot hold a row among the kappa nearest. Within the others, the GEMM form about the group's
-    centre (eps with ``|q - c| + r_out``: small where rows are dense) picks the candidates, and they are
-    re-checked exactly as in :func:`nn_distances`, duplicates counted with their multiplicity.
+    ``ub``, an upper bound on each query's kappa-th smallest exact value, starts from ``first_ub`` (any values
+    at least that, e.g. :func:`position_bound`) and (kappa > 1, or without it) the rows of the group with the
+    nearest centre, and for kappa = 1 tightens group by group (nearest groups first); a group with
+    ``l^2 > ub / (1 - G_E/4)`` cannot hold a row among the kappa nearest. Within the others, the GEMM form
+    about the group's centre (eps with ``|q - c| + r_out``: small where rows are dense) picks the candidates
+    (for kappa = 1: each query's nearest row, and one more pass finds the few queries with others), and they
+    are re-checked exactly as in :func:`nn_distances`, duplicates counted with their multiplicity.
     """
     if not isinstance(gallery, Grouped):
         if groups is None or centres is None:
@@ -213,6 +236,8 @@ def grouped_nn_distances(queries: np.ndarray, gallery: np.ndarray | Grouped, gro
         raise ValueError(f"queries {q.shape} do not match the gallery's {G.aug.shape[1] - 1} columns")
     if kappa < 1:
         raise ValueError("kappa must be >= 1")
+    if first_ub is not None and np.shape(first_ub) != (q.shape[0],):
+        raise ValueError(f"first_ub {np.shape(first_ub)} does not match the queries {q.shape}")
     n, dim = q.shape
     kk = min(kappa, G.n_rows)
     out = np.full((n, kk), np.inf, np.float32)
@@ -225,49 +250,82 @@ def grouped_nn_distances(queries: np.ndarray, gallery: np.ndarray | Grouped, gro
                                                           G.r_out, G.aug)
     q64 = q.astype(np.float64)
     qn2 = np.einsum("ij,ij->i", q64, q64)
-    ones = np.ones((n, 1), np.float32)
     gam = eps_factor(dim)
+    qa = np.empty((n, dim + 1), np.float32)  # [q - c, 1] for the queries of the group at hand
+    qa[:, dim] = 1
 
     def tile(u: int, sel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """D = d~ - |q - c|^2 about group u's centre c for queries ``sel``, with |q - c|^2 and eps."""
-        qc = q[sel] - c32[u]
-        qcn2 = np.einsum("ij,ij->i", qc.astype(np.float64), qc.astype(np.float64))
-        d = np.concatenate([qc, ones[: sel.size]], axis=1) @ aug[start[u] : start[u] + count[u]].T
+        x = qa[: sel.size]
+        np.subtract(q[sel], c32[u], out=x[:, :dim])
+        x64 = x[:, :dim].astype(np.float64)
+        qcn2 = np.einsum("ij,ij->i", x64, x64)
+        d = x @ aug[start[u] : start[u] + count[u]].T
         return d, qcn2, gam * (np.sqrt(qcn2) + r_out[u]) ** 2
 
     with np.errstate(invalid="ignore", over="ignore"):  # non-finite queries: no candidates, distance inf
         cn2 = np.einsum("ij,ij->i", c64, c64)
-        s = qn2[:, None] + cn2[None] - 2 * (q64 @ c64.T)  # |q - c|^2, within err
-        err = rel * (np.sqrt(qn2)[:, None] + np.sqrt(cn2)[None]) ** 2
-        d_lo = np.sqrt(np.maximum(s - err, 0)) * (1 - rel)
-        d_hi = np.sqrt(s + err) * (1 + rel)
-        low2 = (np.maximum(np.maximum(d_lo - r_out[None], r_in[None] - d_hi), 0) * (1 - rel)) ** 2  # (n, groups)
-        ub = np.full(n, np.inf)
-        home = np.argmin(np.where(np.isnan(s), np.inf, s), axis=1)
-        for u in np.unique(home):  # ub from the rows of the group with the nearest centre
-            if count[u] < kg:  # fewer distinct rows than kappa: no bound from this group
-                continue
-            sel = np.nonzero(home == u)[0]
-            d, qcn2, eps = tile(u, sel)
-            ub[sel] = (_kth_smallest(d, kg)[0].astype(np.float64) + qcn2 + eps) * hi_f
+        # (groups, n), in place: s = |q - c|^2 within err = rel (|q| + |c|)^2, so dq = sqrt(max(s, 0)) is
+        # within sqrt(err) of |q - c|, and max(dq - r_out, r_in - dq) = |dq - mid| - half; margin covers
+        # sqrt(err) and the roundings of these few float64 steps twice over
+        s = c64 @ q64.T
+        s *= -2
+        s += qn2[None]
+        s += cn2[:, None]
+        s = np.sqrt(np.maximum(s, 0, out=s), out=s)
+        s -= ((r_in + r_out) / 2)[:, None]
+        s = np.abs(s, out=s)
+        m = 2 * np.sqrt(rel)
+        s -= (m * np.sqrt(qn2))[None] + ((r_out - r_in) / 2 + m * (np.sqrt(cn2) + r_out))[:, None]
+        low2 = np.maximum(s, 0, out=s)
+        low2 *= low2
+        low2 *= 1 - rel  # l^2 <= d^2 for every row of the group
+        ub = np.full(n, np.inf) if first_ub is None else np.array(first_ub, np.float64)
+        if first_ub is None or kg > 1:  # (kappa > 1: ub does not tighten below, the home group's rows help)
+            near = c64 @ q64.T
+            near *= -2
+            near += cn2[:, None]  # |q - c|^2 - |q|^2: the nearest centre's group
+            home = np.argmin(np.where(np.isnan(near), np.inf, near), axis=0)
+            for u in np.unique(home):  # ub from the rows of the group with the nearest centre
+                if count[u] < kg:  # fewer distinct rows than kappa: no bound from this group
+                    continue
+                sel = np.nonzero(home == u)[0]
+                d, qcn2, eps = tile(u, sel)
+                ub[sel] = np.minimum(ub[sel], (_kth_smallest(d, kg)[0].astype(np.float64) + qcn2 + eps) * hi_f)
+        lim = ub / lo_f  # a row with d^2 above it is not among the kappa nearest
+        grow = hi_f / lo_f
+        every = np.arange(n)
         qis, ris, lows = [], [], []
-        for u in range(start.size):
-            sel = np.nonzero(low2[:, u] <= ub / lo_f)[0]
+        for u in np.argsort(low2.mean(axis=1), kind="stable"):  # (kappa = 1: nearest groups first tighten ub)
+            sel = np.nonzero(low2[u] <= lim)[0]
             if sel.size == 0:
                 continue
             d, qcn2, eps = tile(u, sel)
-            am = None
+            lim_s = lim[sel]
             if kg == 1:  # the group's nearest row tightens ub
-                dmin, am = _kth_smallest(d, 1)
-                ub[sel] = np.minimum(ub[sel], (dmin.astype(np.float64) + qcn2 + eps) * hi_f)
-            thr = np.nextafter((ub[sel] / lo_f + eps - qcn2).astype(np.float32), np.float32(np.inf))
-            qi, ri = _candidates(d <= thr[:, None], am)
+                am = d.argmin(axis=1)
+                dmin = d[every[: sel.size], am]
+                lim_s = np.minimum(lim_s, (dmin + qcn2 + eps) * grow)
+                lim[sel] = lim_s
+            lim_s += eps
+            lim_s -= qcn2
+            thr = np.nextafter(lim_s.astype(np.float32), np.float32(np.inf))  # rows with D <= thr: candidates
+            if kg == 1:  # each query's nearest row, then (rarely) the others: one pass finds the queries with more
+                has = np.nonzero(dmin <= thr)[0]
+                d[every[: sel.size], am] = np.inf
+                more = np.nonzero(d.min(axis=1) <= thr)[0]
+                qm, rm = np.nonzero(d[more] <= thr[more, None])
+                qi, ri = np.concatenate([has, more[qm]]), np.concatenate([am[has], rm])
+                dv = np.concatenate([dmin[has], d[more[qm], rm]])
+            else:
+                qi, ri = np.nonzero(d <= thr[:, None])
+                dv = d[qi, ri]
             qis.append(sel[qi])
             ris.append(start[u] + ri)
-            lows.append(d[qi, ri].astype(np.float64) + qcn2[qi] - eps[qi])  # a lower bound on d^2
+            lows.append(dv + (qcn2 - eps)[qi])  # a lower bound on d^2
         if qis:  # candidates taken under an earlier, looser ub are dropped under the final one
             qi, ri, low = np.concatenate(qis), np.concatenate(ris), np.concatenate(lows)
-            ok = low <= ub[qi] / lo_f
+            ok = low <= lim[qi]
             _kth_exact(q, gs, qi[ok], ri[ok], out, mult)
     return mean_sqrt(out)
 
@@ -291,5 +349,5 @@ def _kth_exact(q: np.ndarray, g: np.ndarray, qi: np.ndarray, ri: np.ndarray, out
         out[has, j] = e[first[has] + j]
 
 
-__all__ = ["nn_distances", "grouped_nn_distances", "group_gallery", "Grouped", "exact_d2", "mean_sqrt", "eps_factor",
-           "G_E", "gamma"]
+__all__ = ["nn_distances", "grouped_nn_distances", "position_bound", "group_gallery", "Grouped", "exact_d2",
+           "mean_sqrt", "eps_factor", "G_E", "gamma"]
