@@ -96,6 +96,17 @@ def test_runtime_resizing_matches_torch() -> None:
         m = torch.rand(*p.input_shape)
         assert np.abs(p.map_to_image(m, 300, 200).numpy() - imaging.map_to_image(m.numpy(), mode, 224, 300, 200)
                       ).max() < 1e-6
+    for shape in ((120, 90), (600, 400), (301, 199)):  # tiles' rescale: torch's bilinear, AA when shrinking
+        shrink = shape[0] < 300 or shape[1] < 200
+        t = torch.nn.functional.interpolate(torch.from_numpy(img.astype(np.float32)).permute(2, 0, 1)[None],
+                                            size=shape, mode="bilinear", align_corners=False, antialias=shrink)
+        want = t[0].permute(1, 2, 0).numpy()
+        got = imaging.rescale(img, shape)
+        assert got.dtype == np.uint8 and np.abs(got.astype(np.float32) - want).max() <= 0.5 + 1e-3
+        fm = r.random((40, 30)).astype(np.float32)
+        tm = torch.nn.functional.interpolate(torch.from_numpy(fm)[None, None], size=shape, mode="bilinear",
+                                             align_corners=False, antialias=shape[0] < 40 or shape[1] < 30)
+        assert np.abs(imaging.rescale(fm, shape) - tm[0, 0].numpy()).max() < 1e-5
     lv = [torch.rand(1, 56, 56), torch.rand(1, 28, 28), torch.rand(1, 14, 14)]
     want = combine_levels(lv, 224, 4.0)[0].numpy()
     assert np.abs(want - imaging.combine_levels([x[0].numpy() for x in lv], (224, 224), 4.0)).max() < 1e-6
@@ -144,17 +155,19 @@ def _pick(root: Path, n_train: int, per_type: int) -> tuple[list[Path], list[Pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["paper", "fast", "accurate"])
+@pytest.mark.parametrize("preset", ["paper", "fast", "accurate", "highres"])
 @pytest.mark.parametrize("data, per_type", [("bottle", 1), ("metal_plate", 2)])
 def test_runtime_gives_spade_ad_answers(data: str, per_type: int, preset: str, tmp_path: Path,
                                         request: pytest.FixtureRequest) -> None:
-    """bottle and metal_plate test images, the default and both presets: scores and maps within 1e-5 (``fast``
+    """bottle and metal_plate test images, the default and every preset: scores and maps within 1e-5 (``fast``
     with the regions verdict rule and a least region area: the same verdicts, masks and regions; ``accurate``
-    with an inspection zone)."""
+    with an inspection zone; ``highres``, tiled, with one on metal_plate: the same tiles to the byte, the
+    same stitching, the same per-position score scales)."""
     train, tests = _pick(request.getfixturevalue(data), 12, per_type)
     regions = {"min_area": 400, "verdict_rule": "regions"} if preset == "fast" else {}
     s = SpadeSettings() if preset == "paper" else SpadeSettings.from_preset(preset, **regions)
-    score, amap = _parity(train, tests, s, tmp_path, zoned=preset == "accurate")
+    zoned = preset == "accurate" or preset == "highres" and data == "metal_plate"
+    score, amap = _parity(train, tests, s, tmp_path, zoned=zoned)
     assert score < 1e-5 and amap < 1e-5, (score, amap)
 
 
@@ -192,15 +205,6 @@ def test_an_interrupted_export_leaves_nothing(small_train: Path, tmp_path: Path,
     assert os.listdir(tmp_path / "out") == []
 
 
-def test_a_tiled_model_is_refused_in_one_line(small_train: Path, tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
-    model = tmp_path / "model"
-    Spade(SpadeSettings(weights="random", k=3, tile=64, tile_scale=1.0, tile_span=0.0)).fit(
-        str(small_train / "train" / "good")).save(model)
-    code, out, err = run_cli(["export", str(model), "--out", str(tmp_path / "d"), *RANDOM], capsys)
-    assert code == 2 and "tiled models cannot be exported yet" in err and not (tmp_path / "d").exists()
-
-
 def assert_same_regions(r1: list[dict[str, Any]], r2: list[dict[str, Any]], amap: np.ndarray) -> None:
     """Two rows' regions of one mask: the same boxes and areas; peaks and means within the parity tolerance
     (a peak's position may move between pixels whose values tie within it)."""
@@ -212,16 +216,19 @@ def assert_same_regions(r1: list[dict[str, Any]], r2: list[dict[str, Any]], amap
         assert abs(amap[y1, x1] - amap[y2, x2]) <= 1e-5 * abs(a["peak"])
 
 
+@pytest.mark.parametrize("tiled", [False, True])
 def test_runtime_predict_writes_what_spade_ad_predict_writes(small_train: Path, tmp_path: Path,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+                                                             capsys: pytest.CaptureFixture[str], tiled: bool) -> None:
     """The same inputs give the same files, names, run.json and rows from both commands (numbers within the
-    parity tolerance), an unreadable image the same row and exit code."""
+    parity tolerance), an unreadable image the same row and exit code; a tiled model (64-pixel tiles of the
+    96-pixel images, 4 each) too."""
     from PIL import Image
 
     from spade_ad_runtime import cli as rt_cli
 
     model = tmp_path / "model"
-    Spade(SpadeSettings(weights="random", k=3)).fit(str(small_train / "train" / "good")).save(model)
+    tiles = {"tile": 64, "tile_scale": 1.0, "tile_span": 0.0} if tiled else {}
+    Spade(SpadeSettings(weights="random", k=3, **tiles)).fit(str(small_train / "train" / "good")).save(model)
     assert run_cli(["export", str(model), "--out", str(tmp_path / "d"), *RANDOM], capsys)[0] == 0
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not a picture")
@@ -361,12 +368,15 @@ def test_the_runtime_command_interrupted_by_a_signal(small_train: Path, tmp_path
         assert len(rows) == run["n_images"] and all(json.loads(r)["file"] for r in rows)
 
 
+@pytest.mark.parametrize("tiled", [False, True])
 def test_a_batch_searched_on_worker_processes_gives_the_same_bits(small_train: Path, tmp_path: Path,
-                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+                                                                  capsys: pytest.CaptureFixture[str],
+                                                                  tiled: bool) -> None:
     """A batch large enough is searched on forked worker processes (not this one): the results are those of
-    the one-process path, bit for bit; closing stops the workers."""
+    the one-process path, bit for bit (a tiled model's tiles too); closing stops the workers."""
     model = tmp_path / "model"
-    Spade(SpadeSettings(weights="random", k=3)).fit(str(small_train / "train" / "good")).save(model)
+    tiles = {"tile": 64, "tile_scale": 1.0, "tile_span": 0.0} if tiled else {}
+    Spade(SpadeSettings(weights="random", k=3, **tiles)).fit(str(small_train / "train" / "good")).save(model)
     assert run_cli(["export", str(model), "--out", str(tmp_path / "d"), *RANDOM], capsys)[0] == 0
     images = [str(p) for p in sorted(small_train.glob("test/*/*.png"))] * 2
     assert len(images) >= detector_module.POOL_MIN_IMAGES

@@ -184,6 +184,30 @@ def test_a_partial_header_gets_one_line(tmp_path: Path, field: str) -> None:
         read_header(d)
 
 
+@pytest.mark.parametrize("grid, scales, message", [
+    ({"height": 96}, None, "tile grid lacks"),
+    ("mangled", None, "tile grid disagrees"),
+    ("sound", [[1.0, 1.0]], "position_scales must be two positive numbers per tile"),
+    ("sound", [[1.0, 0.0]] * 4, "position_scales must be two positive numbers per tile"),
+])
+def test_a_tiled_header_is_checked(tmp_path: Path, grid: object, scales: object, message: str) -> None:
+    """A tiled deploy header's grid is rebuilt from its size, tile, overlap and scale and must agree; each tile
+    position needs its two score scales: otherwise one line naming deploy.json."""
+    from spade_ad_runtime.tiling import make_grid
+
+    d = _folder(tmp_path)
+    header = json.loads((d / "deploy.json").read_text())
+    sound = make_grid(96, 96, 64, 0.25, 1.0).to_dict()
+    header["grid"] = sound if grid == "sound" else {**sound, "xs": [0, 7]} if grid == "mangled" else grid
+    if scales is not None:
+        header["calibration"] = {"position_scales": scales}
+    header["header_sha256"] = header_digest(header)
+    (d / "deploy.json").write_text(json.dumps(header))
+    with pytest.raises(DeployError, match=message) as err:
+        Detector.load(d)
+    assert str(err.value).startswith(str(d / "deploy.json")) and "\n" not in str(err.value)
+
+
 def test_a_newer_format_names_the_upgrade(tmp_path: Path) -> None:
     with pytest.raises(DeployError, match="newer than this runtime reads"):
         read_header(_folder(tmp_path, FORMAT_VERSION + 1))

@@ -71,8 +71,6 @@ def export(model_dir: str | Path, out: str | Path, overwrite: bool = False, weig
     src, dst = Path(model_dir), Path(out)
     model = Spade.load(src, weights=weights)
     state = model.state_
-    if state.grid is not None:
-        raise SpadeError(f"{src}: tiled models cannot be exported yet (the runtime does not stitch tiles)")
     if dst.exists() and not overwrite:
         raise SpadeError(f"{dst}: already exists (use --overwrite to replace it)")
     mheader = read_header(src)
@@ -82,11 +80,16 @@ def export(model_dir: str | Path, out: str | Path, overwrite: bool = False, weig
         outputs = export_onnx(model, tmp / "backbone.onnx")
         shutil.copyfile(state.bank.path, tmp / "bank.safetensors")
         arrays = {"global": state.global_.float().contiguous()}
-        prep = state.prep
-        if prep.zone is not None and prep.input_zone is not None:  # the zone, and in the input frame
-            arrays["zone"] = torch.from_numpy(prep.zone.mask.astype("uint8"))
-            arrays["input_zone"] = torch.from_numpy(prep.input_zone.astype("uint8"))
+        if state.zone is not None:  # the zone, and for an untiled model in the input frame too
+            arrays["zone"] = torch.from_numpy(state.zone.mask.astype("uint8"))
+            if state.grid is None:
+                assert state.prep.input_zone is not None
+                arrays["input_zone"] = torch.from_numpy(state.prep.input_zone.astype("uint8"))
         save_file(arrays, str(tmp / "global.safetensors"))
+        calibration: dict[str, Any] = {"score_scales": list(state.calibration.get("score_scales", (1.0, 1.0)))}
+        if state.grid is not None:  # a tiled model's image score divides each tile's by its position's scales
+            calibration["position_scales"] = [[float(v) for v in row] for row in state.calibration.get(
+                "position_scales", [[1.0, 1.0]] * len(state.grid))]
         header: dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -96,7 +99,7 @@ def export(model_dir: str | Path, out: str | Path, overwrite: bool = False, weig
             "settings": state.settings.model_dict(),
             "input_shape": list(state.input_shape),
             "level_shapes": [list(x) for x in state.level_shapes],
-            "grid": None,
+            "grid": None if state.grid is None else state.grid.to_dict(),
             "zone": None if state.zone is None else list(state.zone.shape),
             "backbone": {"file": "backbone.onnx", "opset": OPSET, "input": "image",
                          "input_layout": "(1, 3, H, W) float32 RGB in [0, 255]", "outputs": outputs,
@@ -104,7 +107,7 @@ def export(model_dir: str | Path, out: str | Path, overwrite: bool = False, weig
             "train_names": list(state.train_names),
             "image_threshold": state.image_threshold,
             "pixel_threshold": state.pixel_threshold,
-            "calibration": {"score_scales": list(state.calibration.get("score_scales", (1.0, 1.0)))},
+            "calibration": calibration,
             "files": {n: file_sha256(tmp / n) for n in ("backbone.onnx", "bank.safetensors", "global.safetensors")},
         }
         header["header_sha256"] = header_digest(header)  # the model header's rule

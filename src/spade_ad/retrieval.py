@@ -8,6 +8,8 @@ import math
 import numpy as np
 import torch
 
+from spade_ad_runtime.retrieval import tile_image_scores
+
 
 def image_knn(
     queries: torch.Tensor,
@@ -72,20 +74,6 @@ def tile_knn(
         scores[rows] = sc
         idx[rows] = nb * t + p
     return scores, idx
-
-
-def tile_image_scores(rule: str, pool: str, scales: np.ndarray, knn: np.ndarray, maxima: np.ndarray) -> np.ndarray:
-    """The image scores of tiled images from their tiles' kNN scores and map maxima (B, T): each tile's
-    kNN score and maximum are divided by their position's calibration medians ``scales`` (T, 2) (a tile
-    is judged against what that part of a good image looks like), the tile's score follows ``rule``
-    (the ``image_score`` setting: ``knn``, ``max`` or ``combined``, their sum), and the image's pools its
-    tiles' by ``pool`` (the ``tile_pool`` setting: ``max``, ``mean`` or ``max_mean``, the two added)."""
-    k = knn / scales[None, :, 0]
-    m = maxima / scales[None, :, 1]
-    per_tile = k if rule == "knn" else m if rule == "max" else k + m
-    top, mean = per_tile.max(axis=1), per_tile.mean(axis=1)
-    pooled = top if pool == "max" else mean if pool == "mean" else top + mean
-    return np.asarray(pooled, dtype=np.float64)
 
 
 def image_scores(rule: str, scales: tuple[float, float], knn: torch.Tensor, map_max: torch.Tensor) -> torch.Tensor:
