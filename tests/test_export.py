@@ -7,8 +7,10 @@ resizing to torch's, and a deploy folder's scores, maps, verdicts and masks to t
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -391,6 +393,16 @@ def test_a_batch_searched_on_worker_processes_gives_the_same_bits(small_train: P
         assert np.array_equal(a.map, b.map) and np.array_equal(a.input_map, b.input_map)
     det.close()
     assert det._workers is None and not any(map(_running, pids))
+    det = Detector.load(tmp_path / "d", threads=2)  # dropped without close(): its workers end with it
+    det.predict(images)
+    assert det._workers is not None
+    pids = [p.pid for p in det._workers._pool._processes.values()]  # type: ignore[attr-defined]
+    del det
+    gc.collect()
+    deadline = time.time() + 30
+    while any(map(_running, pids)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(map(_running, pids))
 
 
 def test_search_workers_end_with_their_process(small_train: Path, tmp_path: Path,

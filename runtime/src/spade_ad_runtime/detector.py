@@ -10,6 +10,7 @@ upsamples, averages and smooths the level maps (:mod:`.imaging`).
 from __future__ import annotations
 
 import os
+import weakref
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
@@ -187,7 +188,7 @@ class Detector:
         area = self.min_area if min_area is None else check_min_area(min_area)
         n_tiles = 1 if self.grid is None else len(self.grid)
         with single_threaded_blas():
-            pool = self._pool(len(images) * n_tiles if n_tiles > 1 else len(images))
+            pool = self._pool(len(images) * n_tiles)
             try:
                 searched = self._searched(self._queries(images), pool)
                 if self.grid is None:
@@ -245,6 +246,8 @@ class Detector:
                 and self.device == "cpu" and not self._no_fork:
             self._workers = workers.start(self.search, self.threads)
             self._no_fork = self._workers is None
+            if self._workers is not None:  # a detector dropped without close() does not leave its workers behind
+                weakref.finalize(self, self._workers.close, wait=False)
         return self._workers if n_searches > 1 else None
 
     def close(self) -> None:

@@ -35,6 +35,10 @@ class PixelSearch:
         self._galleries: dict[tuple[int, tuple[int, ...]], tuple[Grouped, np.ndarray]] = {}
         self._lock = threading.Lock()
 
+    def reset_lock(self) -> None:
+        """A fresh lock for the gallery cache (a forked worker's copy of the lock may be held forever)."""
+        self._lock = threading.Lock()
+
     def _read_index(self, level: int, keys: set[str]) -> tuple[Any, np.ndarray] | None:
         """The bank's fit-time search index of ``level``, if it has one: each training image's unit per position
         (read per gallery image) and the units' centres (unit = cell * shells + shell; a cell's centroid)."""

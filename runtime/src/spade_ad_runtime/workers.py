@@ -41,6 +41,7 @@ def _start(search: PixelSearch) -> None:
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=1, user_api="blas")
+    search.reset_lock()  # (another thread of the parent may have held it when this process was forked)
     _SEARCH = search
 
 
@@ -61,9 +62,9 @@ class SearchWorkers:
         """Stage 3 of one image: :meth:`.PixelSearch.level_maps` on a worker."""
         return self._pool.submit(_level_maps, levels, gallery)
 
-    def close(self) -> None:
-        """Stop the workers (queued searches are dropped; a running one finishes)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, wait: bool = True) -> None:
+        """Stop the workers (queued searches are dropped; a running one finishes; ``wait``: for them to end)."""
+        self._pool.shutdown(wait=wait, cancel_futures=True)
 
 
 def start(search: PixelSearch, processes: int) -> SearchWorkers | None:
