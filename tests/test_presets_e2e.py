@@ -27,11 +27,13 @@ FLOORS = {
     ("bottle", "accurate", "paper"): {"image_auroc": 0.995, "pixel_auroc": 0.984, "aupro": 0.95},
     # measured 1.0000 / 0.9802 / 0.9240
     ("bottle", "fast", "paper"): {"image_auroc": 0.995, "pixel_auroc": 0.977, "aupro": 0.915},
-    # measured 0.9992 / 0.9772 / 0.9512 (benchmarks/results/highres_*.json): within 0.01 of the default
+    # measured 0.9992 / 0.9772 / 0.9512 (benchmarks/results/highres_*.json): within 0.01 of the default; the
+    # test fits every 2nd training image (105, half the time): measured 0.9992 / 0.9768 / 0.9503
     ("bottle", "highres", "full"): {"image_auroc": 0.99, "pixel_auroc": 0.975, "aupro": 0.945},
     # measured 1.0000 / 0.9878 / 0.9384
     ("metal_plate", "highres", "full"): {"image_auroc": 0.99, "pixel_auroc": 0.985, "aupro": 0.93},
 }
+TRAIN_STEP = {("bottle", "highres", "full"): 2}  # every n-th training image (what the floor was measured with)
 
 
 @pytest.mark.slow
@@ -39,6 +41,7 @@ FLOORS = {
 def test_real_categories_meet_the_floors(category: str, preset: str, protocol: str, bottle: Path,
                                          metal_plate: Path) -> None:
     cat = load_mvtec_category(bottle if category == "bottle" else metal_plate)
+    cat = dataclasses.replace(cat, train=cat.train[:: TRAIN_STEP.get((category, preset, protocol), 1)])
     ev = evaluate_category(cat, SpadeSettings.from_preset(preset), protocol)
     row = ev.row
     ARTIFACTS.mkdir(exist_ok=True)
