@@ -97,7 +97,7 @@ class Detector:
             providers.insert(0, "CUDAExecutionProvider")
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        # the cores are shared among the images scored at once (one per worker thread, each single-threaded)
+        # the cores are shared: a batch's searches run on `threads` worker processes beside this one
         opts.intra_op_num_threads = max(1, (os.cpu_count() or 1) // self.threads)
         model = (folder / "backbone.onnx").read_bytes()
         if _EXTERNAL_DATA in model:
@@ -140,7 +140,7 @@ class Detector:
     @classmethod
     def load(cls, folder: str | Path, device: str = "cpu", verify: bool = True, threads: int | None = None) -> Detector:
         """Load and check a deploy folder (``verify``: every file's SHA-256, as model folders are; ``threads``:
-        images scored at once, default one per CPU core)."""
+        the worker processes that search a batch, default one per CPU core; 1: everything in this process)."""
         folder = Path(folder)
         return cls(folder, read_header(folder, verify), device, threads)
 
