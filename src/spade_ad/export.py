@@ -27,6 +27,7 @@ from .errors import SpadeError
 from .io import file_sha256, fsync_dir, header_digest
 from .model import Spade
 from .persistence import read_header
+from .scoring import position_scales
 from .version import __version__
 
 FORMAT = "spade-ad-deploy"  # = spade_ad_runtime.deploy.FORMAT
@@ -88,8 +89,7 @@ def export(model_dir: str | Path, out: str | Path, overwrite: bool = False, weig
         save_file(arrays, str(tmp / "global.safetensors"))
         calibration: dict[str, Any] = {"score_scales": list(state.calibration.get("score_scales", (1.0, 1.0)))}
         if state.grid is not None:  # a tiled model's image score divides each tile's by its position's scales
-            calibration["position_scales"] = [[float(v) for v in row] for row in state.calibration.get(
-                "position_scales", [[1.0, 1.0]] * len(state.grid))]
+            calibration["position_scales"] = position_scales(state).tolist()
         header: dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from spade_ad_runtime.retrieval import best_tile
 from spade_ad_runtime.zone import Zone, read_zone
 
 from .backbones import FeatureExtractor, build_backbone
@@ -50,7 +51,7 @@ from .operating import Evidence, check_rule, costs, thresholds
 from .persistence import clean_stale, utc_now
 from .preprocess import Preprocessor, aspect_shape
 from .result import GOOD, Prediction, check_min_area
-from .scoring import image_score, score_features, score_tiles, tiled_image_score
+from .scoring import image_score, position_scales, score_features, score_tiles, tiled_image_score
 from .settings import SpadeSettings
 from .state import Fitted, FittedState
 from .tiling import TileGrid, fit_grid, mosaic, to_native
@@ -670,9 +671,7 @@ class Spade:
                 maps.append(native if state.zone is None else state.zone.clear_outside(native))
                 inputs.append(res.map if state.zone is None else state.zone.clear_outside(res.map))
                 sizes.append((arr.shape[0], arr.shape[1]))
-                best = int(np.argmax(res.maxima / np.asarray(state.calibration.get(
-                    "position_scales", np.ones((t, 2))))[:, 1]))
-                neigh.append(res.neighbours[best] // t)
+                neigh.append(res.neighbours[best_tile(res.maxima, position_scales(state))] // t)
                 tile_knn.append(res.knn)
                 tile_max.append(res.maxima)
                 tile_neigh.append(res.neighbours)

@@ -112,13 +112,19 @@ def score_tiles(state: FittedState, chunks: Iterable[tuple[list[torch.Tensor], t
                       np.concatenate(maxima).astype(np.float32), np.concatenate(neighs), feats)
 
 
+def position_scales(state: FittedState) -> np.ndarray:
+    """A tiled model's per-position calibration medians (T, 2) of tile kNN scores and map maxima (ones before
+    calibration)."""
+    return np.asarray(state.calibration.get("position_scales", np.ones((state.rows_per_image, 2))),
+                      dtype=np.float64)
+
+
 def tiled_image_score(state: FittedState, knn: np.ndarray, maxima: np.ndarray) -> float:
     """A tiled model's image score from its tiles' kNN scores and map maxima (T,) (the rule:
     :func:`spade_ad.retrieval.tile_image_scores`, with the positions' calibration medians)."""
-    t = state.rows_per_image
-    scales = np.asarray(state.calibration.get("position_scales", np.ones((t, 2))), dtype=np.float64)
     s = state.settings
-    return float(tile_image_scores(s.image_score, s.tile_pool, scales, knn[None], maxima[None])[0])
+    return float(tile_image_scores(s.image_score, s.tile_pool, position_scales(state), knn[None], maxima[None])[0])
 
 
-__all__ = ["score_features", "zoned", "image_score", "score_tiles", "tiled_image_score", "TiledImage"]
+__all__ = ["score_features", "zoned", "image_score", "score_tiles", "tiled_image_score", "position_scales",
+           "TiledImage"]

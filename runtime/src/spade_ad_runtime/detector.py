@@ -113,7 +113,6 @@ class Detector:
             self.zone, self.input_zone = self._read_zone(f, header.get("zone"))
         self.search = PixelSearch(folder / "bank.safetensors", self.level_shapes, s["kappa"])
         self._workers: SearchWorkers | None = None
-        self._no_fork = False
         n, per = self.global_.shape[0], 1 if self.grid is None else len(self.grid)
         if len(self.train_names) * per != n:
             raise DeployError(f"{folder / 'deploy.json'}: {len(self.train_names)} training names for {n} vectors")
@@ -243,9 +242,8 @@ class Detector:
     def _pool(self, n_searches: int) -> SearchWorkers | None:
         """The worker processes, for a batch of ``n_searches`` (started for the first large enough batch)."""
         if self._workers is None and min(self.threads, n_searches) > 1 and n_searches >= POOL_MIN_IMAGES \
-                and self.device == "cpu" and not self._no_fork:
-            self._workers = workers.start(self.search, self.threads)
-            self._no_fork = self._workers is None
+                and self.device == "cpu":
+            self._workers = workers.start(self.search, self.threads)  # (None where processes are not forked)
             if self._workers is not None:  # a detector dropped without close() does not leave its workers behind
                 weakref.finalize(self, self._workers.close, wait=False)
         return self._workers if n_searches > 1 else None
@@ -299,7 +297,7 @@ class Detector:
             full = to_native(stitched, grid, shape)
             if self.zone is not None:
                 full, stitched = self.zone.clear_outside(full), self.zone.clear_outside(stitched)
-            best = int(np.argmax(tm / self.position_scales[:, 1]))
+            best = retrieval.best_tile(tm, self.position_scales)
             out.append(self._result(name, score, full, stitched, galleries[best] // t, pthr, area))
             st, knns, maxima, galleries = Stitcher(grid), [], [], []
         return out

@@ -64,7 +64,8 @@ def resample(x: np.ndarray, shape: tuple[int, int], antialias: bool) -> np.ndarr
     """``x`` (H, W[, C]) resized to ``shape`` by torch's bilinear interpolation (align_corners=False; with
     ``antialias`` its antialiased form), in float32 (torch's values to float32 rounding): the height first,
     then the width, each by taps over whole rows."""
-    x = np.asarray(x) if np.asarray(x).dtype == np.uint8 else np.asarray(x, np.float32)
+    x = np.asarray(x)
+    x = x if x.dtype == np.uint8 else x.astype(np.float32, copy=False)
     taps = _aa_taps if antialias else _linear_taps
     if x.shape[0] != shape[0]:
         x = _along(x, *taps(x.shape[0], shape[0]))

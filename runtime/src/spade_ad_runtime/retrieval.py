@@ -44,4 +44,10 @@ def tile_image_scores(rule: str, pool: str, scales: np.ndarray, knn: np.ndarray,
     return np.asarray(pooled, dtype=np.float64)
 
 
-__all__ = ["knn", "tile_knn", "tile_image_scores"]
+def best_tile(maxima: np.ndarray, scales: np.ndarray) -> int:
+    """The tile whose map maximum (T,) stands highest over its position's calibration median (``scales``
+    (T, 2)): the tile whose gallery gives a tiled image's neighbours."""
+    return int(np.argmax(maxima / scales[:, 1]))
+
+
+__all__ = ["knn", "tile_knn", "tile_image_scores", "best_tile"]

@@ -270,8 +270,9 @@ def grouped_nn_distances(queries: np.ndarray, gallery: np.ndarray | Grouped, gro
         # sqrt(err) and the roundings of these few float64 steps twice over
         s = c64 @ q64.T
         s *= -2
+        s += cn2[:, None]  # |q - c|^2 - |q|^2: its argmin over groups is the nearest centre's group (home)
+        home = np.argmin(np.where(np.isnan(s), np.inf, s), axis=0) if first_ub is None or kg > 1 else None
         s += qn2[None]
-        s += cn2[:, None]
         s = np.sqrt(np.maximum(s, 0, out=s), out=s)
         s -= ((r_in + r_out) / 2)[:, None]
         s = np.abs(s, out=s)
@@ -281,11 +282,7 @@ def grouped_nn_distances(queries: np.ndarray, gallery: np.ndarray | Grouped, gro
         low2 *= low2
         low2 *= 1 - rel  # l^2 <= d^2 for every row of the group
         ub = np.full(n, np.inf) if first_ub is None else np.array(first_ub, np.float64)
-        if first_ub is None or kg > 1:  # (kappa > 1: ub does not tighten below, the home group's rows help)
-            near = c64 @ q64.T
-            near *= -2
-            near += cn2[:, None]  # |q - c|^2 - |q|^2: the nearest centre's group
-            home = np.argmin(np.where(np.isnan(near), np.inf, near), axis=0)
+        if home is not None:  # (kappa > 1, or no first ub: ub does not tighten below; the home group's rows help)
             for u in np.unique(home):  # ub from the rows of the group with the nearest centre
                 if count[u] < kg:  # fewer distinct rows than kappa: no bound from this group
                     continue

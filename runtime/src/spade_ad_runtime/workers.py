@@ -12,7 +12,7 @@ checked (nothing is read again, nothing is pickled but features and maps), start
 no ``if __name__ == "__main__"`` guard in the user's script. They ignore Ctrl+C (the detector's process
 handles it and stops them), use one BLAS thread each, and end with the detector's process even if it is
 killed. Where fork is not the platform's way (macOS, Windows), :func:`start` returns ``None`` and the
-detector uses threads instead.
+detector searches in its own process.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 
 import numpy as np
 
+from .blas import one_blas_thread
 from .gallery import PixelSearch
 
 _SEARCH: PixelSearch | None = None  # the worker's copy of the detector's search (inherited through fork)
@@ -38,9 +39,7 @@ def _start(search: PixelSearch) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)
     except (OSError, AttributeError):  # pragma: no cover - a libc without prctl
         pass
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(limits=1, user_api="blas")
+    one_blas_thread()
     search.reset_lock()  # (another thread of the parent may have held it when this process was forked)
     _SEARCH = search
 
